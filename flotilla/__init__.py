@@ -1,0 +1,1 @@
+"""flotilla: distributed LLM inference and serving."""

@@ -1,0 +1,138 @@
+"""Frozen configuration objects, validated once at construction and passed down (never global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how.
+
+    ``source`` is the resolved location: a Hugging Face directory (config.json + safetensors) or a .gguf
+    file. ``hf_config`` is a transformers ``PretrainedConfig`` (for GGUF, built from its metadata).
+    ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output).
+    """
+
+    model: str
+    source: str
+    source_kind: str  # "hf_dir" | "gguf"
+    hf_config: Any
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_kind not in ("hf_dir", "gguf"):
+            raise ValueError(f"source_kind must be 'hf_dir' or 'gguf', got {self.source_kind!r}")
+        if self.dtype not in _DTYPES[1:]:
+            raise ValueError(f"dtype must be one of {_DTYPES[1:]}, got {self.dtype!r}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else ""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config.num_hidden_layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.hf_config, "head_dim", None)
+        return int(hd) if hd else self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: ``block_size`` tokens per block; size from ``num_blocks`` if given, else from
+    ``kv_cache_memory`` GiB. ``enable_prefix_caching`` turns on sha256-chained block reuse;
+    ``prefix_cache_salt`` is mixed into every chain (separate namespaces per deployment)."""
+
+    block_size: int = 16
+    kv_cache_memory: float = 1.0
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Token-budget scheduling: at most ``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests per
+    step. With ``enable_chunked_prefill`` a prompt larger than the remaining budget is split across steps."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len})")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor and pipeline parallel sizes (world size = tp * pp)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("parallel sizes must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs: "cpu" or "cuda"; ``num_threads`` sets torch's intra-op threads on CPU."""
+
+    device: str = "cpu"
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs, validated together."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler.max_model_len != self.model.max_model_len:
+            raise ValueError("scheduler.max_model_len must equal model.max_model_len")

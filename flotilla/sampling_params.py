@@ -1,0 +1,117 @@
+"""SamplingParams: how one request is decoded (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from flotilla.errors import InvalidRequestError
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Decoding parameters of one request.
+
+    Contract: ``validate()`` (called by the engine before a request is admitted) raises
+    ``InvalidRequestError`` naming the field for any out-of-range value. ``temperature == 0`` means greedy.
+    ``top_k <= 0`` (or -1) disables top-k, ``top_p == 1`` and ``min_p == 0`` disable theirs. ``seed`` makes
+    the request's samples depend only on the seed and its own logits, whatever else is batched with it.
+    ``logprobs=N`` returns the sampled token's logprob and the top-N (raw model distribution).
+    Stop strings are removed from the output text unless ``include_stop_str_in_output``.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    # Filled by the engine: the model's EOS ids, so the scheduler can stop without a tokenizer.
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    def clone(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError (naming the field) for any value out of range."""
+        _check_int("n", self.n, 1, MAX_N)
+        _check_number("temperature", self.temperature, 0.0, None)
+        _check_number("top_p", self.top_p, _EPS, 1.0, "must be in (0, 1]")
+        _check_int("top_k", self.top_k, None, None)
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1 or 0 (disabled) or positive, got {self.top_k}", "top_k")
+        _check_number("min_p", self.min_p, 0.0, 1.0)
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, _EPS, None, "must be > 0")
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(2**63), 2**64 - 1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, None)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        self._validate_stops()
+
+    def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",
+                                      "stop")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                raise InvalidRequestError(
+                    f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} characters",
+                    "stop")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {t!r}",
+                                          "stop_token_ids")
+
+
+def _check_int(name: str, value, lo, hi) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InvalidRequestError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}",
+                                  name)
+
+
+def _check_number(name: str, value, lo, hi, what: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = what or f"must be in [{lo}, {hi if hi is not None else 'inf'}]"
+        raise InvalidRequestError(f"{name} {rng}, got {value}", name)

@@ -63,8 +63,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: ``block_size`` tokens per block; size from ``num_blocks`` if given, else from
-    ``kv_cache_memory`` GiB. ``enable_prefix_caching`` turns on sha256-chained block reuse;
-    ``prefix_cache_salt`` is mixed into every chain (separate namespaces per deployment)."""
+    ``kv_cache_memory`` GiB. ``enable_prefix_caching`` turns on sha256-chained block reuse (a request's
+    ``cache_salt`` separates tenants)."""
 
     block_size: int = 16
     kv_cache_memory: float = 1.0

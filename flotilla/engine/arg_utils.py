@@ -1,0 +1,86 @@
+"""EngineArgs: the user-facing knobs (vLLM's names), turned into validated EngineConfig once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+                             SchedulerConfig)
+from flotilla.errors import InvalidRequestError
+from flotilla.models.loader import load_hf_config, resolve_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class EngineArgs:
+    """Arguments shared by ``LLM``, ``AsyncLLM`` and the CLI.
+
+    ``kv_cache_memory`` is the KV cache budget in GiB (``num_kv_blocks`` overrides it with a block count).
+    ``max_model_len`` defaults to the model's context length capped at 8192.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    kv_cache_memory: float = 1.0
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "cpu"
+    num_threads: int | None = None
+    served_model_name: str | None = None
+    seed: int = 0
+
+    def create_engine_config(self) -> EngineConfig:
+        resolved = resolve_model(self.model)
+        hf_config = load_hf_config(resolved)
+        max_len = self._max_model_len(hf_config)
+        model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
+                            source_kind=resolved.kind, hf_config=hf_config, dtype=self._dtype(hf_config),
+                            max_model_len=max_len, served_model_name=self.served_model_name)
+        batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
+                                                  else 2048)
+        cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+                            num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
+        scheduler = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
+                                    max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
+                            device=DeviceConfig(self.device, self.num_threads))
+
+    def _max_model_len(self, hf_config) -> int:
+        limit = int(getattr(hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True) and int(window) < limit:
+            logger.info("model uses a %d-token sliding window: capping max_model_len to it", window)
+            limit = int(window)
+        if self.max_model_len is None:
+            return min(limit, DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > limit:
+            raise InvalidRequestError(f"max_model_len {self.max_model_len} exceeds the model's context length "
+                                      f"{limit}", "max_model_len")
+        return self.max_model_len
+
+    def _dtype(self, hf_config) -> str:
+        if self.dtype != "auto":
+            if self.dtype not in ("float32", "bfloat16", "float16"):
+                raise InvalidRequestError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+                                          "dtype")
+            return self.dtype
+        if self.device == "cpu":
+            return "float32"  # fastest and exact on CPU
+        declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        if isinstance(declared, torch.dtype):
+            declared = str(declared).removeprefix("torch.")
+        return declared if declared in ("bfloat16", "float16", "float32") else "bfloat16"

@@ -1,0 +1,86 @@
+"""Turns a user's prompt and SamplingParams into validated engine requests (tokenize, check limits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flotilla.errors import InvalidRequestError
+from flotilla.sampling_params import SamplingParams
+from flotilla.tokenizer import Tokenizer
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams  # validated, with max_tokens and eos ids filled in
+
+
+class InputProcessor:
+    """Validates requests before they reach the scheduler, so a bad request never disturbs others.
+
+    Contract: ``process`` returns a prompt whose token ids are all in ``[0, vocab_size)`` and whose
+    ``len(prompt) + max_tokens <= max_model_len``; anything else raises ``InvalidRequestError`` naming the
+    problem (the context-length message names the limit, the prompt tokens and max_tokens).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", "prompt")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequestError("the prompt encodes to no tokens", "prompt")
+            return prompt, ids
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                                  "prompt")
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no token ids)", "prompt")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise InvalidRequestError(f"prompt token ids must be integers, got {t!r}", "prompt")
+            if t < 0 or t >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"prompt token id {t} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        return ids
+
+    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+        params.validate()
+        text, ids = self.tokenize(prompt)
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{n} tokens, leaving no room for the completion.", "prompt")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion (max_tokens)). "
+                f"Please reduce the prompt or max_tokens.", "max_tokens")
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise InvalidRequestError(f"stop token id {t} is outside the vocabulary", "stop_token_ids")
+        eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+        return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos))

@@ -1,0 +1,99 @@
+"""LLM: the offline API (vLLM's ``LLM``): batch generate and chat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flotilla.engine.arg_utils import EngineArgs
+from flotilla.engine.input_processor import PromptType
+from flotilla.engine.llm_engine import LLMEngine
+from flotilla.engine.output_processor import OutputKind
+from flotilla.outputs import RequestOutput
+from flotilla.sampling_params import SamplingParams
+
+ChatMessages = list[dict]
+
+
+class LLM:
+    """Offline inference over a continuously batched engine.
+
+    ``LLM(model=None)`` loads the embedded default (SmolLM2-135M-Instruct). ``generate`` accepts one prompt
+    or many (strings, token-id lists or ``{"prompt_token_ids": [...]}``) with one SamplingParams or one per
+    prompt, and returns outputs in input order. Every prompt is validated before any is queued, so a bad
+    one raises ``InvalidRequestError`` and leaves the engine idle and usable.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
+                 kv_cache_memory: float = 1.0, seed: int = 0, **kwargs):
+        args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                          seed=seed, **kwargs)
+        self.engine = LLMEngine.from_engine_args(args)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine.from_engine_args(args)
+        return llm
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = self._as_list(prompts)
+        params = self._params_for(prompts, sampling_params)
+        processed = [self.engine.input_processor.process(p, sp) for p, sp in zip(prompts, params)]
+        ids = []
+        for item in processed:
+            rid = self.engine.next_request_id()
+            self.engine.add_processed_request(rid, item, OutputKind.FINAL_ONLY)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: ChatMessages | Sequence[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or many, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.engine.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)}
+            for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(ids) and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in finished])
+            raise
+        return [finished[i] for i in ids]
+
+    @staticmethod
+    def _as_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and isinstance(prompts[0], int):
+            return [prompts]  # a single token-id list
+        return prompts
+
+    @staticmethod
+    def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in prompts]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * len(prompts)
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+        return sampling_params

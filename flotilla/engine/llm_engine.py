@@ -1,0 +1,112 @@
+"""LLMEngine: one step = schedule -> execute -> update -> detokenize."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from flotilla.config import EngineConfig
+from flotilla.engine.arg_utils import EngineArgs
+from flotilla.engine.input_processor import InputProcessor, PromptType
+from flotilla.engine.output_processor import OutputKind, OutputProcessor
+from flotilla.errors import InvalidRequestError, ModelLoadError
+from flotilla.executor.base import Executor
+from flotilla.outputs import RequestOutput
+from flotilla.request import Request, RequestStatus
+from flotilla.sampling_params import SamplingParams
+from flotilla.scheduler.scheduler import Scheduler
+from flotilla.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(config: EngineConfig) -> Tokenizer:
+    mc = config.model
+    if mc.source_kind == "gguf":
+        import os
+        return Tokenizer.from_pretrained(os.path.dirname(mc.source), gguf_file=os.path.basename(mc.source))
+    return Tokenizer.from_pretrained(mc.source)
+
+
+class LLMEngine:
+    """A synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False.
+
+    Contract: a request that fails validation raises ``InvalidRequestError`` and leaves the engine
+    unchanged; ``abort_request`` frees the request's KV blocks at once; each ``step`` returns a
+    RequestOutput for every request that made progress (per its OutputKind).
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.manual_seed(0)
+        self.tokenizer = load_tokenizer(config)
+        self.executor = Executor.get_class(config)(config)
+        num_blocks = self.executor.determine_num_blocks()
+        needed = -(-config.model.max_model_len // config.cache.block_size)
+        if num_blocks < needed:
+            raise ModelLoadError(
+                f"the KV cache budget holds {num_blocks} blocks of {config.cache.block_size} tokens, fewer than "
+                f"one max_model_len ({config.model.max_model_len}) sequence needs ({needed}); raise "
+                f"kv_cache_memory / num_kv_blocks or lower max_model_len")
+        self.executor.initialize_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.input_processor = InputProcessor(self.tokenizer, config.model.vocab_size, config.model.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._counter = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        return cls(args.create_engine_config())
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        self._counter += 1
+        return str(self._counter)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.output_processor.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        processed = self.input_processor.process(prompt, params)
+        self.add_processed_request(request_id, processed, output_kind, arrival_time)
+
+    def add_processed_request(self, request_id, processed, output_kind, arrival_time=None) -> None:
+        params = processed.params
+        child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
+                                                      params, output_kind)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        for i, cid in enumerate(child_ids):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+            self.scheduler.add_request(Request(cid, processed.prompt_token_ids, child_params, arrival))
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        child_ids = self.output_processor.abort_requests(ids)
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.requests)
+
+    # ---- step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        processed = self.output_processor.process_outputs(core_outputs)
+        if processed.child_ids_to_stop:
+            self.scheduler.finish_requests(processed.child_ids_to_stop, RequestStatus.FINISHED_STOPPED)
+        return processed.request_outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,87 @@
+"""The ``flotilla`` command line: ``generate`` and ``models`` (``serve`` arrives with the server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flotilla import envs
+from flotilla.errors import FlotillaError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
+                                                 "(default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache budget in GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from flotilla.engine.arg_utils import EngineArgs
+    return EngineArgs(model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len,
+                      kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
+                      max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+                      enable_prefix_caching=ns.enable_prefix_caching,
+                      enable_chunked_prefill=ns.enable_chunked_prefill)
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from flotilla.engine.llm import LLM
+    from flotilla.sampling_params import SamplingParams
+    llm = LLM.from_engine_args(engine_args_from(ns))
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=ns.seed,
+                            top_p=ns.top_p, top_k=ns.top_k)
+    if ns.chat:
+        out = llm.chat([{"role": "user", "content": ns.prompt}], params)
+    else:
+        out = llm.generate(ns.prompt, params)
+    print(out[0].outputs[0].text)
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from flotilla.models.loader import list_aliases
+    for alias, description, installed, path in list_aliases():
+        state = f"installed at {path}" if installed else "not installed"
+        print(f"{alias:28s} {description}  [{state}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flotilla", description="Distributed LLM inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+    models = sub.add_parser("models", help="list model aliases and whether they are installed")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except FlotillaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

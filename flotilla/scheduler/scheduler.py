@@ -1,0 +1,273 @@
+"""The token-budget scheduler (vLLM v1 style): continuous batching, chunked prefill, prefix hits, preemption.
+
+Pure Python, no torch. One engine step is ``schedule()`` -> workers -> ``update_from_output()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from flotilla.config import CacheConfig, SchedulerConfig
+from flotilla.errors import InvalidRequestError
+from flotilla.kv_cache.kv_cache_manager import KVCacheManager
+from flotilla.request import Request, RequestStatus
+from flotilla.scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                       SchedulerOutput)
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot for metrics. Prefix-cache counters (tokens) and preemptions are cumulative."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+@dataclass
+class _Step:
+    """What one schedule() call has decided so far."""
+
+    budget: int
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    preempted: set[str] = field(default_factory=set)
+
+    def add(self, request: Request, num_tokens: int, block_ids: list[int]) -> None:
+        self.scheduled.append((request, num_tokens))
+        self.new_block_ids[request.request_id] = block_ids
+        self.budget -= num_tokens
+
+
+class Scheduler:
+    """Decides, each step, which tokens of which requests are computed, within one token budget.
+
+    Contract:
+    - Every request has a target (``num_tokens``) and ``num_computed_tokens``; ``schedule()`` grants running
+      requests first (in order: decodes get 1 token, prefills up to the remaining budget), then waiting
+      requests in FIFO order while budget and ``max_num_seqs`` allow. ``num_computed_tokens`` of scheduled
+      requests is advanced inside ``schedule()``.
+    - When the KV cache is full, the newest running request not yet scheduled this step is preempted by
+      recompute (blocks freed, back to the front of the waiting queue); no waiting request is admitted in a
+      step with a preemption.
+    - ``SchedulerOutput`` carries diffs: first scheduling (and resume after preemption) in
+      ``scheduled_new_reqs``, later steps in ``scheduled_cached_reqs`` with only the new tokens and blocks.
+      ``finished_req_ids`` lists requests finished, aborted or preempted since the previous ``schedule()``
+      (a preempted id is also in ``preempted_req_ids`` and comes back as a new request).
+    - ``update_from_output`` appends sampled tokens, applies stop conditions and frees finished requests;
+      ``finish_requests`` aborts/stops requests at any time. Requests gone in between are skipped.
+    - Sequences are capped at ``min(max_model_len, num_blocks * block_size)`` tokens, so a lone request
+      always fits in the cache and the scheduler never spins on a request that cannot fit.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
+                                               enable_caching=cache_config.enable_prefix_caching)
+        self.max_model_len = min(scheduler_config.max_model_len, num_blocks * cache_config.block_size)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_req_ids: set[str] = set()
+        self._num_tokens_sent: dict[str, int] = {}  # how many of a request's tokens the workers hold
+
+    # ----------------------------------------------------------------- requests in and out
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (status WAITING). Raises InvalidRequestError for a duplicate id, an empty
+        prompt, or a prompt longer than the sequence cap."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        if not 0 < request.num_tokens <= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {request.num_tokens} tokens; it must have 1 to {self.max_model_len}", "prompt")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish (abort, or stop on a stop string) waiting or running requests and free their blocks now.
+        Unknown or already finished ids are ignored; the ids go out in the next ``finished_req_ids``."""
+        if not RequestStatus.is_finished(status):
+            raise ValueError(f"{status!r} is not a finished status")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        done = [self.requests[r] for r in req_ids if r in self.requests]
+        for request in done:
+            request.status = status
+            self._release(request)
+        if done:
+            self._drop_finished_from_queues()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----------------------------------------------------------------- one step
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens; advance the scheduled requests' ``num_computed_tokens``."""
+        step = _Step(budget=self.scheduler_config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:
+            self._schedule_waiting(step)
+        out = SchedulerOutput(preempted_req_ids=step.preempted)
+        for request, num_tokens in step.scheduled:
+            req_id = request.request_id
+            if req_id not in self._num_tokens_sent:
+                out.scheduled_new_reqs.append(NewRequestData(
+                    req_id=req_id, prompt_token_ids=list(request.prompt_token_ids),
+                    all_token_ids=list(request.all_token_ids), sampling_params=request.sampling_params,
+                    block_ids=self.kv_cache_manager.get_block_ids(req_id),
+                    num_computed_tokens=request.num_computed_tokens))
+            else:
+                out.scheduled_cached_reqs.append(CachedRequestData(
+                    req_id=req_id, new_token_ids=request.all_token_ids[self._num_tokens_sent[req_id]:],
+                    new_block_ids=step.new_block_ids[req_id], num_computed_tokens=request.num_computed_tokens))
+            self._num_tokens_sent[req_id] = request.num_tokens
+            out.num_scheduled_tokens[req_id] = num_tokens
+            out.total_num_scheduled_tokens += num_tokens
+            request.num_computed_tokens += num_tokens
+        out.finished_req_ids = self._finished_req_ids
+        self._finished_req_ids = set()
+        return out
+
+    def _schedule_running(self, step: _Step) -> None:
+        i = 0
+        while i < len(self.running) and step.budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+            if num_new <= 0:  # nothing to compute until its sampled token arrives
+                i += 1
+                continue
+            block_ids = self._allocate_or_preempt(request, num_new, step)
+            if block_ids is None:  # the request preempted itself: nothing left to take blocks from
+                break
+            step.add(request, num_new, block_ids)
+            i += 1
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
+        """Allocate, preempting the newest running request (never one scheduled this step: those precede
+        ``request`` in the running list) until it fits. None if ``request`` itself had to go."""
+        while True:
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            if block_ids is not None:
+                return block_ids
+            victim = self.running.pop()
+            self._preempt(victim)
+            step.preempted.add(victim.request_id)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._num_tokens_sent.pop(request.request_id, None)
+        self._finished_req_ids.add(request.request_id)
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        max_num_seqs = self.scheduler_config.max_num_seqs
+        chunked = self.scheduler_config.enable_chunked_prefill
+        while self.waiting and step.budget > 0 and len(self.running) < max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if not chunked and num_new > step.budget:
+                break
+            num_new = min(num_new, step.budget)
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+            if block_ids is None:
+                break  # FIFO: do not let later requests overtake the head
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            step.add(request, num_new, block_ids)
+
+    # ----------------------------------------------------------------- results
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Append sampled tokens, apply stop conditions, free finished requests; one output per request that
+        got a token. Requests finished, aborted or preempted since ``schedule()`` are skipped."""
+        outputs: list[EngineCoreOutput] = []
+        any_finished = False
+        for req_id in scheduler_output.num_scheduled_tokens:
+            token_id = model_runner_output.sampled_token_ids.get(req_id)
+            request = self.requests.get(req_id)
+            if (token_id is None or request is None or request.status != RequestStatus.RUNNING
+                    or request.num_computed_tokens != request.num_tokens):
+                continue
+            request.append_output_token(token_id)
+            self._check_stop(request)
+            logprobs = model_runner_output.logprobs.get(req_id)
+            outputs.append(EngineCoreOutput(
+                req_id=req_id, new_token_ids=[token_id], new_logprobs=[logprobs] if logprobs is not None else [],
+                finish_reason=request.get_finish_reason(), stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
+            if request.is_finished():
+                self._release(request)
+                any_finished = True
+        if any_finished:
+            self._drop_finished_from_queues()
+        return outputs
+
+    def _check_stop(self, request: Request) -> None:
+        params = request.sampling_params
+        token_id = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return
+            if not params.ignore_eos and token_id in params.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        elif request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+
+    def _release(self, request: Request) -> None:
+        """Free a finished request's blocks and forget it (the queues are cleaned up by the caller)."""
+        self.kv_cache_manager.free(request)
+        self.requests.pop(request.request_id, None)
+        self._num_tokens_sent.pop(request.request_id, None)
+        self._finished_req_ids.add(request.request_id)
+
+    def _drop_finished_from_queues(self) -> None:
+        self.running = [r for r in self.running if not r.is_finished()]
+        if any(r.is_finished() for r in self.waiting):
+            self.waiting = deque(r for r in self.waiting if not r.is_finished())
+
+    # ----------------------------------------------------------------- misc
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache; refused (False) while requests hold blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def make_stats(self) -> SchedulerStats:
+        stats = self.kv_cache_manager.prefix_cache_stats
+        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                              kv_cache_usage=self.kv_cache_manager.usage, prefix_cache_queries=stats.queries,
+                              prefix_cache_hits=stats.hits, num_preemptions=self.num_preemptions)

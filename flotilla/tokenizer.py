@@ -1,0 +1,250 @@
+"""Tokenizer wrapper, chat templates and the incremental detokenizer (with stop strings).
+
+``Tokenizer`` wraps a transformers fast tokenizer loaded from a Hugging Face directory or a GGUF file (never
+with ``trust_remote_code``). ``IncrementalDetokenizer`` turns a stream of generated token ids into text with
+vLLM's prefix_offset/read_offset algorithm, so multi-token characters (emoji, CJK in byte-level BPE, byte
+fallback in SentencePiece) are emitted whole and leading spaces come out as they would in context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flotilla.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+
+# The detokenizer starts this many tokens before the end of the prompt, so the first generated token is
+# decoded in context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
+_INITIAL_OFFSET = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A transformers fast tokenizer plus the model's EOS ids.
+
+    Contract: ``vocab_size`` is ``len(tokenizer)`` (added tokens included); ``eos_token_ids`` is the
+    tokenizer's EOS id followed by the ids of ``generation_config.json``'s ``eos_token_id`` (int or list)
+    when that file sits in the model directory, without duplicates. ``decode`` never cleans up tokenization
+    spaces, so it agrees with ``IncrementalDetokenizer``. ``apply_chat_template`` renders the template to
+    text and tokenizes it with ``add_special_tokens=False`` (the template writes its own BOS); it raises
+    ``InvalidRequestError`` when there is no template or the template rejects the messages.
+    """
+
+    def __init__(self, hf_tokenizer: Any, extra_eos_token_ids: tuple[int, ...] = ()):
+        self.hf_tokenizer = hf_tokenizer
+        eos = [hf_tokenizer.eos_token_id] if hf_tokenizer.eos_token_id is not None else []
+        self._eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos_token_ids]))
+        self._token_str_cache: dict[tuple[int, bool], str] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str, gguf_file: str | None = None) -> "Tokenizer":
+        """Load from a model directory (optionally with ``gguf_file`` inside it) or a path to a .gguf file."""
+        from transformers import AutoTokenizer
+
+        path = os.fspath(path_or_dir)
+        if gguf_file is None and os.path.isfile(path) and path.endswith(".gguf"):
+            path, gguf_file = os.path.split(os.path.abspath(path))
+        if not os.path.exists(path):
+            raise ModelNotFoundError(f"tokenizer path {path!r} does not exist")
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, use_fast=True, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {e}") from e
+        if not getattr(hf, "is_fast", False):
+            raise ModelLoadError(f"the tokenizer at {path!r} is not a fast (tokenizers-backed) tokenizer")
+        return cls(hf, _generation_config_eos_ids(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_tokenizer)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf_tokenizer.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf_tokenizer.bos_token_id
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self.hf_tokenizer.all_special_ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf_tokenizer, "chat_template", None)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
+
+    def convert_ids_to_tokens(self, ids: list[int], skip_special_tokens: bool = False) -> list[str]:
+        """Token strings of ``ids``; ids outside the vocabulary give ""."""
+        tokens = self.hf_tokenizer.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
+        return [t if t is not None else "" for t in tokens]
+
+    def decode_token(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        """The text of one token on its own (for logprob entries); cached. Out-of-vocabulary ids give ""."""
+        key = (token_id, skip_special_tokens)
+        text = self._token_str_cache.get(key)
+        if text is None:
+            text = self.decode([token_id], skip_special_tokens) if 0 <= token_id < self.vocab_size else ""
+            self._token_str_cache[key] = text
+        return text
+
+    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                             chat_template: str | None = None, **kwargs) -> str:
+        """The chat template applied to ``messages``, as text."""
+        if chat_template is None and not self.chat_template:
+            raise InvalidRequestError("this model's tokenizer has no chat template; pass chat_template",
+                                      "chat_template")
+        kwargs.pop("tokenize", None)
+        kwargs.pop("return_dict", None)
+        try:
+            rendered = self.hf_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                tokenize=False, **kwargs)
+        except Exception as e:  # jinja2 errors (raise_exception in templates), malformed messages
+            raise InvalidRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
+        if isinstance(rendered, list):  # a batch of one conversation
+            rendered = rendered[0]
+        return rendered
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> list[int]:
+        """Token ids of the rendered chat template (tokenized with ``add_special_tokens=False``)."""
+        text = self.render_chat_template(messages, add_generation_prompt, chat_template, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _generation_config_eos_ids(model_dir: str) -> tuple[int, ...]:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return (eos,)
+    if isinstance(eos, list):
+        return tuple(e for e in eos if isinstance(e, int) and not isinstance(e, bool))
+    return ()
+
+
+class IncrementalDetokenizer:
+    """Generated token ids -> text, one update at a time, with stop strings.
+
+    Contract: ``update(ids)`` appends tokens and extends ``output_text``; text ending in an incomplete
+    character (U+FFFD) is held back until later tokens complete it. Stop strings are searched only where the
+    new text could have completed one; on a hit ``output_text`` is truncated before the stop string (after it
+    with ``include_stop_str_in_output``) and the stop string is returned. ``get_next_output_text`` gives the
+    cumulative text or the delta since its last call, holding back the last ``max_stop_len - 1``
+    characters while unfinished, so a stop string is never partly streamed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 stop: list[str] | None = None, include_stop_str_in_output: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = list(stop or [])
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.stop_buffer_length = self.max_stop_len - 1 if self.stop else 0
+        # Context: the last few prompt tokens, so the first generated token decodes as in running text.
+        context = list(prompt_token_ids[-(_INITIAL_OFFSET + 2):])
+        if skip_special_tokens:
+            special = set(tokenizer.all_special_ids)
+            context = [t for t in context if t not in special]
+        self.token_ids: list[int] = context  # context + generated ids, decoded in windows
+        self.read_offset = len(context)
+        self.prefix_offset = max(self.read_offset - _INITIAL_OFFSET, 0)
+        self.num_prompt_context = len(context)
+        self.output_text = ""
+        self._last_output_text_offset = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_context:]
+
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        """Append ``new_token_ids``; return the stop string that ended the text, else None.
+
+        ``stop_terminated``: the last id is a stop/EOS token that ended the request; its text is not added
+        unless ``include_stop_str_in_output``.
+        """
+        ids = list(new_token_ids)
+        if stop_terminated and ids and not self.include_stop_str_in_output:
+            ids = ids[:-1]
+        length_before = len(self.output_text)
+        for token_id in ids:
+            self.token_ids.append(token_id)
+            self.output_text += self._decode_next()
+        new_char_count = len(self.output_text) - length_before
+        if not self.stop or new_char_count == 0:
+            return None
+        hit = find_stop_string(self.output_text, new_char_count, self.stop, self.include_stop_str_in_output)
+        if hit is None:
+            return None
+        stop_str, truncate_to = hit
+        self.output_text = self.output_text[:truncate_to]
+        return stop_str
+
+    def _decode_next(self) -> str:
+        """vLLM's detokenize_incrementally over id windows: the text the newest token adds, or ""."""
+        window = self.token_ids[self.prefix_offset:]
+        prefix_text = self.tokenizer.decode(window[:self.read_offset - self.prefix_offset],
+                                            self.skip_special_tokens)
+        new_text = self.tokenizer.decode(window, self.skip_special_tokens)
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more tokens
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return new_text[len(prefix_text):]
+
+    def get_next_output_text(self, finished: bool, delta: bool) -> str:
+        """Cumulative text, or the text added since the previous call when ``delta``."""
+        buffer_length = 0 if finished else self.stop_buffer_length
+        length = max(len(self.output_text) - buffer_length, 0)
+        if not delta:
+            return self.output_text[:length]
+        last = self._last_output_text_offset
+        if last < length:
+            self._last_output_text_offset = length
+            return self.output_text[last:length]
+        return ""
+
+    def decode_token(self, token_id: int) -> str:
+        """The text of one token on its own, for logprob entries."""
+        return self.tokenizer.decode_token(token_id, skip_special_tokens=False)
+
+
+def find_stop_string(text: str, new_char_count: int, stop: list[str],
+                     include_in_output: bool) -> tuple[str, int] | None:
+    """Earliest stop string completed by the last ``new_char_count`` characters of ``text``.
+
+    Returns (stop string, length to truncate ``text`` to) or None. Only occurrences ending inside the new
+    tail are considered (earlier ones were checked before); the earliest start wins, then the longest.
+    """
+    best: tuple[int, int, str] | None = None  # (index, -len, stop string)
+    for s in stop:
+        index = text.find(s, max(len(text) - new_char_count - len(s) + 1, 0))
+        if index != -1 and (best is None or (index, -len(s)) < best[:2]):
+            best = (index, -len(s), s)
+    if best is None:
+        return None
+    index, _, stop_str = best
+    return stop_str, index + len(stop_str) if include_in_output else index

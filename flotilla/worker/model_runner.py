@@ -1,0 +1,159 @@
+"""ModelRunner: SchedulerOutput -> input tensors -> model -> sampler -> ModelRunnerOutput.
+
+It keeps a persistent per-request state (tokens, block table, seeded generator) that the scheduler's
+diff-style outputs update, so each step only ships what changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
+from flotilla.sampler import Sampler, SamplingMetadata
+from flotilla.sampling_params import SamplingParams
+from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass
+class CachedRequestState:
+    """A request as the worker knows it: all tokens so far (prompt + output), its block table, how many
+    tokens already have KV, and its own generator when the request is seeded."""
+
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None
+
+
+@dataclass
+class StepInputs:
+    """The flattened batch of one step (tokens of all requests back to back, decodes first)."""
+
+    req_ids: list[str]
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    common: CommonAttentionMetadata
+    sample_req_ids: list[str]  # requests that reach their last known token this step
+    sample_rows: torch.Tensor  # (B,) row of each sampling request's last token in the flat batch
+
+
+class ModelRunner:
+    """Runs one model on one device for the requests the scheduler hands it.
+
+    Contract: ``execute_model`` must see every SchedulerOutput in order; it writes K/V for every scheduled
+    token and samples one token for each request whose computation reaches its last known token.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches: list[torch.Tensor],
+                 block_size: int, device: torch.device):
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        # Generators outlive preemption (the request comes back as "new") so seeded output stays reproducible.
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ---- state --------------------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+            if req_id not in so.preempted_req_ids:
+                self._generators.pop(req_id, None)
+        for req_id in so.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.all_token_ids), len(new.prompt_token_ids), new.sampling_params,
+                list(new.block_ids), new.num_computed_tokens, self._generator_for(new.req_id, new.sampling_params))
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _generator_for(self, req_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        gen = self._generators.get(req_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed % (2 ** 63))
+            self._generators[req_id] = gen
+        return gen
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        counts = so.num_scheduled_tokens
+        req_ids = sorted(counts, key=lambda r: counts[r] != 1)  # decodes first (stable)
+        states = [self.requests[r] for r in req_ids]
+        query_lens = np.array([counts[r] for r in req_ids], dtype=np.int64)  # (R,)
+        context_lens = np.array([s.num_computed_tokens for s in states], dtype=np.int64)  # (R,)
+        tokens: list[int] = []
+        for s, start, n in zip(states, context_lens.tolist(), query_lens.tolist()):
+            tokens.extend(s.token_ids[start:start + n])
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_table = np.zeros((len(states), max_blocks), dtype=np.int64)  # (R, max_blocks)
+        for i, s in enumerate(states):
+            block_table[i, :len(s.block_ids)] = s.block_ids
+        total = int(query_lens.sum())
+        ends = np.cumsum(query_lens)  # (R,)
+        req_of_token = np.repeat(np.arange(len(states)), query_lens)  # (T,)
+        positions = context_lens[req_of_token] + np.arange(total) - (ends - query_lens)[req_of_token]  # (T,)
+        slots = block_table[req_of_token, positions // self.block_size] * self.block_size \
+            + positions % self.block_size  # (T,)
+        samples = [i for i, s in enumerate(states) if context_lens[i] + query_lens[i] >= len(s.token_ids)]
+        num_decodes = int(np.count_nonzero(query_lens == 1))
+        seq_lens = context_lens + query_lens
+        common = CommonAttentionMetadata(
+            query_lens=torch.from_numpy(query_lens), context_lens=torch.from_numpy(context_lens),
+            block_tables=torch.from_numpy(block_table).to(self.device),
+            slot_mapping=torch.from_numpy(slots).to(self.device), num_decodes=num_decodes,
+            block_size=self.block_size, max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
+        return StepInputs(
+            req_ids=req_ids, input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device),
+            positions=torch.from_numpy(positions).to(self.device), common=common,
+            sample_req_ids=[req_ids[i] for i in samples],
+            sample_rows=torch.from_numpy(ends[samples] - 1).to(self.device))
+
+    # ---- step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput()
+        inputs = self._prepare_inputs(so)
+        metadata = self.backend.build_metadata(inputs.common)
+        ctx = AttentionContext(self.backend, metadata, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # (T, hidden)
+        for req_id in inputs.req_ids:
+            self.requests[req_id].num_computed_tokens += so.num_scheduled_tokens[req_id]
+        if not inputs.sample_req_ids:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab)
+        return self._sample(inputs.sample_req_ids, logits)
+
+    def _sample(self, req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
+        states = [self.requests[r] for r in req_ids]
+        md = SamplingMetadata.build(
+            [s.sampling_params for s in states], [s.generator for s in states],
+            [s.token_ids[:s.num_prompt_tokens] for s in states],
+            [s.token_ids[s.num_prompt_tokens:] for s in states], self.device)
+        result = self.sampler(logits, md)
+        sampled = result.sampled_token_ids.tolist()
+        out = ModelRunnerOutput(sampled_token_ids=dict(zip(req_ids, sampled)))
+        if result.logprobs is not None:
+            ids, lps, ranks = (t.tolist() for t in result.logprobs)
+            for i, s in enumerate(states):
+                n = s.sampling_params.logprobs
+                if n is not None:
+                    out.logprobs[s.req_id] = (ids[i][:1 + n], lps[i][:1 + n], ranks[i][:1 + n])
+        return out

@@ -1,0 +1,83 @@
+"""Worker: one rank's device, model, KV cache and model runner."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from flotilla.config import EngineConfig
+from flotilla.errors import ModelLoadError
+from flotilla.layers.attention import TorchPagedAttentionBackend
+from flotilla.models.loader import ResolvedModel, iterate_weights
+from flotilla.models.registry import get_model_class
+from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from flotilla.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GiB = 1 << 30
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+class Worker:
+    """Owns one rank's model and KV cache.
+
+    Lifecycle: ``load_model()`` -> ``determine_num_blocks()`` -> ``initialize_cache(num_blocks)`` ->
+    ``execute_model(scheduler_output)`` per step.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0):
+        self.config = config
+        self.rank = rank
+        self.device = torch.device(config.device.device)
+        self.dtype = torch_dtype(config.model.dtype)
+        if config.device.num_threads:
+            torch.set_num_threads(config.device.num_threads)
+        self.backend = TorchPagedAttentionBackend()
+        self.model: torch.nn.Module | None = None
+        self.runner: ModelRunner | None = None
+
+    def load_model(self) -> None:
+        mc = self.config.model
+        cls = get_model_class(getattr(mc.hf_config, "architectures", None))
+        start = time.perf_counter()
+        with torch.device(self.device):
+            model = cls(mc.hf_config, dtype=self.dtype, max_model_len=mc.max_model_len)
+        resolved = ResolvedModel(source=mc.source, kind=mc.source_kind, alias=None)
+        model.load_weights(iterate_weights(resolved, mc.hf_config, self.dtype))
+        self.model = model.eval()
+        nparams = sum(p.numel() for p in model.parameters())
+        logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,
+                    time.perf_counter() - start)
+
+    def kv_bytes_per_block(self) -> int:
+        mc, cc = self.config.model, self.config.cache
+        kv_heads = max(1, mc.num_kv_heads // self.config.parallel.tensor_parallel_size)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_layers * cc.block_size * kv_heads * mc.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        return int(cc.kv_cache_memory * GiB // self.kv_bytes_per_block())
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        if self.model is None:
+            raise ModelLoadError("initialize_cache() called before load_model()")
+        mc, cc = self.config.model, self.config.cache
+        kv_heads = max(1, mc.num_kv_heads // self.config.parallel.tensor_parallel_size)
+        shape = self.backend.kv_cache_shape(num_blocks, cc.block_size, kv_heads, mc.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size,
+                    num_blocks * self.kv_bytes_per_block() / GiB)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)

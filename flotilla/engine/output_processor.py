@@ -139,7 +139,8 @@ class OutputProcessor:
                 child.cumulative_logprob += lps[0]
                 child.logprobs.append({t: Logprob(lp, r, self.tokenizer.decode_token(t))
                                        for t, lp, r in zip(ids, lps, ranks)})
-        stop = child.detokenizer.update(out.new_token_ids)
+        # A stop token id / EOS that ended the request is kept in token_ids but not in the text (as vLLM).
+        stop = child.detokenizer.update(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
         if stop is not None:
             child.finish_reason, child.stop_reason = "stop", stop
             return out.finish_reason is None

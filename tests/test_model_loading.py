@@ -139,7 +139,7 @@ def test_filtered_skips_unwanted_shards(llama_sharded_dir, monkeypatch):
     torch.testing.assert_close(got["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
 
 
-def test_iteration_is_lazy(llama_sharded_dir, monkeypatch):
+def test_iteration_is_lazy(llama_sharded_dir):
     directory, _ = llama_sharded_dir
     resolved = resolve_model(directory)
     it = iterate_weights(resolved, load_hf_config(resolved), torch.float32)

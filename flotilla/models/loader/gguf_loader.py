@@ -103,7 +103,7 @@ def _load_tensor(t: Any, path: str, arch: str, n_head: int, n_kv_head: int) -> n
         w = dequantize(t.data, t.tensor_type)
         w = w.reshape(hf_shape)
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
-            w = unpermute_rows(w, n_head)
+            w = unpermute_rows(w, n_head if ".attn_q." in t.name else n_kv_head)
     except NotImplementedError as e:
         raise ModelLoadError(f"GGUF file {path}: tensor {t.name!r} uses quantization "
                              f"{t.tensor_type.name}, which cannot be dequantized ({e})") from None

@@ -88,3 +88,18 @@ def test_llama3_rope_scaling_and_sharded_checkpoint(tmp_path, smollm2_tokenizer_
     assert (tmp_path / "model.safetensors.index.json").exists()
     llm = LLM(model=str(tmp_path), max_model_len=256, num_kv_blocks=128)
     assert_matches_oracle(llm, hf_model)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_run(dtype, tiny_llama):
+    """Lower precision loads and generates; its first token is among fp32's top 5 (bf16 rounding moves
+    near-ties of a random model)."""
+    path, hf_model = tiny_llama
+    llm = LLM(model=path, dtype=dtype, max_model_len=256, num_kv_blocks=64)
+    param = next(llm.engine.executor.worker.model.parameters())
+    assert param.dtype == getattr(torch, dtype)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 8
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([llm.tokenizer.encode(PROMPTS[0])])).logits[0, -1]
+    assert out.token_ids[0] in torch.topk(logits, 5).indices.tolist()

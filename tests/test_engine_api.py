@@ -171,15 +171,21 @@ def test_min_tokens_prevents_early_stop(llm):
     ref = solo(llm, PROMPTS[2], greedy(16)).outputs[0]
     k = first_occurrence_index(ref.token_ids, 1)
     stop_id = ref.token_ids[k]
-    out = solo(llm, PROMPTS[2], greedy(16, stop_token_ids=[stop_id], min_tokens=k + 2)).outputs[0]
-    # The stop token at position k is ignored; generation follows the greedy path further.
-    assert len(out.token_ids) >= k + 2
-    assert out.token_ids == ref.token_ids[:len(out.token_ids)]
-    later = [i for i in range(k + 1, 16) if ref.token_ids[i] == stop_id]
-    if later:
-        assert out.finish_reason == "stop" and len(out.token_ids) == later[0] + 1
+    min_tokens = k + 2
+    out = solo(llm, PROMPTS[2], greedy(16, stop_token_ids=[stop_id], min_tokens=min_tokens)).outputs[0]
+    _check_min_tokens(out, ref.token_ids, k, stop_id, min_tokens, 16)
+    assert out.finish_reason == "length" or out.stop_reason == stop_id
+
+
+def _check_min_tokens(out, ref: list[int], k: int, stop_id: int, min_tokens: int, max_tokens: int) -> None:
+    """Before ``min_tokens`` the stop token can neither be sampled nor end the request (vLLM masks it)."""
+    assert len(out.token_ids) >= min_tokens
+    assert out.token_ids[:k] == ref[:k]
+    assert stop_id not in out.token_ids[:min_tokens]
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == stop_id
     else:
-        assert out.finish_reason == "length" and len(out.token_ids) == 16
+        assert out.finish_reason == "length" and len(out.token_ids) == max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +219,8 @@ def test_eos_stops_unless_ignored(eos_llm):
     assert out.token_ids == ref
 
     out = solo(llm, PROMPTS[3], greedy(16, min_tokens=k + 2)).outputs[0]
-    assert len(out.token_ids) >= k + 2
-    assert out.token_ids == ref[:len(out.token_ids)]
+    _check_min_tokens(out, ref, k, ref[k], k + 2, 16)
+    assert out.stop_reason is None
     assert_engine_idle(llm)
 
 

@@ -22,12 +22,15 @@ from flotilla.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+_ABORTED = object()  # put on a request's queue by abort(): its stream ends
+
 
 class AsyncLLM:
     """Streams RequestOutputs per request; ``abort(request_id)`` (or leaving the ``async for``) frees it.
 
     Contract: ``generate`` validates before queuing (``InvalidRequestError`` raised to the caller only);
-    outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. If the engine loop
+    outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. After ``abort`` the
+    request's ``async for`` ends at its next iteration (no finished output). If the engine loop
     fails, every in-flight request raises ``EngineDeadError`` and ``is_dead`` turns True.
     """
 
@@ -72,6 +75,9 @@ class AsyncLLM:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine failed: {item}") from item
+                if item is _ABORTED or (self.dead_error is None
+                                        and self._queues.get(request_id, (None, None))[1] is not queue):
+                    return  # aborted: drop outputs queued before the abort
                 finished = item.finished
                 yield item
         finally:
@@ -85,7 +91,9 @@ class AsyncLLM:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         with self._lock:
             for rid in ids:
-                self._queues.pop(rid, None)
+                target = self._queues.pop(rid, None)
+                if target is not None and not target[0].is_closed():
+                    target[0].call_soon_threadsafe(target[1].put_nowait, _ABORTED)  # wake and end its stream
             self.engine.abort_request(ids)
 
     def shutdown(self) -> None:

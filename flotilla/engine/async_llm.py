@@ -1,8 +1,9 @@
 """AsyncLLM: the streaming engine API for servers (``async for out in engine.generate(...)``).
 
-The engine loop runs on its own thread so the event loop stays free; outputs cross back to the loop with
-``call_soon_threadsafe`` into one asyncio queue per request. (The server issue may move the loop into its
-own process behind the same API.)
+The frontend (this object) tokenizes, validates and detokenizes; the engine core (scheduler + model) runs
+in its own process (``core_proc``), so a saturated model never blocks the caller's event loop. One
+background thread receives the core's outputs, detokenizes them and hands each request's outputs to its
+asyncio queue with ``call_soon_threadsafe`` (so any event loop, or several in turn, can use the engine).
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from flotilla.engine.arg_utils import EngineArgs
-from flotilla.engine.input_processor import PromptType
-from flotilla.engine.llm_engine import LLMEngine
-from flotilla.engine.output_processor import OutputKind
+from flotilla.engine.core import make_child_requests
+from flotilla.engine.core_proc import CoreProcessClient
+from flotilla.engine.input_processor import InputProcessor, PromptType
+from flotilla.engine.llm_engine import load_tokenizer
+from flotilla.engine.messages import Kind, outputs_from_wire, request_to_wire
+from flotilla.engine.output_processor import OutputKind, OutputProcessor
 from flotilla.errors import EngineDeadError, InvalidRequestError
 from flotilla.outputs import RequestOutput
 from flotilla.sampling_params import SamplingParams
+from flotilla.scheduler.scheduler import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -28,100 +34,154 @@ _ABORTED = object()  # put on a request's queue by abort(): its stream ends
 class AsyncLLM:
     """Streams RequestOutputs per request; ``abort(request_id)`` (or leaving the ``async for``) frees it.
 
-    Contract: ``generate`` validates before queuing (``InvalidRequestError`` raised to the caller only);
-    outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. After ``abort`` the
-    request's ``async for`` ends at its next iteration (no finished output). If the engine loop
-    fails, every in-flight request raises ``EngineDeadError`` and ``is_dead`` turns True.
+    Contract: ``generate`` validates before queuing (``InvalidRequestError`` goes to the caller only);
+    outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. An aborted stream
+    ends at its next iteration. If the core process fails or exits, every in-flight request raises
+    ``EngineDeadError``, ``is_dead`` turns True and new requests are refused. ``latest_stats`` is the
+    core's last scheduler snapshot (refreshed after every step, and after aborts while idle);
+    ``num_queued_requests`` counts requests not yet scheduled. Outputs' ``metrics`` carry
+    ``arrival_time``, ``first_scheduled_time`` and ``first_token_time`` (``time.monotonic()``).
     """
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
+    def __init__(self, args: EngineArgs):
+        self.config = args.create_engine_config()
+        self.model_config = self.config.model
+        self.tokenizer = load_tokenizer(self.config)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size,
+                                              self.model_config.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._client = CoreProcessClient(args)
+        self.num_blocks = self._client.num_blocks
+        self._lock = threading.Lock()  # guards output_processor, _queues, _queued
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = False
+        self._queued: set[str] = set()
+        self.num_scheduled_requests_total = 0  # requests that ever left the queue
+        self.latest_stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
         self.dead_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="flotilla-engine", daemon=True)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._output_loop, name="flotilla-outputs", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
-        return cls(LLMEngine.from_engine_args(args))
+        return cls(args)
 
     @property
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+    def num_queued_requests(self) -> int:
+        return len(self._queued)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.output_processor.requests)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
-        if self.dead_error is not None:
-            raise EngineDeadError(f"the engine is dead: {self.dead_error}")
-        params = sampling_params or SamplingParams()
-        processed = self.engine.input_processor.process(prompt, params)
+        self._check_alive()
+        processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if request_id in self._queues:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
-            self.engine.add_processed_request(request_id, processed, output_kind)
-            self._wakeup.notify()
+        self._add(request_id, processed, output_kind, (asyncio.get_running_loop(), queue))
         finished = False
         try:
             while not finished:
                 item = await queue.get()
+                if item is _ABORTED:
+                    return
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine failed: {item}") from item
-                if item is _ABORTED or (self.dead_error is None
-                                        and self._queues.get(request_id, (None, None))[1] is not queue):
-                    return  # aborted: drop outputs queued before the abort
                 finished = item.finished
                 yield item
         finally:
             if not finished:
                 self.abort(request_id)
-            else:
-                with self._lock:
-                    self._queues.pop(request_id, None)
+
+    def _add(self, request_id: str, processed, output_kind: OutputKind, target) -> None:
+        with self._lock:
+            if request_id in self._queues or request_id in self.output_processor.requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+            child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
+                                                          processed.params, output_kind)
+            self._queues[request_id] = target
+            self._queued.add(request_id)
+        children = make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
+                                       time.monotonic())
+        for child in children:
+            self._client.send(Kind.ADD, request_to_wire(child))
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         with self._lock:
-            for rid in ids:
-                target = self._queues.pop(rid, None)
-                if target is not None and not target[0].is_closed():
-                    target[0].call_soon_threadsafe(target[1].put_nowait, _ABORTED)  # wake and end its stream
-            self.engine.abort_request(ids)
+            child_ids = self.output_processor.abort_requests(ids)
+            targets = [self._queues.pop(rid, None) for rid in ids]
+            self._queued.difference_update(ids)
+        if child_ids and not self.is_dead:
+            self._client.send(Kind.ABORT, {"ids": child_ids, "stopped": False})
+        for target in targets:
+            if target is not None:
+                _deliver(target, _ABORTED)
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead_error}")
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._stopped = True
-            self._wakeup.notify()
-        self._thread.join(timeout=10)
-        self.engine.shutdown()
+        self._stopped = True
+        self._thread.join(timeout=5)
+        self._client.close()
 
-    def _loop(self) -> None:
+    # ---- the output thread ------------------------------------------------------------------------
+    def _output_loop(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while not self._stopped and not self.engine.has_unfinished_requests():
-                        self._wakeup.wait()
-                    if self._stopped:
-                        return
-                    outputs = self.engine.step()
-                    targets = [(self._queues.get(o.request_id), o) for o in outputs]
-                for target, out in targets:
-                    if target is not None:
-                        loop, queue = target
-                        loop.call_soon_threadsafe(queue.put_nowait, out)
-        except BaseException as e:  # noqa: BLE001 - any engine failure must reach every waiter
-            logger.exception("engine loop failed")
+            while not self._stopped:
+                msg = self._client.recv(timeout_ms=200)
+                if msg is None:
+                    if not self._client.is_alive() and not self._stopped:
+                        raise EngineDeadError(f"the engine core process exited (code {self._client.proc.returncode})")
+                    continue
+                kind, payload = msg
+                if kind == Kind.FAILED:
+                    raise EngineDeadError(payload["error"])
+                if kind == Kind.OUTPUTS:
+                    self._on_outputs(payload)
+        except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
+            logger.error("engine failed: %s", e)
             self.dead_error = e
             with self._lock:
                 waiters = list(self._queues.values())
                 self._queues.clear()
-            for loop, queue in waiters:
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                self._queued.clear()
+            for target in waiters:
+                _deliver(target, e)
+
+    def _on_outputs(self, payload) -> None:
+        outs = outputs_from_wire(payload)
+        if outs.stats is not None:
+            self.latest_stats = outs.stats
+        with self._lock:
+            started = self.output_processor.mark_scheduled(outs.scheduled_ids, outs.timestamp)
+            self._queued.difference_update(started)
+            self.num_scheduled_requests_total += len(started)
+            processed = self.output_processor.process_outputs(outs.outputs)
+            deliveries = []
+            for out in processed.request_outputs:
+                target = self._queues.get(out.request_id)
+                if out.finished:
+                    self._queues.pop(out.request_id, None)
+                    self._queued.discard(out.request_id)
+                if target is not None:
+                    deliveries.append((target, out))
+        if processed.child_ids_to_stop:
+            self._client.send(Kind.ABORT, {"ids": processed.child_ids_to_stop, "stopped": True})
+        for target, out in deliveries:
+            _deliver(target, out)
+
+
+def _deliver(target, item) -> None:
+    loop, queue = target
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # that event loop is closed: nobody is listening any more
+        pass

@@ -11,12 +11,11 @@ from flotilla.config import EngineConfig
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.input_processor import InputProcessor, PromptType
 from flotilla.engine.output_processor import OutputKind, OutputProcessor
-from flotilla.errors import InvalidRequestError, ModelLoadError
-from flotilla.executor.base import Executor
+from flotilla.engine.core import EngineCore, make_child_requests
+from flotilla.errors import InvalidRequestError
 from flotilla.outputs import RequestOutput
-from flotilla.request import Request, RequestStatus
+from flotilla.request import RequestStatus
 from flotilla.sampling_params import SamplingParams
-from flotilla.scheduler.scheduler import Scheduler
 from flotilla.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -40,22 +39,19 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        torch.manual_seed(0)
         self.tokenizer = load_tokenizer(config)
-        self.executor = Executor.get_class(config)(config)
-        num_blocks = self.executor.determine_num_blocks()
-        needed = -(-config.model.max_model_len // config.cache.block_size)
-        if num_blocks < needed:
-            raise ModelLoadError(
-                f"the KV cache budget holds {num_blocks} blocks of {config.cache.block_size} tokens, fewer than "
-                f"one max_model_len ({config.model.max_model_len}) sequence needs ({needed}); raise "
-                f"kv_cache_memory / num_kv_blocks or lower max_model_len")
-        self.executor.initialize_cache(num_blocks)
-        self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.core = EngineCore(config)
         self.input_processor = InputProcessor(self.tokenizer, config.model.vocab_size, config.model.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._counter = 0
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def executor(self):
+        return self.core.executor
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -77,36 +73,32 @@ class LLMEngine:
         self.add_processed_request(request_id, processed, output_kind, arrival_time)
 
     def add_processed_request(self, request_id, processed, output_kind, arrival_time=None) -> None:
-        params = processed.params
         child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
-                                                      params, output_kind)
+                                                      processed.params, output_kind)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        for i, cid in enumerate(child_ids):
-            child_params = params
-            if params.n > 1:
-                child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-            self.scheduler.add_request(Request(cid, processed.prompt_token_ids, child_params, arrival))
+        for child in make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
+                                         arrival):
+            self.core.add_request(child)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         child_ids = self.output_processor.abort_requests(ids)
-        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        self.core.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+        return self.core.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.requests)
 
     # ---- step -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        processed = self.output_processor.process_outputs(core_outputs)
+        core_outputs = self.core.step()
+        self.output_processor.mark_scheduled(core_outputs.scheduled_ids, core_outputs.timestamp)
+        processed = self.output_processor.process_outputs(core_outputs.outputs)
         if processed.child_ids_to_stop:
-            self.scheduler.finish_requests(processed.child_ids_to_stop, RequestStatus.FINISHED_STOPPED)
+            self.core.finish_requests(processed.child_ids_to_stop, RequestStatus.FINISHED_STOPPED)
         return processed.request_outputs
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.core.shutdown()

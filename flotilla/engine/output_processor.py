@@ -47,6 +47,7 @@ class RequestState:
     output_kind: OutputKind
     arrival_time: float
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property
@@ -104,6 +105,17 @@ class OutputProcessor:
                 self.child_to_parent.pop(cid, None)
             child_ids.extend(ids)
         return child_ids
+
+    def mark_scheduled(self, child_ids, timestamp: float) -> list[str]:
+        """Record the first scheduling of requests' samples; returns the parents that just left the queue."""
+        started = []
+        for cid in child_ids:
+            parent = self.child_to_parent.get(cid)
+            state = self.requests.get(parent[0]) if parent else None
+            if state is not None and state.first_scheduled_time is None:
+                state.first_scheduled_time = timestamp
+                started.append(state.request_id)
+        return started
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         touched: dict[str, RequestState] = {}
@@ -163,6 +175,7 @@ class OutputProcessor:
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished,
                              num_cached_tokens=state.num_cached_tokens,
                              metrics={"arrival_time": state.arrival_time,
+                                      "first_scheduled_time": state.first_scheduled_time,
                                       "first_token_time": state.first_token_time})
 
     @staticmethod

@@ -1,0 +1,192 @@
+"""The engine core in its own process, so a busy model never starves the HTTP event loop.
+
+The frontend binds two ZMQ IPC sockets in a private temporary directory (local only, never a network
+port) and starts ``python -m flotilla.engine.core_proc``; the core connects, loads the model and answers
+READY (or FAILED with the reason). Messages are msgpack (``flotilla.engine.messages``), never pickle. The
+core exits when told to, when its parent dies, or after reporting a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import zmq
+
+from flotilla import envs
+from flotilla.engine.arg_utils import EngineArgs
+from flotilla.engine.core import EngineCore, EngineCoreOutputs
+from flotilla.engine.messages import (Kind, decode, encode, outputs_to_wire, request_from_wire)
+from flotilla.errors import FlotillaError, ModelLoadError
+from flotilla.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+PARENT_CHECK_S = 1.0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (best effort elsewhere)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class CoreServer:
+    """The core process's loop: drain messages, step while there is work, publish outputs."""
+
+    def __init__(self, core: EngineCore, pull: zmq.Socket, push: zmq.Socket, parent_pid: int):
+        self.core, self.pull, self.push, self.parent_pid = core, pull, push, parent_pid
+
+    def run(self) -> None:
+        while True:
+            busy = self.core.has_unfinished_requests()
+            changed = False
+            timeout = 0 if busy else int(PARENT_CHECK_S * 1000)
+            while self.pull.poll(timeout):
+                if not self._handle(*decode(self.pull.recv())):
+                    return
+                changed, timeout = True, 0
+            if os.getppid() != self.parent_pid:
+                logger.warning("engine core: parent process is gone, exiting")
+                return
+            if self.core.has_unfinished_requests():
+                self._publish(self.core.step())
+            elif changed:  # idle after aborts: publish fresh stats so the frontend sees blocks freed
+                self._publish(EngineCoreOutputs(stats=self.core.scheduler.make_stats(), timestamp=time.monotonic()))
+
+    def _handle(self, kind: Kind, payload) -> bool:
+        if kind == Kind.ADD:
+            self.core.add_request(request_from_wire(payload))
+        elif kind == Kind.ABORT:
+            status = RequestStatus.FINISHED_STOPPED if payload["stopped"] else RequestStatus.FINISHED_ABORTED
+            self.core.finish_requests(payload["ids"], status)
+        elif kind == Kind.SHUTDOWN:
+            return False
+        return True
+
+    def _publish(self, outputs: EngineCoreOutputs) -> None:
+        self.push.send(encode(Kind.OUTPUTS, outputs_to_wire(outputs)))
+
+
+def core_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="flotilla engine core process (started by the frontend)")
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--parent-pid", type=int, required=True)
+    ns = ap.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
+    logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s [core]: %(message)s")
+    args = EngineArgs(**json.loads(sys.stdin.readline()))
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.connect(ns.input)
+    push.connect(ns.output)
+    try:
+        import torch
+        torch.manual_seed(args.seed)
+        core = EngineCore(args.create_engine_config())
+    except Exception as e:  # noqa: BLE001 - every startup failure is reported, then the process exits
+        push.send(encode(Kind.FAILED, {"error": str(e), "type": type(e).__name__}))
+        push.close(linger=2000)
+        return 1
+    push.send(encode(Kind.READY, {"num_blocks": core.num_blocks}))
+    try:
+        CoreServer(core, pull, push, ns.parent_pid).run()
+    except Exception as e:  # noqa: BLE001
+        logger.exception("engine core failed")
+        push.send(encode(Kind.FAILED, {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}))
+        push.close(linger=2000)
+        return 1
+    finally:
+        core.shutdown()
+    return 0
+
+
+def _error_class(name: str) -> type[Exception]:
+    from flotilla import errors
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, FlotillaError) else ModelLoadError
+
+
+class CoreProcessClient:
+    """Frontend handle on a core process: start it, send messages (thread-safe), receive messages.
+
+    Contract: the constructor returns once the core is READY, or raises the core's startup error
+    (``ModelLoadError`` / ``FlotillaError`` carrying its message). ``close()`` stops the process.
+    """
+
+    def __init__(self, args: EngineArgs, startup_timeout_s: float = 900.0):
+        self._dir = tempfile.mkdtemp(prefix="flotilla-")
+        self._ctx = zmq.Context()
+        self._push, self._pull = self._ctx.socket(zmq.PUSH), self._ctx.socket(zmq.PULL)
+        in_addr, out_addr = f"ipc://{self._dir}/in.sock", f"ipc://{self._dir}/out.sock"
+        self._push.bind(in_addr)
+        self._pull.bind(out_addr)
+        self._send_lock = threading.Lock()
+        cmd = [sys.executable, "-m", "flotilla.engine.core_proc", "--input", in_addr, "--output", out_addr,
+               "--parent-pid", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
+        self.proc.stdin.write(json.dumps(dataclasses.asdict(args)) + "\n")
+        self.proc.stdin.close()
+        self.num_blocks = self._await_ready(startup_timeout_s)
+
+    def _await_ready(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._pull.poll(200):
+                kind, payload = decode(self._pull.recv())
+                if kind == Kind.READY:
+                    return payload["num_blocks"]
+                if kind == Kind.FAILED:
+                    self.close()
+                    raise _error_class(payload["type"])(payload["error"])
+            elif self.proc.poll() is not None:
+                self.close()
+                raise ModelLoadError(f"the engine core process exited with code {self.proc.returncode} "
+                                     f"during startup")
+        self.close()
+        raise ModelLoadError(f"the engine core did not start within {timeout_s:.0f} s")
+
+    def send(self, kind: Kind, payload) -> None:
+        with self._send_lock:
+            self._push.send(encode(kind, payload))
+
+    def recv(self, timeout_ms: int):
+        """The next message, or None after ``timeout_ms``."""
+        if self._pull.poll(timeout_ms):
+            return decode(self._pull.recv())
+        return None
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(Kind.SHUTDOWN, {})
+                self.proc.wait(timeout_s)
+            except (subprocess.TimeoutExpired, zmq.ZMQError):
+                self.proc.kill()
+                self.proc.wait()
+        self._push.close(linger=0)
+        self._pull.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(core_main())

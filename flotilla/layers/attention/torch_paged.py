@@ -39,13 +39,14 @@ class TorchPagedAttentionBackend(AttentionBackend):
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchPagedMetadata:
         d = common.num_decodes
         bs = common.block_size
-        seq_lens = common.seq_lens
+        device = common.block_tables.device
+        seq_lens = common.seq_lens.to(device)
         dec_bt = dec_mask = None
         if d:
-            max_len = int(seq_lens[:d].max())
+            max_len = int(common.seq_lens[:d].max())
             nblk = -(-max_len // bs)
             dec_bt = common.block_tables[:d, :nblk]
-            keys = torch.arange(nblk * bs)
+            keys = torch.arange(nblk * bs, device=device)
             dec_mask = (keys[None, :] < seq_lens[:d, None])[:, None, None, :]  # (D, 1, 1, L)
         pre = self._build_prefill(common)
         return TorchPagedMetadata(common.slot_mapping, d, dec_bt, dec_mask, *pre)
@@ -53,19 +54,19 @@ class TorchPagedAttentionBackend(AttentionBackend):
     @staticmethod
     def _build_prefill(common: CommonAttentionMetadata):
         d, bs = common.num_decodes, common.block_size
-        qlens, ctx = common.query_lens[d:], common.context_lens[d:]
-        p = qlens.numel()
+        p = common.query_lens.numel() - d
         if p == 0:
             return None, None, None, None, False, 0
-        fresh_single = p == 1 and int(ctx[0]) == 0
-        max_q = int(qlens.max())
-        seq_lens = ctx + qlens
-        nblk = -(-int(seq_lens.max()) // bs)
+        device = common.block_tables.device
+        qlens, ctx = common.query_lens[d:].to(device), common.context_lens[d:].to(device)
+        fresh_single = p == 1 and int(common.context_lens[d]) == 0
+        max_q = int(common.query_lens[d:].max())
+        nblk = -(-int((common.context_lens[d:] + common.query_lens[d:]).max()) // bs)
         starts = torch.cumsum(qlens, 0) - qlens  # (P,)
-        qi = torch.arange(max_q)
+        qi = torch.arange(max_q, device=device)
         valid = qi[None, :] < qlens[:, None]  # (P, Qmax)
         gather = torch.where(valid, starts[:, None] + qi[None, :], torch.zeros_like(valid, dtype=torch.long))
-        keys = torch.arange(nblk * bs)
+        keys = torch.arange(nblk * bs, device=device)
         qpos = ctx[:, None] + qi[None, :]  # (P, Qmax) absolute position of each query
         mask = keys[None, None, :] <= qpos[:, :, None]  # (P, Qmax, L)
         mask = mask | ~valid[:, :, None]  # padded rows attend everywhere (discarded) to avoid NaN

@@ -101,18 +101,41 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor and pipeline parallel sizes (world size = tp * pp)."""
+    """Tensor and pipeline parallel sizes (world size = tp * pp) and how the ranks are run.
+
+    ``executor_backend``: "uni" (in-process, world size 1), "mp" (local worker processes), "ray" (one Ray
+    actor per rank) or "external" (ranks started by torchrun/mpirun/srun); None picks "uni" or "mp".
+    ``distributed_backend``: torch.distributed backend (None: nccl on CUDA, gloo on CPU).
+    ``pipeline_partition``: layers per stage (None: an even split). ``collective_timeout_s`` bounds every
+    collective so a dead or hung rank surfaces as an error.
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    executor_backend: str | None = None
+    distributed_backend: str | None = None
+    pipeline_partition: tuple[int, ...] | None = None
+    ray_address: str | None = None
+    collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be >= 1")
+        if self.executor_backend not in (None, "uni", "mp", "ray", "external"):
+            raise ValueError(f"executor backend must be uni, mp, ray or external, got {self.executor_backend!r}")
+        if self.executor_backend == "uni" and self.world_size > 1:
+            raise ValueError("the uni executor runs one rank; use mp, ray or external for world size > 1")
+        if self.pipeline_partition is not None and (len(self.pipeline_partition) != self.pipeline_parallel_size):
+            raise ValueError(f"pipeline_partition needs {self.pipeline_parallel_size} entries, "
+                             f"got {list(self.pipeline_partition)}")
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def resolved_executor(self) -> str:
+        return self.executor_backend or ("uni" if self.world_size == 1 else "mp")
 
 
 @dataclass(frozen=True)

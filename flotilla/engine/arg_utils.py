@@ -37,6 +37,10 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # uni | mp | ray | external (None: uni or mp)
+    distributed_backend: str | None = None  # torch.distributed backend (None: nccl on CUDA, gloo on CPU)
+    pipeline_partition: list[int] | None = None  # layers per stage (None: even split)
+    ray_address: str | None = None
     device: str = "cpu"
     num_threads: int | None = None
     served_model_name: str | None = None
@@ -55,7 +59,11 @@ class EngineArgs:
                             num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
                                     max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill)
-        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)
+        parallel = ParallelConfig(
+            self.tensor_parallel_size, self.pipeline_parallel_size, executor_backend=self.distributed_executor_backend,
+            distributed_backend=self.distributed_backend,
+            pipeline_partition=tuple(self.pipeline_partition) if self.pipeline_partition else None,
+            ray_address=self.ray_address)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads))
 

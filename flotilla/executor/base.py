@@ -38,8 +38,15 @@ class Executor(abc.ABC):
 
     @staticmethod
     def get_class(config: EngineConfig) -> type["Executor"]:
-        if config.parallel.world_size == 1:
+        kind = config.parallel.resolved_executor
+        if kind == "uni":
             from flotilla.executor.uniproc import UniProcExecutor
             return UniProcExecutor
-        raise NotImplementedError(
-            f"tensor/pipeline parallelism (world size {config.parallel.world_size}) is not available yet")
+        if kind == "mp":
+            from flotilla.executor.multiproc import MultiprocExecutor
+            return MultiprocExecutor
+        if kind == "external":
+            from flotilla.executor.multiproc import ExternalLauncherExecutor
+            return ExternalLauncherExecutor
+        from flotilla.executor.ray_executor import RayExecutor
+        return RayExecutor

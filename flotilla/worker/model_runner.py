@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flotilla.distributed.parallel_state import get_pp_group, get_tp_group
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
+from flotilla.layers.pipeline import IntermediateTensors
 from flotilla.sampler import Sampler, SamplingMetadata
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -133,12 +135,19 @@ class ModelRunner:
         inputs = self._prepare_inputs(so)
         metadata = self.backend.build_metadata(inputs.common)
         ctx = AttentionContext(self.backend, metadata, self.kv_caches)
-        hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # (T, hidden)
+        pp = get_pp_group()
+        intermediate = None if pp.is_first_rank else IntermediateTensors.from_dict(pp.recv_tensors())
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx, intermediate)  # (T, hidden)
         for req_id in inputs.req_ids:
             self.requests[req_id].num_computed_tokens += so.num_scheduled_tokens[req_id]
+        if not pp.is_last_rank:
+            pp.send_tensors(hidden.to_dict())  # hidden is IntermediateTensors on non-last stages
+            return ModelRunnerOutput()
         if not inputs.sample_req_ids:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab); every TP rank joins
+        if get_tp_group().rank_in_group != 0:
+            return ModelRunnerOutput()  # TP rank 0 of the last stage samples for the group
         return self._sample(inputs.sample_req_ids, logits)
 
     def _sample(self, req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:

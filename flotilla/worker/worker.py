@@ -10,7 +10,7 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
-from flotilla.models.loader import ResolvedModel, iterate_weights
+from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.worker.model_runner import ModelRunner
@@ -47,20 +47,27 @@ class Worker:
         mc = self.config.model
         cls = get_model_class(getattr(mc.hf_config, "architectures", None))
         start = time.perf_counter()
+        partition = self.config.parallel.pipeline_partition
         with torch.device(self.device):
-            model = cls(mc.hf_config, dtype=self.dtype, max_model_len=mc.max_model_len)
+            model = cls(mc.hf_config, dtype=self.dtype, max_model_len=mc.max_model_len,
+                        pp_partition=list(partition) if partition else None)
         resolved = ResolvedModel(source=mc.source, kind=mc.source_kind, alias=None)
-        model.load_weights(iterate_weights(resolved, mc.hf_config, self.dtype))
+        # Each rank reads only the tensors of its own pipeline stage.
+        model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight))
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,
                     time.perf_counter() - start)
 
+    def _num_local_layers(self) -> int:
+        return len(self.model.local_layer_indices) if self.model is not None else self.config.model.num_layers
+
     def kv_bytes_per_block(self) -> int:
+        """Bytes one block takes on this rank: its own layers and its share of the KV heads."""
         mc, cc = self.config.model, self.config.cache
         kv_heads = max(1, mc.num_kv_heads // self.config.parallel.tensor_parallel_size)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * mc.num_layers * cc.block_size * kv_heads * mc.head_dim * elem
+        return 2 * self._num_local_layers() * cc.block_size * kv_heads * mc.head_dim * elem
 
     def determine_num_blocks(self) -> int:
         cc = self.config.cache
@@ -74,10 +81,13 @@ class Worker:
         mc, cc = self.config.model, self.config.cache
         kv_heads = max(1, mc.num_kv_heads // self.config.parallel.tensor_parallel_size)
         shape = self.backend.kv_cache_shape(num_blocks, cc.block_size, kv_heads, mc.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        # Indexed by global layer index; other pipeline stages' layers hold None.
+        caches: list[torch.Tensor | None] = [None] * mc.num_layers
+        for i in self.model.local_layer_indices:
+            caches[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cc.block_size,
-                    num_blocks * self.kv_bytes_per_block() / GiB)
+        logger.info("rank %d KV cache: %d blocks of %d tokens (%.2f GiB)", self.rank, num_blocks,
+                    cc.block_size, num_blocks * self.kv_bytes_per_block() / GiB)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)

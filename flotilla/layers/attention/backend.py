@@ -8,6 +8,7 @@ attention layer by layer. Models never see which backend runs: a GPU backend plu
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,14 @@ class AttentionBackend(abc.ABC):
 @dataclass
 class AttentionContext:
     """What a forward pass needs to reach the cache, passed explicitly down the model (no globals):
-    the backend, its per-step metadata, and one cache tensor per layer held by this rank."""
+    the backend, its per-step metadata, and the caches of the layers this rank runs.
+
+    ``kv_caches[i]`` is the cache of decoder layer ``i`` (the global layer index, as in checkpoint names).
+    With pipeline parallelism a rank only holds caches for its own layers (the model's
+    ``local_layer_indices``): pass a dict ``{layer_index: cache}`` or a full-length list with None for the
+    other stages' layers.
+    """
 
     backend: AttentionBackend
     metadata: object
-    kv_caches: list[torch.Tensor]
+    kv_caches: Sequence[torch.Tensor | None] | Mapping[int, torch.Tensor]

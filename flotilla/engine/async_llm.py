@@ -36,10 +36,10 @@ class AsyncLLM:
 
     Contract: ``generate`` validates before queuing (``InvalidRequestError`` goes to the caller only);
     outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. An aborted stream
-    ends at its next iteration. If the core process fails or exits, every in-flight request raises
-    ``EngineDeadError``, ``is_dead`` turns True and new requests are refused. ``latest_stats`` is the
-    core's last scheduler snapshot (refreshed after every step, and after aborts while idle);
-    ``num_queued_requests`` counts requests not yet scheduled. Outputs' ``metrics`` carry
+    ends at its next iteration. If the core process fails or exits (``shutdown()`` included), every
+    in-flight request raises ``EngineDeadError``, ``is_dead`` turns True and new requests are refused.
+    ``latest_stats`` is the core's last scheduler snapshot (refreshed after every step, and after aborts
+    while idle); ``num_queued_requests`` counts requests not yet scheduled. Outputs' ``metrics`` carry
     ``arrival_time``, ``first_scheduled_time`` and ``first_token_time`` (``time.monotonic()``).
     """
 
@@ -100,6 +100,7 @@ class AsyncLLM:
 
     def _add(self, request_id: str, processed, output_kind: OutputKind, target) -> None:
         with self._lock:
+            self._check_alive()  # under the lock: a concurrent failure either sees this queue or we see it
             if request_id in self._queues or request_id in self.output_processor.requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
             child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
@@ -108,8 +109,15 @@ class AsyncLLM:
             self._queued.add(request_id)
         children = make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
                                        time.monotonic())
-        for child in children:
-            self._client.send(Kind.ADD, request_to_wire(child))
+        try:
+            for child in children:
+                self._client.send(Kind.ADD, request_to_wire(child))
+        except EngineDeadError:  # the core died before the output thread noticed: forget the request
+            with self._lock:
+                self.output_processor.abort_requests([request_id])
+                self._queues.pop(request_id, None)
+                self._queued.discard(request_id)
+            raise
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -118,7 +126,10 @@ class AsyncLLM:
             targets = [self._queues.pop(rid, None) for rid in ids]
             self._queued.difference_update(ids)
         if child_ids and not self.is_dead:
-            self._client.send(Kind.ABORT, {"ids": child_ids, "stopped": False})
+            try:
+                self._client.send(Kind.ABORT, {"ids": child_ids, "stopped": False})
+            except EngineDeadError:
+                pass  # the core is gone, and with it the request's blocks
         for target in targets:
             if target is not None:
                 _deliver(target, _ABORTED)
@@ -148,13 +159,19 @@ class AsyncLLM:
                     self._on_outputs(payload)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
             logger.error("engine failed: %s", e)
+            self._fail_all(e)
+        else:  # shut down: streams still open must end rather than wait forever
+            self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _fail_all(self, e: BaseException) -> None:
+        if self.dead_error is None:
             self.dead_error = e
-            with self._lock:
-                waiters = list(self._queues.values())
-                self._queues.clear()
-                self._queued.clear()
-            for target in waiters:
-                _deliver(target, e)
+        with self._lock:
+            waiters = list(self._queues.values())
+            self._queues.clear()
+            self._queued.clear()
+        for target in waiters:
+            _deliver(target, e)
 
     def _on_outputs(self, payload) -> None:
         outs = outputs_from_wire(payload)

@@ -7,6 +7,7 @@ returns token ids; tokenizing and detokenizing stay in the frontend (``LLMEngine
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class EngineCore:
         self.executor.initialize_cache(num_blocks)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        # Steps in flight (pipeline parallelism): (scheduler output, handle), oldest first.
+        self.batch_queue: collections.deque = collections.deque()
+        self.max_batches = self.executor.max_concurrent_batches
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling_params,
@@ -82,13 +86,38 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def step(self) -> EngineCoreOutputs:
+        if self.max_batches > 1:
+            return self._step_with_batch_queue()
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        scheduled = [r.req_id for r in scheduler_output.scheduled_new_reqs]
+        return self._outputs(outputs, [scheduler_output])
+
+    def _step_with_batch_queue(self) -> EngineCoreOutputs:
+        """Keep up to ``max_batches`` steps in flight so pipeline stages overlap.
+
+        Requests of an in-flight step are not schedulable again until its tokens arrive (their computed
+        tokens already reach their known tokens), so each new step takes other requests or prompt chunks.
+        Returns after submitting when the queue still has room, else after completing the oldest step.
+        """
+        submitted = []
+        if len(self.batch_queue) < self.max_batches:
+            so = self.scheduler.schedule()
+            if so.total_num_scheduled_tokens > 0 or so.finished_req_ids:
+                self.batch_queue.append((so, self.executor.execute_model_async(so)))
+                submitted.append(so)
+                if len(self.batch_queue) < self.max_batches and so.total_num_scheduled_tokens > 0:
+                    return self._outputs([], submitted)
+        if not self.batch_queue:
+            return self._outputs([], submitted)
+        so, handle = self.batch_queue.popleft()
+        return self._outputs(self.scheduler.update_from_output(so, handle.result()), submitted)
+
+    def _outputs(self, outputs, submitted) -> EngineCoreOutputs:
+        scheduled = [r.req_id for so in submitted for r in so.scheduled_new_reqs]
         return EngineCoreOutputs(outputs, scheduled, self.scheduler.make_stats(), time.monotonic())
 
     def shutdown(self) -> None:

@@ -27,21 +27,26 @@ from flotilla import envs
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.core import EngineCore, EngineCoreOutputs
 from flotilla.engine.messages import (Kind, decode, encode, outputs_to_wire, request_from_wire)
-from flotilla.errors import FlotillaError, ModelLoadError
+from flotilla.errors import EngineDeadError, FlotillaError, ModelLoadError
 from flotilla.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (best effort elsewhere)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit as soon as the parent process is gone, even while loading the model.
+
+    A watchdog thread rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
+    started us exits, which killed the core of an AsyncLLM built in a short-lived thread.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        logger.warning("engine core: parent process %d is gone, exiting", parent_pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="flotilla-parent-watch", daemon=True).start()
 
 
 class CoreServer:
@@ -87,7 +92,7 @@ def core_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--parent-pid", type=int, required=True)
     ns = ap.parse_args(argv)
-    _die_with_parent()
+    _exit_with_parent(ns.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s [core]: %(message)s")
     args = EngineArgs(**json.loads(sys.stdin.readline()))
@@ -162,8 +167,18 @@ class CoreProcessClient:
         raise ModelLoadError(f"the engine core did not start within {timeout_s:.0f} s")
 
     def send(self, kind: Kind, payload) -> None:
+        """Send a message; raises ``EngineDeadError`` once the core process is gone (a ZMQ PUSH socket
+        without a peer would otherwise block forever)."""
+        data = encode(kind, payload)
         with self._send_lock:
-            self._push.send(encode(kind, payload))
+            while True:
+                try:
+                    self._push.send(data, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    if not self.is_alive():
+                        raise EngineDeadError(f"the engine core process exited (code {self.proc.returncode})")
+                    self._push.poll(100, zmq.POLLOUT)
 
     def recv(self, timeout_ms: int):
         """The next message, or None after ``timeout_ms``."""
@@ -179,7 +194,7 @@ class CoreProcessClient:
             try:
                 self.send(Kind.SHUTDOWN, {})
                 self.proc.wait(timeout_s)
-            except (subprocess.TimeoutExpired, zmq.ZMQError):
+            except (subprocess.TimeoutExpired, zmq.ZMQError, EngineDeadError):
                 self.proc.kill()
                 self.proc.wait()
         self._push.close(linger=0)

@@ -12,7 +12,7 @@ import enum
 import msgpack
 
 from flotilla.engine.core import EngineCoreOutputs, EngineCoreRequest
-from flotilla.sampling_params import SamplingParams
+from flotilla.scheduler.wire import params_from_wire, params_to_wire
 from flotilla.scheduler.output import EngineCoreOutput
 from flotilla.scheduler.scheduler import SchedulerStats
 
@@ -21,15 +21,11 @@ class Kind(str, enum.Enum):
     # frontend -> core
     ADD = "add"
     ABORT = "abort"  # payload: {"ids": [...], "stopped": bool}
-    STATS = "stats"  # payload: {"token": int}; answered with STATS
     SHUTDOWN = "shutdown"
     # core -> frontend
     READY = "ready"  # payload: {"num_blocks": int}
     OUTPUTS = "outputs"
     FAILED = "failed"  # payload: {"error": str, "type": str}; the core is gone
-
-
-_PARAM_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 
 
 def encode(kind: Kind, payload) -> bytes:
@@ -42,15 +38,12 @@ def decode(data: bytes) -> tuple[Kind, object]:
 
 
 def request_to_wire(req: EngineCoreRequest) -> dict:
-    params = {name: getattr(req.sampling_params, name) for name in _PARAM_FIELDS}
-    params["eos_token_ids"] = list(params["eos_token_ids"])
-    return {"id": req.request_id, "prompt": req.prompt_token_ids, "params": params, "arrival": req.arrival_time}
+    return {"id": req.request_id, "prompt": req.prompt_token_ids, "params": params_to_wire(req.sampling_params),
+            "arrival": req.arrival_time}
 
 
 def request_from_wire(d: dict) -> EngineCoreRequest:
-    params = dict(d["params"])
-    params["eos_token_ids"] = tuple(params["eos_token_ids"])
-    return EngineCoreRequest(d["id"], list(d["prompt"]), SamplingParams(**params), d["arrival"])
+    return EngineCoreRequest(d["id"], list(d["prompt"]), params_from_wire(d["params"]), d["arrival"])
 
 
 def outputs_to_wire(out: EngineCoreOutputs) -> dict:

@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 from flotilla.config import EngineConfig
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+
+
+class StepHandle:
+    """The result of one ``execute_model_async`` call: available now, or fetched on ``result()``.
+
+    Contract: ``result()`` returns the step's ModelRunnerOutput (or raises the executor's error); handles
+    of one executor resolve in the order their steps were submitted.
+    """
+
+    def __init__(self, resolve: Callable[["StepHandle"], None] | None = None):
+        self._resolve = resolve
+        self._done = False
+        self._value: ModelRunnerOutput | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def ready(cls, value: ModelRunnerOutput) -> "StepHandle":
+        handle = cls()
+        handle.set_result(value)
+        return handle
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: ModelRunnerOutput) -> None:
+        self._value, self._done = value, True
+
+    def set_error(self, error: BaseException) -> None:
+        self._error, self._done = error, True
+
+    def result(self) -> ModelRunnerOutput:
+        if not self._done and self._resolve is not None:
+            self._resolve(self)
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Executor(abc.ABC):
@@ -26,6 +63,15 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         ...
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """How many steps may be in flight at once (the pipeline depth; 1 without pipeline parallelism)."""
+        return 1
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Submit a step; the default runs it to completion now."""
+        return StepHandle.ready(self.execute_model(scheduler_output))
 
     def determine_num_blocks(self) -> int:
         return min(self.collective_rpc("determine_num_blocks"))

@@ -8,6 +8,7 @@ ranks that torchrun / mpirun / srun started (they run ``worker_proc.run_worker``
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -16,11 +17,13 @@ import subprocess
 import sys
 
 from flotilla.config import EngineConfig
+from flotilla.distributed.control import DriverChannel
 from flotilla.distributed.parallel_state import destroy_distributed, get_world_group
+from flotilla.distributed.utils import describe_parallel_plan
 from flotilla.errors import EngineDeadError
-from flotilla.executor.base import Executor
-from flotilla.executor.config_wire import engine_config_to_wire
-from flotilla.executor.serial import pack, runner_output_from_wire, scheduler_output_to_wire, unpack
+from flotilla.executor.base import Executor, StepHandle
+from flotilla.worker.config_wire import engine_config_to_wire
+from flotilla.scheduler.wire import pack, runner_output_from_wire, scheduler_output_to_wire, unpack
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.worker.worker import Worker
 from flotilla.worker.worker_proc import join_group, sampler_rank
@@ -37,19 +40,36 @@ def free_local_port() -> int:
 class DriverExecutor(Executor):
     """Drives a group of ranks from rank 0 (this process). Subclasses start or find the other ranks.
 
-    Contract: every call reaches every rank in the same order; if any rank fails, the call raises
-    ``EngineDeadError`` (collectives are bounded by ``collective_timeout_s``) and the executor is unusable.
+    Contract: every call reaches every rank in the same order. ``execute_model_async`` returns once rank
+    0 has done its share, so with pipeline parallelism up to ``max_concurrent_batches`` steps are in flight
+    (stage 0 computes step N+1 while stage 1 computes step N); their results resolve in order. If any rank
+    fails, calls raise ``EngineDeadError`` (collectives and replies are bounded by
+    ``collective_timeout_s``) and the executor is unusable.
     """
 
-    def __init__(self, config: EngineConfig, init_method: str):
+    def __init__(self, config: EngineConfig, init_method: str, host: str = "127.0.0.1"):
         super().__init__(config)
         self.world_size = config.parallel.world_size
         self.sampler_rank = sampler_rank(config)
+        self.timeout_s = config.parallel.collective_timeout_s
         self.dead: str | None = None
         join_group(config, 0, init_method)
         self.world = get_world_group()
+        self.channel = DriverChannel(self.world, host)
         self.worker = Worker(config, rank=0)
         self.worker.load_model()
+        self._pending: collections.deque[StepHandle] = collections.deque()  # owed by the sampler rank
+        for line in describe_parallel_plan(config.model.num_layers, config.parallel.tensor_parallel_size,
+                                           config.parallel.pipeline_parallel_size,
+                                           config.parallel.pipeline_partition):
+            logger.info("parallel plan: %s", line)
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.config.parallel.pipeline_parallel_size
+
+    def workers_alive(self) -> bool:
+        return True
 
     def _check(self) -> None:
         if self.dead is not None:
@@ -60,36 +80,66 @@ class DriverExecutor(Executor):
         logger.error(self.dead)
         return EngineDeadError(self.dead)
 
+    def _recv(self):
+        return self.channel.recv(self.timeout_s, self.workers_alive)
+
     def collective_rpc(self, method: str, *args, **kwargs) -> list:
         if kwargs:
             raise TypeError("collective_rpc takes positional arguments only (they travel as msgpack)")
         self._check()
+        self._drain_pending()
         try:
-            self.world.broadcast_bytes(pack("rpc", {"method": method, "args": list(args)}), src=0)
-            results = [getattr(self.worker, method)(*args)]
-            for rank in range(1, self.world_size):
-                results.append(unpack(self.world.recv_bytes(src=rank))[1])
+            self.channel.send_all(pack("rpc", {"method": method, "args": list(args)}))
+            results = {0: getattr(self.worker, method)(*args)}
+            while len(results) < self.world_size:
+                kind, reply = self._recv()
+                results[reply["rank"]] = reply["value"]
         except Exception as e:  # noqa: BLE001 - a broken group is fatal for this executor
             raise self._fail(e) from e
-        return results
+        return [results[r] for r in range(self.world_size)]
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         self._check()
         try:
-            self.world.broadcast_bytes(pack("step", scheduler_output_to_wire(scheduler_output)), src=0)
+            self.channel.send_all(pack("step", scheduler_output_to_wire(scheduler_output)))
             out = self.worker.execute_model(scheduler_output)
-            if self.sampler_rank != 0:
-                out = runner_output_from_wire(unpack(self.world.recv_bytes(src=self.sampler_rank))[1])
         except Exception as e:  # noqa: BLE001
             raise self._fail(e) from e
-        return out
+        if self.sampler_rank == 0:
+            return StepHandle.ready(out)
+        handle = StepHandle(self._resolve_until)
+        self._pending.append(handle)
+        return handle
+
+    def _resolve_until(self, handle: StepHandle) -> None:
+        """Read the sampler rank's replies, which arrive in step order, until ``handle`` has its own."""
+        while not handle.done():
+            head = self._pending.popleft()
+            try:
+                kind, reply = self._recv()
+            except Exception as e:  # noqa: BLE001
+                err = self._fail(e)
+                head.set_error(err)
+                while self._pending:
+                    self._pending.popleft().set_error(err)
+                raise err from e
+            head.set_result(runner_output_from_wire(reply))
+
+    def _drain_pending(self) -> None:
+        if self._pending:
+            self._pending[-1].result()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
 
     def shutdown(self) -> None:
         if self.dead is None:
             try:
-                self.world.broadcast_bytes(pack("shutdown", {}), src=0)
+                self._drain_pending()
+                self.channel.send_all(pack("shutdown", {}))
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
+        self.channel.close()
         destroy_distributed()
 
 
@@ -113,11 +163,14 @@ class MultiprocExecutor(DriverExecutor):
             self._kill_workers()
             raise
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def workers_alive(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         for proc in self.procs:
             if proc.poll() is not None and self.dead is None:
                 self.dead = f"worker process {proc.pid} exited with code {proc.returncode}"
-        return super().execute_model(scheduler_output)
+        return super().execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -143,4 +196,13 @@ class ExternalLauncherExecutor(DriverExecutor):
         if info is None or info.rank != 0 or info.world_size != config.parallel.world_size:
             raise EngineDeadError(f"the external executor needs rank 0 of a launcher with world size "
                                   f"{config.parallel.world_size}; found {info}")
-        super().__init__(config, info.init_method)
+        super().__init__(config, info.init_method, host=_local_address_towards(info.master_addr))
+
+
+def _local_address_towards(master_addr: str) -> str:
+    """The local interface address used to reach ``master_addr`` (rank 0 binds its queues there)."""
+    if master_addr in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master_addr, 9))  # no packet is sent: this only selects the route
+        return s.getsockname()[0]

@@ -19,9 +19,10 @@ from flotilla import envs
 from flotilla.config import EngineConfig
 from flotilla.distributed.parallel_state import (destroy_distributed, get_pp_group, get_tp_group,
                                                  get_world_group, init_distributed)
-from flotilla.executor.config_wire import engine_config_from_wire
+from flotilla.worker.config_wire import engine_config_from_wire
 from flotilla.procutil import exit_with_parent
-from flotilla.executor.serial import (pack, runner_output_to_wire, scheduler_output_from_wire, unpack)
+from flotilla.distributed.control import WorkerChannel
+from flotilla.scheduler.wire import (pack, runner_output_to_wire, scheduler_output_from_wire, unpack)
 from flotilla.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,21 @@ def serve_driver(worker: Worker, config: EngineConfig) -> None:
     world = get_world_group()
     me = world.rank_in_group
     samples = me == sampler_rank(config)
-    while True:
-        kind, payload = unpack(world.broadcast_bytes(None, src=0))
-        if kind == "shutdown":
-            return
-        if kind == "step":
-            out = worker.execute_model(scheduler_output_from_wire(payload))
-            if samples:
-                world.send_bytes(pack("out", runner_output_to_wire(out)), dst=0)
-        elif kind == "rpc":
-            result = getattr(worker, payload["method"])(*payload["args"])
-            world.send_bytes(pack("result", result), dst=0)
+    channel = WorkerChannel(world)
+    try:
+        while True:
+            kind, payload = channel.recv()
+            if kind == "shutdown":
+                return
+            if kind == "step":
+                out = worker.execute_model(scheduler_output_from_wire(payload))
+                if samples:
+                    channel.send(pack("out", runner_output_to_wire(out)))
+            elif kind == "rpc":
+                result = getattr(worker, payload["method"])(*payload["args"])
+                channel.send(pack("result", {"rank": me, "value": result}))
+    finally:
+        channel.close()
 
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> int:

@@ -77,6 +77,7 @@ class EngineCore:
         # Steps in flight (pipeline parallelism): (scheduler output, handle), oldest first.
         self.batch_queue: collections.deque = collections.deque()
         self.max_batches = self.executor.max_concurrent_batches
+        self.peak_batches_in_flight = 0
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling_params,
@@ -105,9 +106,12 @@ class EngineCore:
         """
         submitted = []
         if len(self.batch_queue) < self.max_batches:
-            so = self.scheduler.schedule()
+            pending = min(self.scheduler.num_running + self.scheduler.num_waiting,
+                          self.config.scheduler.max_num_seqs)
+            so = self.scheduler.schedule(max_num_reqs=max(1, -(-pending // self.max_batches)))
             if so.total_num_scheduled_tokens > 0 or so.finished_req_ids:
                 self.batch_queue.append((so, self.executor.execute_model_async(so)))
+                self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(self.batch_queue))
                 submitted.append(so)
                 if len(self.batch_queue) < self.max_batches and so.total_num_scheduled_tokens > 0:
                     return self._outputs([], submitted)

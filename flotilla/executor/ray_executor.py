@@ -151,8 +151,11 @@ class RayExecutor(Executor):
 
     # ----- startup -----
 
+    def _gpu(self) -> bool:
+        return self.config.device.device.startswith("cuda")
+
     def _bundle(self) -> dict:
-        return {"GPU": 1} if self.config.device.device == "cuda" else {"CPU": 1}
+        return {"GPU": 1} if self._gpu() else {"CPU": 1}
 
     def _place(self, strategy: str, timeout_s: float) -> None:
         """Reserve one bundle per rank; raise EngineDeadError if the cluster cannot within ``timeout_s``."""
@@ -168,7 +171,7 @@ class RayExecutor(Executor):
 
     def _start_actors(self, timeout_s: float) -> None:
         """Start one actor per bundle, rendezvous at rank 0's node and load every shard."""
-        gpu = self.config.device.device == "cuda"
+        gpu = self._gpu()
         remote_cls = ray.remote(RankActor)
         wire = engine_config_to_wire(self.config)
         for rank in range(self.world_size):
@@ -269,7 +272,7 @@ class RayExecutor(Executor):
             if remaining <= 0:
                 missing = sorted(rank_of[r] for r in pending)
                 raise EngineDeadError(f"{what}: no reply from rank(s) {missing} within {timeout_s:.0f} s")
-            ready, pending = ray.wait(pending, num_returns=1, timeout=min(remaining, 1.0))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
             for ref in ready:
                 try:
                     ray.get(ref)
@@ -328,8 +331,8 @@ def _connect_ray(address: str | None, world_size: int) -> bool:
     """Make sure this process has a Ray connection; return True if we started a local instance.
 
     An existing connection is reused as is. With ``address`` we join that cluster (and never shut it
-    down). Without one we start a local instance bound to loopback, dashboard off, with at least
-    ``world_size`` logical CPUs so every rank fits.
+    down). Without one we always start a new local instance (even if RAY_ADDRESS names a cluster) bound
+    to loopback, dashboard off, with at least ``world_size`` logical CPUs so every rank fits.
     """
     if ray.is_initialized():
         if address:
@@ -340,7 +343,9 @@ def _connect_ray(address: str | None, world_size: int) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     with _loopback_only():
-        ray.init(num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": always a new instance, never a cluster found through RAY_ADDRESS or the
+        # "latest cluster" file that ``ray start`` and ray.cluster_utils leave behind.
+        ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
                  dashboard_host=_LOOPBACK, _node_ip_address=_LOOPBACK, log_to_driver=True)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != _LOOPBACK:

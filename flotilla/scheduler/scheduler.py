@@ -34,6 +34,7 @@ class _Step:
     """What one schedule() call has decided so far."""
 
     budget: int
+    max_reqs: int
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     preempted: set[str] = field(default_factory=set)
@@ -121,9 +122,13 @@ class Scheduler:
         return len(self.waiting)
 
     # ----------------------------------------------------------------- one step
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's tokens; advance the scheduled requests' ``num_computed_tokens``."""
-        step = _Step(budget=self.scheduler_config.max_num_batched_tokens)
+    def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
+        """Pick this step's tokens; advance the scheduled requests' ``num_computed_tokens``.
+
+        ``max_num_reqs`` caps the requests of this one step (pipeline parallelism splits the running
+        requests into several micro-batches that are in flight together)."""
+        step = _Step(budget=self.scheduler_config.max_num_batched_tokens,
+                     max_reqs=max_num_reqs or self.scheduler_config.max_num_seqs)
         self._schedule_running(step)
         if not step.preempted:
             self._schedule_waiting(step)
@@ -150,7 +155,7 @@ class Scheduler:
 
     def _schedule_running(self, step: _Step) -> None:
         i = 0
-        while i < len(self.running) and step.budget > 0:
+        while i < len(self.running) and step.budget > 0 and len(step.scheduled) < step.max_reqs:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
             if num_new <= 0:  # nothing to compute until its sampled token arrives
@@ -188,7 +193,8 @@ class Scheduler:
     def _schedule_waiting(self, step: _Step) -> None:
         max_num_seqs = self.scheduler_config.max_num_seqs
         chunked = self.scheduler_config.enable_chunked_prefill
-        while self.waiting and step.budget > 0 and len(self.running) < max_num_seqs:
+        while (self.waiting and step.budget > 0 and len(self.running) < max_num_seqs
+               and len(step.scheduled) < step.max_reqs):
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens

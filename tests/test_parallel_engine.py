@@ -1,0 +1,125 @@
+"""Tensor and pipeline parallel engines (local worker processes, Gloo) produce exactly the tokens of the
+single-process run, also with chunked prefill, preemption and aborts; a dead worker fails cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from flotilla import LLM, SamplingParams
+from flotilla.errors import EngineDeadError
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog and then runs into the forest",
+           "A", "In 1492, Columbus sailed the ocean blue. He was looking for", "def fibonacci(n):\n    return"]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def tokens(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    path, _ = tiny_llama
+    return tokens(LLM(model=path, max_model_len=128, num_kv_blocks=64))
+
+
+def make(path, **kw) -> LLM:
+    kw.setdefault("max_model_len", 128)
+    kw.setdefault("num_kv_blocks", 64)
+    return LLM(model=path, **kw)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_greedy_equals_single_process(tiny_llama, reference, tp, pp):
+    llm = make(tiny_llama[0], tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        assert tokens(llm) == reference
+        assert llm.engine.scheduler.kv_cache_manager.usage == 0
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_with_chunked_prefill_and_preemption(tiny_llama, reference, tp, pp):
+    llm = make(tiny_llama[0], tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
+               num_kv_blocks=16, max_model_len=64, max_num_batched_tokens=8)
+    try:
+        assert tokens(llm) == reference
+        assert llm.engine.scheduler.num_preemptions > 0
+    finally:
+        llm.engine.shutdown()
+
+
+def test_pipeline_keeps_several_batches_in_flight(tiny_llama, reference):
+    llm = make(tiny_llama[0], pipeline_parallel_size=2, max_num_seqs=2)
+    try:
+        assert llm.engine.core.max_batches == 2
+        engine = llm.engine
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), p, GREEDY)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert engine.core.peak_batches_in_flight == 2  # two micro-batches in flight at once
+        assert [done[str(i)] for i in range(len(PROMPTS))] == reference
+    finally:
+        llm.engine.shutdown()
+
+
+def test_abort_in_the_middle(tiny_llama, reference):
+    llm = make(tiny_llama[0], tensor_parallel_size=2)
+    engine = llm.engine
+    try:
+        long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), p, long if i == 1 else GREEDY)
+        for _ in range(4):
+            engine.step()
+        engine.abort_request("1")
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert "1" not in done
+        assert [done[str(i)] for i in (0, 2, 3, 4)] == [reference[i] for i in (0, 2, 3, 4)]
+        assert engine.scheduler.kv_cache_manager.usage == 0
+    finally:
+        engine.shutdown()
+
+
+def test_killing_a_worker_fails_cleanly(tiny_llama):
+    llm = make(tiny_llama[0], tensor_parallel_size=2)
+    engine = llm.engine
+    worker = engine.executor.procs[0]
+    engine.add_request("r", PROMPTS[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    engine.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - start < 60
+    engine.shutdown()
+    assert all(p.poll() is not None for p in engine.executor.procs)
+
+
+def test_embedded_smollm2_tp3_and_pp2():
+    """SmolLM2 has 9 heads and 3 KV heads: TP 3 splits both; PP 2 splits its 30 layers 15/15."""
+    prompts = ["The capital of France is", "Once upon a time"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = tokens(LLM(max_model_len=256, num_kv_blocks=64), prompts, params)
+    for kw in ({"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
+        llm = LLM(max_model_len=256, num_kv_blocks=64, **kw)
+        try:
+            assert tokens(llm, prompts, params) == ref, kw
+        finally:
+            llm.engine.shutdown()

@@ -123,3 +123,17 @@ def test_embedded_smollm2_tp3_and_pp2():
             assert tokens(llm, prompts, params) == ref, kw
         finally:
             llm.engine.shutdown()
+
+
+def test_internal_sockets_listen_on_loopback_only(tiny_llama):
+    """Rendezvous store, Gloo and the control queues of a local group bind to 127.0.0.1 only."""
+    import psutil
+    llm = make(tiny_llama[0], tensor_parallel_size=2)
+    try:
+        pids = {os.getpid()} | {p.pid for p in llm.engine.executor.procs}
+        listening = [c for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        assert listening
+        assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
+    finally:
+        llm.engine.shutdown()

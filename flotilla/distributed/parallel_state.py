@@ -287,14 +287,39 @@ def init_distributed(world_size: int, rank: int, tp_size: int, pp_size: int, bac
         raise RuntimeError("torch.distributed is already initialized; call destroy_distributed() first")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, init_method=init_method or "env://", world_size=world_size,
-                            rank=rank, timeout=timeout)
+    init_method = init_method or "env://"
+    if init_method.startswith("tcp://"):
+        store = _tcp_store(init_method, rank, world_size, timeout)
+        dist.init_process_group(backend=backend, store=store, world_size=world_size, rank=rank, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
+                                timeout=timeout)
     make = _GroupFactory(rank, backend, timeout, device)
     world = make.groups([list(range(world_size))], world=True)
     tp = make.groups(tp_group_ranks(tp_size, pp_size))
     pp = make.groups(pp_group_ranks(tp_size, pp_size))
     init_parallel_state(tp, pp, world)
     return _STATE
+
+
+def _tcp_store(init_method: str, rank: int, world_size: int, timeout: timedelta):
+    """A rendezvous store whose server (on rank 0) listens only on the address named in ``init_method``,
+    not on every interface as torch's default does (loopback for local ranks, the cluster interface
+    otherwise)."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(init_method)
+    host, port = url.hostname, url.port
+    dist = _dist()
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen()
+    # The store's server thread owns the descriptor from now on; Python must never close it under it.
+    return dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=sock.detach(), use_libuv=False)
 
 
 @dataclass
@@ -339,3 +364,4 @@ def destroy_distributed() -> None:
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+

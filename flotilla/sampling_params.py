@@ -11,6 +11,7 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_INT32 = 2**31 - 1
 _EPS = 1e-5
 
 
@@ -67,7 +68,7 @@ class SamplingParams:
         _check_int("n", self.n, 1, MAX_N)
         _check_number("temperature", self.temperature, 0.0, None)
         _check_number("top_p", self.top_p, _EPS, 1.0, "must be in (0, 1]")
-        _check_int("top_k", self.top_k, None, None)
+        _check_int("top_k", self.top_k, None, MAX_INT32)
         if self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1 or 0 (disabled) or positive, got {self.top_k}", "top_k")
         _check_number("min_p", self.min_p, 0.0, 1.0)
@@ -77,8 +78,8 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, -(2**63), 2**64 - 1)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1, None)
-        _check_int("min_tokens", self.min_tokens, 0, None)
+            _check_int("max_tokens", self.max_tokens, 1, MAX_INT32)
+        _check_int("min_tokens", self.min_tokens, 0, MAX_INT32)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
@@ -105,8 +106,8 @@ def _check_int(name: str, value, lo, hi) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidRequestError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}",
-                                  name)
+        raise InvalidRequestError(f"{name} must be in [{lo if lo is not None else '-inf'}, "
+                                  f"{hi if hi is not None else 'inf'}], got {value}", name)
 
 
 def _check_number(name: str, value, lo, hi, what: str | None = None) -> None:

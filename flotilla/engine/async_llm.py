@@ -112,11 +112,8 @@ class AsyncLLM:
         try:
             for child in children:
                 self._client.send(Kind.ADD, request_to_wire(child))
-        except EngineDeadError:  # the core died before the output thread noticed: forget the request
-            with self._lock:
-                self.output_processor.abort_requests([request_id])
-                self._queues.pop(request_id, None)
-                self._queued.discard(request_id)
+        except BaseException:  # e.g. the core died before the output thread noticed: forget the request
+            self.abort(request_id)
             raise
 
     def abort(self, request_id: str | list[str]) -> None:

@@ -1,4 +1,4 @@
-"""The ``flotilla`` command line: ``generate`` and ``models`` (``serve`` arrives with the server)."""
+"""The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server), ``generate`` and ``models``."""
 
 from __future__ import annotations
 
@@ -55,9 +55,19 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from flotilla.entrypoints.openai.server import run_server
+    return run_server(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from flotilla.entrypoints.openai.cli_args import add_serve_args
     parser = argparse.ArgumentParser(prog="flotilla", description="Distributed LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True)

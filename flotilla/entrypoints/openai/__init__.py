@@ -1,0 +1,22 @@
+"""The OpenAI-compatible HTTP server (``flotilla serve``).
+
+Module map (one job each):
+
+| module | job |
+| --- | --- |
+| ``cli_args`` | the ``serve`` flags and the resolved ``ServerConfig`` |
+| ``protocol`` | pydantic request models (strict types) and their translation to ``SamplingParams`` |
+| ``errors`` | OpenAI's error JSON; exception -> status mapping; never a stack trace |
+| ``body`` | read and validate a JSON request body (400 naming the field) |
+| ``middleware`` | ASGI middlewares: body size limit (413), API key (401), in-flight counting |
+| ``admission`` | the pure admission decision (429 / 503) and the request tracker |
+| ``metrics`` | Prometheus metrics on a per-app registry (engine gauges/counters, latency histograms) |
+| ``generation`` | runs engine requests for one HTTP request: merge, metrics, abort on close |
+| ``responses`` | choice accumulation, logprobs formats (legacy completions, chat), usage |
+| ``sse`` | server-sent events response that aborts on client disconnect |
+| ``cancellation`` | races a non-streaming handler against the client's disconnect |
+| ``serving_completion`` | ``/v1/completions`` |
+| ``serving_chat`` | ``/v1/chat/completions`` |
+| ``api_server`` | the FastAPI app: routes, health, models, tokenize, metrics |
+| ``server`` | uvicorn with a draining SIGTERM, engine lifetime, startup banner |
+"""

@@ -1,0 +1,114 @@
+"""The FastAPI app: routes, and the ASGI middleware stack around them.
+
+Contract: ``build_app(engine, config)`` returns ``(asgi_app, ctx)``; the app owns its metrics registry (so
+several apps can live in one process). Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models[/{id}]``, ``GET /health`` (200 while the engine is alive and the server admits requests,
+else 503), ``GET /version``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. No CORS headers.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import flotilla
+from flotilla.entrypoints.openai.body import parse_body
+from flotilla.entrypoints.openai.cli_args import ServerConfig
+from flotilla.entrypoints.openai.errors import APIError, error_response, install_error_handlers
+from flotilla.entrypoints.openai.generation import ServingContext
+from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, InFlightMiddleware
+from flotilla.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
+from flotilla.entrypoints.openai.serving_chat import create_chat_completion
+from flotilla.entrypoints.openai.serving_completion import create_completion
+from flotilla.errors import InvalidRequestError
+
+
+def build_app(engine, config: ServerConfig):
+    """The ASGI app serving ``engine`` and its ``ServingContext``."""
+    ctx = ServingContext(engine, config)
+    app = FastAPI(title="flotilla", version=flotilla.__version__)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    _add_generation_routes(app, ctx)
+    _add_info_routes(app, ctx)
+    _add_token_routes(app, ctx)
+    asgi = BodySizeLimitMiddleware(app, config.max_body_bytes)
+    if config.api_key:
+        asgi = ApiKeyMiddleware(asgi, config.api_key)
+    return InFlightMiddleware(asgi, ctx.tracker), ctx
+
+
+def _add_generation_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(ctx, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(ctx, request)
+
+
+def _model_card(ctx: ServingContext) -> dict:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "flotilla",
+            "root": ctx.engine.model_config.model, "parent": None, "max_model_len": ctx.max_model_len}
+
+
+def _add_info_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if ctx.engine.is_dead:
+            return error_response(503, "the engine is not running")
+        if ctx.tracker.draining:
+            return error_response(503, "the server is shutting down")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": flotilla.__version__})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(ctx)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        ctx.check_model(model_id)
+        return JSONResponse(_model_card(ctx))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_token_routes(app: FastAPI, ctx: ServingContext) -> None:
+    tokenizer = ctx.engine.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await parse_body(request, TokenizeRequest)
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if req.prompt is not None:
+            text, special = req.prompt, req.add_special_tokens is not False
+        else:
+            messages = [m.to_template_dict() for m in req.messages]
+            if not messages:
+                raise InvalidRequestError("messages must not be empty", "messages")
+            text = await ctx.run_blocking(lambda: tokenizer.render_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt is not False))
+            special = False
+        tokens = await ctx.run_blocking(lambda: tokenizer.encode(text, add_special_tokens=special))
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await parse_body(request, DetokenizeRequest)
+        ctx.check_model(req.model)
+        vocab = ctx.engine.model_config.vocab_size
+        for t in req.tokens:
+            if not 0 <= t < min(vocab, tokenizer.vocab_size):
+                raise APIError(400, f"token id {t} is outside the vocabulary [0, {vocab})", "tokens")
+        text = await ctx.run_blocking(lambda: tokenizer.decode(req.tokens))
+        return JSONResponse({"prompt": text})

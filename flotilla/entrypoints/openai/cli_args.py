@@ -1,0 +1,67 @@
+"""The ``flotilla serve`` flags (beyond the engine flags) and the resolved server configuration.
+
+This module imports nothing heavy, so building the CLI parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds the
+    requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain limit."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = "model"
+    api_key: str | None = None
+    max_queued_requests: int = 1024
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    retry_after_s: int = 1
+    log_level: str = "info"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Add the server flags; the engine flags (``add_engine_args``) must be added by the caller."""
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="model to serve (same as --model; default: smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model argument)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route except /health and /metrics")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests waiting for the engine beyond which new ones get 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to drain in-flight requests after SIGTERM")
+    p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def resolve_model_arg(ns: argparse.Namespace) -> None:
+    """Merge the positional MODEL into ``ns.model``; raise ValueError when both are given and differ."""
+    if ns.model_tag is not None:
+        if ns.model is not None and ns.model != ns.model_tag:
+            raise ValueError(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
+        ns.model = ns.model_tag
+
+
+def server_config_from(ns: argparse.Namespace, served_model_name: str) -> ServerConfig:
+    if ns.max_queued_requests < 0:
+        raise ValueError("--max-queued-requests must be >= 0")
+    if ns.shutdown_timeout < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
+    if ns.max_request_body_bytes <= 0:
+        raise ValueError("--max-request-body-bytes must be positive")
+    return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name, api_key=ns.api_key,
+                        max_queued_requests=ns.max_queued_requests, shutdown_timeout=ns.shutdown_timeout,
+                        max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level)

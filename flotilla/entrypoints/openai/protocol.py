@@ -1,0 +1,185 @@
+"""Request models of the OpenAI API (plus vLLM's sampling extras) and their translation to SamplingParams.
+
+Contract: the models are strict (``max_tokens: "10"`` or ``temperature: true`` are type errors, as in
+OpenAI's API) and ignore unknown fields. Range checks are left to ``SamplingParams.validate`` and the engine's
+input processor, which name the field; the few checks that only make sense at the API level (``echo`` with
+``logprobs``, ``top_logprobs`` without ``logprobs``, non-text chat content) raise ``InvalidRequestError``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotilla.errors import InvalidRequestError
+from flotilla.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_PROMPTS_PER_REQUEST = 1024
+MAX_CHOICES_PER_REQUEST = 1024
+
+# Integers that reach the engine must fit in int64 (msgpack, torch): a larger top_k or seed would otherwise
+# fail deep in the engine core instead of as a 400 here.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: Int64 | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # vLLM extras
+    top_k: Int64 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+    min_tokens: Int64 | None = 0
+    stop_token_ids: list[Int64] | None = None
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams with OpenAI's defaults for the fields left out (not yet validated)."""
+        def pick(value, default):
+            return default if value is None else value
+        return SamplingParams(
+            n=pick(self.n, 1), temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
+            top_k=pick(self.top_k, -1), min_p=pick(self.min_p, 0.0),
+            presence_penalty=pick(self.presence_penalty, 0.0),
+            frequency_penalty=pick(self.frequency_penalty, 0.0),
+            repetition_penalty=pick(self.repetition_penalty, 1.0), seed=self.seed, max_tokens=max_tokens,
+            min_tokens=pick(self.min_tokens, 0), stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=bool(self.ignore_eos), include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            logprobs=logprobs, skip_special_tokens=pick(self.skip_special_tokens, True))
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions. ``prompt``: text, list of texts, token ids, or list of token-id lists."""
+
+    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    max_tokens: Int64 | None = 16
+    logprobs: Int64 | None = None
+    echo: bool | None = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per engine request; InvalidRequestError for an empty or too long list."""
+        p = self.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif not p:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        elif isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise InvalidRequestError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", "prompt")
+        check_num_choices(len(prompts), self.n)
+        return prompts
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo together with logprobs is not supported", "echo")
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_template_dict(self) -> dict:
+        """{"role", "content"[, "name"]} with text parts joined; InvalidRequestError for other parts."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(f"content part type {part.type!r} is not supported "
+                                              "(only 'text')", "messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        out = {"role": self.role, "content": content if content is not None else ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions. ``max_completion_tokens`` wins over ``max_tokens``; neither means the
+    rest of the context."""
+
+    messages: list[ChatMessage]
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
+    logprobs: bool | None = False
+    top_logprobs: Int64 | None = None
+    add_generation_prompt: bool | None = True
+
+    def template_messages(self) -> list[dict]:
+        if not self.messages:
+            raise InvalidRequestError("messages must not be empty", "messages")
+        return [m.to_template_dict() for m in self.messages]
+
+    def to_sampling_params(self) -> SamplingParams:
+        check_num_choices(1, self.n)
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+            if isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                                          "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs)
+
+
+def check_num_choices(num_prompts: int, n: int | None) -> None:
+    """Bound the choices of one response (the engine bounds ``n`` itself)."""
+    if n is not None and n > 0 and num_prompts * n > MAX_CHOICES_PER_REQUEST:
+        raise InvalidRequestError(f"{num_prompts} prompts x n={n} exceeds {MAX_CHOICES_PER_REQUEST} choices", "n")
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: ``prompt`` text, or chat ``messages`` rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[Int64]

@@ -1,0 +1,93 @@
+"""Response pieces shared by completions and chat: choice accumulation, logprobs formats, usage.
+
+Contract: ``ChoiceAccumulator`` folds delta ``CompletionOutput``s of one choice into its final text,
+token ids, logprobs and finish reason. ``completion_logprobs`` builds OpenAI's legacy completions format
+(``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``); ``chat_logprobs`` builds the chat format
+(``content``: token, logprob, bytes, top_logprobs). Both take one ``dict[token_id, Logprob]`` per token
+whose entries are the sampled token plus the top-N (the engine's ``SampleLogprobs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flotilla.outputs import CompletionOutput, Logprob
+
+
+@dataclass
+class ChoiceAccumulator:
+    """One choice of a non-streaming response, built from its delta outputs."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text_parts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(token_id: int, entries: dict[int, Logprob], tokenizer) -> str:
+    entry = entries.get(token_id)
+    if entry is not None and entry.decoded_token is not None:
+        return entry.decoded_token
+    return tokenizer.decode_token(token_id)
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], tokenizer,
+                        initial_offset: int = 0) -> tuple[dict, int]:
+    """The legacy ``logprobs`` object for these tokens and the text offset after them."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = initial_offset
+    for token_id, entries in zip(token_ids, logprobs):
+        text = _token_text(token_id, entries, tokenizer)
+        sampled = entries.get(token_id)
+        tokens.append(text)
+        token_logprobs.append(_finite(sampled.logprob) if sampled is not None else None)
+        top_logprobs.append({_token_text(t, entries, tokenizer): _finite(lp.logprob) for t, lp in entries.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}, offset
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], tokenizer, top_n: int) -> dict:
+    """The chat ``logprobs`` object: per token its text, logprob, UTF-8 bytes and the top ``top_n``."""
+    content = []
+    for token_id, entries in zip(token_ids, logprobs):
+        sampled = entries.get(token_id)
+        ranked = sorted((lp.rank if lp.rank is not None else 1 << 30, t, lp) for t, lp in entries.items())
+        top = [_chat_entry(_token_text(t, entries, tokenizer), lp.logprob) for rank, t, lp in ranked
+               if rank <= top_n]
+        entry = _chat_entry(_token_text(token_id, entries, tokenizer),
+                            sampled.logprob if sampled is not None else float("-inf"))
+        entry["top_logprobs"] = top
+        content.append(entry)
+    return {"content": content}
+
+
+def _chat_entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def _finite(value: float) -> float:
+    """JSON has no -Infinity: report impossible tokens with a very low finite logprob (as vLLM)."""
+    return max(value, -9999.0)

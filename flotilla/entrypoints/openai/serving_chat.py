@@ -1,0 +1,123 @@
+"""POST /v1/chat/completions.
+
+Contract: ``messages`` go through the tokenizer's chat template (rendered, then tokenized without adding
+special tokens). Streaming sends one ``chat.completion.chunk`` per generated token per choice; the first
+chunk of each choice carries ``delta.role = "assistant"`` together with that token's text (``content`` may
+be ""), the last carries ``finish_reason``; then a usage chunk when ``stream_options.include_usage``, then
+``[DONE]``. Errors after the stream started are an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` +
+``top_logprobs`` use OpenAI's chat format. A client that disconnects aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from flotilla.entrypoints.openai.body import parse_body
+from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
+from flotilla.entrypoints.openai.errors import error_body, to_api_error
+from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.protocol import ChatCompletionRequest
+from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, usage
+from flotilla.entrypoints.openai.serving_completion import CLIENT_CLOSED_REQUEST
+from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
+from flotilla.sampling_params import SamplingParams
+
+
+class _ChatJob:
+    def __init__(self, ctx: ServingContext, req: ChatCompletionRequest, prepared, run: EngineRun):
+        self.ctx, self.req, self.prepared, self.run = ctx, req, prepared, run
+        self.id = run.base_id
+        self.created = int(time.time())
+        self.n = req.n or 1
+        self.top_n = req.top_logprobs or 0
+
+    def envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name,
+                "choices": choices, **extra}
+
+    def logprobs(self, token_ids, logprobs) -> dict | None:
+        if logprobs is None:
+            return None
+        return chat_logprobs(token_ids, logprobs, self.ctx.engine.tokenizer, self.top_n)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prepared[0].prompt_token_ids)
+
+
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, params: SamplingParams) -> list:
+    """The chat prompt rendered, tokenized and validated on the tokenizer thread."""
+    messages = req.template_messages()
+    engine = ctx.engine
+    add_generation_prompt = req.add_generation_prompt is not False
+
+    def build():
+        text = engine.tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        return [engine.input_processor.process({"prompt": text, "prompt_token_ids": ids}, params)]
+    return await ctx.run_blocking(build)
+
+
+async def create_chat_completion(ctx: ServingContext, request: Request) -> Response:
+    req = await parse_body(request, ChatCompletionRequest)
+    ctx.check_model(req.model)
+    params = req.to_sampling_params()
+    prepared = await prepare_chat(ctx, req, params)
+    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params)
+    job = _ChatJob(ctx, req, prepared, run)
+    if req.stream:
+        return SSEResponse(_stream(job), run.close)
+    result = await run_unless_disconnected(request.receive, _collect(job))
+    if result is Disconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(result)
+
+
+async def _collect(job: _ChatJob) -> dict:
+    choices = [ChoiceAccumulator(i) for i in range(job.n)]
+    try:
+        async for _, out in job.run.outputs():
+            for c in out.outputs:
+                choices[c.index].add(c)
+    finally:
+        await job.run.close()
+    body = [{"index": ch.index, "message": {"role": "assistant", "content": ch.text},
+             "logprobs": job.logprobs(ch.token_ids, ch.logprobs), "finish_reason": ch.finish_reason or "abort",
+             "stop_reason": ch.stop_reason} for ch in choices]
+    completion_tokens = sum(len(ch.token_ids) for ch in choices)
+    return job.envelope("chat.completion", body, usage=usage(job.num_prompt_tokens, completion_tokens))
+
+
+async def _stream(job: _ChatJob) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+    finished: set[int] = set()
+    completion_tokens = 0
+    chunk = "chat.completion.chunk"
+    try:
+        async for _, out in job.run.outputs():
+            for c in out.outputs:
+                delta = {"content": c.text}
+                if c.index not in started:
+                    started.add(c.index)
+                    delta = {"role": "assistant", "content": c.text}
+                completion_tokens += len(c.token_ids)
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+                choice = {"index": c.index, "delta": delta, "logprobs": job.logprobs(c.token_ids, c.logprobs),
+                          "finish_reason": c.finish_reason}
+                yield sse_data(job.envelope(chunk, [choice]))
+        for index in sorted(set(range(job.n)) - finished):  # aborted (e.g. shutdown)
+            delta = {} if index in started else {"role": "assistant", "content": ""}
+            yield sse_data(job.envelope(chunk, [{"index": index, "delta": delta, "logprobs": None,
+                                                 "finish_reason": "abort"}]))
+        if job.req.include_usage:
+            yield sse_data(job.envelope(chunk, [], usage=usage(job.num_prompt_tokens, completion_tokens)))
+    except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
+        err = to_api_error(e)
+        yield sse_data(error_body(err.status, err.message, err.param))
+    yield SSE_DONE

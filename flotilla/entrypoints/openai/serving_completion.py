@@ -1,0 +1,126 @@
+"""POST /v1/completions.
+
+Contract: choices are numbered ``prompt_index * n + sample_index``. Streaming sends one chunk per generated
+token per choice (a chunk whose text is empty is still sent when a multi-token character is held back), the
+choice's last chunk carries ``finish_reason``, then a usage chunk (``choices: []``) if
+``stream_options.include_usage``, then ``data: [DONE]``; an error after the stream started is sent as an
+``{"error": ...}`` event followed by ``[DONE]``. ``echo`` prepends the prompt text to the choice's text (to
+its first chunk when streaming). Non-streaming responses carry ``usage``. A client that disconnects aborts
+the engine requests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from flotilla.entrypoints.openai.body import parse_body
+from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
+from flotilla.entrypoints.openai.errors import error_body, to_api_error
+from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.protocol import CompletionRequest
+from flotilla.entrypoints.openai.responses import ChoiceAccumulator, completion_logprobs, usage
+from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
+class _Job:
+    """What one completions request needs while it produces its response."""
+
+    def __init__(self, ctx: ServingContext, req: CompletionRequest, prepared, run: EngineRun):
+        self.ctx, self.req, self.prepared, self.run = ctx, req, prepared, run
+        self.id = run.base_id
+        self.created = int(time.time())
+        self.n = req.n or 1
+        self.echo_texts = [self._prompt_text(p) for p in prepared] if req.echo else None
+
+    def _prompt_text(self, p) -> str:
+        return p.prompt if p.prompt is not None else self.ctx.engine.tokenizer.decode(p.prompt_token_ids)
+
+    def envelope(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.ctx.model_name, "choices": choices, **extra}
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p.prompt_token_ids) for p in self.prepared)
+
+
+async def create_completion(ctx: ServingContext, request: Request) -> Response:
+    req = await parse_body(request, CompletionRequest)
+    ctx.check_model(req.model)
+    prompts = req.prompts()
+    params = req.to_sampling_params()
+    prepared = await ctx.prepare(prompts, params)
+    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params)
+    job = _Job(ctx, req, prepared, run)
+    if req.stream:
+        return SSEResponse(_stream(job), run.close)
+    result = await run_unless_disconnected(request.receive, _collect(job))
+    if result is Disconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(result)
+
+
+async def _collect(job: _Job) -> dict:
+    choices = [ChoiceAccumulator(i) for i in range(len(job.prepared) * job.n)]
+    try:
+        async for prompt_index, out in job.run.outputs():
+            for c in out.outputs:
+                choices[prompt_index * job.n + c.index].add(c)
+    finally:
+        await job.run.close()
+    body = [_final_choice(job, ch) for ch in choices]
+    completion_tokens = sum(len(ch.token_ids) for ch in choices)
+    return job.envelope(body, usage=usage(job.num_prompt_tokens, completion_tokens))
+
+
+def _final_choice(job: _Job, ch: ChoiceAccumulator) -> dict:
+    text = ch.text
+    if job.echo_texts is not None:
+        text = job.echo_texts[ch.index // job.n] + text
+    logprobs = None
+    if ch.logprobs is not None:
+        logprobs, _ = completion_logprobs(ch.token_ids, ch.logprobs, job.ctx.engine.tokenizer)
+    return {"index": ch.index, "text": text, "logprobs": logprobs, "finish_reason": ch.finish_reason or "abort",
+            "stop_reason": ch.stop_reason}
+
+
+async def _stream(job: _Job) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+    finished: set[int] = set()
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+    try:
+        async for prompt_index, out in job.run.outputs():
+            for c in out.outputs:
+                index = prompt_index * job.n + c.index
+                text = c.text
+                if index not in started:
+                    started.add(index)
+                    if job.echo_texts is not None:
+                        text = job.echo_texts[prompt_index] + text
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs, offsets[index] = completion_logprobs(c.token_ids, c.logprobs,
+                                                                   job.ctx.engine.tokenizer, offsets.get(index, 0))
+                completion_tokens += len(c.token_ids)
+                if c.finish_reason is not None:
+                    finished.add(index)
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}
+                yield sse_data(job.envelope([choice]))
+        for index in sorted(set(range(len(job.prepared) * job.n)) - finished):  # aborted (e.g. shutdown)
+            yield sse_data(job.envelope([{"index": index, "text": "", "logprobs": None, "finish_reason": "abort",
+                                          "stop_reason": None}]))
+        if job.req.include_usage:
+            yield sse_data(job.envelope([], usage=usage(job.num_prompt_tokens, completion_tokens)))
+    except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
+        err = to_api_error(e)
+        yield sse_data(error_body(err.status, err.message, err.param))
+    yield SSE_DONE

@@ -67,6 +67,14 @@ def tiny_qwen2(tmp_path_factory, smollm2_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_h6(tmp_path_factory, smollm2_tokenizer_dir):
+    """(path, hf_model) of a tiny random Llama with 6 heads and 3 KV heads (tensor-parallel sizes 1, 3)."""
+    out = tmp_path_factory.mktemp("tiny_llama_h6")
+    return str(out), build_tiny_model(out, smollm2_tokenizer_dir, "llama", seed=2, hidden_size=96, intermediate_size=192,
+                                      num_attention_heads=6, num_key_value_heads=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_engine(tiny_llama):
     """A shared LLM over the tiny Llama with a small KV cache; tests must leave it idle."""
     from flotilla import LLM

@@ -222,7 +222,7 @@ def test_torchrun_env():
            "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     info = detect_launch(env)
     assert info == LaunchInfo(3, 4, 1, "10.0.0.5", 29400, "torchrun")
-    assert info.init_method == "tcp://10.0.0.5:29400"
+    assert info.init_method == "env://"  # torchrun's agent serves the store
     assert detect_launch(env, master_port=1234).master_port == 1234
     with pytest.raises(ValueError):
         detect_launch({"RANK": "4", "WORLD_SIZE": "4"})

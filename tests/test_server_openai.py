@@ -18,11 +18,13 @@ MESSAGES = [{"role": "user", "content": "Name three colors."}]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama):
-    path, _ = tiny_llama
+@pytest.fixture(scope="module", params=[1, 3], ids=["tp1", "tp3"])
+def server(request, tiny_llama, tiny_llama_h6):
+    """The same client tests against a one-process server and a tensor-parallel-3 server (issue 4)."""
+    tp = request.param
+    path = tiny_llama[0] if tp == 1 else tiny_llama_h6[0]
     srv = ServerProcess(path, "--max-model-len", "512", "--num-kv-blocks", "256", "--served-model-name", "tiny",
-                        api_key=KEY)
+                        "--tensor-parallel-size", str(tp), api_key=KEY)
     yield srv
     assert srv.stop() == 0, srv.output()
 

@@ -76,8 +76,8 @@ class DriverChannel:
         self._closed.set()
         with self._lock:
             for sock in self._pushes:
-                sock.close()
-            self._pull.close()
+                sock.close(linger=2000)  # let a final "shutdown" reach the workers
+            self._pull.close(linger=0)
         self._ctx.term()
 
 

@@ -36,7 +36,11 @@ class LaunchInfo:
 
     @property
     def init_method(self) -> str:
-        """The torch.distributed init method reaching rank 0's store, e.g. "tcp://node01:29500"."""
+        """The torch.distributed init method reaching rank 0's store, e.g. "tcp://node01:29500".
+
+        Under torchrun it is "env://": torchrun's agent already serves the store on MASTER_PORT."""
+        if self.launcher == "torchrun":
+            return "env://"
         host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
         return f"tcp://{host}:{self.master_port}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 
@@ -41,6 +42,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.core = EngineCore(config)
+        # Worker processes (and ranks of a launcher) are told to stop when the engine goes away.
+        self._finalizer = weakref.finalize(self, self.core.shutdown)
         self.input_processor = InputProcessor(self.tokenizer, config.model.vocab_size, config.model.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._counter = 0
@@ -101,4 +104,4 @@ class LLMEngine:
         return processed.request_outputs
 
     def shutdown(self) -> None:
-        self.core.shutdown()
+        self._finalizer()

@@ -22,15 +22,49 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    par.add_argument("--pipeline-partition", default=None,
+                     help="layers per pipeline stage, comma separated (default: an even split)")
+    par.add_argument("--distributed-executor-backend", "--executor", dest="distributed_executor_backend",
+                     choices=["uni", "mp", "ray", "external"], default=None,
+                     help="how ranks run (default: uni for one rank, mp for several; external under "
+                          "torchrun/mpirun/srun is detected)")
+    par.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None,
+                     help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    par.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
+    par.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def engine_args_from(ns: argparse.Namespace):
     from flotilla.engine.arg_utils import EngineArgs
+    partition = [int(x) for x in ns.pipeline_partition.split(",")] if ns.pipeline_partition else None
     return EngineArgs(model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len,
                       kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
                       max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                       enable_prefix_caching=ns.enable_prefix_caching,
-                      enable_chunked_prefill=ns.enable_chunked_prefill)
+                      enable_chunked_prefill=ns.enable_chunked_prefill,
+                      tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
+                      pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
+                      distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device)
+
+
+def follow_launcher(ns: argparse.Namespace) -> int | None:
+    """Under torchrun / mpirun / srun: ranks > 0 serve rank 0 and return their exit code here; rank 0
+    returns None and goes on as the driver (HTTP server or generator) with the external executor."""
+    import os
+
+    from flotilla.distributed.launch import detect_launch
+    info = detect_launch(os.environ)
+    if info is None or info.world_size == 1:
+        return None
+    ns.distributed_executor_backend = "external"
+    if info.rank == 0:
+        return None
+    from flotilla.worker.worker_proc import run_worker
+    config = engine_args_from(ns).create_engine_config()
+    return run_worker(config, info.rank, info.init_method)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -80,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     models = sub.add_parser("models", help="list model aliases and whether they are installed")
     models.set_defaults(func=cmd_models)
+    from flotilla.bench.cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
@@ -87,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if ns.command in ("serve", "generate"):
+            code = follow_launcher(ns)
+            if code is not None:
+                return code
         return ns.func(ns)
     except FlotillaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,7 +68,7 @@ class SamplingParams:
         _check_int("n", self.n, 1, MAX_N)
         _check_number("temperature", self.temperature, 0.0, None)
         _check_number("top_p", self.top_p, _EPS, 1.0, "must be in (0, 1]")
-        _check_int("top_k", self.top_k, None, MAX_INT32)
+        _check_int("top_k", self.top_k, None, 2**63 - 1)
         if self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1 or 0 (disabled) or positive, got {self.top_k}", "top_k")
         _check_number("min_p", self.min_p, 0.0, 1.0)

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import time
+
 import torch
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -52,6 +54,7 @@ class GroupCoordinator:
     device_group: object | None = None  # a torch.distributed ProcessGroup when world_size > 1
     cpu_group: object | None = None  # a Gloo ProcessGroup for control messages when world_size > 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    comm_seconds: float = 0.0  # wall time spent in this group's forward-pass communication (for benchmarks)
 
     def __post_init__(self) -> None:
         if self.ranks is None:
@@ -101,7 +104,9 @@ class GroupCoordinator:
             return x
         if not x.is_contiguous():
             x = x.contiguous()
+        start = time.perf_counter()
         _dist().all_reduce(x, group=self.device_group)
+        self.comm_seconds += time.perf_counter() - start
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -110,7 +115,9 @@ class GroupCoordinator:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        start = time.perf_counter()
         _dist().all_gather(parts, x, group=self.device_group)
+        self.comm_seconds += time.perf_counter() - start
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -182,11 +189,13 @@ class GroupCoordinator:
         import msgpack
         dst = self.next_rank if dst is None else dst
         header = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]
+        start = time.perf_counter()
         self.send_bytes(msgpack.packb(header), dst)
         dist, peer = _dist(), self.ranks[dst]
         for t in tensors.values():
             if t.numel():
                 dist.send(t.contiguous(), peer, group=self.device_group)
+        self.comm_seconds += time.perf_counter() - start
 
     def recv_tensors(self, src: int | None = None) -> dict[str, torch.Tensor]:
         """Receive what ``send_tensors`` sent from rank ``src`` of the group (default: the previous stage);
@@ -195,6 +204,7 @@ class GroupCoordinator:
             raise RuntimeError("recv_tensors at world size 1: there is no peer to receive from")
         import msgpack
         src = self.prev_rank if src is None else src
+        start = time.perf_counter()
         header = msgpack.unpackb(self.recv_bytes(src))
         dist, peer = _dist(), self.ranks[src]
         out: dict[str, torch.Tensor] = {}
@@ -203,6 +213,7 @@ class GroupCoordinator:
             if t.numel():
                 dist.recv(t, peer, group=self.device_group)
             out[name] = t
+        self.comm_seconds += time.perf_counter() - start
         return out
 
 

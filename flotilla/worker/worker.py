@@ -91,3 +91,8 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def comm_stats(self) -> dict:
+        """Cumulative seconds this rank spent in tensor- and pipeline-parallel communication (benchmarks)."""
+        from flotilla.distributed.parallel_state import get_pp_group, get_tp_group
+        return {"tp": get_tp_group().comm_seconds, "pp": get_pp_group().comm_seconds}

@@ -44,7 +44,10 @@ def build_requests(ns: argparse.Namespace):
 
 
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    import logging
+
     from flotilla.bench.serve import ServeBenchConfig, run_and_report
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     base = ns.base_url or f"http://{ns.host}:{ns.port}"
     cfg = ServeBenchConfig(base_url=base.rstrip("/"), model=ns.model, endpoint=ns.endpoint,
                            max_concurrency=ns.max_concurrency, request_rate=ns.request_rate,

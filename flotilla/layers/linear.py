@@ -20,6 +20,11 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, loader) -> nn.Parameter:
     return p
 
 
+def full_tensor(loaded) -> torch.Tensor:
+    """The whole checkpoint tensor: lazily read values (``materialize()``) are read completely here."""
+    return loaded.materialize() if hasattr(loaded, "materialize") else loaded
+
+
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"{what}: checkpoint shard has shape {tuple(loaded.shape)}, "
@@ -35,6 +40,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = _param((output_size,), dtype, self.weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        loaded = full_tensor(loaded)
         _check_shape(param, loaded, type(self).__name__)
         param.data.copy_(loaded)
 
@@ -155,6 +161,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(shard)
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        loaded = full_tensor(loaded)
         _check_shape(param, loaded, type(self).__name__ + ".bias")
         param.data.copy_(loaded)
 

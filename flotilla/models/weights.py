@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from flotilla.errors import ModelLoadError
+from flotilla.layers.linear import full_tensor
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -44,6 +45,7 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    loaded = full_tensor(loaded)
     if param.shape != loaded.shape:
         raise ValueError(f"shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
     param.data.copy_(loaded)

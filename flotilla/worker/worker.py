@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -37,8 +38,12 @@ class Worker:
         self.rank = rank
         self.device = torch.device(config.device.device)
         self.dtype = torch_dtype(config.model.dtype)
-        if config.device.num_threads:
-            torch.set_num_threads(config.device.num_threads)
+        threads = config.device.num_threads
+        if threads is None and self.device.type == "cpu" and config.parallel.world_size > 1:
+            # Ranks share this machine's cores: oversubscribed OpenMP threads spin against each other.
+            threads = max(1, (os.cpu_count() or 1) // config.parallel.world_size)
+        if threads:
+            torch.set_num_threads(threads)
         self.backend = TorchPagedAttentionBackend()
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -53,7 +58,9 @@ class Worker:
                         pp_partition=list(partition) if partition else None)
         resolved = ResolvedModel(source=mc.source, kind=mc.source_kind, alias=None)
         # Each rank reads only the tensors of its own pipeline stage.
-        model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight))
+        lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
+        model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight,
+                                                    lazy=lazy))
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,

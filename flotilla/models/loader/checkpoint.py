@@ -35,16 +35,18 @@ def iterate_weights(resolved: ResolvedModel, hf_config: Any,
 
 
 def iterate_weights_filtered(resolved: ResolvedModel, hf_config: Any, dtype: torch.dtype,
-                             wanted: WeightFilter | None) -> Iterator[tuple[str, torch.Tensor]]:
+                             wanted: WeightFilter | None, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Like ``iterate_weights`` but only tensors whose HF name ``wanted(name)`` accepts; the others are
     neither read from disk nor dequantized (a tensor-parallel or pipeline rank skips what it does not own).
 
     Validation (file headers, completeness) happens eagerly, at the call, not at the first ``next()``.
+    With ``lazy``, safetensors values are ``LazyTensor``s so a tensor-parallel rank reads only its shard
+    (GGUF tensors are dequantized whole, then sliced).
     """
     if resolved.kind == "hf_dir":
         plan = plan_safetensors(resolved.source)
         check_complete(plan.names, hf_config, resolved.source)
-        return iterate_safetensors(plan, dtype, wanted)
+        return iterate_safetensors(plan, dtype, wanted, lazy=lazy)
     if resolved.kind == "gguf":
         reader = open_gguf(resolved.source)
         arch = gguf_architecture(reader, resolved.source)

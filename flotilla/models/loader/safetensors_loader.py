@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from flotilla.errors import ModelLoadError
+from flotilla.models.loader.lazy import LazyTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -119,10 +120,11 @@ def read_header(path: str) -> dict[str, dict]:
     return header
 
 
-def iterate_safetensors(plan: SafetensorsPlan, dtype: torch.dtype,
-                        wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(plan: SafetensorsPlan, dtype: torch.dtype, wanted: Callable[[str], bool] | None = None,
+                        lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` per the plan, converted to ``dtype``; files whose tensors are all
-    rejected by ``wanted`` are never opened, rejected tensors are never read."""
+    rejected by ``wanted`` are never opened, rejected tensors are never read. With ``lazy`` the values
+    are ``LazyTensor``s valid until the next item: loaders read only the part they narrow to."""
     for path, names in plan.files:
         selected = [n for n in names if wanted is None or wanted(n)]
         if not selected:
@@ -134,7 +136,10 @@ def iterate_safetensors(plan: SafetensorsPlan, dtype: torch.dtype,
                     if name not in available:
                         raise ModelLoadError(f"safetensors file {path} lacks tensor {name!r} (listed in "
                                              f"{INDEX_FILE})")
-                    yield name, _convert(f.get_tensor(name), dtype)
+                    if lazy:
+                        yield name, LazyTensor(f.get_slice(name), dtype)
+                    else:
+                        yield name, _convert(f.get_tensor(name), dtype)
         except SafetensorError as e:
             raise ModelLoadError(f"safetensors file {path} is corrupt or truncated: {e}") from None
 

@@ -1,6 +1,6 @@
 """Tensor-parallel layers equal their unsharded versions; process groups; launcher rank discovery.
 
-Multi-process tests spawn real ranks over Gloo on 127.0.0.1 (``flotilla.distributed.testing.run_ranks``);
+Multi-process tests spawn real ranks over Gloo on 127.0.0.1 (``rank_runner.run_ranks``);
 each rank builds the unsharded reference from the same seed, loads the full weights through the sharded
 layer's ``weight_loader`` and reports the max difference of its output.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from flotilla.distributed.launch import LaunchInfo, detect_launch, expand_nodelist
 from flotilla.distributed.parallel_state import GroupCoordinator, destroy_distributed, get_pp_group, \
     get_tp_group, init_distributed
-from flotilla.distributed.testing import run_ranks
+from rank_runner import run_ranks
 
 TOL = 1e-5
 TIMEOUT_S = 180

@@ -8,7 +8,7 @@ import torch
 
 from flotilla.distributed.parallel_state import GroupCoordinator, destroy_distributed, get_pp_group, \
     init_parallel_state
-from flotilla.distributed.testing import run_ranks
+from rank_runner import run_ranks
 from flotilla.distributed.utils import describe_parallel_plan, get_pp_layer_range, pp_partition
 from flotilla.layers.attention import AttentionContext, CommonAttentionMetadata, TorchPagedAttentionBackend
 from flotilla.layers.pipeline import IntermediateTensors, PPMissingLayer

@@ -61,3 +61,9 @@ def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks with vLLM's metric definitions")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     add_serve_parser(bench_sub)
+    from flotilla.bench.latency import add_latency_parser
+    from flotilla.bench.roofline import add_roofline_parser
+    from flotilla.bench.throughput import add_throughput_parser
+    add_throughput_parser(bench_sub)
+    add_latency_parser(bench_sub)
+    add_roofline_parser(bench_sub)

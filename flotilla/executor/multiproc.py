@@ -23,7 +23,7 @@ from flotilla.distributed.utils import describe_parallel_plan
 from flotilla.errors import EngineDeadError
 from flotilla.executor.base import Executor, StepHandle
 from flotilla.worker.config_wire import engine_config_to_wire
-from flotilla.scheduler.wire import pack, runner_output_from_wire, scheduler_output_to_wire, unpack
+from flotilla.scheduler.wire import pack, runner_output_from_wire, scheduler_output_to_wire
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.worker.worker import Worker
 from flotilla.worker.worker_proc import join_group, sampler_rank

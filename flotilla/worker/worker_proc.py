@@ -22,7 +22,7 @@ from flotilla.distributed.parallel_state import (destroy_distributed, get_pp_gro
 from flotilla.worker.config_wire import engine_config_from_wire
 from flotilla.procutil import exit_with_parent
 from flotilla.distributed.control import WorkerChannel
-from flotilla.scheduler.wire import (pack, runner_output_to_wire, scheduler_output_from_wire, unpack)
+from flotilla.scheduler.wire import pack, runner_output_to_wire, scheduler_output_from_wire
 from flotilla.worker.worker import Worker
 
 logger = logging.getLogger(__name__)

@@ -15,16 +15,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from flotilla.entrypoints.openai.body import parse_body
-from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.protocol import ChatCompletionRequest
 from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, usage
-from flotilla.entrypoints.openai.serving_completion import CLIENT_CLOSED_REQUEST
-from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
+from flotilla.entrypoints.openai.serving_completion import respond
+from flotilla.entrypoints.openai.sse import SSE_DONE, sse_data
 from flotilla.sampling_params import SamplingParams
 
 
@@ -70,12 +69,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request) -> Respo
     prepared = await prepare_chat(ctx, req, params)
     run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params)
     job = _ChatJob(ctx, req, prepared, run)
-    if req.stream:
-        return SSEResponse(_stream(job), run.close)
-    result = await run_unless_disconnected(request.receive, _collect(job))
-    if result is Disconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(result)
+    return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 
 
 async def _collect(job: _ChatJob) -> dict:

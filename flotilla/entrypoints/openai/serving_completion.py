@@ -59,9 +59,15 @@ async def create_completion(ctx: ServingContext, request: Request) -> Response:
     prepared = await ctx.prepare(prompts, params)
     run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params)
     job = _Job(ctx, req, prepared, run)
-    if req.stream:
-        return SSEResponse(_stream(job), run.close)
-    result = await run_unless_disconnected(request.receive, _collect(job))
+    return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
+
+
+async def respond(request: Request, run, stream: bool, make_stream, make_collect) -> Response:
+    """A generation endpoint's response: SSE when streaming, else the collected JSON body (or 499 when the
+    client left first; its request was aborted)."""
+    if stream:
+        return SSEResponse(make_stream(), run.close)
+    result = await run_unless_disconnected(request.receive, make_collect())
     if result is Disconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(result)

@@ -2,3 +2,5 @@ from flotilla.layers.attention.backend import (AttentionBackend, AttentionContex
                                                CommonAttentionMetadata)
 from flotilla.layers.attention.layer import Attention  # noqa: F401
 from flotilla.layers.attention.torch_paged import TorchPagedAttentionBackend  # noqa: F401
+
+__all__ = ["Attention", "AttentionBackend", "AttentionContext", "CommonAttentionMetadata", "TorchPagedAttentionBackend"]

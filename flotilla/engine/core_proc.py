@@ -28,25 +28,11 @@ from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.core import EngineCore, EngineCoreOutputs
 from flotilla.engine.messages import (Kind, decode, encode, outputs_to_wire, request_from_wire)
 from flotilla.errors import EngineDeadError, FlotillaError, ModelLoadError
+from flotilla.procutil import exit_with_parent
 from flotilla.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Exit as soon as the parent process is gone, even while loading the model.
-
-    A watchdog thread rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
-    started us exits, which killed the core of an AsyncLLM built in a short-lived thread.
-    """
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_S)
-        logger.warning("engine core: parent process %d is gone, exiting", parent_pid)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="flotilla-parent-watch", daemon=True).start()
 
 
 class CoreServer:
@@ -92,7 +78,7 @@ def core_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--parent-pid", type=int, required=True)
     ns = ap.parse_args(argv)
-    _exit_with_parent(ns.parent_pid)
+    exit_with_parent(ns.parent_pid, PARENT_CHECK_S)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s [core]: %(message)s")
     args = EngineArgs(**json.loads(sys.stdin.readline()))

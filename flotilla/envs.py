@@ -12,3 +12,9 @@ def num_threads() -> int | None:
 def log_level() -> str:
     """FLOTILLA_LOG_LEVEL: logging level name (default INFO)."""
     return os.environ.get("FLOTILLA_LOG_LEVEL", "INFO").upper()
+
+
+def named(variable: str) -> str | None:
+    """The value of an environment variable the user named in a setting (e.g. a deployment file's
+    ``api_key_env``); None when unset."""
+    return os.environ.get(variable)

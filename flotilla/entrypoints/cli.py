@@ -59,6 +59,9 @@ def follow_launcher(ns: argparse.Namespace) -> int | None:
     info = detect_launch(os.environ)
     if info is None or info.world_size == 1:
         return None
+    if getattr(ns, "config", None) is not None:
+        raise FlotillaError("--config (embedded multi-model serving) cannot run under torchrun/mpirun/srun; "
+                            "launch one model per job instead, or use Ray Serve")
     ns.distributed_executor_backend = "external"
     if info.rank == 0:
         return None
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     from flotilla.entrypoints.openai.cli_args import add_serve_args
     parser = argparse.ArgumentParser(prog="flotilla", description="Distributed LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve = sub.add_parser("serve", help="serve a model (or every model of a --config deployment file) over an "
+                                         "OpenAI-compatible HTTP API")
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -9,14 +9,16 @@ Module map (one job each):
 | ``errors`` | OpenAI's error JSON; exception -> status mapping; never a stack trace |
 | ``body`` | read and validate a JSON request body (400 naming the field) |
 | ``middleware`` | ASGI middlewares: body size limit (413), API key (401), in-flight counting |
-| ``admission`` | the pure admission decision (429 / 503) and the request tracker |
-| ``metrics`` | Prometheus metrics on a per-app registry (engine gauges/counters, latency histograms) |
-| ``generation`` | runs engine requests for one HTTP request: merge, metrics, abort on close |
+| ``admission`` | the pure admission decision (429 / 503), the app's request tracker, per-model waiting counts |
+| ``metrics`` | Prometheus metrics on one registry per app, labelled per model (engine stats, latency histograms) |
+| ``generation`` | one model's ``ServingContext``; runs engine requests for one HTTP request: merge, metrics, abort |
+| ``models`` | ``ServedModels``: model names and route aliases -> ``ServingContext``; model cards |
 | ``responses`` | choice accumulation, logprobs formats (legacy completions, chat), usage |
 | ``sse`` | server-sent events response that aborts on client disconnect |
 | ``cancellation`` | races a non-streaming handler against the client's disconnect |
 | ``serving_completion`` | ``/v1/completions`` |
 | ``serving_chat`` | ``/v1/chat/completions`` |
-| ``api_server`` | the FastAPI app: routes, health, models, tokenize, metrics |
-| ``server`` | uvicorn with a draining SIGTERM, engine lifetime, startup banner |
+| ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
+| ``banner`` | the startup banner (every model, the routes, the server settings) |
+| ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM |
 """

@@ -1,10 +1,11 @@
 """Admission control: whether a new generation request may enter the engine.
 
-``decide`` is a pure function of the server's state; ``RequestTracker`` holds that state. The waiting count
-is kept on the server side (an engine request waits from admission until its first output or its end)
-because ``AsyncLLM.generate`` only adds a request when first iterated: counting on the server closes the
-window in which many simultaneous requests could all pass a check of ``engine.num_queued_requests``. The
-engine's own count is used too, whichever is larger.
+``decide`` is a pure function of the server's state; ``RequestTracker`` holds the app's state (in-flight HTTP
+requests, draining) and ``WaitingCount`` one model's admitted-but-waiting engine requests (each model has its
+own queue bound). The waiting count is kept on the server side (an engine request waits from admission until
+its first output or its end) because ``AsyncLLM.generate`` only adds a request when first iterated: counting
+on the server closes the window in which many simultaneous requests could all pass a check of
+``engine.num_queued_requests``. The engine's own count is used too, whichever is larger.
 """
 
 from __future__ import annotations
@@ -43,13 +44,19 @@ def decide(*, draining: bool, engine_dead: bool, num_waiting: int, max_waiting: 
 
 
 class RequestTracker:
-    """Server-side counters (event-loop thread only): ``in_flight`` HTTP requests (for the drain),
-    ``num_waiting`` admitted engine requests without an output yet (for admission), ``draining``."""
+    """The app's counters (event-loop thread only): ``in_flight`` HTTP requests (for the drain) and
+    ``draining`` (set by the first SIGTERM: admit nothing more)."""
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.num_waiting = 0
         self.draining = False
+
+
+class WaitingCount:
+    """One model's admitted engine requests without an output yet (event-loop thread only)."""
+
+    def __init__(self) -> None:
+        self.num_waiting = 0
 
     def add_waiting(self, count: int) -> None:
         self.num_waiting += count

@@ -1,9 +1,14 @@
 """The FastAPI app: routes, and the ASGI middleware stack around them.
 
-Contract: ``build_app(engine, config)`` returns ``(asgi_app, ctx)``; the app owns its metrics registry (so
-several apps can live in one process). Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models[/{id}]``, ``GET /health`` (200 while the engine is alive and the server admits requests,
-else 503), ``GET /version``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. No CORS headers.
+Contract: ``build_app(engines, config, routes=None, seed=None)`` returns ``(asgi_app, served)`` where
+``served`` is the app's ``ServedModels``. ``engines`` is one ``EngineClient`` (served as
+``config.served_model_name``), a mapping ``{model name: EngineClient}`` (AsyncLLM, ReplicaSet or a remote
+proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: weight}``. The app owns its
+metrics registry (so several apps can live in one process) and never shuts the engines down. Routes:
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` picks the model or alias),
+``GET /v1/models[/{id}]`` (models, then aliases with their ``flotilla_route``), ``GET /health`` (200 while
+every engine is alive and the server admits requests, else 503), ``GET /version``, ``POST /tokenize``,
+``POST /detokenize`` (both take ``model``), ``GET /metrics``. No CORS headers.
 """
 
 from __future__ import annotations
@@ -16,50 +21,45 @@ import flotilla
 from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import APIError, error_response, install_error_handlers
-from flotilla.entrypoints.openai.generation import ServingContext
 from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, InFlightMiddleware
+from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from flotilla.entrypoints.openai.serving_chat import create_chat_completion
 from flotilla.entrypoints.openai.serving_completion import create_completion
 from flotilla.errors import InvalidRequestError
 
 
-def build_app(engine, config: ServerConfig):
-    """The ASGI app serving ``engine`` and its ``ServingContext``."""
-    ctx = ServingContext(engine, config)
+def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None):
+    """The ASGI app serving ``engines`` (see the module contract) and its ``ServedModels``."""
+    served = engines if isinstance(engines, ServedModels) else ServedModels(engines, config, routes, seed)
     app = FastAPI(title="flotilla", version=flotilla.__version__)
-    app.state.ctx = ctx
+    app.state.served = served
     install_error_handlers(app)
-    _add_generation_routes(app, ctx)
-    _add_info_routes(app, ctx)
-    _add_token_routes(app, ctx)
+    _add_generation_routes(app, served)
+    _add_info_routes(app, served)
+    _add_token_routes(app, served)
     asgi = BodySizeLimitMiddleware(app, config.max_body_bytes)
     if config.api_key:
         asgi = ApiKeyMiddleware(asgi, config.api_key)
-    return InFlightMiddleware(asgi, ctx.tracker), ctx
+    return InFlightMiddleware(asgi, served.tracker), served
 
 
-def _add_generation_routes(app: FastAPI, ctx: ServingContext) -> None:
+def _add_generation_routes(app: FastAPI, served: ServedModels) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(ctx, request)
+        return await create_completion(served, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(ctx, request)
+        return await create_chat_completion(served, request)
 
 
-def _model_card(ctx: ServingContext) -> dict:
-    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "flotilla",
-            "root": ctx.engine.model_config.model, "parent": None, "max_model_len": ctx.max_model_len}
-
-
-def _add_info_routes(app: FastAPI, ctx: ServingContext) -> None:
+def _add_info_routes(app: FastAPI, served: ServedModels) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if ctx.engine.is_dead:
-            return error_response(503, "the engine is not running")
-        if ctx.tracker.draining:
+        if served.is_dead:
+            return error_response(503, f"an engine is not running ({served.dead_error})")
+        if served.tracker.draining:
             return error_response(503, "the server is shutting down")
         return JSONResponse({"status": "ok"})
 
@@ -69,25 +69,23 @@ def _add_info_routes(app: FastAPI, ctx: ServingContext) -> None:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [_model_card(ctx)]})
+        return JSONResponse({"object": "list", "data": served.cards()})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
-        ctx.check_model(model_id)
-        return JSONResponse(_model_card(ctx))
+        return JSONResponse(served.card(model_id))
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(served.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _add_token_routes(app: FastAPI, ctx: ServingContext) -> None:
-    tokenizer = ctx.engine.tokenizer
-
+def _add_token_routes(app: FastAPI, served: ServedModels) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         req = await parse_body(request, TokenizeRequest)
-        ctx.check_model(req.model)
+        ctx = served.resolve(req.model)
+        tokenizer = ctx.engine.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if req.prompt is not None:
@@ -105,7 +103,8 @@ def _add_token_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         req = await parse_body(request, DetokenizeRequest)
-        ctx.check_model(req.model)
+        ctx = served.resolve(req.model)
+        tokenizer = ctx.engine.tokenizer
         vocab = ctx.engine.model_config.vocab_size
         for t in req.tokens:
             if not 0 <= t < min(vocab, tokenizer.vocab_size):

@@ -13,8 +13,9 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds the
-    requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain limit."""
+    """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds each
+    model's requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain
+    limit; ``served_model_name`` names the engine when the app serves a single one given without a name."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -31,6 +32,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Add the server flags; the engine flags (``add_engine_args``) must be added by the caller."""
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model to serve (same as --model; default: smollm2-135m-instruct)")
+    p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
+                   help="serve every model of a deployment file in this process (model and engine settings "
+                        "then come from the file, not from flags)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
@@ -55,13 +59,30 @@ def resolve_model_arg(ns: argparse.Namespace) -> None:
         ns.model = ns.model_tag
 
 
-def server_config_from(ns: argparse.Namespace, served_model_name: str) -> ServerConfig:
+def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
+    """The model and engine flags given together with ``--config`` (they belong in the file)."""
+    from flotilla.entrypoints.cli import add_engine_args
+    engine_parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(engine_parser)
+    given = []
+    if ns.model_tag is not None:
+        given.append("MODEL")
+    if ns.served_model_name is not None:
+        given.append("--served-model-name")
+    for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
+        if action.option_strings and getattr(ns, action.dest, action.default) != action.default:
+            given.append(max(action.option_strings, key=len))
+    return given
+
+
+def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: str | None = None) -> ServerConfig:
+    """The server settings from the flags; ``api_key`` is used when ``--api-key`` is not given."""
     if ns.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
     if ns.shutdown_timeout < 0:
         raise ValueError("--shutdown-timeout must be >= 0")
     if ns.max_request_body_bytes <= 0:
         raise ValueError("--max-request-body-bytes must be positive")
-    return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name, api_key=ns.api_key,
-                        max_queued_requests=ns.max_queued_requests, shutdown_timeout=ns.shutdown_timeout,
-                        max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level)
+    return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
+                        api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
+                        shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level)

@@ -1,6 +1,7 @@
 """Running the engine requests of one HTTP request: prepare, admit, stream, account, abort.
 
-``ServingContext`` is what every route needs (engine, config, tracker, metrics, tokenizer thread).
+``ServingContext`` is what every route needs for one model (engine, config, tracker, metrics, tokenizer
+thread); ``ServedModels`` (``models``) maps request ``model`` names to them.
 ``prepare`` tokenizes and validates prompts off the event loop (400 before anything starts); ``start``
 applies admission control and returns an ``EngineRun`` whose ``outputs()`` yields
 ``(prompt_index, delta RequestOutput)`` for every prompt of the request, merged in arrival order.
@@ -22,42 +23,33 @@ from dataclasses import dataclass, field
 
 from flotilla.engine.input_processor import ProcessedPrompt
 from flotilla.engine.output_processor import OutputKind
-from flotilla.entrypoints.openai.admission import RequestTracker, decide
+from flotilla.entrypoints.openai.admission import RequestTracker, WaitingCount, decide
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import APIError
-from flotilla.entrypoints.openai.metrics import RequestMetrics, ServerMetrics
+from flotilla.entrypoints.openai.metrics import ModelMetrics, RequestMetrics
 from flotilla.outputs import RequestOutput
 from flotilla.sampling_params import SamplingParams
 
 
 @dataclass
 class ServingContext:
-    """Shared state of one app. ``created`` is the unix time reported for the model."""
+    """One served model inside an app: its engine (an ``EngineClient``), the name clients use, its metrics
+    and waiting count, and the app's shared pieces (``config``, ``tracker``, the tokenizer ``executor``,
+    ``active_runs``). ``ServedModels`` builds one per model. ``created`` is the unix time reported for it."""
 
-    engine: object  # AsyncLLM (or a test double with the same surface)
+    engine: object  # EngineClient: AsyncLLM, ReplicaSet, a remote proxy or a test double
     config: ServerConfig
-    tracker: RequestTracker = field(default_factory=RequestTracker)
-    metrics: ServerMetrics | None = None
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="flotilla-tokenize"))
+    model_name: str
+    metrics: ModelMetrics
+    tracker: RequestTracker  # the app's: in-flight HTTP requests, draining
+    executor: ThreadPoolExecutor  # the app's single tokenizer thread
+    active_runs: set  # the app's EngineRuns not yet closed
     created: int = field(default_factory=lambda: int(time.time()))
-    active_runs: set = field(default_factory=set)  # EngineRuns not yet closed
-
-    def __post_init__(self) -> None:
-        if self.metrics is None:
-            self.metrics = ServerMetrics(self.engine, self.config.served_model_name)
-
-    @property
-    def model_name(self) -> str:
-        return self.config.served_model_name
+    waiting: WaitingCount = field(default_factory=WaitingCount)
 
     @property
     def max_model_len(self) -> int:
         return self.engine.model_config.max_model_len
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model")
 
     async def run_blocking(self, fn, *args):
         """Run ``fn(*args)`` on the tokenizer thread (one thread: the HF tokenizer is not re-entrant)."""
@@ -71,20 +63,13 @@ class ServingContext:
     def admit(self, num_requests: int) -> None:
         """Raise APIError(503 | 429) unless admitted; on admission count the requests as waiting (an
         ``EngineRun`` settles the count)."""
-        waiting = max(self.engine.num_queued_requests, self.tracker.num_waiting)
+        waiting = max(self.engine.num_queued_requests, self.waiting.num_waiting)
         decision = decide(draining=self.tracker.draining, engine_dead=self.engine.is_dead, num_waiting=waiting,
                           max_waiting=self.config.max_queued_requests, retry_after_s=self.config.retry_after_s)
         if not decision.admitted:
             headers = {"Retry-After": str(decision.retry_after_s)} if decision.retry_after_s else None
             raise APIError(decision.status, decision.message, headers=headers)
-        self.tracker.add_waiting(num_requests)
-
-    def abort_all(self) -> int:
-        """Abort every engine request in flight (their streams end, unfinished); returns how many runs."""
-        runs = list(self.active_runs)
-        for run in runs:
-            run.abort()
-        return len(runs)
+        self.waiting.add_waiting(num_requests)
 
     def start(self, base_id: str, prepared: list[ProcessedPrompt], params: SamplingParams) -> "EngineRun":
         """Admit (APIError 429/503 otherwise) and set up the engine requests of one HTTP request."""
@@ -121,7 +106,7 @@ class EngineRun:
     def _on_output(self, index: int, out: RequestOutput) -> None:
         if self.waiting[index]:
             self.waiting[index] = False
-            self.ctx.tracker.done_waiting()
+            self.ctx.waiting.done_waiting()
         self.recorders[index].on_output(out)
         if out.finished:
             self.recorders[index].finish(completed=True)
@@ -142,7 +127,7 @@ class EngineRun:
             for s in self.streams:
                 await s.aclose()
         finally:
-            self.ctx.tracker.done_waiting(sum(self.waiting))
+            self.ctx.waiting.done_waiting(sum(self.waiting))
             self.waiting = [False] * len(self.waiting)
             for rec in self.recorders:
                 rec.finish(completed=False)  # a no-op for the finished ones

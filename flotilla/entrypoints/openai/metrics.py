@@ -1,6 +1,7 @@
 """Prometheus metrics with vLLM's names (prefix ``flotilla:``) on a registry owned by one app.
 
-Contract: engine-side values (running/waiting requests, KV usage, preemptions, prefix-cache queries/hits)
+Contract: one registry per app, whatever the number of models; every sample is labelled ``model_name``.
+Engine-side values (running/waiting requests, KV usage, preemptions, prefix-cache queries/hits)
 are read from ``engine.latest_stats`` at scrape time by a custom collector (the engine's counters are
 cumulative, so the collector reports their current value); request-side counters and histograms are updated
 by ``RequestMetrics`` as outputs arrive. Times come from ``time.monotonic()`` (the engine's clock too).
@@ -25,42 +26,44 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0
 
 
 class EngineStatsCollector:
-    """Reports the engine's latest scheduler snapshot at every scrape."""
+    """Reports every registered engine's latest scheduler snapshot at each scrape (one sample per model)."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self) -> None:
+        self.engines: dict[str, object] = {}  # model name -> engine (EngineClient)
 
     def collect(self):
-        stats = self.engine.latest_stats
-        labels, values = ["model_name"], [self.model_name]
-        for name, doc, value in (
-                ("num_requests_running", "Number of requests in model execution batches.", stats.num_running),
-                ("num_requests_waiting", "Number of requests waiting to be processed.", stats.num_waiting),
-                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", stats.kv_cache_usage)):
-            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-            gauge.add_metric(values, value)
+        snapshots = [(name, engine.latest_stats) for name, engine in self.engines.items()]
+        for name, doc, attr in (
+                ("num_requests_running", "Number of requests in model execution batches.", "num_running"),
+                ("num_requests_waiting", "Number of requests waiting to be processed.", "num_waiting"),
+                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage")):
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            for model, stats in snapshots:
+                gauge.add_metric([model], getattr(stats, attr))
             yield gauge
-        for name, doc, value in (
-                ("num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions),
-                ("prefix_cache_queries", "Prefix cache queries, in tokens.", stats.prefix_cache_queries),
-                ("prefix_cache_hits", "Prefix cache hits, in tokens.", stats.prefix_cache_hits)):
-            counter = CounterMetricFamily(PREFIX + name, doc, labels=labels)
-            counter.add_metric(values, value)
+        for name, doc, attr in (
+                ("num_preemptions", "Cumulative number of preemptions.", "num_preemptions"),
+                ("prefix_cache_queries", "Prefix cache queries, in tokens.", "prefix_cache_queries"),
+                ("prefix_cache_hits", "Prefix cache hits, in tokens.", "prefix_cache_hits")):
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            for model, stats in snapshots:
+                counter.add_metric([model], getattr(stats, attr))
             yield counter
 
 
 class ServerMetrics:
-    """All metrics of one app, on its own registry (so tests can build several apps)."""
+    """All metrics of one app, on its own registry (so tests can build several apps); every sample carries
+    a ``model_name`` label. ``add_model`` registers a served model and returns its ``ModelMetrics``."""
 
-    def __init__(self, engine, model_name: str):
-        self.model_name = model_name
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg, lbl = self.registry, ["model_name"]
-        reg.register(EngineStatsCollector(engine, model_name))
+        self.engine_stats = EngineStatsCollector()
+        reg.register(self.engine_stats)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Number of prefill tokens processed.", lbl,
-                                     registry=reg).labels(model_name)
+                                     registry=reg)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Number of generation tokens processed.",
-                                         lbl, registry=reg).labels(model_name)
+                                         lbl, registry=reg)
         self.request_success = Counter(PREFIX + "request_success", "Count of finished requests by reason.",
                                        ["model_name", "finished_reason"], registry=reg)
         self.ttft = self._histogram("time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS)
@@ -71,20 +74,40 @@ class ServerMetrics:
                                           REQUEST_BUCKETS)
 
     def _histogram(self, name: str, doc: str, buckets):
-        return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets,
-                         registry=self.registry).labels(self.model_name)
+        return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+
+    def add_model(self, model_name: str, engine) -> "ModelMetrics":
+        """Start reporting ``engine``'s stats and return the request metrics labelled ``model_name``."""
+        if model_name in self.engine_stats.engines:
+            raise ValueError(f"model {model_name!r} is already registered")
+        self.engine_stats.engines[model_name] = engine
+        return ModelMetrics(self, model_name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+class ModelMetrics:
+    """The request-side metrics of one model (the ``model_name``-labelled children of ``ServerMetrics``)."""
+
+    def __init__(self, server: ServerMetrics, model_name: str):
+        self.model_name = model_name
+        self._success = server.request_success
+        self.prompt_tokens = server.prompt_tokens.labels(model_name)
+        self.generation_tokens = server.generation_tokens.labels(model_name)
+        self.ttft = server.ttft.labels(model_name)
+        self.itl = server.itl.labels(model_name)
+        self.e2e = server.e2e.labels(model_name)
+        self.queue_time = server.queue_time.labels(model_name)
+
     def count_finished(self, reason: str | None) -> None:
-        self.request_success.labels(self.model_name, reason or "abort").inc()
+        self._success.labels(self.model_name, reason or "abort").inc()
 
 
 class RequestMetrics:
     """Metrics of one engine request: feed it every (delta) output, then ``finish`` once."""
 
-    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int):
+    def __init__(self, metrics: ModelMetrics, num_prompt_tokens: int):
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
         self.last_output_time: float | None = None

@@ -1,11 +1,13 @@
 """POST /v1/chat/completions.
 
-Contract: ``messages`` go through the tokenizer's chat template (rendered, then tokenized without adding
-special tokens). Streaming sends one ``chat.completion.chunk`` per generated token per choice; the first
-chunk of each choice carries ``delta.role = "assistant"`` together with that token's text (``content`` may
-be ""), the last carries ``finish_reason``; then a usage chunk when ``stream_options.include_usage``, then
-``[DONE]``. Errors after the stream started are an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` +
-``top_logprobs`` use OpenAI's chat format. A client that disconnects aborts the engine request.
+Contract: ``model`` (a model name or route alias; optional when one model is served) picks the model through
+``ServedModels.resolve``; the response's ``model`` is the model that served it. ``messages`` go through the
+tokenizer's chat template (rendered, then tokenized without adding special tokens). Streaming sends one
+``chat.completion.chunk`` per generated token per choice; the first chunk of each choice carries ``delta.role
+= "assistant"`` together with that token's text (``content`` may be ""), the last carries ``finish_reason``;
+then a usage chunk when ``stream_options.include_usage``, then ``[DONE]``. Errors after the stream started are
+an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` + ``top_logprobs`` use OpenAI's chat format. A
+client that disconnects aborts the engine request.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastapi.responses import Response
 from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import ChatCompletionRequest
 from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, usage
 from flotilla.entrypoints.openai.serving_completion import respond
@@ -62,9 +65,9 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, params: 
     return await ctx.run_blocking(build)
 
 
-async def create_chat_completion(ctx: ServingContext, request: Request) -> Response:
+async def create_chat_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
-    ctx.check_model(req.model)
+    ctx = served.resolve(req.model, req.user)
     params = req.to_sampling_params()
     prepared = await prepare_chat(ctx, req, params)
     run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params)

@@ -1,8 +1,10 @@
 """POST /v1/completions.
 
-Contract: choices are numbered ``prompt_index * n + sample_index``. Streaming sends one chunk per generated
-token per choice (a chunk whose text is empty is still sent when a multi-token character is held back), the
-choice's last chunk carries ``finish_reason``, then a usage chunk (``choices: []``) if
+Contract: ``model`` (a model name or route alias; optional when one model is served) picks the model
+through ``ServedModels.resolve``; the response's ``model`` is the model that served it. Choices are
+numbered ``prompt_index * n + sample_index``. Streaming sends one chunk per generated token per choice
+(a chunk whose text is empty is still sent when a multi-token character is held back), the choice's last
+chunk carries ``finish_reason``, then a usage chunk (``choices: []``) if
 ``stream_options.include_usage``, then ``data: [DONE]``; an error after the stream started is sent as an
 ``{"error": ...}`` event followed by ``[DONE]``. ``echo`` prepends the prompt text to the choice's text (to
 its first chunk when streaming). Non-streaming responses carry ``usage``. A client that disconnects aborts
@@ -22,6 +24,7 @@ from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import CompletionRequest
 from flotilla.entrypoints.openai.responses import ChoiceAccumulator, completion_logprobs, usage
 from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
@@ -51,9 +54,9 @@ class _Job:
         return sum(len(p.prompt_token_ids) for p in self.prepared)
 
 
-async def create_completion(ctx: ServingContext, request: Request) -> Response:
+async def create_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, CompletionRequest)
-    ctx.check_model(req.model)
+    ctx = served.resolve(req.model, req.user)
     prompts = req.prompts()
     params = req.to_sampling_params()
     prepared = await ctx.prepare(prompts, params)

@@ -1,8 +1,8 @@
-"""Paged attention in plain PyTorch (CPU, or any device): gather each request's blocks, then SDPA.
+"""Paged attention in plain PyTorch (CPU, or any device): gather each request's blocks, then attend.
 
-Decodes (one query token) run as one batched SDPA over (num_decodes, kv_heads, max_seq_len); prefill
-chunks run as one batched SDPA over queries padded to the longest chunk, with a causal mask offset by each
-request's cached context. No Python loop over requests or tokens on the hot path.
+Decodes (one query token) run as two batched matmuls over (kv_heads, num_decodes) with a float32 softmax in
+between; prefill chunks run as one batched SDPA over queries padded to the longest chunk, with a causal mask
+offset by each request's cached context. No Python loop over requests or tokens on the hot path.
 """
 
 from __future__ import annotations
@@ -20,21 +20,22 @@ class TorchPagedMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,)
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # (D, max_blocks)
-    decode_mask: torch.Tensor | None  # (D, 1, 1, L) bool, True = attend
+    decode_bias: torch.Tensor | None  # (D, 1, L) float32, 0 = attend, -inf = masked
     prefill_block_tables: torch.Tensor | None  # (P, max_blocks)
     prefill_gather: torch.Tensor | None  # (P, Qmax) row index into the prefill tokens
     prefill_valid: torch.Tensor | None  # (P * Qmax,) bool, rows that are real tokens
-    prefill_mask: torch.Tensor | None  # (P, 1, Qmax, L) bool
+    prefill_mask: torch.Tensor | None  # (P, 1, Qmax, L) bool, True = attend; (T, T) causal when fresh single
     prefill_is_fresh_single: bool  # one prefill request with no cached context: plain causal attention
     prefill_seq_len: int  # L for prefill (max blocks * block_size, trimmed)
 
 
 class TorchPagedAttentionBackend(AttentionBackend):
-    """The CPU attention backend. Cache layout per layer: (2, num_blocks, block_size, kv_heads, head_dim)."""
+    """The CPU attention backend. Cache layout per layer: (2, kv_heads, num_blocks, block_size, head_dim), so
+    gathering a request's blocks yields each head's keys contiguous along the sequence."""
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchPagedMetadata:
         d = common.num_decodes
@@ -47,7 +48,9 @@ class TorchPagedAttentionBackend(AttentionBackend):
             nblk = -(-max_len // bs)
             dec_bt = common.block_tables[:d, :nblk]
             keys = torch.arange(nblk * bs, device=device)
-            dec_mask = (keys[None, :] < seq_lens[:d, None])[:, None, None, :]  # (D, 1, 1, L)
+            visible = keys[None, :] < seq_lens[:d, None]  # (D, L)
+            dec_mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(
+                ~visible, float("-inf"))[:, None, :]  # (D, 1, L) additive bias
         pre = self._build_prefill(common)
         return TorchPagedMetadata(common.slot_mapping, d, dec_bt, dec_mask, *pre)
 
@@ -60,6 +63,10 @@ class TorchPagedAttentionBackend(AttentionBackend):
         device = common.block_tables.device
         qlens, ctx = common.query_lens[d:].to(device), common.context_lens[d:].to(device)
         fresh_single = p == 1 and int(common.context_lens[d]) == 0
+        if fresh_single:
+            t = int(common.query_lens[d])
+            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
+            return None, None, None, causal, True, t
         max_q = int(common.query_lens[d:].max())
         nblk = -(-int((common.context_lens[d:] + common.query_lens[d:]).max()) // bs)
         starts = torch.cumsum(qlens, 0) - qlens  # (P,)
@@ -76,9 +83,9 @@ class TorchPagedAttentionBackend(AttentionBackend):
     def forward(self, q, k, v, kv_cache, metadata: TorchPagedMetadata, scale: float) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
         kv_heads = k.shape[1]
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, kv_heads, head_dim)
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # (kv_heads, num_blocks, block_size, head_dim)
+        k_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
+        v_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         d = metadata.num_decodes
         if d:
@@ -89,26 +96,35 @@ class TorchPagedAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, num_blocks, block_size, head_dim) -> (kv_heads, n, nblk * block_size, head_dim), contiguous."""
+        kv_heads, _, block_size, head_dim = cache.shape
         n, nblk = block_tables.shape
-        blocks = cache[block_tables]  # (n, nblk, block_size, kv_heads, head_dim)
-        return blocks.reshape(n, nblk * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+        blocks = cache.index_select(1, block_tables.reshape(-1))  # (kv_heads, n * nblk, block_size, head_dim)
+        return blocks.view(kv_heads, n, nblk * block_size, head_dim)
 
     def _decode(self, q, k_cache, v_cache, md: TorchPagedMetadata, scale):
-        keys = self._gather(k_cache, md.decode_block_tables)  # (D, kv_heads, L, head_dim)
+        # Batched matmuls over (kv_heads, D): CPU SDPA with one query row per sequence is several times slower.
+        d, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[0]
+        keys = self._gather(k_cache, md.decode_block_tables)  # (kv_heads, D, L, head_dim)
         values = self._gather(v_cache, md.decode_block_tables)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=md.decode_mask,
-                                             scale=scale, enable_gqa=True)  # (D, heads, 1, head_dim)
-        return out.reshape(q.shape[0], -1)
+        qg = q.view(d, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # (kv_heads, D, g, head_dim)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # (kv_heads, D, g, L)
+        scores.mul_(scale).add_(md.decode_bias)  # bias (D, 1, L): 0 or -inf
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (kv_heads, D, g, head_dim)
+        return out.transpose(0, 1).reshape(d, num_heads * head_dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, md: TorchPagedMetadata, scale):
+        # An explicit boolean mask: CPU SDPA's is_causal path measures slower than its masked path.
         if md.prefill_is_fresh_single:
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                 is_causal=True, scale=scale, enable_gqa=True)
+                                                 attn_mask=md.prefill_mask, scale=scale, enable_gqa=True)
             return out.transpose(0, 1).reshape(q.shape[0], -1)  # (T, heads * head_dim)
         p, max_q = md.prefill_gather.shape
         qp = q[md.prefill_gather].transpose(1, 2)  # (P, heads, Qmax, head_dim)
-        keys = self._gather(k_cache, md.prefill_block_tables)  # (P, kv_heads, L, head_dim)
-        values = self._gather(v_cache, md.prefill_block_tables)
+        keys = self._gather(k_cache, md.prefill_block_tables).transpose(0, 1)  # (P, kv_heads, L, head_dim)
+        values = self._gather(v_cache, md.prefill_block_tables).transpose(0, 1)
         out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=md.prefill_mask, scale=scale,
                                              enable_gqa=True)  # (P, heads, Qmax, head_dim)
         out = out.transpose(1, 2).reshape(p * max_q, -1)

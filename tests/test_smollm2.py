@@ -24,7 +24,7 @@ CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()  # no model given: the embedded default
+    return LLM(dtype="float32")  # no model given: the embedded default; float32 like the oracle
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,28 @@ def test_capital_of_france_is_paris(llm):
                    SamplingParams(temperature=0, max_tokens=32))[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+
+
+def test_auto_dtype_on_cpu():
+    """float32 checkpoints stay exact; GGUF and half-precision ones run in bfloat16 where the CPU has it."""
+    from flotilla.engine.arg_utils import EngineArgs, cpu_auto_dtype, cpu_has_native_bf16
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert cpu_auto_dtype("float32") == "float32"
+    assert cpu_auto_dtype("bfloat16") == cpu_auto_dtype("float16") == cpu_auto_dtype(None) == expected
+    assert EngineArgs(max_model_len=128, num_kv_blocks=8).create_engine_config().model.dtype == expected
+
+
+@pytest.mark.slow
+def test_bfloat16_matches_transformers_in_bfloat16():
+    """In bfloat16 both sides round differently; the DESIGN.md near-tie rule applies to any divergence."""
+    from transformers import AutoModelForCausalLM
+    path = smollm2_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.bfloat16).eval()
+    llm = LLM(dtype="bfloat16", max_model_len=256, num_kv_blocks=64)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+        for out in llm.generate(PLAIN, params):
+            assert_same_greedy(out, *hf_greedy(hf, out.prompt_token_ids))
+    finally:
+        llm.engine.shutdown()

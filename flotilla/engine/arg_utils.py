@@ -27,6 +27,7 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None  # None | "int8" (weight-only; needs bfloat16 or float16 activations)
     max_model_len: int | None = None
     kv_cache_memory: float = 1.0
     num_kv_blocks: int | None = None
@@ -50,9 +51,12 @@ class EngineArgs:
         resolved = resolve_model(self.model)
         hf_config = load_hf_config(resolved)
         max_len = self._max_model_len(hf_config)
+        dtype = self._dtype(hf_config)
+        self._check_quantization(dtype)
         model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
-                            source_kind=resolved.kind, hf_config=hf_config, dtype=self._dtype(hf_config),
-                            max_model_len=max_len, served_model_name=self.served_model_name)
+                            source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
+                            max_model_len=max_len, served_model_name=self.served_model_name,
+                            quantization=self.quantization)
         batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
                                                   else 2048)
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -80,15 +84,41 @@ class EngineArgs:
                                       f"{limit}", "max_model_len")
         return self.max_model_len
 
+    def _check_quantization(self, dtype: str) -> None:
+        if self.quantization is None:
+            return
+        if self.quantization != "int8":
+            raise InvalidRequestError(f"quantization must be int8 (or none), got {self.quantization!r}",
+                                      "quantization")
+        if dtype == "float32":
+            raise InvalidRequestError("quantization int8 multiplies bfloat16 or float16 activations: use "
+                                      "--dtype bfloat16 (torch's int8 kernel is slow with float32 on CPU)",
+                                      "quantization")
+
     def _dtype(self, hf_config) -> str:
         if self.dtype != "auto":
             if self.dtype not in ("float32", "bfloat16", "float16"):
                 raise InvalidRequestError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
                                           "dtype")
             return self.dtype
-        if self.device == "cpu":
-            return "float32"  # fastest and exact on CPU
-        declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        declared = getattr(hf_config, "dtype", None)  # transformers >= 5 (torch_dtype is its deprecated alias)
         if isinstance(declared, torch.dtype):
             declared = str(declared).removeprefix("torch.")
+        if self.device == "cpu":
+            return cpu_auto_dtype(declared)
         return declared if declared in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def cpu_auto_dtype(declared: str | None) -> str:
+    """``dtype="auto"`` on CPU: a float32 checkpoint stays float32 (exact); any other (bfloat16, float16, or a
+    GGUF file, which declares none) runs in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or
+    AMX: several times float32's matmul rate, benchmarks/RESULTS.md), else in float32."""
+    if declared == "float32":
+        return "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((is_bf16 and is_bf16()) or (is_amx and is_amx()))

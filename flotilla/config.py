@@ -14,7 +14,8 @@ class ModelConfig:
 
     ``source`` is the resolved location: a Hugging Face directory (config.json + safetensors) or a .gguf
     file. ``hf_config`` is a transformers ``PretrainedConfig`` (for GGUF, built from its metadata).
-    ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output).
+    ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output);
+    ``quantization`` "int8" stores linear weights as int8 with per-row scales (activations stay ``dtype``).
     """
 
     model: str
@@ -24,8 +25,11 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int = 2048
     served_model_name: str | None = None
+    quantization: str | None = None  # None or "int8" (weight-only, layers/quantization.py)
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if self.source_kind not in ("hf_dir", "gguf"):
             raise ValueError(f"source_kind must be 'hf_dir' or 'gguf', got {self.source_kind!r}")
         if self.dtype not in _DTYPES[1:]:

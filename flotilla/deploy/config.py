@@ -43,7 +43,7 @@ _ENGINE_KEYS_SET_ELSEWHERE = {"model": "model", "served_model_name": "name",
                               "tensor_parallel_size": "parallel.tensor",
                               "pipeline_parallel_size": "parallel.pipeline"}
 # Early checks of engine overrides (the engine validates everything again when it starts).
-_ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
+_ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": (None, "int8"),
                    "distributed_executor_backend": (None, "uni", "mp", "ray", "external"),
                    "distributed_backend": (None, "gloo", "nccl")}
 _ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,

@@ -14,6 +14,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
                                                  "(default: smollm2-135m-instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", "-q", choices=["int8"], default=None,
+                   help="weight-only int8 linear layers (faster small-batch decode; activations stay bf16)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache budget in GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
@@ -40,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_args_from(ns: argparse.Namespace):
     from flotilla.engine.arg_utils import EngineArgs
     partition = [int(x) for x in ns.pipeline_partition.split(",")] if ns.pipeline_partition else None
-    return EngineArgs(model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len,
+    return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len,
                       kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
                       max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                       enable_prefix_caching=ns.enable_prefix_caching,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed.parallel_state import get_tp_group
+from flotilla.layers.quantization import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -56,6 +57,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight = tied_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # (num_seqs, V / tp)
+        logits = linear(hidden, self)  # (num_seqs, V / tp)
         logits = self.tp.all_gather(logits, dim=-1)  # (num_seqs, padded V)
         return logits[..., :self.num_embeddings]

@@ -2,16 +2,16 @@
 
 Each parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that copies only this
 rank's shard of a full (unsharded) checkpoint tensor, so models load weights without knowing the TP size.
-At TP size 1 each layer is a plain ``F.linear``.
+At TP size 1 each layer is a plain ``F.linear`` (or the int8 kernel once quantized, layers/quantization.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed.parallel_state import get_tp_group
+from flotilla.layers.quantization import linear
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, loader) -> nn.Parameter:
@@ -45,7 +45,7 @@ class ReplicatedLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -72,7 +72,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (num_tokens, out / tp)
+        y = linear(x, self, self.bias)  # (num_tokens, out / tp)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -166,5 +166,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # (num_tokens, out)
+        y = self.tp.all_reduce(linear(x, self))  # (num_tokens, out)
         return y + self.bias if self.bias is not None else y

@@ -11,6 +11,7 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
+from flotilla.layers.quantization import quantize_model_
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -61,6 +62,8 @@ class Worker:
         lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
         model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight,
                                                     lazy=lazy))
+        if mc.quantization:
+            quantize_model_(model, mc.quantization)
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,

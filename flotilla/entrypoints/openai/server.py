@@ -89,6 +89,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _run_on_ray(deployment, ns: argparse.Namespace, api_key: str | None) -> int:
+    """``flotilla serve --ray``: the same deployment on Ray Serve (flotilla.deploy.ray_serve)."""
+    try:
+        from flotilla.deploy.ray_serve import run_on_ray
+    except ImportError as e:
+        print(f"error: --ray needs Ray Serve (pip install 'flotilla[ray]'): {e}", file=sys.stderr)
+        return 2
+    config = server_config_from(ns, deployment.models[0].name, api_key)
+    return run_on_ray(deployment, host=ns.host, port=ns.port, ray_address=ns.ray_address,
+                      api_key=ns.api_key or api_key, server_config=config)
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
@@ -104,6 +116,8 @@ def run_server(ns: argparse.Namespace) -> int:
     except ValueError as e:  # DeploymentConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if getattr(ns, "ray", False):
+        return _run_on_ray(deployment, ns, api_key)
     try:
         sock = bind_socket(ns.host, ns.port)
     except OSError as e:

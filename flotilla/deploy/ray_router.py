@@ -1,0 +1,122 @@
+"""FlotillaRequestRouter: Ray Serve's request-router hook driven by flotilla's pure routing policies.
+
+Ray Serve asks a deployment's request router (one per deployment handle, in the calling process: here the
+OpenAI ingress) to rank candidate replicas for each request. This adapter turns the candidates and their
+queue lengths (Serve's cache, or a probe) into ``ReplicaLoad``s, asks the policy of
+``flotilla.deploy.routing`` (prefix-aware by default) with the request's prompt token ids as the prefix,
+and returns the policy's choice first and the other replicas, least loaded first, as the fallback rank
+(Serve sends to the first replica of a rank that is not full). When Serve confirms a request was accepted,
+the policy is told (``on_routed``); replicas that disappear are forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy, make_policy
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CLASS_PATH = "flotilla.deploy.ray_router.FlotillaRequestRouter"
+
+
+def request_prefix(pending_request: PendingRequest | None) -> list[int] | None:
+    """The prompt token ids of a ``ModelServer.generate`` call (its first argument), else None."""
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    if isinstance(first, dict):
+        ids = first.get("prompt_token_ids")
+        if isinstance(ids, (list, tuple)):
+            return list(ids)
+    return None
+
+
+class FlotillaRequestRouter(RequestRouter):
+    """Routes a model deployment's requests with a flotilla ``RoutingPolicy``.
+
+    Contract: configured through ``RequestRouterConfig(request_router_class=ROUTER_CLASS_PATH,
+    request_router_kwargs={...})``; ``initialize_state`` takes ``policy`` (a name for ``make_policy``),
+    ``seed``, ``max_num_seqs`` (a replica's engine batch size: a replica with that many requests in flight
+    counts as saturated) and ``policy_kwargs``. Each routing round ranks ``[[policy choice], [the others,
+    least loaded first]]``; replicas whose queue length cannot be learnt, or whose routing stats say their
+    engine is unhealthy, are left out while others remain. The policy forgets replicas that leave.
+    """
+
+    def initialize_state(self, policy: str = "prefix_aware", seed: int | None = None,
+                         max_num_seqs: int | None = None, policy_kwargs: dict | None = None, **_ignored) -> None:
+        self.policy_name = policy
+        self.policy: RoutingPolicy = make_policy(policy, rng=random.Random(seed), **(policy_kwargs or {}))
+        self.max_num_seqs = max_num_seqs
+
+    def _ensure_policy(self) -> None:
+        if not hasattr(self, "policy"):  # initialize_state is always called by Serve; be safe in tests
+            self.initialize_state()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        self._ensure_policy()
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # every rank tried: back off before retrying
+        if not candidate_replicas:
+            return []
+        healthy = [r for r in candidate_replicas if (r.routing_stats or {}).get("healthy", True)]
+        replicas = healthy or list(candidate_replicas)
+        loads = await self._loads(replicas)
+        if not loads:
+            return [list(replicas)]
+        by_id = {_rid(r): r for r in replicas}
+        chosen = self.policy.choose([load for load, _ in loads], request_prefix(pending_request))
+        rest = [r for load, r in sorted(loads, key=lambda x: (x[0].num_ongoing, x[0].replica_id))
+                if load.replica_id != chosen]
+        return [[by_id[chosen]], rest] if rest else [[by_id[chosen]]]
+
+    async def _loads(self, replicas: Sequence[RunningReplica]) -> list[tuple[ReplicaLoad, RunningReplica]]:
+        """Each replica's requests in flight: Serve's queue-length cache, else a probe (unknown: left out)."""
+        known: dict[ReplicaID, int] = {}
+        missing = []
+        for r in replicas:
+            n = self.replica_queue_len_cache.get(r.replica_id)
+            if n is None:
+                missing.append(r)
+            else:
+                known[r.replica_id] = n
+        if missing:
+            for r, n in await self._probe_queue_lens(missing, 0):
+                if n is not None:
+                    known[r.replica_id] = n
+        loads = []
+        for r in replicas:
+            if r.replica_id in known:
+                cap = r.max_ongoing_requests
+                if self.max_num_seqs:
+                    cap = min(cap, self.max_num_seqs)
+                loads.append((ReplicaLoad(_rid(r), known[r.replica_id], cap), r))
+        return loads
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._ensure_policy()
+        prefix = request_prefix(pending_request)
+        if prefix:
+            self.policy.on_routed(replica_id.unique_id, prefix)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        self._ensure_policy()
+        before = {rid.unique_id for rid in self._replica_id_set}
+        super().update_replicas(replicas)
+        after = {rid.unique_id for rid in self._replica_id_set}
+        for gone in before - after:
+            self.policy.forget_replica(gone)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._ensure_policy()
+        self.policy.forget_replica(replica_id.unique_id)
+
+
+def _rid(r: RunningReplica) -> str:
+    return r.replica_id.unique_id

@@ -1,0 +1,435 @@
+"""flotilla on Ray Serve: one deployment per model, an OpenAI ingress, and the ``--ray`` entry point.
+
+Layout of the Serve application ``flotilla`` (route prefix ``/``):
+- one ``ModelServer`` deployment per model (named after the model): each replica is one ``AsyncLLM`` whose
+  engine core runs in a child process; with tensor/pipeline parallelism its ranks are Ray actors in a
+  placement group made by flotilla's Ray executor (they may span nodes). ``replicas`` becomes
+  ``num_replicas``, ``autoscaling`` Serve's ``autoscaling_config`` (driven by ongoing requests); replicas
+  are chosen by ``FlotillaRequestRouter`` with the file's ``routing`` policy (``prefix_aware``: the replica
+  that has the prompt's prefix cached unless it is overloaded, else power of two choices).
+- ``OpenAIIngress``: the same FastAPI app as embedded mode (``build_app``), given a ``RemoteEngine`` per
+  model, so completions, chat, streaming, errors, API key and metrics behave identically.
+
+Security: a Ray instance that ``run_on_ray`` starts itself listens on loopback only, without a dashboard;
+the HTTP proxy binds the ``host`` given (127.0.0.1 by default); replicas' internal gRPC servers bind the
+node IP, not every interface; the API key applies to every route but /health and /metrics.
+
+Per-model ``ray`` settings (``ModelSpec.ray``): ``num_cpus``, ``num_gpus``, ``ray_actor_options``,
+``max_ongoing_requests``, ``health_check_period_s``, ``health_check_timeout_s``, ``stall_timeout_s``,
+``graceful_shutdown_timeout_s``, ``autoscaling_config`` (extra Serve autoscaling keys, e.g.
+``metrics_interval_s``, ``look_back_period_s``), ``routing_stats_period_s``, ``routing_kwargs`` (policy
+constructor arguments); ``placement_strategy`` is accepted but not applied yet (ranks are placed PACK).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
+from flotilla.engine.arg_utils import EngineArgs
+from flotilla.engine.output_processor import OutputKind
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "flotilla"
+INGRESS_NAME = "flotilla-ingress"
+DEFAULT_STALL_TIMEOUT_S = 120.0
+DEFAULT_HEALTH_CHECK_PERIOD_S = 5.0
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
+DEFAULT_ROUTING_STATS_PERIOD_S = 2.0
+INGRESS_MAX_ONGOING = 4096
+RAY_SETTINGS = ("num_cpus", "num_gpus", "ray_actor_options", "max_ongoing_requests", "health_check_period_s",
+                "health_check_timeout_s", "stall_timeout_s", "graceful_shutdown_timeout_s", "autoscaling_config",
+                "routing_stats_period_s", "routing_kwargs", "placement_strategy")
+
+
+# ---- replica processes ----------------------------------------------------------------------------------
+
+def bind_replica_grpc_to_node_ip() -> None:
+    """Make this Serve replica's inter-deployment gRPC server listen on the node IP only.
+
+    Ray Serve 2.60 starts it on ``[::]:0`` (every interface) after the deployment's constructor returns;
+    its peers reach it at the node IP (``RunningReplicaInfo.node_ip``), so binding there loses nothing and
+    keeps a loopback-only cluster on loopback. Call it from the constructor; a no-op if Ray's internals
+    differ.
+    """
+    try:
+        from ray.serve._private import replica as replica_module
+        original = replica_module.add_port_to_grpc_server
+    except (ImportError, AttributeError):
+        logger.warning("cannot restrict the Serve replica gRPC server to the node IP (Ray internals changed)")
+        return
+    if getattr(original, "flotilla_node_ip", False):
+        return
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address[len('[::]:'):]}"
+        return original(server, address)
+
+    add_port.flotilla_node_ip = True
+    replica_module.add_port_to_grpc_server = add_port
+
+
+# ---- one replica of one model ----------------------------------------------------------------------------
+
+def stalled_for(now: float, busy: bool, progressed: bool, last_progress: float | None) -> tuple[float, float | None]:
+    """Pure stall bookkeeping: returns ``(seconds without progress while busy, new last_progress)``.
+
+    ``busy``: the engine has unfinished requests; ``progressed``: it stepped or produced output since the
+    last call. An idle engine, or one that progressed, is not stalled (the clock restarts).
+    """
+    if not busy or progressed or last_progress is None:
+        return 0.0, now
+    return now - last_progress, last_progress
+
+
+def replica_engine_args(args: EngineArgs, gcs_address: str | None) -> EngineArgs:
+    """The EngineArgs a replica runs: several ranks use the Ray executor, joined to this cluster (the engine
+    core child process connects to ``gcs_address``; without it, it would start a cluster of its own)."""
+    args = copy.deepcopy(args)
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        if args.distributed_executor_backend in (None, "ray"):
+            args.distributed_executor_backend = "ray"
+    if args.distributed_executor_backend == "ray" and not args.ray_address:
+        args.ray_address = gcs_address
+    return args
+
+
+class ModelServer:
+    """One replica of a model deployment: one engine (``AsyncLLM``; its core runs in a child process).
+
+    Contract (methods are called by Serve handles; values cross processes pickled by Ray):
+    - ``generate(request)`` is an async generator over ``{"request_id", "prompt", "prompt_token_ids",
+      "sampling_params", ["output_kind"]}`` yielding ``RequestOutput`` deltas (or the given kind). If the
+      caller cancels the stream (or stops iterating), the engine request is aborted and its blocks freed.
+    - ``stats()`` -> dict: this replica's id, pid, engine core pid, node, ``num_blocks``, the scheduler
+      snapshot (``num_running``, ``num_waiting``, ``kv_cache_usage``, ``prefix_cache_queries``,
+      ``prefix_cache_hits``, ``num_preemptions``), ``num_ongoing``, ``requests_total`` (generate calls)
+      and ``requests_unfinished`` (those that ended before their last output: cancelled or failed).
+    - ``check_health()`` raises when the engine is dead or has made no progress (no step, no output) for
+      ``stall_timeout_s`` while it had work; Serve then replaces the replica.
+    - ``record_routing_stats()`` -> ``{"healthy", "num_running", "num_waiting", "kv_cache_usage"}`` for
+      the request router (it skips replicas that report ``healthy: False``).
+    """
+
+    def __init__(self, model_name: str, engine_args: EngineArgs, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S):
+        from flotilla.engine.async_llm import AsyncLLM
+        bind_replica_grpc_to_node_ip()
+        self.model_name = model_name
+        self.stall_timeout_s = stall_timeout_s
+        self.args = replica_engine_args(engine_args, ray.get_runtime_context().gcs_address)
+        self.engine = AsyncLLM(self.args)
+        self.replica_id = _replica_id()
+        self._inflight = 0
+        self.requests_total = 0
+        self.requests_unfinished = 0  # cancelled by the caller, or failed
+        self._last_progress: float | None = None
+        self._outputs_seen = 0
+        self._marker = (None, 0)
+        logger.info("model %s: replica %s ready (engine core pid %s, %d KV blocks)", model_name, self.replica_id,
+                    self.core_pid(), self.engine.num_blocks)
+
+    async def generate(self, request: dict):
+        kind = OutputKind(request.get("output_kind", OutputKind.DELTA.value))
+        prompt = {"prompt": request.get("prompt"), "prompt_token_ids": request["prompt_token_ids"]}
+        self._inflight += 1
+        self.requests_total += 1
+        stream = self.engine.generate(prompt, request["sampling_params"], request["request_id"], kind)
+        finished = False
+        try:
+            async for out in stream:
+                self._outputs_seen += 1
+                finished = out.finished
+                yield out
+        finally:
+            self._inflight -= 1
+            if not finished:
+                self.requests_unfinished += 1
+            await stream.aclose()  # unfinished (cancelled by the caller): the engine aborts the request
+
+    def stats(self) -> dict:
+        s = self.engine.latest_stats
+        return {"model": self.model_name, "replica_id": self.replica_id, "pid": os.getpid(),
+                "core_pid": self.core_pid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "num_blocks": self.engine.num_blocks, "num_running": s.num_running, "num_waiting": s.num_waiting,
+                "kv_cache_usage": s.kv_cache_usage, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits, "num_preemptions": s.num_preemptions,
+                "num_ongoing": self._inflight, "requests_total": self.requests_total,
+                "requests_unfinished": self.requests_unfinished,
+                "healthy": not self.engine.is_dead}
+
+    def record_routing_stats(self) -> dict:
+        s = self.engine.latest_stats
+        return {"healthy": not self.engine.is_dead, "num_running": s.num_running, "num_waiting": s.num_waiting,
+                "kv_cache_usage": s.kv_cache_usage}
+
+    def check_health(self) -> None:
+        if self.engine.is_dead:
+            raise RuntimeError(f"model {self.model_name}: the engine is dead: {self.engine.dead_error}")
+        marker = (self.engine.latest_stats, self._outputs_seen)
+        progressed = marker[0] is not self._marker[0] or marker[1] != self._marker[1]
+        self._marker = marker
+        busy = self._inflight > 0 or self.engine.num_unfinished_requests > 0
+        stalled, self._last_progress = stalled_for(time.monotonic(), busy, progressed, self._last_progress)
+        if stalled > self.stall_timeout_s:
+            raise RuntimeError(f"model {self.model_name}: the engine made no progress for {stalled:.0f} s "
+                               f"with {self._inflight} request(s) in flight")
+
+    def core_pid(self) -> int | None:
+        """Process id of the engine core child process."""
+        client = getattr(self.engine, "_client", None)
+        return getattr(getattr(client, "proc", None), "pid", None)
+
+    def __del__(self):  # Serve calls it when it stops the replica; Python may call it again
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests constructing the class directly)
+        return f"local-{os.getpid()}"
+
+
+# ---- the OpenAI ingress ----------------------------------------------------------------------------------
+
+def build_openai_app(engines: dict, routes: dict, server_config, seed: int | None = None):
+    """The OpenAI app over these engines (model name -> engine client), as ``build_app`` builds it embedded;
+    returns ``(asgi_app, served_models)``."""
+    from flotilla.entrypoints.openai.api_server import build_app
+    return build_app(engines, server_config, routes=routes, seed=seed)
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The HTTP entry of the application: flotilla's OpenAI app over one ``RemoteEngine`` per model.
+
+    Contract: ``models`` maps model name -> that model's deployment handle, ``engine_args`` model name ->
+    its EngineArgs (tokenizer and limits are built here from config files, no weights); ``routes`` are the
+    aliases' traffic splits (drawn with ``seed``); ``server_config`` the HTTP settings (API key, queue bound,
+    body limit). Model names and aliases are resolved exactly as in embedded mode (unknown: 404).
+    """
+
+    def __init__(self, models: dict, engine_args: dict, routes: dict, server_config, seed: int | None = None):
+        bind_replica_grpc_to_node_ip()
+        self._handles, self._engine_args = models, engine_args
+        self._routes, self._server_config, self._seed = routes or {}, server_config, seed
+        self.engines: dict = {}
+        self.served = None
+
+    async def __serve_build_asgi_app__(self):
+        from flotilla.deploy.remote_engine import RemoteEngine
+        self.engines = {name: RemoteEngine(name, handle, self._engine_args[name])
+                        for name, handle in self._handles.items()}
+        for engine in self.engines.values():
+            engine.ensure_stats_task()
+        app, self.served = build_openai_app(self.engines, self._routes, self._server_config, self._seed)
+        return app
+
+    def __del__(self):
+        for engine in getattr(self, "engines", {}).values():
+            engine.shutdown()
+
+
+# ---- building the application ----------------------------------------------------------------------------
+
+def _ray_setting(spec, key: str, default=None):
+    return (getattr(spec, "ray", None) or {}).get(key, default)
+
+
+def autoscaling_config(spec) -> dict | None:
+    """Serve's ``autoscaling_config`` for a model spec (None: a fixed ``num_replicas``)."""
+    auto = getattr(spec, "autoscaling", None)
+    if auto is None:
+        return None
+    config = {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+              "target_ongoing_requests": auto.target_ongoing_requests}
+    for key in ("upscale_delay_s", "downscale_delay_s", "initial_replicas", "metrics_interval_s",
+                "look_back_period_s"):
+        value = getattr(auto, key, None)
+        if value is not None:
+            config[key] = value
+    config.update(_ray_setting(spec, "autoscaling_config", {}))
+    return config
+
+
+def replica_resources(args: EngineArgs, spec) -> dict:
+    """``ray_actor_options`` of a replica. One rank: the replica's engine core computes, so it holds the
+    CPU (or GPU); several ranks: the ranks' placement group holds them and the replica itself needs none."""
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    cuda = args.device.startswith("cuda")
+    options = {"num_cpus": _ray_setting(spec, "num_cpus", 1 if world == 1 and not cuda else 0),
+               "num_gpus": _ray_setting(spec, "num_gpus", 1 if world == 1 and cuda else 0)}
+    options.update(_ray_setting(spec, "ray_actor_options", {}))
+    return options
+
+
+def _check_ray_settings(spec) -> None:
+    settings = getattr(spec, "ray", None) or {}
+    unknown = sorted(set(settings) - set(RAY_SETTINGS))
+    if unknown:
+        logger.warning("model %s: ignoring unknown ray settings %s (known: %s)", spec.name, unknown,
+                       ", ".join(RAY_SETTINGS))
+    if settings.get("placement_strategy", "PACK") != "PACK":
+        logger.warning("model %s: ray.placement_strategy %s is not applied yet (the engine's Ray executor "
+                       "places ranks with PACK)", spec.name, settings["placement_strategy"])
+
+
+def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = None):
+    """The Serve deployment of one model (bind it with ``(name, engine_args, stall_timeout_s)``)."""
+    _check_ray_settings(spec)
+    args = spec.engine_args()
+    max_ongoing = _ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs))
+    policy_kwargs = dict(_ray_setting(spec, "routing_kwargs", {}))
+    if routing == "prefix_aware":
+        policy_kwargs.setdefault("block_size", args.block_size)
+    router = RequestRouterConfig(
+        request_router_class=ROUTER_CLASS_PATH,
+        request_router_kwargs={"policy": routing, "seed": seed, "max_num_seqs": args.max_num_seqs,
+                               "policy_kwargs": policy_kwargs},
+        request_routing_stats_period_s=_ray_setting(spec, "routing_stats_period_s", DEFAULT_ROUTING_STATS_PERIOD_S))
+    options = dict(name=spec.name, ray_actor_options=replica_resources(args, spec),
+                   max_ongoing_requests=max_ongoing, request_router_config=router,
+                   health_check_period_s=_ray_setting(spec, "health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S),
+                   health_check_timeout_s=_ray_setting(spec, "health_check_timeout_s",
+                                                       DEFAULT_HEALTH_CHECK_TIMEOUT_S))
+    grace = _ray_setting(spec, "graceful_shutdown_timeout_s")
+    if grace is not None:
+        options["graceful_shutdown_timeout_s"] = grace
+    auto = autoscaling_config(spec)
+    if auto is not None:
+        options["autoscaling_config"] = auto
+    else:
+        options["num_replicas"] = spec.replicas
+    return serve.deployment(ModelServer).options(**options)
+
+
+def _server_config(config, api_key: str | None, host: str = "127.0.0.1", port: int = 8000, base=None):
+    """HTTP settings (``base``'s, e.g. the queue bound and body limit, else the defaults) with this host,
+    port and API key: ``api_key`` if given, else the one ``config.api_key_env`` names (None: no key)."""
+    from flotilla.entrypoints.openai.cli_args import ServerConfig
+    if api_key is None:
+        api_key = config.api_key()
+    return dataclasses.replace(base or ServerConfig(), host=host, port=port,
+                               served_model_name=config.models[0].name, api_key=api_key)
+
+
+def build_ray_app(config, *, api_key: str | None = None, server_config=None):
+    """The Serve application for a deployment file: a ``ModelServer`` deployment per model behind the
+    ``OpenAIIngress``. ``api_key`` (else the variable ``config.api_key_env`` names) protects the API."""
+    server_config = server_config or _server_config(config, api_key)
+    handles, engine_args = {}, {}
+    for spec in config.models:
+        args = spec.engine_args()
+        engine_args[spec.name] = args
+        stall = _ray_setting(spec, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
+        handles[spec.name] = model_deployment(spec, config.routing, config.seed).bind(
+            spec.name, args, stall)
+    ingress = serve.deployment(OpenAIIngress).options(name=INGRESS_NAME, num_replicas=1,
+                                                      max_ongoing_requests=INGRESS_MAX_ONGOING,
+                                                      ray_actor_options={"num_cpus": 0})
+    return ingress.bind(handles, engine_args, dict(config.routes or {}), server_config, config.seed)
+
+
+# ---- serving until signalled -----------------------------------------------------------------------------
+
+def cpus_needed(config) -> int:
+    """Logical CPUs a local Ray instance needs so every replica (at its maximum count) and rank fits."""
+    total = 0
+    for spec in config.models:
+        args = spec.engine_args()
+        auto = getattr(spec, "autoscaling", None)
+        count = auto.max_replicas if auto is not None else spec.replicas
+        world = args.tensor_parallel_size * args.pipeline_parallel_size
+        per = replica_resources(args, spec)["num_cpus"] + (world if world > 1 and args.device == "cpu" else 0)
+        total += count * per
+    return max(1, int(total + 0.999))
+
+
+def _check_port(host: str, port: int) -> None:
+    from flotilla.entrypoints.openai.server import bind_socket
+    bind_socket(host, port).close()
+
+
+def connect_ray(address: str | None, num_cpus: int) -> bool:
+    """Connect to ``address`` (or reuse this process's connection); without one start a local Ray instance
+    on loopback with no dashboard. Returns True if that local instance is ours to shut down."""
+    from flotilla.executor.ray_executor import _connect_ray
+    return _connect_ray(address, num_cpus)
+
+
+def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
+               api_key: str | None = None, server_config=None) -> int:
+    """Serve ``config`` on Ray Serve at ``http://host:port`` until SIGTERM/SIGINT; returns the exit code.
+
+    Without ``ray_address`` a local Ray instance is started (loopback only, no dashboard) and stopped at the
+    end; with one, that cluster is joined and only the ``flotilla`` application is deleted at the end.
+    ``api_key`` overrides ``config.api_key_env``; ``server_config`` (a ``ServerConfig``) supplies the other
+    HTTP settings (queue bound, body limit). A port in use or a model that fails to deploy returns 1 with a
+    message on stderr; 0 after a signal.
+    """
+    http = _server_config(config, api_key, host, port, server_config)  # a missing API key fails here
+    if ray_address is None and not ray.is_initialized():  # the proxy will listen on this machine
+        try:
+            _check_port(host, port)
+        except OSError as e:
+            print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    stop = threading.Event()
+    owns_ray = connect_ray(ray_address, cpus_needed(config))
+    # After ray.init, which installs handlers of its own: a signal asks for an orderly shutdown.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        try:
+            serve.run(build_ray_app(config, server_config=http), name=APP_NAME, route_prefix="/")
+        except Exception as e:  # noqa: BLE001 - a deployment that cannot start
+            print(f"error: the flotilla application failed to deploy: {e}", file=sys.stderr)
+            return 1
+        shown = f"[{host}]" if ":" in host else host
+        names = ", ".join(spec.name for spec in config.models)
+        print(f"flotilla on Ray Serve: models {names}; OpenAI API on http://{shown}:{port}/v1", flush=True)
+        while not stop.wait(1.0):
+            pass
+        logger.info("signal received: shutting the flotilla application down")
+        return 0
+    finally:
+        _shutdown(owns_ray)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _shutdown(owns_ray: bool) -> None:
+    try:
+        if owns_ray:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    except Exception as e:  # noqa: BLE001
+        logger.warning("shutting Serve down failed: %s", e)
+    if owns_ray:
+        ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for tests and examples)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

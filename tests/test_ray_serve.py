@@ -1,0 +1,386 @@
+"""flotilla on Ray Serve, on a local two-node Ray cluster (``ray.cluster_utils.Cluster``, loopback only).
+
+One cluster and one Serve instance per module. The main application (``build_ray_app``: the tiny random
+Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp2`` with tensor parallel 2,
+and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
+cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
+engine core killed, so the health check fails and Serve replaces the replica). Autoscaling deploys a model
+deployment of its own and loads it through its deployment handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
+from flotilla.sampling_params import SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = "127.0.0.1"
+KEY = "sk-ray-key"
+MAX_NUM_SEQS = 4
+ENGINE = dict(max_model_len=512, num_kv_blocks=256, num_threads=1, max_num_seqs=MAX_NUM_SEQS)
+FAST_HEALTH = dict(health_check_period_s=1.0, health_check_timeout_s=10.0, routing_stats_period_s=1.0,
+                   stall_timeout_s=60.0, graceful_shutdown_timeout_s=2.0)
+
+
+def model_spec(name: str, path: str, **kw) -> ModelSpec:
+    return ModelSpec(name=name, model=path, engine=dict(ENGINE, **kw.pop("engine", {})), **kw)
+
+
+# ---- cluster, Serve, application ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two nodes of three logical CPUs on 127.0.0.1, no dashboard (see test_ray_executor.ray_cluster)."""
+    from ray._private import ray_constants
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        node = {"num_cpus": 3, "include_dashboard": False, "node_ip_address": LOOPBACK}
+        cluster = Cluster(initialize_head=True, head_node_args=node)
+        try:
+            cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_cluster):
+    from flotilla.deploy.ray_serve import free_port
+    port = free_port()
+    serve.start(http_options={"host": LOOPBACK, "port": port}, proxy_location="HeadOnly")
+    return f"http://{LOOPBACK}:{port}"
+
+
+@pytest.fixture(scope="module")
+def app(serve_url, tiny_llama):
+    """The main application behind the OpenAI ingress: model ``tiny`` with two replicas, model ``tiny-tp2``
+    (tensor parallel 2: its ranks are Ray actors in a placement group) and the alias ``tiny-alias``."""
+    from flotilla.deploy.ray_serve import APP_NAME, build_ray_app
+    config = DeploymentConfig(models=(model_spec("tiny", tiny_llama[0], replicas=2, ray=dict(FAST_HEALTH)),
+                                      model_spec("tiny-tp2", tiny_llama[0], tensor_parallel_size=2)),
+                              routes={"tiny-alias": {"tiny": 1.0}}, routing="prefix_aware", seed=0)
+    serve.run(build_ray_app(config, api_key=KEY), name=APP_NAME, route_prefix="/")
+    yield serve_url
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=app + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def tiny_handle():
+    from flotilla.deploy.ray_serve import APP_NAME
+    return serve.get_deployment_handle("tiny", app_name=APP_NAME)
+
+
+def replica_stats(handle) -> dict[str, dict]:
+    """``stats()`` of every replica of a deployment that answers, by replica id."""
+    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    return {s["replica_id"]: s for s in results if isinstance(s, dict)}
+
+
+def running_replicas(deployment: str, app_name: str) -> int:
+    status = serve.status().applications.get(app_name)
+    if status is None or deployment not in status.deployments:
+        return 0
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def wait_until(predicate, timeout_s: float, period_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period_s)
+    return predicate()
+
+
+def completion(client, prompt, **kw):
+    return client.completions.create(model="tiny", prompt=prompt, temperature=0, **kw)
+
+
+# ---- the OpenAI API through the Ray ingress -----------------------------------------------------------------
+def test_models_and_unknown_model(client, app):
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-tp2", "tiny-alias"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert httpx.get(app + "/v1/models").status_code == 401  # the API key applies
+    assert httpx.get(app + "/health").status_code == 200
+    metrics = httpx.get(app + "/metrics")  # engine gauges: the replicas' stats, summed by the ingress
+    assert metrics.status_code == 200 and 'flotilla:num_requests_running{model_name="tiny"}' in metrics.text
+
+
+def test_completion_and_stream(client):
+    full = completion(client, "The capital of France is", max_tokens=12)
+    assert full.object == "text_completion" and full.model == "tiny" and full.usage.completion_tokens == 12
+    chunks = list(completion(client, "The capital of France is", max_tokens=12, stream=True,
+                             stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 12
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == full.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_alias_and_second_model(client):
+    via_alias = client.completions.create(model="tiny-alias", prompt="Hello", max_tokens=4, temperature=0)
+    assert via_alias.model == "tiny" and via_alias.usage.completion_tokens == 4
+    tp2 = client.chat.completions.create(model="tiny-tp2", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4, temperature=0)
+    assert tp2.model == "tiny-tp2" and tp2.usage.completion_tokens == 4
+
+
+def test_chat_and_stream(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Name three colors."}], max_tokens=10,
+              temperature=0)
+    full = client.chat.completions.create(**kw)
+    assert full.object == "chat.completion" and full.usage.completion_tokens == 10
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+
+
+def test_both_replicas_receive_traffic(client):
+    handle = tiny_handle()
+    before = replica_stats(handle)
+    assert len(before) == 2
+    for i in range(10):  # short prompts: no full block to match, power of two choices spreads them
+        completion(client, f"w{i}", max_tokens=2)
+    after = replica_stats(handle)
+    gained = {rid: after[rid]["requests_total"] - before[rid]["requests_total"] for rid in after}
+    assert all(n > 0 for n in gained.values()), gained
+
+
+# ---- prefix-aware routing -----------------------------------------------------------------------------------
+SHARED = [1] + [(37 * i) % 4000 + 100 for i in range(79)]  # 80 tokens: 5 full blocks of 16
+
+
+def test_shared_prefix_goes_to_one_replica_with_cache_hits(client):
+    handle = tiny_handle()
+    before = replica_stats(handle)
+    for i in range(6):
+        completion(client, SHARED + [500 + i, 600 + i], max_tokens=2)
+    after = replica_stats(handle)
+    gained = {rid: after[rid]["requests_total"] - before[rid]["requests_total"] for rid in after}
+    hot = max(gained, key=gained.get)
+    print("prefix routing:", gained, "hits", after[hot]["prefix_cache_hits"] - before[hot]["prefix_cache_hits"])
+    assert gained[hot] >= 5, gained
+    hits = after[hot]["prefix_cache_hits"] - before[hot]["prefix_cache_hits"]
+    assert hits >= 4 * 64, (hits, after[hot])
+
+
+def test_saturated_hot_replica_sends_new_requests_elsewhere(client):
+    """More concurrent shared-prefix requests than the hot replica's batch: the excess goes to the other."""
+    handle = tiny_handle()
+    completion(client, SHARED + [7], max_tokens=1)  # (re)establish the affinity
+    before = replica_stats(handle)
+
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key=KEY, max_retries=0, timeout=120)
+        await asyncio.gather(*[aclient.completions.create(
+            model="tiny", prompt=SHARED + [800 + i], max_tokens=160, temperature=0,
+            extra_body={"ignore_eos": True}) for i in range(3 * MAX_NUM_SEQS)])
+        await aclient.close()
+
+    asyncio.run(burst())
+    after = replica_stats(handle)
+    gained = sorted(after[rid]["requests_total"] - before[rid]["requests_total"] for rid in after)
+    print("saturation:", gained)
+    assert sum(gained) == 3 * MAX_NUM_SEQS
+    assert gained[0] >= MAX_NUM_SEQS // 2, gained  # the cold replica took a real share
+    assert gained[1] >= MAX_NUM_SEQS, gained  # the hot one was filled first
+
+
+def _gained(before: dict, after: dict, key: str) -> int:
+    return sum(after[rid][key] - before.get(rid, {}).get(key, 0) for rid in after)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_client_disconnect_aborts_the_request_on_its_replica(app, stream):
+    handle = tiny_handle()
+    before = replica_stats(handle)
+    body = {"model": "tiny", "prompt": f"cancel me {stream}", "max_tokens": 480, "ignore_eos": True,
+            "temperature": 0, "stream": stream}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if stream:
+        with httpx.stream("POST", app + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            events = 0
+            for line in r.iter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    break
+    else:  # four samples of 480 tokens take seconds here; the client gives up long before
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(app + "/v1/completions", json=dict(body, n=4), headers=headers, timeout=0.3)
+
+    def settled() -> bool:
+        after = replica_stats(handle)
+        return (_gained(before, after, "requests_unfinished") == 1
+                and all(s["num_running"] == s["num_ongoing"] == 0 and s["kv_cache_usage"] == 0
+                        for s in after.values()))
+    assert wait_until(settled, 30), replica_stats(handle)
+
+
+# ---- tensor parallelism, through a deployment handle ------------------------------------------------------
+async def _generate(handle, prompt_ids, params, request_id) -> list[int]:
+    tokens = []
+    async for out in handle.options(stream=True).generate.remote(
+            {"request_id": request_id, "prompt": None, "prompt_token_ids": prompt_ids, "sampling_params": params}):
+        tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
+PROMPTS = [[1, 520, 3100, 42], [1, 77, 9, 1234, 5678, 91, 4, 300, 2001], [1, 17]]
+
+
+def test_tensor_parallel_2_matches_single_process(app, tiny_llama):
+    """The ``tiny-tp2`` replica's two ranks are Ray actors (one CPU bundle each) of the two-node cluster;
+    its greedy tokens equal the offline single-process run's."""
+    from flotilla import LLM
+    from flotilla.deploy.ray_serve import APP_NAME
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    reference = [o.outputs[0].token_ids for o in
+                 LLM(model=tiny_llama[0], max_model_len=512, num_kv_blocks=256).generate(PROMPTS, params)]
+    handle = serve.get_deployment_handle("tiny-tp2", app_name=APP_NAME)
+
+    async def run_all():
+        return await asyncio.gather(*[_generate(handle, p, params, f"tp{i}") for i, p in enumerate(PROMPTS)])
+    assert asyncio.run(run_all()) == reference
+    ranks = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "-rank" in a["name"]]
+    assert len(ranks) == 2, ranks
+
+
+# ---- faults -------------------------------------------------------------------------------------------------
+class Load:
+    """Two threads sending short completions until stopped; records (send time, ok, error) per request."""
+
+    def __init__(self, client, threads: int = 2):
+        self.client, self.results, self.stop = client, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            sent = time.monotonic()
+            try:
+                completion(self.client, f"load {i} {n}", max_tokens=8)
+                self.results.append((sent, True, None))
+            except Exception as e:  # noqa: BLE001 - recorded
+                self.results.append((sent, False, repr(e)))
+
+    def finish(self) -> list:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+        return self.results
+
+
+def actor_dead(actor) -> bool:
+    try:
+        ray.get(actor.get_num_ongoing_requests.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
+def serve_replica_actors(deployment: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
+
+
+def test_replica_killed_under_load(client):
+    handle = tiny_handle()
+    old_ids = set(replica_stats(handle))
+    load = Load(client, threads=3)
+    time.sleep(2.0)
+    victim = serve_replica_actors("tiny")[0]
+    actor = ray.get_actor(victim, namespace="serve")
+    ray.kill(actor, no_restart=True)
+    assert wait_until(lambda: actor_dead(actor), 30, 0.02)
+    killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
+    try:
+        replaced = wait_until(lambda: running_replicas("tiny", "flotilla") == 2 and victim not in
+                              serve_replica_actors("tiny") and len(serve_replica_actors("tiny")) == 2, 120)
+        time.sleep(2.0)  # traffic reaches the replacement too
+    finally:
+        results = load.finish()
+    assert replaced, serve.status()
+    after_kill = [r for r in results if r[0] > killed_at + 0.05]
+    print("kill:", len(results), "requests,", len(after_kill), "after the kill; failed:",
+          [r for r in results if not r[1]])
+    assert after_kill and all(ok for _, ok, _ in after_kill), [r for r in after_kill if not r[1]][:3]
+    assert set(replica_stats(handle)) - old_ids, "no replacement replica"
+
+
+def test_dead_engine_fails_health_check_and_is_replaced(client):
+    handle = tiny_handle()
+    stats = replica_stats(handle)
+    victim_id, victim = next(iter(stats.items()))
+    os.kill(victim["core_pid"], signal.SIGKILL)  # the engine core dies; the replica actor lives on
+    assert wait_until(lambda: victim_id not in replica_stats(handle) and len(replica_stats(handle)) == 2, 120), \
+        serve.status()
+    assert completion(client, "still serving", max_tokens=3).usage.completion_tokens == 3
+
+
+# ---- autoscaling (an application of its own, loaded through its handle) ---------------------------------
+def test_autoscaling_up_under_load_and_back_to_min(serve_url, tiny_llama):
+    from flotilla.deploy.ray_serve import model_deployment
+    auto = AutoscalingSpec(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1.0,
+                           downscale_delay_s=3.0)
+    spec = model_spec("auto", tiny_llama[0], autoscaling=auto,
+                      ray=dict(FAST_HEALTH, autoscaling_config={"metrics_interval_s": 0.5, "look_back_period_s": 2.0}))
+    handle = serve.run(model_deployment(spec).bind("auto", spec.engine_args(), 60.0), name="auto",
+                       route_prefix=None)
+    try:
+        assert running_replicas("auto", "auto") == 1
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        stop = threading.Event()
+
+        async def load():
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await asyncio.gather(*[_generate(handle, [1, 5, 9, n, i], params, f"a{n}-{i}") for i in range(4)])
+
+        thread = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
+        thread.start()
+        try:
+            assert wait_until(lambda: running_replicas("auto", "auto") == 2, 120), serve.status()
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        assert wait_until(lambda: running_replicas("auto", "auto") == 1 and
+                          serve.status().applications["auto"].deployments["auto"].status == "HEALTHY", 90), \
+            serve.status()
+    finally:
+        serve.delete("auto")

@@ -1,0 +1,252 @@
+"""The Ray Serve pieces that need no cluster: the request-router adapter over fake replicas, the replica's
+stall bookkeeping, engine-args rewriting, stats summing, metric-clock rebasing and the deployment options
+built from a deployment file."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID  # noqa: E402
+
+from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
+from flotilla.deploy.ray_router import FlotillaRequestRouter, request_prefix  # noqa: E402
+from flotilla.deploy.ray_serve import (autoscaling_config, cpus_needed, model_deployment,  # noqa: E402
+                                       replica_engine_args, replica_resources, stalled_for)
+from flotilla.deploy.remote_engine import _Rebase, sum_stats  # noqa: E402
+from flotilla.engine.arg_utils import EngineArgs  # noqa: E402
+from flotilla.outputs import RequestOutput  # noqa: E402
+
+DEPLOYMENT = DeploymentID(name="m", app_name="a")
+PREFIX = list(range(1, 33))  # two blocks of 16
+
+
+class FakeReplica:
+    """What the router reads of a ``RunningReplica``."""
+
+    def __init__(self, uid: str, queue_len: int, max_ongoing: int = 16, healthy: bool = True):
+        self.replica_id = ReplicaID(unique_id=uid, deployment_id=DEPLOYMENT)
+        self.queue_len, self.max_ongoing_requests = queue_len, max_ongoing
+        self.routing_stats = {"healthy": healthy}
+        self.node_id, self.availability_zone, self.multiplexed_model_ids = "node", None, set()
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return self.queue_len
+
+
+def pending(prefix) -> SimpleNamespace:
+    return SimpleNamespace(args=[{"request_id": "r", "prompt_token_ids": prefix}], kwargs={},
+                           routing_context=SimpleNamespace(should_backoff=False))
+
+
+def make_router(replicas, **state) -> FlotillaRequestRouter:
+    router = FlotillaRequestRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+    router.initialize_state(**{"policy": "prefix_aware", "seed": 0, "max_num_seqs": 4, **state})
+    router.update_replicas(replicas)
+    return router
+
+
+def uids(ranks) -> list[list[str]]:
+    return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+
+def test_request_prefix_reads_the_generate_request():
+    assert request_prefix(pending([1, 2, 3])) == [1, 2, 3]
+    assert request_prefix(SimpleNamespace(args=[])) is None
+    assert request_prefix(SimpleNamespace(args=["not a request"])) is None
+    assert request_prefix(None) is None
+
+
+def test_router_prefers_the_replica_that_has_the_prefix_until_it_is_saturated():
+    async def scenario():
+        a, b = FakeReplica("a", 0), FakeReplica("b", 0)
+        router = make_router([a, b])
+        router.on_request_routed(pending(PREFIX), a.replica_id, None)
+        req = pending(PREFIX + [99])
+        assert uids(await router.choose_replicas([a, b], req)) == [["a"], ["b"]]
+        assert req.routing_context.should_backoff  # every rank tried: Serve backs off before the next round
+        router.on_new_queue_len_info(a.replica_id, 4)  # a has max_num_seqs in flight: saturated
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["b"]
+        router.on_new_queue_len_info(a.replica_id, 1)
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["a"]
+    asyncio.run(scenario())
+
+
+def test_router_skips_unhealthy_replicas_and_forgets_departed_ones():
+    async def scenario():
+        a, b = FakeReplica("a", 0), FakeReplica("b", 5, healthy=False)
+        router = make_router([a, b])
+        for _ in range(5):
+            assert uids(await router.choose_replicas([a, b], pending([7]))) == [["a"]]
+        router.on_request_routed(pending(PREFIX), a.replica_id, None)
+        assert router.policy.match_blocks("a", PREFIX) == 2
+        router.update_replicas([b])  # a left
+        assert router.policy.match_blocks("a", PREFIX) == 0
+        assert uids(await router.choose_replicas([b], pending(PREFIX))) == [["b"]]  # all unhealthy: still route
+        assert await router.choose_replicas([], pending(PREFIX)) == []
+    asyncio.run(scenario())
+
+
+def test_router_power_of_two_prefers_the_less_loaded():
+    async def scenario():
+        a, b = FakeReplica("a", 3), FakeReplica("b", 0)
+        router = make_router([a, b], policy="power_of_two")
+        for _ in range(5):
+            assert uids(await router.choose_replicas([a, b], pending(PREFIX))) == [["b"], ["a"]]
+    asyncio.run(scenario())
+
+
+def test_stalled_for_counts_only_busy_time_without_progress():
+    assert stalled_for(10.0, busy=False, progressed=False, last_progress=1.0) == (0.0, 10.0)
+    assert stalled_for(10.0, busy=True, progressed=True, last_progress=1.0) == (0.0, 10.0)
+    assert stalled_for(10.0, busy=True, progressed=False, last_progress=None) == (0.0, 10.0)
+    assert stalled_for(25.0, busy=True, progressed=False, last_progress=10.0) == (15.0, 10.0)
+
+
+def test_replica_engine_args_use_the_ray_executor_on_this_cluster():
+    one = replica_engine_args(EngineArgs(model="m"), "127.0.0.1:6379")
+    assert one.distributed_executor_backend is None and one.ray_address is None
+    tp = replica_engine_args(EngineArgs(model="m", tensor_parallel_size=2), "127.0.0.1:6379")
+    assert tp.distributed_executor_backend == "ray" and tp.ray_address == "127.0.0.1:6379"
+    joined = replica_engine_args(EngineArgs(model="m", pipeline_parallel_size=2, ray_address="10.0.0.1:6379"),
+                                 "127.0.0.1:6379")
+    assert joined.ray_address == "10.0.0.1:6379"
+    mp = replica_engine_args(EngineArgs(model="m", tensor_parallel_size=2, distributed_executor_backend="mp"), "x")
+    assert mp.distributed_executor_backend == "mp" and mp.ray_address is None
+
+
+def test_sum_stats_and_metric_rebasing():
+    s = sum_stats([{"num_running": 1, "num_waiting": 2, "kv_cache_usage": 0.5, "prefix_cache_hits": 3},
+                   {"num_running": 2, "kv_cache_usage": 0.1, "prefix_cache_queries": 7}])
+    assert (s.num_running, s.num_waiting, s.prefix_cache_hits, s.prefix_cache_queries) == (3, 2, 3, 7)
+    assert s.kv_cache_usage == pytest.approx(0.3)
+    assert sum_stats([]).num_running == 0
+    out = RequestOutput("r", None, [1], [], False, metrics={"arrival_time": 1000.0, "first_scheduled_time": 1000.5,
+                                                            "first_token_time": 1001.0})
+    _Rebase(5.0).apply(out)
+    assert out.metrics["arrival_time"] == 5.0 and out.metrics["first_scheduled_time"] == 5.5
+    assert out.metrics["first_token_time"] > 5.5  # when it arrived here
+
+
+def test_deployment_options_from_the_deployment_file():
+    fixed = ModelSpec(name="chat", model="m", replicas=3, engine={"max_num_seqs": 8, "block_size": 32},
+                      ray={"health_check_period_s": 2.0, "num_cpus": 2})
+    dep = model_deployment(fixed, "prefix_aware", seed=5)
+    assert dep.name == "chat" and dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 2
+    config = dep._deployment_config
+    assert config.health_check_period_s == 2.0 and config.max_ongoing_requests == 16
+    router = config.request_router_config
+    assert router.request_router_kwargs == {"policy": "prefix_aware", "seed": 5, "max_num_seqs": 8,
+                                            "policy_kwargs": {"block_size": 32}}
+    auto = ModelSpec(name="auto", model="m", tensor_parallel_size=2,
+                     autoscaling=AutoscalingSpec(1, 4, 3.0, upscale_delay_s=1.0),
+                     ray={"autoscaling_config": {"look_back_period_s": 2.0}})
+    assert autoscaling_config(auto) == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3.0,
+                                        "upscale_delay_s": 1.0, "look_back_period_s": 2.0}
+    assert model_deployment(auto)._deployment_config.autoscaling_config.max_replicas == 4
+    assert replica_resources(auto.engine_args(), auto) == {"num_cpus": 0, "num_gpus": 0}  # ranks hold the CPUs
+    # A local instance must fit: 3 replicas x 2 CPUs, plus up to 4 replicas x 2 rank bundles.
+    assert cpus_needed(DeploymentConfig(models=(fixed, auto))) == 6 + 8
+
+
+# ---- RemoteEngine over a fake deployment handle -------------------------------------------------------------
+class FakeStream:
+    """A DeploymentResponseGenerator stand-in: yields (or raises) its script's items; ``cancel()`` ends it."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(0)
+        if self.cancelled:
+            from ray.serve.exceptions import RequestCancelledError
+            raise RequestCancelledError("r")
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    """``handle.options(stream=True).generate.remote(request)`` returns the next scripted stream."""
+
+    def __init__(self, *scripts):
+        self.scripts, self.streams, self.requests = list(scripts), [], []
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, **_):
+        return self
+
+    def _remote(self, request):
+        self.requests.append(request)
+        self.streams.append(FakeStream(self.scripts.pop(0)))
+        return self.streams[-1]
+
+
+def output(finished: bool) -> RequestOutput:
+    return RequestOutput("r", None, [1], [], finished, metrics={"arrival_time": 1.0})
+
+
+def remote_engine(path: str, *scripts):
+    from flotilla.deploy.remote_engine import RemoteEngine
+    handle = FakeHandle(*scripts)
+    return RemoteEngine("tiny", handle, EngineArgs(model=path, max_model_len=64)), handle
+
+
+async def collect(engine, request_id="r", prompt=(1, 2, 3)):
+    from flotilla.sampling_params import SamplingParams
+    return [o async for o in engine.generate({"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=4),
+                                             request_id)]
+
+
+def test_remote_engine_retries_once_before_the_first_output(tiny_llama):
+    from ray.exceptions import ActorDiedError
+
+    from flotilla.engine.protocol import EngineClient
+    engine, handle = remote_engine(tiny_llama[0], [ActorDiedError()], [output(False), output(True)])
+    assert isinstance(engine, EngineClient)
+    outs = asyncio.run(collect(engine))
+    assert [o.finished for o in outs] == [False, True] and engine.num_retries == 1
+    assert len(handle.requests) == 2 and handle.requests[0]["prompt_token_ids"] == [1, 2, 3]
+    assert engine.num_queued_requests == 0 and engine.num_unfinished_requests == 0
+
+
+def test_remote_engine_failures_after_output_or_twice_reach_the_caller(tiny_llama):
+    from ray.exceptions import ActorDiedError
+
+    from flotilla.errors import EngineDeadError, InvalidRequestError
+    engine, _ = remote_engine(tiny_llama[0], [output(False), ActorDiedError()])
+    with pytest.raises(EngineDeadError, match="failed"):
+        asyncio.run(collect(engine))
+    engine, _ = remote_engine(tiny_llama[0], [ActorDiedError()], [ActorDiedError()])
+    with pytest.raises(EngineDeadError):
+        asyncio.run(collect(engine))
+    engine, handle = remote_engine(tiny_llama[0])
+    with pytest.raises(InvalidRequestError):  # validated here: nothing is sent
+        asyncio.run(collect(engine, prompt=range(1, 70)))
+    assert handle.requests == []
+
+
+def test_remote_engine_abort_cancels_the_stream(tiny_llama):
+    engine, handle = remote_engine(tiny_llama[0], [output(False)] * 50)
+
+    async def scenario():
+        outs = []
+        async for out in engine.generate({"prompt_token_ids": [1, 2]}, None, "r1"):
+            outs.append(out)
+            if len(outs) == 2:
+                engine.abort(["r1", "unknown"])
+        return outs
+    assert len(asyncio.run(scenario())) == 2  # ends without an error
+    assert handle.streams[0].cancelled and engine.num_unfinished_requests == 0

@@ -7,7 +7,7 @@ offset by each request's cached context. No Python loop over requests or tokens 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ class TorchPagedMetadata:
     prefill_mask: torch.Tensor | None  # (P, 1, Qmax, L) bool, True = attend; (T, T) causal when fresh single
     prefill_is_fresh_single: bool  # one prefill request with no cached context: plain causal attention
     prefill_seq_len: int  # L for prefill (max blocks * block_size, trimmed)
+    gather_rows: dict = field(default_factory=dict)  # (which, kv_heads, num_blocks) -> flat cache rows, per step
 
 
 class TorchPagedAttentionBackend(AttentionBackend):
@@ -95,19 +96,28 @@ class TorchPagedAttentionBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """(kv_heads, num_blocks, block_size, head_dim) -> (kv_heads, n, nblk * block_size, head_dim), contiguous."""
-        kv_heads, _, block_size, head_dim = cache.shape
+    def _gather(cache: torch.Tensor, block_tables: torch.Tensor, md: TorchPagedMetadata, which: str) -> torch.Tensor:
+        """(kv_heads, num_blocks, block_size, head_dim) -> (kv_heads, n, nblk * block_size, head_dim), contiguous.
+
+        One ``index_select`` over dim 0 of the (kv_heads * num_blocks) flattened cache: several times faster on
+        CPU than selecting along dim 1. The row indices are computed once per step and shared by all layers."""
+        kv_heads, num_blocks, block_size, head_dim = cache.shape
         n, nblk = block_tables.shape
-        blocks = cache.index_select(1, block_tables.reshape(-1))  # (kv_heads, n * nblk, block_size, head_dim)
+        key = (which, kv_heads, num_blocks)
+        rows = md.gather_rows.get(key)
+        if rows is None:
+            heads = torch.arange(kv_heads, device=cache.device).mul_(num_blocks)  # (kv_heads,)
+            rows = (heads[:, None] + block_tables.reshape(1, -1)).reshape(-1)  # (kv_heads * n * nblk,)
+            md.gather_rows[key] = rows
+        blocks = cache.view(kv_heads * num_blocks, block_size, head_dim).index_select(0, rows)
         return blocks.view(kv_heads, n, nblk * block_size, head_dim)
 
     def _decode(self, q, k_cache, v_cache, md: TorchPagedMetadata, scale):
         # Batched matmuls over (kv_heads, D): CPU SDPA with one query row per sequence is several times slower.
         d, num_heads, head_dim = q.shape
         kv_heads = k_cache.shape[0]
-        keys = self._gather(k_cache, md.decode_block_tables)  # (kv_heads, D, L, head_dim)
-        values = self._gather(v_cache, md.decode_block_tables)
+        keys = self._gather(k_cache, md.decode_block_tables, md, "decode")  # (kv_heads, D, L, head_dim)
+        values = self._gather(v_cache, md.decode_block_tables, md, "decode")
         qg = q.view(d, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # (kv_heads, D, g, head_dim)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # (kv_heads, D, g, L)
         scores.mul_(scale).add_(md.decode_bias)  # bias (D, 1, L): 0 or -inf
@@ -123,8 +133,8 @@ class TorchPagedAttentionBackend(AttentionBackend):
             return out.transpose(0, 1).reshape(q.shape[0], -1)  # (T, heads * head_dim)
         p, max_q = md.prefill_gather.shape
         qp = q[md.prefill_gather].transpose(1, 2)  # (P, heads, Qmax, head_dim)
-        keys = self._gather(k_cache, md.prefill_block_tables).transpose(0, 1)  # (P, kv_heads, L, head_dim)
-        values = self._gather(v_cache, md.prefill_block_tables).transpose(0, 1)
+        keys = self._gather(k_cache, md.prefill_block_tables, md, "prefill").transpose(0, 1)  # (P, kv_heads, L, hd)
+        values = self._gather(v_cache, md.prefill_block_tables, md, "prefill").transpose(0, 1)
         out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=md.prefill_mask, scale=scale,
                                              enable_gqa=True)  # (P, heads, Qmax, head_dim)
         out = out.transpose(1, 2).reshape(p * max_q, -1)

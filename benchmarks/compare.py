@@ -349,10 +349,11 @@ def _throughput_entry(out_tokens: list[int], total_tokens: list[int], secs: list
             "runs_output_tokens_per_s": [a / t for a, t in zip(out_tokens, secs)]}
 
 
-def run_flotilla_offline(model: str, work, repeats: int, seed: int, dtype: str) -> dict:
+def run_flotilla_offline(model: str, work, repeats: int, seed: int, dtype: str, kv_cache_memory: float = 1.0,
+                         max_num_seqs: int = 128) -> dict:
     from flotilla.engine.llm import LLM
     from flotilla.sampling_params import SamplingParams
-    llm = LLM(model=model, seed=seed, dtype=dtype)
+    llm = LLM(model=model, seed=seed, dtype=dtype, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
     try:
         warm = random_workload(4, 16, 16, 4, seed + 999)
         llm.generate([{"prompt_token_ids": p} for p, _ in warm],
@@ -368,7 +369,8 @@ def run_flotilla_offline(model: str, work, repeats: int, seed: int, dtype: str) 
             tots.append(o + sum(len(p) for p, _ in work))
             print(f"  flotilla run: {o / secs[-1]:.1f} output tok/s", flush=True)
         entry = _throughput_entry(outs, tots, secs, [len(work)] * repeats)
-        entry["settings"] = f"LLM.generate, all at once, {dtype}"
+        entry["settings"] = (f"LLM.generate, all at once, {dtype}, kv_cache_memory {kv_cache_memory:g} GiB, "
+                             f"max_num_seqs {max_num_seqs}")
         return entry
     finally:
         shutdown = getattr(llm.engine, "shutdown", None)
@@ -679,6 +681,10 @@ def parse_args(argv=None):
     ap.add_argument("--serve-output-len", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--flotilla-serve-args", default="")
+    ap.add_argument("--offline-kv-cache-memory", type=float, default=2.0,
+                    help="flotilla's KV cache (GiB) offline: room for 128 sequences of 640 tokens")
+    ap.add_argument("--offline-max-num-seqs", type=int, default=128,
+                    help="flotilla's batch size offline (256 measured slower here: attention gathers grow)")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--b1-num-prompts", type=int, default=8)
@@ -732,7 +738,8 @@ def main(argv=None) -> int:
         work = random_workload(args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed)
         off = {}
         print("offline: flotilla", flush=True)
-        off["flotilla"] = (run_flotilla_offline(gguf, work, args.repeats, args.seed, args.dtype)
+        off["flotilla"] = (run_flotilla_offline(gguf, work, args.repeats, args.seed, args.dtype,
+                                                args.offline_kv_cache_memory, args.offline_max_num_seqs)
                            if "flotilla" in args.engines
                            else skipped("flotilla", "offline", "not selected"))
         if {"hf-single", "hf-batch"} & args.engines:

@@ -15,12 +15,24 @@ import torch.nn.functional as F
 from flotilla.layers.attention.backend import AttentionBackend, CommonAttentionMetadata
 
 
+DECODE_GROUP_MIN = 16  # decodes per length group (fewer groups when the batch is small)
+DECODE_GROUPS_MAX = 4
+
+
+@dataclass
+class DecodeGroup:
+    """Decodes of similar length attended together, so short sequences are not padded to the longest."""
+
+    index: torch.Tensor | None  # (n,) positions among the step's decodes; None = all of them, in order
+    block_tables: torch.Tensor  # (n, nblk) blocks up to the group's longest sequence
+    bias: torch.Tensor  # (n, 1, L) float32, 0 = attend, -inf = masked
+
+
 @dataclass
 class TorchPagedMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,)
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # (D, max_blocks)
-    decode_bias: torch.Tensor | None  # (D, 1, L) float32, 0 = attend, -inf = masked
+    decode_groups: list[DecodeGroup]
     prefill_block_tables: torch.Tensor | None  # (P, max_blocks)
     prefill_gather: torch.Tensor | None  # (P, Qmax) row index into the prefill tokens
     prefill_valid: torch.Tensor | None  # (P * Qmax,) bool, rows that are real tokens
@@ -43,17 +55,32 @@ class TorchPagedAttentionBackend(AttentionBackend):
         bs = common.block_size
         device = common.block_tables.device
         seq_lens = common.seq_lens.to(device)
-        dec_bt = dec_mask = None
-        if d:
-            max_len = int(common.seq_lens[:d].max())
-            nblk = -(-max_len // bs)
-            dec_bt = common.block_tables[:d, :nblk]
-            keys = torch.arange(nblk * bs, device=device)
-            visible = keys[None, :] < seq_lens[:d, None]  # (D, L)
-            dec_mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(
-                ~visible, float("-inf"))[:, None, :]  # (D, 1, L) additive bias
+        groups = self._build_decode_groups(common.seq_lens[:d], common.block_tables[:d], bs, device) if d else []
         pre = self._build_prefill(common)
-        return TorchPagedMetadata(common.slot_mapping, d, dec_bt, dec_mask, *pre)
+        return TorchPagedMetadata(common.slot_mapping, d, groups, *pre)
+
+    @staticmethod
+    def _build_decode_groups(seq_lens: torch.Tensor, block_tables: torch.Tensor, bs: int, device) -> list:
+        """Split the decodes, sorted by length, into up to DECODE_GROUPS_MAX groups of equal size: each is
+        gathered and attended only up to its own longest sequence."""
+        d = seq_lens.numel()
+        num_groups = max(1, min(DECODE_GROUPS_MAX, d // DECODE_GROUP_MIN))
+        if num_groups == 1:
+            parts = [None]
+        else:
+            order = torch.argsort(seq_lens, stable=True)
+            parts = list(torch.tensor_split(order, num_groups))
+        groups = []
+        for index in parts:
+            lens = seq_lens if index is None else seq_lens[index]
+            tables = block_tables if index is None else block_tables[index]
+            nblk = -(-int(lens.max()) // bs)
+            keys = torch.arange(nblk * bs, device=device)
+            visible = keys[None, :] < lens.to(device)[:, None]  # (n, L)
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(
+                ~visible, float("-inf"))[:, None, :]  # (n, 1, L) additive bias
+            groups.append(DecodeGroup(None if index is None else index.to(device), tables[:, :nblk], bias))
+        return groups
 
     @staticmethod
     def _build_prefill(common: CommonAttentionMetadata):
@@ -113,17 +140,27 @@ class TorchPagedAttentionBackend(AttentionBackend):
         return blocks.view(kv_heads, n, nblk * block_size, head_dim)
 
     def _decode(self, q, k_cache, v_cache, md: TorchPagedMetadata, scale):
-        # Batched matmuls over (kv_heads, D): CPU SDPA with one query row per sequence is several times slower.
-        d, num_heads, head_dim = q.shape
+        if len(md.decode_groups) == 1:
+            return self._decode_group(q, k_cache, v_cache, md, 0, scale)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        for i, group in enumerate(md.decode_groups):
+            out.index_copy_(0, group.index, self._decode_group(q.index_select(0, group.index), k_cache, v_cache,
+                                                               md, i, scale))
+        return out
+
+    def _decode_group(self, q, k_cache, v_cache, md: TorchPagedMetadata, i: int, scale):
+        # Batched matmuls over (kv_heads, n): CPU SDPA with one query row per sequence is several times slower.
+        group = md.decode_groups[i]
+        n, num_heads, head_dim = q.shape
         kv_heads = k_cache.shape[0]
-        keys = self._gather(k_cache, md.decode_block_tables, md, "decode")  # (kv_heads, D, L, head_dim)
-        values = self._gather(v_cache, md.decode_block_tables, md, "decode")
-        qg = q.view(d, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # (kv_heads, D, g, head_dim)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # (kv_heads, D, g, L)
-        scores.mul_(scale).add_(md.decode_bias)  # bias (D, 1, L): 0 or -inf
+        keys = self._gather(k_cache, group.block_tables, md, f"decode{i}")  # (kv_heads, n, L, head_dim)
+        values = self._gather(v_cache, group.block_tables, md, f"decode{i}")
+        qg = q.view(n, kv_heads, num_heads // kv_heads, head_dim).transpose(0, 1)  # (kv_heads, n, g, head_dim)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # (kv_heads, n, g, L)
+        scores.mul_(scale).add_(group.bias)  # bias (n, 1, L): 0 or -inf
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values)  # (kv_heads, D, g, head_dim)
-        return out.transpose(0, 1).reshape(d, num_heads * head_dim)
+        out = torch.matmul(probs, values)  # (kv_heads, n, g, head_dim)
+        return out.transpose(0, 1).reshape(n, num_heads * head_dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, md: TorchPagedMetadata, scale):
         # An explicit boolean mask: CPU SDPA's is_causal path measures slower than its masked path.

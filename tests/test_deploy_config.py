@@ -97,7 +97,7 @@ BAD = [
     ("models: [{name: a, model: m, parallel: [1]}]", "models[0].parallel", "expected a mapping"),
     ("models: [{name: a, model: m, parallel: {tensor: 0}}]", "models[0].parallel.tensor", ">= 1"),
     ("models: [{name: a, model: m, engine: {max_num_sqs: 4}}]", "models[0].engine.max_num_sqs",
-     "unknown key (expected one of: dtype, max_model_len"),
+     "unknown key (expected one of: dtype, quantization, max_model_len"),
     ("models: [{name: a, model: m, engine: {max_num_seqs: ten}}]", "models[0].engine.max_num_seqs",
      "expected an integer"),
     ("models: [{name: a, model: m, engine: {max_num_seqs: 0}}]", "models[0].engine.max_num_seqs", ">= 1"),

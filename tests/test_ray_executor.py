@@ -17,7 +17,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster_helpers import LOOPBACK, loopback_cluster  # noqa: E402
 
 from flotilla import LLM  # noqa: E402
 from flotilla.errors import EngineDeadError  # noqa: E402
@@ -28,33 +28,14 @@ pytestmark = pytest.mark.slow
 PROMPTS = [[1, 520, 3100, 42], [1, 77, 9, 1234, 5678, 91, 4, 300, 2001], [1, 17]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 MODEL_ARGS = dict(max_model_len=128, num_kv_blocks=64)
-LOOPBACK = "127.0.0.1"
 FAIL_BOUND_S = 60.0  # a killed rank must surface well within this (no speed claim: 2 shared cores)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster of two nodes with one CPU each, dashboard off, on loopback only.
-
-    On Linux Ray rewrites a loopback address to the host's routable one; Ray's single-machine switch
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, as on macOS) keeps the nodes and this test process's
-    connection on 127.0.0.1, so nothing listens beyond loopback. Torn down after the module.
-    """
-    from ray._private import ray_constants
-    if ray.is_initialized():  # a connection left by another module would hide our cluster
-        ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        node = {"num_cpus": 1, "include_dashboard": False, "node_ip_address": LOOPBACK}
-        cluster = Cluster(initialize_head=True, head_node_args=node)
-        try:
-            cluster.add_node(**node)
-            cluster.wait_for_nodes()
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    """A local Ray cluster of two nodes with one CPU each, dashboard off, on loopback only."""
+    with loopback_cluster(num_cpus=1) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

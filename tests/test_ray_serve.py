@@ -22,14 +22,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster_helpers import LOOPBACK, loopback_cluster  # noqa: E402
 
 from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
 from flotilla.sampling_params import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-LOOPBACK = "127.0.0.1"
 KEY = "sk-ray-key"
 MAX_NUM_SEQS = 4
 ENGINE = dict(max_model_len=512, num_kv_blocks=256, num_threads=1, max_num_seqs=MAX_NUM_SEQS)
@@ -44,26 +43,13 @@ def model_spec(name: str, path: str, **kw) -> ModelSpec:
 # ---- cluster, Serve, application ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """Two nodes of three logical CPUs on 127.0.0.1, no dashboard (see test_ray_executor.ray_cluster)."""
-    from ray._private import ray_constants
-    if ray.is_initialized():
-        ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        node = {"num_cpus": 3, "include_dashboard": False, "node_ip_address": LOOPBACK}
-        cluster = Cluster(initialize_head=True, head_node_args=node)
+    """Two nodes of three logical CPUs on 127.0.0.1, no dashboard, with this process connected."""
+    with loopback_cluster(num_cpus=3) as cluster:
+        ray.init(address=cluster.address)
         try:
-            cluster.add_node(**node)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address)
             yield cluster
         finally:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-                cluster.shutdown()
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

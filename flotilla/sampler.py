@@ -198,7 +198,8 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-        logits = logits.to(torch.float32, copy=True)  # (B, V), ours to modify in place
+        read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None
+        logits = logits.to(torch.float32, copy=not read_only)  # (B, V), ours to modify in place unless read only
         apply_min_tokens(logits, metadata)
         apply_penalties(logits, metadata)
         sampled = self.sample(logits, metadata)  # (B,)

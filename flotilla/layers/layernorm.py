@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flotilla.ops import use_kernels
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (as Hugging Face does).
 
     ``forward(x, residual)`` first adds the residual and returns ``(normed, x + residual)`` so decoder
-    layers carry the residual stream without extra copies.
+    layers carry the residual stream without extra copies. On the CPU with the fused kernels (flotilla/ops.py)
+    this is one kernel that works in place: ``x`` and ``residual`` are overwritten (the returned tensors are
+    them), so callers must not reuse either afterwards.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32):
@@ -26,6 +30,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ops = use_kernels(x) if x.dim() == 2 and x.dtype == self.weight.dtype else None
+        if ops is not None:
+            if residual is None and x.stride(1) == 1:
+                out = torch.empty(x.shape, dtype=x.dtype)
+                ops.rms_norm(out, x, self.weight, self.eps)
+                return out
+            if residual is not None and x.is_contiguous() and residual.is_contiguous() and residual.dtype == x.dtype:
+                ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return x, residual
         if residual is None:
             return self._norm(x)
         x = x + residual

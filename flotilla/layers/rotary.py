@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from flotilla.ops import use_kernels
+
 
 def rope_parameters(hf_config) -> dict:
     """The rope settings of a transformers config, whether it uses v4 ``rope_scaling``/``rope_theta`` or
@@ -64,7 +66,14 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions (num_tokens,); q (num_tokens, heads, head_dim); k (num_tokens, kv_heads, head_dim)."""
+        """positions (num_tokens,); q (num_tokens, heads, head_dim); k (num_tokens, kv_heads, head_dim).
+
+        With the CPU kernels, q and k are rotated in place (and returned)."""
+        ops = use_kernels(q, k)
+        if ops is not None and q.stride(1) == q.shape[2] and k.stride(1) == k.shape[2] and q.stride(2) == 1 \
+                and k.stride(2) == 1 and positions.dtype == torch.long:
+            ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (num_tokens, 1, head_dim)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         q = q * cos + self._rotate_half(q) * sin

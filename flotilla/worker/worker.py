@@ -11,7 +11,8 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
-from flotilla.layers.quantization import quantize_model_
+from flotilla.layers.quantization import prepack_model_, quantize_model_
+from flotilla.ops import kernels_enabled
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -64,6 +65,8 @@ class Worker:
                                                     lazy=lazy))
         if mc.quantization:
             quantize_model_(model, mc.quantization)
+        if kernels_enabled():
+            prepack_model_(model)  # CPU bfloat16/float16 only; a no-op elsewhere
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flotilla.layers.attention.backend import AttentionBackend, CommonAttentionMetadata
+from flotilla.ops import use_kernels
 
 
 DECODE_GROUP_MIN = 16  # decodes per length group (fewer groups when the batch is small)
@@ -32,7 +33,9 @@ class DecodeGroup:
 class TorchPagedMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,)
     num_decodes: int
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # eager path only (empty when the fused kernel attends the decodes)
+    decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks), fused kernel path
+    decode_seq_lens: torch.Tensor | None  # (num_decodes,) int64, fused kernel path
     prefill_block_tables: torch.Tensor | None  # (P, max_blocks)
     prefill_gather: torch.Tensor | None  # (P, Qmax) row index into the prefill tokens
     prefill_valid: torch.Tensor | None  # (P * Qmax,) bool, rows that are real tokens
@@ -55,9 +58,12 @@ class TorchPagedAttentionBackend(AttentionBackend):
         bs = common.block_size
         device = common.block_tables.device
         seq_lens = common.seq_lens.to(device)
-        groups = self._build_decode_groups(common.seq_lens[:d], common.block_tables[:d], bs, device) if d else []
+        fused = d and use_kernels(common.block_tables) is not None
+        groups = self._build_decode_groups(common.seq_lens[:d], common.block_tables[:d], bs, device) \
+            if d and not fused else []
+        tables, lens = (common.block_tables[:d], seq_lens[:d].contiguous()) if fused else (None, None)
         pre = self._build_prefill(common)
-        return TorchPagedMetadata(common.slot_mapping, d, groups, *pre)
+        return TorchPagedMetadata(common.slot_mapping, d, groups, tables, lens, *pre)
 
     @staticmethod
     def _build_decode_groups(seq_lens: torch.Tensor, block_tables: torch.Tensor, bs: int, device) -> list:
@@ -112,11 +118,19 @@ class TorchPagedAttentionBackend(AttentionBackend):
         num_tokens, num_heads, head_dim = q.shape
         kv_heads = k.shape[1]
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # (kv_heads, num_blocks, block_size, head_dim)
-        k_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
-        v_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
+        ops = use_kernels(q)
+        if ops is not None and k.stride(1) == head_dim and v.stride(1) == head_dim:
+            ops.write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        else:
+            k_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
+            v_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         d = metadata.num_decodes
-        if d:
+        if d and metadata.decode_seq_lens is not None:
+            # Fused kernel: reads each sequence's blocks in place (no gather copy); writes out[:d].
+            ops.paged_decode_attention(out[:d], q[:d], k_cache, v_cache, metadata.decode_block_tables,
+                                       metadata.decode_seq_lens, scale)
+        elif d:
             out[:d] = self._decode(q[:d], k_cache, v_cache, metadata, scale)
         if d < num_tokens:
             out[d:] = self._prefill(q[d:], k[d:], v[d:], k_cache, v_cache, metadata, scale)

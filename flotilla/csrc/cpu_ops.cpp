@@ -1,0 +1,407 @@
+// flotilla's fused CPU kernels, registered as torch.ops.flotilla.* (built on first use by flotilla/ops.py).
+//
+// Each op replaces a chain of small eager PyTorch ops on the decode hot path, and reproduces the rounding of
+// the eager chain it replaces in bfloat16/float16 (every intermediate the eager code rounds to the
+// activation dtype is rounded here too), so switching kernels on or off changes no greedy token in tests.
+// Attention is the exception: it keeps scores, probabilities and the output accumulator in float32.
+//
+// Layouts (see flotilla/layers/attention/torch_paged.py):
+//   KV cache of one layer: (2, kv_heads, num_blocks, block_size, head_dim); k_cache = cache[0].
+//   q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, kv_heads, head_dim), head_dim contiguous.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define FLOTILLA_AVX512_BF16 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Conversions to and from float32. bfloat16 is done on the bits (c10::BFloat16's conversions keep loops from
+// vectorizing); rounding is to nearest even, NaN stays NaN, exactly as c10::BFloat16 rounds.
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+template <>
+inline float to_f(at::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+template <>
+inline at::BFloat16 from_f(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fc0}
+                                                   : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return at::BFloat16(bits, at::BFloat16::from_bits());
+}
+
+// Round a float through the activation dtype (what storing an eager intermediate in T does).
+template <typename T>
+inline float round_t(float x) { return to_f(from_f<T>(x)); }
+
+// exp(x) in float32 to about 2 ulp, written so the compiler vectorizes loops that call it (std::exp does not
+// vectorize without -ffast-math): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial.
+#pragma omp declare simd
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+template <typename T>
+struct Tag { using type = T; };
+
+// Calls f(Tag<scalar type>{}) for float32, bfloat16 or float16 (a function, not a macro, so the loops inside
+// f may carry OpenMP pragmas).
+template <typename F>
+void dispatch(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
+    case at::kHalf: f(Tag<at::Half>{}); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------------------
+// Eager: x.float(); x * rsqrt(mean(x^2) + eps) -> T; weight * that -> T.
+template <typename T>
+void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < h; ++i) { float v = to_f(x[i]); ss += v * v; }
+  float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) out[i] = from_f<T>(to_f(w[i]) * round_t<T>(to_f(x[i]) * inv));
+}
+
+// out = rms_norm(x) * weight.  x, out: (N, H) contiguous rows.
+void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && weight.is_contiguous());
+  int64_t n = x.size(0), h = x.size(1), xs = x.stride(0);
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * xs, wp, op + r * h, h, static_cast<float>(eps));
+    });
+  });
+}
+
+// residual = x + residual (rounded to T); x = rms_norm(residual) * weight.  In place, (N, H) contiguous.
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
+  int64_t h = x.size(-1), n = x.numel() / h;
+  dispatch(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* xr = xp + r * h;
+        scalar_t* rr = rp + r * h;
+#pragma omp simd
+        for (int64_t i = 0; i < h; ++i) rr[i] = from_f<scalar_t>(to_f(xr[i]) + to_f(rr[i]));
+        rms_norm_row(rr, wp, xr, h, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+// ---- SwiGLU --------------------------------------------------------------------------------------------
+// out (N, D) = silu(x[:, :D]) * x[:, D:], x (N, 2D).  Eager rounds silu(gate) to T before the product.
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous());
+  int64_t n = x.size(0), d = x.size(1) / 2, xs = x.stride(0);
+  dispatch(x.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n * d, 4096, [&](int64_t b, int64_t e) {
+      while (b < e) {
+        int64_t r = b / d, c0 = b % d, c1 = std::min(d, c0 + (e - b));
+        const scalar_t* g = xp + r * xs;
+        const scalar_t* u = g + d;
+        scalar_t* o = op + r * d;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          float gv = to_f(g[c]);
+          float s = round_t<scalar_t>(gv / (1.f + fast_exp(-gv)));
+          o[c] = from_f<scalar_t>(s * to_f(u[c]));
+        }
+        b += c1 - c0;
+      }
+    });
+  });
+}
+
+// ---- Rotary embedding (neox / rotate_half layout), in place ---------------------------------------------
+// Eager: cos, sin = cache[pos].to(T); x * cos -> T; rotate_half(x) * sin -> T; sum -> T.
+template <typename T>
+void rope_head(T* x, const float* cos, const float* sin, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
+    float c1 = round_t<T>(cos[i]), s1 = round_t<T>(sin[i]);
+    float c2 = round_t<T>(cos[i + half]), s2 = round_t<T>(sin[i + half]);
+    float a1 = round_t<T>(x1 * c1), b1 = round_t<T>(-x2 * s1);
+    float a2 = round_t<T>(x2 * c2), b2 = round_t<T>(x1 * s2);
+    x[i] = from_f<T>(a1 + b1);
+    x[i + half] = from_f<T>(a2 + b2);
+  }
+}
+
+// positions (T,) int64; q (T, H, D), k (T, KVH, D) with contiguous heads; cos/sin caches (P, D) float32.
+void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos_cache,
+                      const at::Tensor& sin_cache) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1);
+  TORCH_CHECK(q.stride(1) == q.size(2) && k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
+  TORCH_CHECK(cos_cache.scalar_type() == at::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous());
+  int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2), half = d / 2;
+  int64_t qs = q.stride(0), ks = k.stride(0);
+  auto pos = positions.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const float* cp = cos_cache.data_ptr<float>();
+  const float* sp = sin_cache.data_ptr<float>();
+  dispatch(q.scalar_type(), "rotary_embedding", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* kp = k.data_ptr<scalar_t>();
+    at::parallel_for(0, t, 8, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float* c = cp + pp[i] * d;
+        const float* s = sp + pp[i] * d;
+        for (int64_t h = 0; h < hq; ++h) rope_head(qp + i * qs + h * d, c, s, half);
+        for (int64_t h = 0; h < hk; ++h) rope_head(kp + i * ks + h * d, c, s, half);
+      }
+    });
+  });
+}
+
+// ---- KV cache write ------------------------------------------------------------------------------------
+// k, v (T, KVH, D) with contiguous heads -> caches (KVH, num_blocks * block_size, D) at slot_mapping (T,).
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2));
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
+  int64_t t = k.size(0), kvh = k.size(1), d = k.size(2);
+  int64_t slots_per_head = k_cache.numel() / (kvh * d);
+  auto slots = slot_mapping.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  dispatch(k.scalar_type(), "write_kv_cache", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t; ++i) {
+      TORCH_CHECK(sp[i] >= 0 && sp[i] < slots_per_head, "write_kv_cache: slot out of range");
+      for (int64_t h = 0; h < kvh; ++h) {
+        std::copy_n(kp + i * k.stride(0) + h * d, d, kc + (h * slots_per_head + sp[i]) * d);
+        std::copy_n(vp + i * v.stride(0) + h * d, d, vc + (h * slots_per_head + sp[i]) * d);
+      }
+    }
+  });
+}
+
+// ---- Paged decode attention ----------------------------------------------------------------------------
+// One query token per sequence, read straight from the cache blocks (no gather copy).
+// q (N, H, D); k_cache, v_cache (KVH, num_blocks, block_size, D); block_tables (N, max_blocks) int64;
+// seq_lens (N,) int64; out (N, H * D).  Query head h reads kv head h / (H / KVH).
+template <typename T>
+void decode_one(const T* q, int64_t q_head_stride, const T* kc, const T* vc, const int64_t* table,
+                int64_t len, int64_t block_size, int64_t d, int64_t g, float scale, T* out,
+                std::vector<float>& buf) {
+  // buf: g*d query (scaled), g*len scores, g*d accumulators
+  buf.resize(static_cast<size_t>(g * d * 2 + g * len));
+  float* qf = buf.data();
+  float* acc = qf + g * d;
+  float* sc = acc + g * d;
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t c = 0; c < d; ++c) qf[j * d + c] = to_f(q[j * q_head_stride + c]) * scale;
+  float kf[256];
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kr = kc + (table[t / block_size] * block_size + t % block_size) * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) kf[c] = to_f(kr[c]);
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qf + j * d;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < d; ++c) s += qj[c] * kf[c];
+      sc[j * len + t] = s;
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {
+    float* s = sc + j * len;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
+    float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  std::fill(acc, acc + g * d, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vr = vc + (table[t / block_size] * block_size + t % block_size) * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) kf[c] = to_f(vr[c]);
+    for (int64_t j = 0; j < g; ++j) {
+      float p = sc[j * len + t];
+      float* aj = acc + j * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) aj[c] += p * kf[c];
+    }
+  }
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t c = 0; c < d; ++c) out[j * d + c] = from_f<T>(acc[j * d + c]);
+}
+
+#ifdef FLOTILLA_AVX512_BF16
+// The same computation for bfloat16 with AVX-512: head_dim = 16 * NC; one query head at a time, so its query
+// stays in NC registers; keys and values are widened to float32 16 at a time (the sums stay float32).
+template <int NC>
+void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::BFloat16* vc,
+                       const int64_t* table, int64_t len, int64_t block_size, int64_t g, float scale,
+                       at::BFloat16* out, std::vector<float>& buf) {
+  constexpr int D = NC * 16;
+  buf.resize(static_cast<size_t>(len));
+  float* sc = buf.data();
+  for (int64_t j = 0; j < g; ++j) {
+    __m512 qv[NC];
+    for (int c = 0; c < NC; ++c)
+      qv[c] = _mm512_mul_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(q + j * D + c * 16))),
+                            _mm512_set1_ps(scale));
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) {
+      const at::BFloat16* kr = kc + (table[t / block_size] * block_size + t % block_size) * D;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)kr)));
+      for (int c = 1; c < NC; ++c)
+        acc = _mm512_fmadd_ps(qv[c], _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(kr + c * 16))),
+                              acc);
+      float sv = _mm512_reduce_add_ps(acc);
+      sc[t] = sv;
+      m = std::max(m, sv);
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) { sc[t] = fast_exp(sc[t] - m); sum += sc[t]; }
+    __m512 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const at::BFloat16* vr = vc + (table[t / block_size] * block_size + t % block_size) * D;
+      __m512 p = _mm512_set1_ps(sc[t]);
+      for (int c = 0; c < NC; ++c)
+        acc[c] = _mm512_fmadd_ps(p, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(vr + c * 16))),
+                                 acc[c]);
+    }
+    __m512 inv = _mm512_set1_ps(1.f / sum);
+    alignas(64) float tmp[D];
+    for (int c = 0; c < NC; ++c) _mm512_store_ps(tmp + c * 16, _mm512_mul_ps(acc[c], inv));
+    for (int c = 0; c < D; ++c) out[j * D + c] = from_f<at::BFloat16>(tmp[c]);
+  }
+}
+#endif
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: (N, H, D), contiguous heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(out.is_contiguous() && block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong);
+  int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
+  int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), block_size = k_cache.size(2);
+  TORCH_CHECK(d <= 256 && hq % kvh == 0 && k_cache.size(3) == d, "paged_decode_attention: bad head sizes");
+  int64_t g = hq / kvh;
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  int64_t max_blocks = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * block_size, "paged_decode_attention: bad seq_len");
+  dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int64_t head_elems = num_blocks * block_size * d;
+    at::parallel_for(0, n * kvh, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> buf;
+      for (int64_t w = b; w < e; ++w) {
+        int64_t i = w / kvh, h = w % kvh;
+#ifdef FLOTILLA_AVX512_BF16
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (d == 64 || d == 128) {
+            auto fn = d == 64 ? decode_one_avx512<4> : decode_one_avx512<8>;
+            fn(qp + i * q.stride(0) + h * g * d, kp + h * head_elems, vp + h * head_elems, tp + i * max_blocks,
+               lp[i], block_size, g, static_cast<float>(scale), op + i * hq * d + h * g * d, buf);
+            continue;
+          }
+        }
+#endif
+        decode_one<scalar_t>(qp + i * q.stride(0) + h * g * d, d, kp + h * head_elems, vp + h * head_elems,
+                             tp + i * max_blocks, lp[i], block_size, d, g, static_cast<float>(scale),
+                             op + i * hq * d + h * g * d, buf);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flotilla, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, Tensor sin_cache) -> ()");
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seq_lens, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("write_kv_cache", &write_kv_cache);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

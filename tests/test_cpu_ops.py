@@ -1,0 +1,168 @@
+"""The fused CPU kernels (flotilla/csrc/cpu_ops.cpp) against the eager PyTorch code they replace.
+
+Elementwise kernels reproduce eager's rounding exactly in bfloat16/float16; RMSNorm sums in another order (a
+float32 ulp); decode attention keeps scores and probabilities in float32, so it is compared against a float64
+reference instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flotilla import ops
+from flotilla.layers.activation import SiluAndMul
+from flotilla.layers.attention.backend import CommonAttentionMetadata
+from flotilla.layers.attention.torch_paged import TorchPagedAttentionBackend
+from flotilla.layers.layernorm import RMSNorm
+from flotilla.layers.rotary import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = ops.cpu_kernels()
+    if k is None:
+        pytest.fail("the CPU kernels did not build (a C++ compiler is part of this project's setup)")
+    return k
+
+
+def eager(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setenv("FLOTILLA_CPU_KERNELS", "0")
+        return fn()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_eager(kernels, monkeypatch, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5, dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    x = torch.randn(37, 576).to(dtype)
+    r = torch.randn(37, 576).to(dtype)
+    want = eager(monkeypatch, lambda: norm(x.clone()))
+    got = norm(x.clone())
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    want_h, want_r = eager(monkeypatch, lambda: norm(x.clone(), r.clone()))
+    xin, rin = x.clone(), r.clone()
+    got_h, got_r = norm(xin, rin)
+    assert torch.equal(got_r, want_r)  # the residual add rounds exactly like eager
+    assert got_h.data_ptr() == xin.data_ptr() and got_r.data_ptr() == rin.data_ptr()  # in place
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_eager_exactly(kernels, monkeypatch, dtype):
+    torch.manual_seed(1)
+    x = (torch.randn(19, 2 * 1536) * 3).to(dtype)
+    act = SiluAndMul()
+    want = eager(monkeypatch, lambda: act(x))
+    got = act(x)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # exp differs by an ulp
+    else:
+        assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_eager_exactly(kernels, monkeypatch, dtype):
+    torch.manual_seed(2)
+    rope = RotaryEmbedding(64, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    qkv = torch.randn(23, (9 + 2 * 3) * 64).to(dtype)  # q and k are strided views, as in the model
+    positions = torch.randint(0, 512, (23,))
+
+    def run():
+        t = qkv.clone()
+        q, k, _ = t.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+        return rope(positions, q.reshape(23, 9, 64), k.reshape(23, 3, 64))
+
+    want_q, want_k = eager(monkeypatch, run)
+    got_q, got_k = run()
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
+    """float64 attention of each sequence's single query over its cached keys."""
+    n, h, d = q.shape
+    kvh, _, bs, _ = k_cache.shape
+    g = h // kvh
+    out = torch.empty(n, h, d, dtype=torch.float64)
+    for i in range(n):
+        slots = torch.arange(int(lens[i]))
+        blocks = tables[i][slots // bs]
+        for head in range(h):
+            keys = k_cache[head // g, blocks, slots % bs].double()  # (L, d)
+            vals = v_cache[head // g, blocks, slots % bs].double()
+            p = torch.softmax(keys @ q[i, head].double() * scale, dim=0)
+            out[i, head] = p @ vals
+    return out.reshape(n, h * d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_matches_reference(kernels, dtype):
+    torch.manual_seed(3)
+    kvh, heads, d, bs, num_blocks = 3, 9, 64, 16, 40
+    cache = torch.randn(2, kvh, num_blocks, bs, d).to(dtype)
+    lens = torch.tensor([1, 17, 130, 64, 5])
+    tables = torch.stack([torch.randperm(num_blocks)[:10] for _ in lens])  # (5, 10) scattered blocks
+    qkv = torch.randn(5, (heads + 2 * kvh) * d).to(dtype)
+    q = qkv[:, :heads * d].reshape(5, heads, d)  # strided over tokens, as in the model
+    out = torch.empty(5, heads * d, dtype=dtype)
+    kernels.paged_decode_attention(out, q, cache[0], cache[1], tables, lens, d ** -0.5)
+    want = _reference_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_with_kernels_matches_eager_backend(kernels, monkeypatch, dtype):
+    """A mixed step (3 decodes, a prefill chunk on cached context): same cache contents, same outputs."""
+    torch.manual_seed(4)
+    kvh, heads, d, bs, num_blocks = 2, 4, 32, 4, 32
+    backend = TorchPagedAttentionBackend()
+    query_lens = torch.tensor([1, 1, 1, 6])
+    context_lens = torch.tensor([9, 2, 20, 5])
+    tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in range(4)])
+    seq = context_lens + query_lens
+    positions = torch.cat([torch.arange(int(c), int(s)) for c, s in zip(context_lens, seq)])
+    req = torch.repeat_interleave(torch.arange(4), query_lens)
+    slots = tables[req, positions // bs] * bs + positions % bs
+    common = CommonAttentionMetadata(query_lens, context_lens, tables, slots, 3, bs, 6, int(seq.max()))
+    cache0 = torch.randn(2, kvh, num_blocks, bs, d).to(dtype)
+    q = torch.randn(9, heads, d).to(dtype)
+    k = torch.randn(9, kvh, d).to(dtype)
+    v = torch.randn(9, kvh, d).to(dtype)
+
+    def run():
+        cache = cache0.clone()
+        md = backend.build_metadata(common)
+        return backend.forward(q, k, v, cache, md, d ** -0.5), cache
+
+    want, want_cache = eager(monkeypatch, run)
+    got, got_cache = run()
+    assert torch.equal(got_cache, want_cache)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_kernels_off_by_environment(monkeypatch):
+    monkeypatch.setenv("FLOTILLA_CPU_KERNELS", "0")
+    assert ops.cpu_kernels() is None
+
+
+def test_prepacked_linear_is_bit_identical():
+    from flotilla.layers.linear import ReplicatedLinear
+    from flotilla.layers.quantization import linear, prepack_model_, prepack_supported
+    if not prepack_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(5)
+    layer = ReplicatedLinear(96, 200, bias=True, dtype=torch.bfloat16)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    xs = [torch.randn(n, 96).to(torch.bfloat16) for n in (1, 7, 64, 130)]
+    want = [torch.nn.functional.linear(x, layer.weight, layer.bias) for x in xs]
+    assert prepack_model_(torch.nn.ModuleList([layer])) == 1
+    for x, w in zip(xs, want):
+        assert torch.equal(linear(x, layer, layer.bias), w)
+    assert torch.equal(linear(xs[0][None], layer, layer.bias), want[0][None])  # leading dims kept

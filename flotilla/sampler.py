@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from flotilla.sampling_params import SamplingParams
+from flotilla.ops import use_kernels
 
 _PAD = -1  # pad value of the padded token-id tensors (never a real token id)
 # Smallest positive float32: exponential noise is clamped to it so probs / noise is never 0 / 0 (= nan).
@@ -212,7 +213,7 @@ class Sampler:
     def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Greedy and random sampling of processed logits (B, V) -> token ids (B,). Modifies ``logits``."""
         if metadata.all_greedy:
-            return logits.argmax(dim=-1)  # (B,)
+            return greedy(logits)  # (B,)
         greedy_tokens = None if metadata.all_random else logits.argmax(dim=-1)  # (B,)
         logits.div_(metadata.temperature.unsqueeze(1))  # (B, V)
         if metadata.top_k is not None or metadata.top_p is not None:
@@ -224,6 +225,17 @@ class Sampler:
         if greedy_tokens is not None:
             sampled = torch.where(metadata.greedy_mask, greedy_tokens, sampled)
         return sampled
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, (B, V) -> (B,); the CPU kernel runs the rows in parallel."""
+    ops = use_kernels(logits) if logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 \
+        else None
+    if ops is None:
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    ops.argmax_rows(out, logits)
+    return out
 
 
 def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

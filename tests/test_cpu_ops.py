@@ -99,10 +99,12 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     return out.reshape(n, h * d)
 
 
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 4, 128), (16, 2, 64), (4, 4, 32)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_attention_matches_reference(kernels, dtype):
+def test_paged_decode_attention_matches_reference(kernels, dtype, heads, kvh, d):
+    """Every head_dim / group size the AVX-512 kernel specializes, and ones it leaves to the portable kernel."""
     torch.manual_seed(3)
-    kvh, heads, d, bs, num_blocks = 3, 9, 64, 16, 40
+    bs, num_blocks = 16, 40
     cache = torch.randn(2, kvh, num_blocks, bs, d).to(dtype)
     lens = torch.tensor([1, 17, 130, 64, 5])
     tables = torch.stack([torch.randperm(num_blocks)[:10] for _ in lens])  # (5, 10) scattered blocks
@@ -166,3 +168,15 @@ def test_prepacked_linear_is_bit_identical():
     for x, w in zip(xs, want):
         assert torch.equal(linear(x, layer, layer.bias), w)
     assert torch.equal(linear(xs[0][None], layer, layer.bias), want[0][None])  # leading dims kept
+
+
+def test_greedy_argmax_matches_torch(kernels, monkeypatch):
+    from flotilla.sampler import greedy
+    torch.manual_seed(6)
+    logits = torch.randn(33, 49152)
+    logits[3, 100] = logits[3, 7] = 50.0  # a tie: the first index wins
+    logits[5, 9] = float("nan")  # NaN counts as the maximum
+    logits[6] = float("-inf")
+    want = eager(monkeypatch, lambda: greedy(logits))
+    assert torch.equal(greedy(logits), want)
+    assert torch.equal(want, logits.argmax(dim=-1))

@@ -294,48 +294,120 @@ void decode_one(const T* q, int64_t q_head_stride, const T* kc, const T* vc, con
 }
 
 #ifdef FLOTILLA_AVX512_BF16
-// The same computation for bfloat16 with AVX-512: head_dim = 16 * NC; one query head at a time, so its query
-// stays in NC registers; keys and values are widened to float32 16 at a time (the sums stay float32).
-template <int NC>
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// r = [sum(v[0]), ..., sum(v[15])]: 16 horizontal sums at once (a transpose-and-add tree, ~3 instructions per
+// sum instead of a full reduction each).
+inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int k = 0; k < 8; ++k)
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
+    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // b[k], per 128-bit lane: partial sums of v[4k .. 4k+3]; add the four lanes, keeping the order.
+  __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The same computation for bfloat16 with AVX-512: head_dim = 16 * NC, G query heads per kv head (all G
+// queries stay in registers, so each key and value row is widened to float32 once for the G heads). Walks
+// the sequence block by block (no division per token). Scores, softmax and sums stay float32.
+template <int NC, int G>
 void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::BFloat16* vc,
-                       const int64_t* table, int64_t len, int64_t block_size, int64_t g, float scale,
-                       at::BFloat16* out, std::vector<float>& buf) {
+                       const int64_t* table, int64_t len, int64_t block_size, float scale, at::BFloat16* out,
+                       std::vector<float>& buf) {
   constexpr int D = NC * 16;
-  buf.resize(static_cast<size_t>(len));
-  float* sc = buf.data();
-  for (int64_t j = 0; j < g; ++j) {
-    __m512 qv[NC];
-    for (int c = 0; c < NC; ++c)
-      qv[c] = _mm512_mul_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(q + j * D + c * 16))),
-                            _mm512_set1_ps(scale));
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) {
+  buf.resize(static_cast<size_t>(G * len));
+  float* sc = buf.data();  // (G, len)
+  __m512 qv[G][NC];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < NC; ++c) qv[j][c] = _mm512_mul_ps(load_bf16x16(q + j * D + c * 16), _mm512_set1_ps(scale));
+  // Scores 16 keys at a time: widen the 16 key rows once, then 16 dot-product vectors per head and one hsum16.
+  alignas(64) float kf[16 * D];
+  for (int64_t start = 0; start < len; start += 16) {
+    int64_t n = std::min<int64_t>(16, len - start);
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      int64_t t = start + std::min(tt, n - 1);  // past the end: repeat the last key (its score is dropped)
       const at::BFloat16* kr = kc + (table[t / block_size] * block_size + t % block_size) * D;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)kr)));
-      for (int c = 1; c < NC; ++c)
-        acc = _mm512_fmadd_ps(qv[c], _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(kr + c * 16))),
-                              acc);
-      float sv = _mm512_reduce_add_ps(acc);
-      sc[t] = sv;
-      m = std::max(m, sv);
+      for (int c = 0; c < NC; ++c) _mm512_store_ps(kf + tt * D + c * 16, load_bf16x16(kr + c * 16));
     }
+    for (int j = 0; j < G; ++j) {
+      __m512 acc[16];
+      for (int tt = 0; tt < 16; ++tt) {
+        acc[tt] = _mm512_mul_ps(qv[j][0], _mm512_load_ps(kf + tt * D));
+        for (int c = 1; c < NC; ++c) acc[tt] = _mm512_fmadd_ps(qv[j][c], _mm512_load_ps(kf + tt * D + c * 16), acc[tt]);
+      }
+      __m512 r = hsum16(acc);
+      if (n == 16) {
+        _mm512_storeu_ps(sc + j * len + start, r);
+      } else {
+        _mm512_mask_storeu_ps(sc + j * len + start, static_cast<__mmask16>((1u << n) - 1), r);
+      }
+    }
+  }
+  float inv[G];
+  for (int j = 0; j < G; ++j) {
+    float* s = sc + j * len;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) { sc[t] = fast_exp(sc[t] - m); sum += sc[t]; }
-    __m512 acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; ++t) {
-      const at::BFloat16* vr = vc + (table[t / block_size] * block_size + t % block_size) * D;
-      __m512 p = _mm512_set1_ps(sc[t]);
-      for (int c = 0; c < NC; ++c)
-        acc[c] = _mm512_fmadd_ps(p, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(vr + c * 16))),
-                                 acc[c]);
+    for (int64_t t = 0; t < len; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
+    inv[j] = 1.f / sum;
+  }
+  __m512 acc[G][NC];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t start = 0, blk = 0; start < len; start += block_size, ++blk) {
+    const at::BFloat16* vb = vc + table[blk] * block_size * D;
+    int64_t n = std::min(block_size, len - start);
+    for (int64_t tt = 0; tt < n; ++tt) {
+      __m512 vf[NC];
+      for (int c = 0; c < NC; ++c) vf[c] = load_bf16x16(vb + tt * D + c * 16);
+      for (int j = 0; j < G; ++j) {
+        __m512 p = _mm512_set1_ps(sc[j * len + start + tt]);
+        for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_fmadd_ps(p, vf[c], acc[j][c]);
+      }
     }
-    __m512 inv = _mm512_set1_ps(1.f / sum);
-    alignas(64) float tmp[D];
-    for (int c = 0; c < NC; ++c) _mm512_store_ps(tmp + c * 16, _mm512_mul_ps(acc[c], inv));
+  }
+  alignas(64) float tmp[D];
+  for (int j = 0; j < G; ++j) {
+    for (int c = 0; c < NC; ++c) _mm512_store_ps(tmp + c * 16, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
     for (int c = 0; c < D; ++c) out[j * D + c] = from_f<at::BFloat16>(tmp[c]);
   }
+}
+
+using DecodeFn = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, const int64_t*, int64_t,
+                          int64_t, float, at::BFloat16*, std::vector<float>&);
+
+// The AVX-512 kernel for this head_dim and group size, or nullptr (then the portable one runs).
+inline DecodeFn avx512_decode_fn(int64_t d, int64_t g) {
+  if (d == 64) {
+    switch (g) {
+      case 1: return decode_one_avx512<4, 1>;
+      case 2: return decode_one_avx512<4, 2>;
+      case 3: return decode_one_avx512<4, 3>;
+      case 4: return decode_one_avx512<4, 4>;
+      case 5: return decode_one_avx512<4, 5>;
+      case 6: return decode_one_avx512<4, 6>;
+    }
+  } else if (d == 128) {
+    switch (g) {
+      case 1: return decode_one_avx512<8, 1>;
+      case 2: return decode_one_avx512<8, 2>;
+      case 3: return decode_one_avx512<8, 3>;
+    }
+  }
+  return nullptr;
 }
 #endif
 
@@ -369,10 +441,9 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
         int64_t i = w / kvh, h = w % kvh;
 #ifdef FLOTILLA_AVX512_BF16
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (d == 64 || d == 128) {
-            auto fn = d == 64 ? decode_one_avx512<4> : decode_one_avx512<8>;
+          if (DecodeFn fn = avx512_decode_fn(d, g)) {
             fn(qp + i * q.stride(0) + h * g * d, kp + h * head_elems, vp + h * head_elems, tp + i * max_blocks,
-               lp[i], block_size, g, static_cast<float>(scale), op + i * hq * d + h * g * d, buf);
+               lp[i], block_size, static_cast<float>(scale), op + i * hq * d + h * g * d, buf);
             continue;
           }
         }
@@ -385,6 +456,34 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   });
 }
 
+// ---- Greedy sampling -----------------------------------------------------------------------------------
+// out (B,) int64 = the first index of each row's maximum of x (B, V) float32, NaN counting as the maximum
+// (torch.argmax's rule); rows in parallel (torch's CPU argmax runs them on one thread).
+void argmax_rows(at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "argmax_rows: (B, V) float32");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong && out.numel() == x.size(0));
+  int64_t b = x.size(0), v = x.size(1), xs = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, b, 1, [&](int64_t s, int64_t e) {
+    for (int64_t r = s; r < e; ++r) {
+      const float* row = xp + r * xs;
+      float m = -std::numeric_limits<float>::infinity();
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t i = 0; i < v; ++i) {
+        m = std::max(m, row[i]);
+        nan |= row[i] != row[i];
+      }
+      int64_t idx = 0;
+      for (int64_t i = 0; i < v; ++i) {
+        if (nan ? row[i] != row[i] : row[i] == m) { idx = i; break; }  // NaN is the maximum, as in torch
+      }
+      op[r] = idx;
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flotilla, m) {
@@ -393,6 +492,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, Tensor sin_cache) -> ()");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale) -> ()");
 }
@@ -404,4 +504,5 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("write_kv_cache", &write_kv_cache);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -1,8 +1,10 @@
 """Paged attention in plain PyTorch (CPU, or any device): gather each request's blocks, then attend.
 
-Decodes (one query token) run as two batched matmuls over (kv_heads, num_decodes) with a float32 softmax in
-between; prefill chunks run as one batched SDPA over queries padded to the longest chunk, with a causal mask
-offset by each request's cached context. No Python loop over requests or tokens on the hot path.
+Decodes (one query token) run in the fused CPU kernel that reads the cache blocks in place (flotilla/ops.py),
+or, without it, as two batched matmuls over (kv_heads, num_decodes) with a float32 softmax in between. A prefill
+with no cached context attends causally over its own K/V (one SDPA call per request: it skips the masked half);
+prefill chunks on cached context run as one batched SDPA over queries padded to the longest chunk, with a causal
+mask offset by each request's cached context. No Python loop over tokens on the hot path.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ class TorchPagedMetadata:
     decode_groups: list[DecodeGroup]  # eager path only (empty when the fused kernel attends the decodes)
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks), fused kernel path
     decode_seq_lens: torch.Tensor | None  # (num_decodes,) int64, fused kernel path
-    prefill_block_tables: torch.Tensor | None  # (P, max_blocks)
-    prefill_gather: torch.Tensor | None  # (P, Qmax) row index into the prefill tokens
-    prefill_valid: torch.Tensor | None  # (P * Qmax,) bool, rows that are real tokens
-    prefill_mask: torch.Tensor | None  # (P, 1, Qmax, L) bool, True = attend; (T, T) causal when fresh single
-    prefill_is_fresh_single: bool  # one prefill request with no cached context: plain causal attention
-    prefill_seq_len: int  # L for prefill (max blocks * block_size, trimmed)
+    prefill_fresh: list  # (start row among the prefill tokens, length) of each prefill with no cached context
+    # Prefills on cached context (P' of them), attended together over their gathered blocks:
+    prefill_block_tables: torch.Tensor | None  # (P', max_blocks)
+    prefill_gather: torch.Tensor | None  # (P', Qmax) row index into the prefill tokens
+    prefill_valid: torch.Tensor | None  # (P' * Qmax,) bool, rows that are real tokens
+    prefill_rows: torch.Tensor | None  # (valid rows,) where each real row goes among the prefill tokens
+    prefill_mask: torch.Tensor | None  # (P', 1, Qmax, L) bool, True = attend
+    prefill_seq_len: int  # L for the cached-context prefills (max blocks * block_size, trimmed)
     gather_rows: dict = field(default_factory=dict)  # (which, kv_heads, num_blocks) -> flat cache rows, per step
 
 
@@ -90,29 +94,37 @@ class TorchPagedAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _build_prefill(common: CommonAttentionMetadata):
+        """Fresh prefills (no cached context) attend causally on their own K/V, one SDPA call each; requests
+        with cached context (a later chunk, a prefix-cache hit) gather their blocks, padded to the longest
+        query with an explicit mask."""
         d, bs = common.num_decodes, common.block_size
         p = common.query_lens.numel() - d
         if p == 0:
-            return None, None, None, None, False, 0
+            return [], None, None, None, None, None, 0
         device = common.block_tables.device
-        qlens, ctx = common.query_lens[d:].to(device), common.context_lens[d:].to(device)
-        fresh_single = p == 1 and int(common.context_lens[d]) == 0
-        if fresh_single:
-            t = int(common.query_lens[d])
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
-            return None, None, None, causal, True, t
-        max_q = int(common.query_lens[d:].max())
-        nblk = -(-int((common.context_lens[d:] + common.query_lens[d:]).max()) // bs)
-        starts = torch.cumsum(qlens, 0) - qlens  # (P,)
+        qlens_l, ctx_l = common.query_lens[d:].tolist(), common.context_lens[d:].tolist()
+        starts_l = [0] * p
+        for i in range(1, p):
+            starts_l[i] = starts_l[i - 1] + qlens_l[i - 1]
+        fresh = [(starts_l[i], qlens_l[i]) for i in range(p) if ctx_l[i] == 0]
+        cached = [i for i in range(p) if ctx_l[i] > 0]
+        if not cached:
+            return fresh, None, None, None, None, None, 0
+        sel = torch.tensor(cached, dtype=torch.long)
+        qlens, ctx = common.query_lens[d:][sel].to(device), common.context_lens[d:][sel].to(device)
+        starts = torch.tensor([starts_l[i] for i in cached], dtype=torch.long, device=device)  # (P',)
+        max_q = int(qlens.max())
+        nblk = -(-int((ctx + qlens).max()) // bs)
         qi = torch.arange(max_q, device=device)
-        valid = qi[None, :] < qlens[:, None]  # (P, Qmax)
+        valid = qi[None, :] < qlens[:, None]  # (P', Qmax)
         gather = torch.where(valid, starts[:, None] + qi[None, :], torch.zeros_like(valid, dtype=torch.long))
         keys = torch.arange(nblk * bs, device=device)
-        qpos = ctx[:, None] + qi[None, :]  # (P, Qmax) absolute position of each query
-        mask = keys[None, None, :] <= qpos[:, :, None]  # (P, Qmax, L)
+        qpos = ctx[:, None] + qi[None, :]  # (P', Qmax) absolute position of each query
+        mask = keys[None, None, :] <= qpos[:, :, None]  # (P', Qmax, L)
         mask = mask | ~valid[:, :, None]  # padded rows attend everywhere (discarded) to avoid NaN
-        return (common.block_tables[d:, :nblk], gather, valid.reshape(-1), mask[:, None], fresh_single,
-                nblk * bs)
+        valid = valid.reshape(-1)
+        tables = common.block_tables[d:][sel.to(device), :nblk]
+        return fresh, tables, gather, valid, gather.reshape(-1)[valid], mask[:, None], nblk * bs
 
     def forward(self, q, k, v, kv_cache, metadata: TorchPagedMetadata, scale: float) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
@@ -177,16 +189,21 @@ class TorchPagedAttentionBackend(AttentionBackend):
         return out.transpose(0, 1).reshape(n, num_heads * head_dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, md: TorchPagedMetadata, scale):
-        # An explicit boolean mask: CPU SDPA's is_causal path measures slower than its masked path.
-        if md.prefill_is_fresh_single:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=md.prefill_mask, scale=scale, enable_gqa=True)
-            return out.transpose(0, 1).reshape(q.shape[0], -1)  # (T, heads * head_dim)
+        # q (Tp, heads, hd); k, v (Tp, kv_heads, hd) -> (Tp, heads * hd)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        for start, n in md.prefill_fresh:
+            # Contiguous 4-D inputs with is_causal: CPU SDPA is 2-3x slower on 3-D or transposed views.
+            qi, ki, vi = (x[start:start + n].transpose(0, 1).contiguous()[None] for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+            out[start:start + n] = o[0].transpose(0, 1).reshape(n, -1)  # (n, heads * hd)
+        if md.prefill_gather is None:
+            return out
         p, max_q = md.prefill_gather.shape
-        qp = q[md.prefill_gather].transpose(1, 2)  # (P, heads, Qmax, head_dim)
-        keys = self._gather(k_cache, md.prefill_block_tables, md, "prefill").transpose(0, 1)  # (P, kv_heads, L, hd)
+        qp = q[md.prefill_gather].transpose(1, 2)  # (P', heads, Qmax, head_dim)
+        keys = self._gather(k_cache, md.prefill_block_tables, md, "prefill").transpose(0, 1)  # (P', kvh, L, hd)
         values = self._gather(v_cache, md.prefill_block_tables, md, "prefill").transpose(0, 1)
-        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=md.prefill_mask, scale=scale,
-                                             enable_gqa=True)  # (P, heads, Qmax, head_dim)
-        out = out.transpose(1, 2).reshape(p * max_q, -1)
-        return out[md.prefill_valid]
+        res = F.scaled_dot_product_attention(qp, keys, values, attn_mask=md.prefill_mask, scale=scale,
+                                             enable_gqa=True)  # (P', heads, Qmax, head_dim)
+        res = res.transpose(1, 2).reshape(p * max_q, -1)
+        out[md.prefill_rows] = res[md.prefill_valid]
+        return out

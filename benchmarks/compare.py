@@ -684,7 +684,7 @@ def parse_args(argv=None):
     ap.add_argument("--offline-kv-cache-memory", type=float, default=2.0,
                     help="flotilla's KV cache (GiB) offline: room for 128 sequences of 640 tokens")
     ap.add_argument("--offline-max-num-seqs", type=int, default=128,
-                    help="flotilla's batch size offline (256 measured slower here: attention gathers grow)")
+                    help="flotilla's batch size offline (256 with 4 GiB measured no faster here)")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--b1-num-prompts", type=int, default=8)

@@ -1,9 +1,9 @@
 """Batched sampling: logits of the B requests that sample this step -> one token each (+ logprobs).
 
 ``SamplingMetadata.build`` turns the requests' ``SamplingParams`` into tensors once per step; ``Sampler``
-applies min_tokens suppression, penalties, greedy/temperature/top-k/top-p/min-p and draws with the
-exponential-race trick. Seeded requests draw their noise from their own ``torch.Generator`` only, so their
-tokens depend on nothing but the seed and their own logits.
+applies min_tokens suppression, penalties, greedy/temperature/top-k/top-p/min-p and draws by
+inverting each row's cumulative distribution with one uniform number. Seeded requests draw it from their own
+``torch.Generator`` only, so their tokens depend on nothing but the seed and their own logits.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from typing import NamedTuple
 
 import torch
 
-from flotilla.sampling_params import SamplingParams
 from flotilla.ops import use_kernels
+from flotilla.sampling_params import SamplingParams
 
 _PAD = -1  # pad value of the padded token-id tensors (never a real token id)
-# Smallest positive float32: exponential noise is clamped to it so probs / noise is never 0 / 0 (= nan).
-_TINY = torch.finfo(torch.float32).tiny
 
 
 class LogprobsTensors(NamedTuple):
@@ -189,18 +187,19 @@ class Sampler:
     logits divided, negative multiplied), frequency and presence penalties (OpenAI: over output tokens).
     Greedy rows take the argmax (exactly the raw argmax when nothing above changed the logits); random rows
     are divided by temperature, filtered by top-k, top-p (one sort per row) and min-p (relative to the max
-    probability), and sampled by ``argmax(probs / Exponential(1))``. A row never samples a token its
-    filters removed. The input logits are not modified.
+    probability), and sampled by inverting each row's cumulative distribution with one uniform draw. A row never samples a token its
+    filters removed. The input logits are not modified unless the caller passes ``owned=True``.
     """
 
-    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        # logits: (B, V)
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata, owned: bool = False) -> SamplerOutput:
+        """logits (B, V); ``owned``: the caller hands the float32 logits over, so they may be modified in place
+        (the model runner's fresh logits: saves a (B, V) copy per step)."""
         assert logits.dim() == 2 and logits.shape[0] == metadata.num_reqs, "logits must be (num_reqs, vocab)"
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None
-        logits = logits.to(torch.float32, copy=not read_only)  # (B, V), ours to modify in place unless read only
+        logits = logits.to(torch.float32, copy=not (read_only or owned))  # (B, V), ours to modify in place
         apply_min_tokens(logits, metadata)
         apply_penalties(logits, metadata)
         sampled = self.sample(logits, metadata)  # (B,)
@@ -214,6 +213,15 @@ class Sampler:
         """Greedy and random sampling of processed logits (B, V) -> token ids (B,). Modifies ``logits``."""
         if metadata.all_greedy:
             return greedy(logits)  # (B,)
+        ops = use_kernels(logits) if logits.stride(1) == 1 else None
+        if ops is not None and metadata.all_random and metadata.top_k is None and metadata.top_p is None \
+                and metadata.min_p is None:
+            # softmax(logits / T), cumulative mass and the pick in one pass per row (the CPU kernel)
+            u = draw_uniforms(logits.shape[0], metadata.generators, metadata.num_unseeded_random > 0,
+                              logits.device)
+            out = torch.empty(logits.shape[0], dtype=torch.long)
+            ops.sample_rows(out, logits, metadata.temperature.reciprocal(), u)
+            return out
         greedy_tokens = None if metadata.all_random else logits.argmax(dim=-1)  # (B,)
         logits.div_(metadata.temperature.unsqueeze(1))  # (B, V)
         if metadata.top_k is not None or metadata.top_p is not None:
@@ -221,7 +229,7 @@ class Sampler:
         if metadata.min_p is not None:
             apply_min_p(logits, metadata.min_p)
         probs = torch.softmax(logits, dim=-1)  # (B, V)
-        sampled = exponential_race(probs, metadata.generators, metadata.num_unseeded_random > 0)  # (B,)
+        sampled = inverse_cdf_sample(probs, metadata.generators, metadata.num_unseeded_random > 0)  # (B,)
         if greedy_tokens is not None:
             sampled = torch.where(metadata.greedy_mask, greedy_tokens, sampled)
         return sampled
@@ -293,21 +301,30 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator],
-                     batched_draw: bool = True) -> torch.Tensor:
-    """Sample one token per row: argmax(probs / q) with q ~ Exponential(1), i.e. a draw from ``probs``.
-
-    probs: (B, V), modified in place. Rows in ``generators`` draw q from their own generator (their row's
-    noise only); the other rows share one batched draw, skipped when ``batched_draw`` is False (no such row
-    needs a sample). Returns (B,) long.
-    """
-    q = torch.ones_like(probs)  # (B, V)
-    if batched_draw:
-        q.exponential_()  # one batched draw for every row not owning a generator
+def draw_uniforms(b: int, generators: dict[int, torch.Generator], batched_draw: bool, device) -> torch.Tensor:
+    """(B,) float32 in [0, 1): rows in ``generators`` from their own generator, the rest one batched draw
+    (zeros when ``batched_draw`` is False)."""
+    u = torch.rand(b, device=device) if batched_draw else torch.zeros(b, device=device)
     for row, generator in generators.items():
-        q[row].exponential_(generator=generator)  # (V,)
-    q.clamp_(min=_TINY)
-    return probs.div_(q).argmax(dim=-1)  # (B,)
+        u[row] = torch.rand(1, generator=generator, device=device)[0]
+    return u
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
+                       batched_draw: bool = True) -> torch.Tensor:
+    """Sample one token per row from ``probs`` (B, V) by inverting its cumulative distribution with one uniform
+    draw per row: the first token whose cumulative mass exceeds ``u * total``. A zero-probability token is never
+    chosen (its cumulative mass equals its predecessor's).
+
+    Rows in ``generators`` draw u from their own generator; the other rows share one batched draw, skipped when
+    ``batched_draw`` is False (no such row needs a sample). One uniform per row, not one per vocabulary entry:
+    drawing (B, V) exponential noise cost 90 ms a step at batch 128 on the CPU. Returns (B,) long.
+    """
+    b, v = probs.shape
+    u = draw_uniforms(b, generators, batched_draw, probs.device)  # (B,)
+    cdf = torch.cumsum(probs, dim=-1)  # (B, V) float32 (float64 costs 10x here)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # (B, 1), below each row's total mass
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=v - 1)  # (B,)
 
 
 def gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int) -> LogprobsTensors:

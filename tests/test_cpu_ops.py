@@ -180,3 +180,22 @@ def test_greedy_argmax_matches_torch(kernels, monkeypatch):
     want = eager(monkeypatch, lambda: greedy(logits))
     assert torch.equal(greedy(logits), want)
     assert torch.equal(want, logits.argmax(dim=-1))
+
+
+def test_sample_rows_draws_from_the_tempered_distribution(kernels):
+    torch.manual_seed(7)
+    v, draws = 200, 20000
+    logits = torch.randn(v) * 2
+    logits[::7] = float("-inf")  # never drawn
+    temperature = 0.7
+    x = logits.expand(draws, v).contiguous()  # one row per draw
+    out = torch.empty(draws, dtype=torch.long)
+    kernels.sample_rows(out, x, torch.full((draws,), 1 / temperature), torch.rand(draws))
+    assert not torch.isinf(logits[out]).any()
+    freq = torch.bincount(out, minlength=v).double() / draws
+    want = torch.softmax(logits.double() / temperature, dim=0)
+    assert (freq - want).abs().max() < 0.01  # several standard errors at 20000 draws
+    u = torch.tensor([0.0, 0.999999])  # the ends of [0, 1): first and last possible tokens
+    kernels.sample_rows(out[:2], x[:2], torch.full((2,), 1 / temperature), u)
+    possible = (~torch.isinf(logits)).nonzero().flatten()
+    assert out[0] == possible[0] and out[1] == possible[-1]

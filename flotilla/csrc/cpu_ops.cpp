@@ -57,10 +57,11 @@ inline at::BFloat16 from_f(float x) {
 template <typename T>
 inline float round_t(float x) { return to_f(from_f<T>(x)); }
 
-// exp(x) in float32 to about 2 ulp, written so the compiler vectorizes loops that call it (std::exp does not
+// exp(x) in float32 to about 2 ulp (0 below -87.3), written so the compiler vectorizes loops that call it (std::exp does not
 // vectorize without -ffast-math): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial.
 #pragma omp declare simd
 inline float fast_exp(float x) {
+  float zero = x < -87.3f ? 0.f : 1.f;  // exp(-inf) and anything below float32's range is 0
   x = std::min(std::max(x, -87.3f), 88.7f);
   float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   float r = x - n * 0.693359375f;
@@ -75,7 +76,7 @@ inline float fast_exp(float x) {
   int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
+  return p * scale * zero;
 }
 
 template <typename T>
@@ -484,6 +485,63 @@ void argmax_rows(at::Tensor& out, const at::Tensor& x) {
   });
 }
 
+// ---- Random sampling -----------------------------------------------------------------------------------
+// out (B,) int64: one draw per row from softmax(x[r] * inv_temperature[r]), by inverting the cumulative
+// distribution at u[r] * total mass (u in [0, 1)). x (B, V) float32. A token of zero probability (a -inf
+// logit) is never drawn. Rows in parallel; the scan adds 64 probabilities at a time and only walks the chunk
+// where the mass crosses the target.
+void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_temperature, const at::Tensor& u) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "sample_rows: (B, V) float32");
+  TORCH_CHECK(inv_temperature.is_contiguous() && u.is_contiguous() && out.is_contiguous());
+  TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
+              out.scalar_type() == at::kLong);
+  int64_t b = x.size(0), v = x.size(1), xs = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* tp = inv_temperature.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  constexpr int64_t C = 64;
+  at::parallel_for(0, b, 1, [&](int64_t s, int64_t e) {
+    alignas(64) float p[C];
+    for (int64_t r = s; r < e; ++r) {
+      const float* row = xp + r * xs;
+      float it = tp[r];
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < v; ++i) m = std::max(m, row[i]);
+      if (!(m > -std::numeric_limits<float>::infinity())) { op[r] = 0; continue; }  // all masked (or NaN)
+      float total = 0.f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < v; ++i) total += fast_exp((row[i] - m) * it);
+      float target = up[r] * total;
+      float acc = 0.f;
+      int64_t pick = -1, last_positive = 0;
+      for (int64_t start = 0; start < v && pick < 0; start += C) {
+        int64_t n = std::min(C, v - start);
+        float chunk = 0.f;
+#pragma omp simd reduction(+ : chunk)
+        for (int64_t i = 0; i < n; ++i) {
+          p[i] = fast_exp((row[start + i] - m) * it);
+          chunk += p[i];
+        }
+        if (chunk <= 0.f) continue;
+        if (acc + chunk <= target) {
+          acc += chunk;
+          for (int64_t i = n - 1; i >= 0; --i) if (p[i] > 0.f) { last_positive = start + i; break; }
+          continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          if (p[i] <= 0.f) continue;
+          acc += p[i];
+          last_positive = start + i;
+          if (acc > target) { pick = start + i; break; }
+        }
+      }
+      op[r] = pick >= 0 ? pick : last_positive;  // rounding left the target unreached: the last possible token
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flotilla, m) {
@@ -493,6 +551,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, Tensor sin_cache) -> ()");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
+  m.def("sample_rows(Tensor(a!) out, Tensor x, Tensor inv_temperature, Tensor u) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale) -> ()");
 }
@@ -505,4 +564,5 @@ TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("write_kv_cache", &write_kv_cache);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("sample_rows", &sample_rows);
 }

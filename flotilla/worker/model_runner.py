@@ -156,7 +156,7 @@ class ModelRunner:
             [s.sampling_params for s in states], [s.generator for s in states],
             [s.token_ids[:s.num_prompt_tokens] for s in states],
             [s.token_ids[s.num_prompt_tokens:] for s in states], self.device)
-        result = self.sampler(logits, md)
+        result = self.sampler(logits, md, owned=True)  # compute_logits made them fresh
         sampled = result.sampled_token_ids.tolist()
         out = ModelRunnerOutput(sampled_token_ids=dict(zip(req_ids, sampled)))
         if result.logprobs is not None:

@@ -335,6 +335,11 @@ void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::
   alignas(64) float kf[16 * D];
   for (int64_t start = 0; start < len; start += 16) {
     int64_t n = std::min<int64_t>(16, len - start);
+    // The next 16 keys sit in other blocks (other pages): start fetching them now.
+    for (int64_t t = start + 16; t < std::min<int64_t>(start + 32, len); ++t) {
+      const char* kr = reinterpret_cast<const char*>(kc + (table[t / block_size] * block_size + t % block_size) * D);
+      for (int off = 0; off < D * 2; off += 64) _mm_prefetch(kr + off, _MM_HINT_T0);
+    }
     for (int64_t tt = 0; tt < 16; ++tt) {
       int64_t t = start + std::min(tt, n - 1);  // past the end: repeat the last key (its score is dropped)
       const at::BFloat16* kr = kc + (table[t / block_size] * block_size + t % block_size) * D;
@@ -371,6 +376,11 @@ void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::
   for (int64_t start = 0, blk = 0; start < len; start += block_size, ++blk) {
     const at::BFloat16* vb = vc + table[blk] * block_size * D;
     int64_t n = std::min(block_size, len - start);
+    if (start + block_size < len) {  // prefetch the next block's values
+      const char* nb = reinterpret_cast<const char*>(vc + table[blk + 1] * block_size * D);
+      int64_t bytes = std::min(block_size, len - start - block_size) * D * 2;
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(nb + off, _MM_HINT_T0);
+    }
     for (int64_t tt = 0; tt < n; ++tt) {
       __m512 vf[NC];
       for (int c = 0; c < NC; ++c) vf[c] = load_bf16x16(vb + tt * D + c * 16);

@@ -321,7 +321,7 @@ def test_unicode_streams_are_valid_utf8(server):
 
 def test_queue_full_answers_429_at_once(queue_server):
     srv = queue_server
-    running = Stream(srv, long_body(300))
+    running = Stream(srv, long_body(480))
     assert running.first.wait(60)
     queued = [Stream(srv, long_body(10, prompt=f"queued {i}")) for i in range(2)]
     wait_metric(srv, "flotilla:num_requests_waiting", lambda v: v == 2)
@@ -335,7 +335,7 @@ def test_queue_full_answers_429_at_once(queue_server):
     assert chat.status_code == 429 and "retry-after" in chat.headers
     assert httpx.get(srv.url + "/health").status_code == 200
     chunks = running.result()
-    assert len(chunks) == 300 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) == 480 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     for q in queued:
         done = q.result()
         assert len(done) == 10 and done[-1]["choices"][0]["finish_reason"] == "length"
@@ -430,7 +430,7 @@ def test_fifty_streaming_clients_disconnecting_are_all_aborted(server):
 def test_non_streaming_client_disconnect_aborts(server):
     before = wait_idle(server)
     with pytest.raises(httpx.ReadTimeout):
-        post(server, "/v1/completions", json=long_body(480), timeout=0.5)
+        post(server, "/v1/completions", json=long_body(480), timeout=0.1)  # 480 tokens take longer
     after = wait_metric(server, ABORT, lambda v: v == before.get(ABORT, 0.0) + 1)
     after = wait_idle(server)
     assert after["flotilla:generation_tokens_total"] - before["flotilla:generation_tokens_total"] < 480
@@ -439,7 +439,7 @@ def test_non_streaming_client_disconnect_aborts(server):
 
 def test_cancelled_queued_requests_are_never_prefilled(queue_server):
     srv = queue_server
-    running = Stream(srv, long_body(300))
+    running = Stream(srv, long_body(480))
     assert running.first.wait(60)
     before = srv.metrics()
     queries = "flotilla:prefix_cache_queries_total"
@@ -453,14 +453,14 @@ def test_cancelled_queued_requests_are_never_prefilled(queue_server):
                         pass
             task = asyncio.ensure_future(streaming())
             with pytest.raises(httpx.ReadTimeout):  # a non-streaming one, abandoned while queued
-                await client.post("/v1/completions", json={"prompt": list(range(3000, 3300))}, timeout=0.3)
+                await client.post("/v1/completions", json={"prompt": list(range(3000, 3300))}, timeout=0.1)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     asyncio.run(cancel_queued())
     wait_metric(srv, ABORT, lambda v: v == before.get(ABORT, 0.0) + 2)
     m = wait_metric(srv, "flotilla:num_requests_waiting", lambda v: v == 0)
     assert m["flotilla:num_requests_running"] == 1, "the long request should still be running"
-    assert len(running.result()) == 300
+    assert len(running.result()) == 480
     after = wait_idle(srv)
     assert after[queries] - before[queries] < 300, "a cancelled queued request was prefilled"
     assert_valid_request_succeeds(srv)

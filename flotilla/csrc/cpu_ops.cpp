@@ -496,58 +496,72 @@ void argmax_rows(at::Tensor& out, const at::Tensor& x) {
 }
 
 // ---- Random sampling -----------------------------------------------------------------------------------
-// out (B,) int64: one draw per row from softmax(x[r] * inv_temperature[r]), by inverting the cumulative
-// distribution at u[r] * total mass (u in [0, 1)). x (B, V) float32. A token of zero probability (a -inf
-// logit) is never drawn. Rows in parallel; the scan adds 64 probabilities at a time and only walks the chunk
-// where the mass crosses the target.
-void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_temperature, const at::Tensor& u) {
+// ln(x) for x > 0 in float32 to about 1e-6 relative, vectorizable: x = 2^e * m, m in [sqrt(.5), sqrt(2)),
+// ln(m) = 2 atanh(s), s = (m - 1) / (m + 1), by its series to s^9.
+#pragma omp declare simd
+inline float fast_log(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xff) - 127;
+  uint32_t mb = (bits & 0x7fffffu) | 0x3f800000u;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  float big = m > 1.41421356f ? 1.f : 0.f;
+  m = m * (1.f - 0.5f * big);
+  float ef = static_cast<float>(e) + big;
+  float s = (m - 1.f) / (m + 1.f), s2 = s * s;
+  float poly = 1.f + s2 * (1.f / 3 + s2 * (1.f / 5 + s2 * (1.f / 7 + s2 * (1.f / 9))));
+  return ef * 0.693147180559945f + 2.f * s * poly;
+}
+
+// A uniform in (0, 1) from a 64-bit key and a position: splitmix64's finalizer, top 24 bits.
+#pragma omp declare simd
+inline float hash_uniform(uint64_t key, uint64_t i) {
+  uint64_t z = key + (i + 1) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return (static_cast<float>(z >> 40) + 0.5f) * (1.f / 16777216.f);
+}
+
+// out (B,) int64: one draw per row from softmax(x[r] * inv_temperature[r]) by the exponential race,
+// argmax_i p_i / E_i with E_i ~ Exponential(1) = -ln(U_i). U_i comes from a counter hash of the row's key
+// (B,) int64 and i, so a row's draw depends only on its key and its own logits, and a tiny change in one
+// logit can only flip the draw between two near-tied candidates. x (B, V) float32; a -inf logit never wins.
+void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_temperature, const at::Tensor& keys) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "sample_rows: (B, V) float32");
-  TORCH_CHECK(inv_temperature.is_contiguous() && u.is_contiguous() && out.is_contiguous());
-  TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
+  TORCH_CHECK(inv_temperature.is_contiguous() && keys.is_contiguous() && out.is_contiguous());
+  TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && keys.scalar_type() == at::kLong &&
               out.scalar_type() == at::kLong);
   int64_t b = x.size(0), v = x.size(1), xs = x.stride(0);
   const float* xp = x.data_ptr<float>();
   const float* tp = inv_temperature.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
+  const int64_t* kp = keys.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  constexpr int64_t C = 64;
   at::parallel_for(0, b, 1, [&](int64_t s, int64_t e) {
-    alignas(64) float p[C];
+    std::vector<float> score(static_cast<size_t>(v));
     for (int64_t r = s; r < e; ++r) {
       const float* row = xp + r * xs;
       float it = tp[r];
+      uint64_t key = static_cast<uint64_t>(kp[r]);
       float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
       for (int64_t i = 0; i < v; ++i) m = std::max(m, row[i]);
       if (!(m > -std::numeric_limits<float>::infinity())) { op[r] = 0; continue; }  // all masked (or NaN)
-      float total = 0.f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < v; ++i) total += fast_exp((row[i] - m) * it);
-      float target = up[r] * total;
-      float acc = 0.f;
-      int64_t pick = -1, last_positive = 0;
-      for (int64_t start = 0; start < v && pick < 0; start += C) {
-        int64_t n = std::min(C, v - start);
-        float chunk = 0.f;
-#pragma omp simd reduction(+ : chunk)
-        for (int64_t i = 0; i < n; ++i) {
-          p[i] = fast_exp((row[start + i] - m) * it);
-          chunk += p[i];
-        }
-        if (chunk <= 0.f) continue;
-        if (acc + chunk <= target) {
-          acc += chunk;
-          for (int64_t i = n - 1; i >= 0; --i) if (p[i] > 0.f) { last_positive = start + i; break; }
-          continue;
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          if (p[i] <= 0.f) continue;
-          acc += p[i];
-          last_positive = start + i;
-          if (acc > target) { pick = start + i; break; }
-        }
+      float* sc = score.data();
+      float best = 0.f;
+#pragma omp simd reduction(max : best)
+      for (int64_t i = 0; i < v; ++i) {
+        float p = fast_exp((row[i] - m) * it);  // 0 for -inf
+        float expo = -fast_log(hash_uniform(key, static_cast<uint64_t>(i)));
+        sc[i] = p / expo;
+        best = std::max(best, sc[i]);
       }
-      op[r] = pick >= 0 ? pick : last_positive;  // rounding left the target unreached: the last possible token
+      int64_t pick = 0;
+      for (int64_t i = 0; i < v; ++i) {
+        if (sc[i] == best) { pick = i; break; }
+      }
+      op[r] = pick;
     }
   });
 }
@@ -561,7 +575,7 @@ TORCH_LIBRARY(flotilla, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, Tensor sin_cache) -> ()");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
-  m.def("sample_rows(Tensor(a!) out, Tensor x, Tensor inv_temperature, Tensor u) -> ()");
+  m.def("sample_rows(Tensor(a!) out, Tensor x, Tensor inv_temperature, Tensor keys) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale) -> ()");
 }

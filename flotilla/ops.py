@@ -2,8 +2,8 @@
 
 ``cpu_kernels()`` returns ``torch.ops.flotilla`` once the library is loaded, or None when the kernels are off
 (``FLOTILLA_CPU_KERNELS=0``) or cannot be built here (no C++ compiler, say); callers then run their eager
-PyTorch path, which the kernels reproduce (tests/test_cpu_ops.py compares the two). The build takes about a
-minute on 2 cores and is cached under ``~/.cache/flotilla/torch_extensions`` (``FLOTILLA_CACHE_DIR``), keyed by
+PyTorch path, which the kernels reproduce (tests/test_cpu_ops.py compares the two). The build takes about
+10 s on 2 cores and is cached under ``~/.cache/flotilla/torch_extensions`` (``FLOTILLA_CACHE_DIR``), keyed by
 the source, the torch version and the CPU; concurrent processes wait on the build's lock.
 """
 

@@ -238,6 +238,17 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
   });
 }
 
+// Scores s (len,) -> exp(s - max(s)) in place; returns their sum (the softmax's normalizer).
+inline float exp_shifted_in_place(float* s, int64_t len) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < len; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
+  return sum;
+}
+
 // ---- Paged decode attention ----------------------------------------------------------------------------
 // One query token per sequence, read straight from the cache blocks (no gather copy).
 // q (N, H, D); k_cache, v_cache (KVH, num_blocks, block_size, D); block_tables (N, max_blocks) int64;
@@ -268,13 +279,7 @@ void decode_one(const T* q, int64_t q_head_stride, const T* kc, const T* vc, con
   }
   for (int64_t j = 0; j < g; ++j) {
     float* s = sc + j * len;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
-    float inv = 1.f / sum;
+    float inv = 1.f / exp_shifted_in_place(s, len);
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
@@ -319,8 +324,8 @@ inline __m512 hsum16(const __m512* v) {
 }
 
 // The same computation for bfloat16 with AVX-512: head_dim = 16 * NC, G query heads per kv head (all G
-// queries stay in registers, so each key and value row is widened to float32 once for the G heads). Walks
-// the sequence block by block (no division per token). Scores, softmax and sums stay float32.
+// queries stay in registers, so each key and value row is widened to float32 once for the G heads). Values are
+// read block by block (no division per token). Scores, softmax and sums stay float32.
 template <int NC, int G>
 void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::BFloat16* vc,
                        const int64_t* table, int64_t len, int64_t block_size, float scale, at::BFloat16* out,
@@ -360,16 +365,7 @@ void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::
     }
   }
   float inv[G];
-  for (int j = 0; j < G; ++j) {
-    float* s = sc + j * len;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
-    inv[j] = 1.f / sum;
-  }
+  for (int j = 0; j < G; ++j) inv[j] = 1.f / exp_shifted_in_place(sc + j * len, len);
   __m512 acc[G][NC];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();

@@ -53,6 +53,17 @@ def uids(ranks) -> list[list[str]]:
     return [[r.replica_id.unique_id for r in rank] for rank in ranks]
 
 
+def send(router, replica) -> None:
+    """What Serve does once it sends a request to ``replica``."""
+    router.on_send_request(replica.replica_id)
+
+
+def complete(router, replica) -> None:
+    """What Serve does when that request finishes."""
+    router.decrement_queue_len_cache(replica.replica_id)
+    router.on_request_completed(replica.replica_id, "internal-id")
+
+
 def test_request_prefix_reads_the_generate_request():
     assert request_prefix(pending([1, 2, 3])) == [1, 2, 3]
     assert request_prefix(SimpleNamespace(args=[])) is None
@@ -96,6 +107,39 @@ def test_router_power_of_two_prefers_the_less_loaded():
         router = make_router([a, b], policy="power_of_two")
         for _ in range(5):
             assert uids(await router.choose_replicas([a, b], pending(PREFIX))) == [["b"], ["a"]]
+            send(router, b)
+            complete(router, b)
+    asyncio.run(scenario())
+
+
+def test_router_counts_its_own_choices_through_a_burst():
+    """Serve's cache says 0 for both replicas until a report arrives; the router still fills the prefix's
+    replica only up to max_num_seqs, keeps counting the requests it sent when a lagging report says fewer,
+    and forgets choices Serve never sent."""
+    async def scenario():
+        a, b = FakeReplica("a", 0), FakeReplica("b", 0)
+        router = make_router([a, b])
+        now = [100.0]
+        router.clock = lambda: now[0]
+        router.on_request_routed(pending(PREFIX), a.replica_id, None)
+        router.on_new_queue_len_info(a.replica_id, 0)
+        router.on_new_queue_len_info(b.replica_id, 0)
+        firsts = [uids(await router.choose_replicas([a, b], pending(PREFIX)))[0][0] for _ in range(6)]
+        assert firsts == ["a"] * 4 + ["b"] * 2  # four unsent choices saturate a
+        for r in (a, a, a, a, b, b):
+            send(router, r)
+        router.on_new_queue_len_info(a.replica_id, 1)  # a report from before the other three arrived
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["b"]
+        send(router, b)
+        for _ in range(3):
+            complete(router, a)
+        router.on_new_queue_len_info(a.replica_id, 1)
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["a"]  # one left on a
+        for _ in range(3):  # chosen but never sent (cancelled, or sent to another rank)
+            await router.choose_replicas([a, b], pending(PREFIX))
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["b"]
+        now[0] += 3.0  # the unsent choices expire
+        assert uids(await router.choose_replicas([a, b], pending(PREFIX)))[0] == ["a"]
     asyncio.run(scenario())
 
 

@@ -7,12 +7,19 @@ queue lengths (Serve's cache, or a probe) into ``ReplicaLoad``s, asks the policy
 and returns the policy's choice first and the other replicas, least loaded first, as the fallback rank
 (Serve sends to the first replica of a rank that is not full). When Serve confirms a request was accepted,
 the policy is told (``on_routed``); replicas that disappear are forgotten.
+
+Serve's queue-length cache lags a burst: several routing tasks choose before any of their requests is sent,
+and a replica's report overwrites the cache with a count that misses requests still on their way to it. So
+the router also counts its own traffic: choices not yet sent, and requests sent but not completed. A replica's
+load is the larger of the cache and its outstanding count, plus its unsent choices.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -22,6 +29,8 @@ from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy, make_policy
 logger = logging.getLogger(__name__)
 
 ROUTER_CLASS_PATH = "flotilla.deploy.ray_router.FlotillaRequestRouter"
+# A choice Serve has not sent within this long went to another rank's replica or was cancelled: drop it.
+UNSENT_CHOICE_TTL_S = 2.0
 
 
 def request_prefix(pending_request: PendingRequest | None) -> list[int] | None:
@@ -45,6 +54,10 @@ class FlotillaRequestRouter(RequestRouter):
     counts as saturated) and ``policy_kwargs``. Each routing round ranks ``[[policy choice], [the others,
     least loaded first]]``; replicas whose queue length cannot be learnt, or whose routing stats say their
     engine is unhealthy, are left out while others remain. The policy forgets replicas that leave.
+
+    A replica's load is ``max(Serve's cached queue length, requests this router sent it that have not
+    completed) + choices of it not yet sent`` (a choice expires after ``UNSENT_CHOICE_TTL_S``), so a burst
+    routed between two cache updates still sees each earlier choice.
     """
 
     def initialize_state(self, policy: str = "prefix_aware", seed: int | None = None,
@@ -52,6 +65,9 @@ class FlotillaRequestRouter(RequestRouter):
         self.policy_name = policy
         self.policy: RoutingPolicy = make_policy(policy, rng=random.Random(seed), **(policy_kwargs or {}))
         self.max_num_seqs = max_num_seqs
+        self.clock = time.monotonic
+        self._unsent: defaultdict[str, deque[float]] = defaultdict(deque)  # replica -> times of unsent choices
+        self._outstanding: defaultdict[str, int] = defaultdict(int)       # replica -> sent, not completed
 
     def _ensure_policy(self) -> None:
         if not hasattr(self, "policy"):  # initialize_state is always called by Serve; be safe in tests
@@ -71,6 +87,7 @@ class FlotillaRequestRouter(RequestRouter):
             return [list(replicas)]
         by_id = {_rid(r): r for r in replicas}
         chosen = self.policy.choose([load for load, _ in loads], request_prefix(pending_request))
+        self._unsent[chosen].append(self.clock())
         rest = [r for load, r in sorted(loads, key=lambda x: (x[0].num_ongoing, x[0].replica_id))
                 if load.replica_id != chosen]
         return [[by_id[chosen]], rest] if rest else [[by_id[chosen]]]
@@ -95,8 +112,36 @@ class FlotillaRequestRouter(RequestRouter):
                 cap = r.max_ongoing_requests
                 if self.max_num_seqs:
                     cap = min(cap, self.max_num_seqs)
-                loads.append((ReplicaLoad(_rid(r), known[r.replica_id], cap), r))
+                rid = _rid(r)
+                n = max(known[r.replica_id], self._outstanding.get(rid, 0)) + self._fresh_unsent(rid)
+                loads.append((ReplicaLoad(rid, n, cap), r))
         return loads
+
+    def _fresh_unsent(self, rid: str) -> int:
+        """Choices of this replica not yet sent, after dropping the expired ones (oldest first)."""
+        times = self._unsent.get(rid)
+        if not times:
+            return 0
+        horizon = self.clock() - UNSENT_CHOICE_TTL_S
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times)
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self._ensure_policy()
+        rid = replica_id.unique_id
+        times = self._unsent.get(rid)
+        if times:
+            times.popleft()
+        self._outstanding[rid] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._ensure_policy()
+        rid = replica_id.unique_id
+        if self._outstanding.get(rid, 0) > 0:
+            self._outstanding[rid] -= 1
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._ensure_policy()
@@ -110,12 +155,17 @@ class FlotillaRequestRouter(RequestRouter):
         super().update_replicas(replicas)
         after = {rid.unique_id for rid in self._replica_id_set}
         for gone in before - after:
-            self.policy.forget_replica(gone)
+            self._forget(gone)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._ensure_policy()
-        self.policy.forget_replica(replica_id.unique_id)
+        self._forget(replica_id.unique_id)
+
+    def _forget(self, rid: str) -> None:
+        self.policy.forget_replica(rid)
+        self._unsent.pop(rid, None)
+        self._outstanding.pop(rid, None)
 
 
 def _rid(r: RunningReplica) -> str:

@@ -62,6 +62,8 @@ def cpu_kernels():
     """``torch.ops.flotilla`` when the fused kernels are on and built, else None (logged once)."""
     if not kernels_enabled():
         return None
+    if "ops" in _state:  # loaded (or failed) already: no lock on the hot path
+        return _state["ops"]
     with _lock:
         if "ops" not in _state:
             try:
@@ -75,6 +77,7 @@ def cpu_kernels():
 
 def use_kernels(*tensors: torch.Tensor):
     """The kernel library when every tensor is on the CPU (and the kernels are available), else None."""
-    if any(t.device.type != "cpu" for t in tensors):
-        return None
+    for t in tensors:
+        if t.device.type != "cpu":
+            return None
     return cpu_kernels()

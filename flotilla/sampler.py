@@ -16,9 +16,9 @@ import torch
 from flotilla.ops import use_kernels
 from flotilla.sampling_params import SamplingParams
 
+_PAD = -1  # pad value of the padded token-id tensors (never a real token id)
 # Smallest positive float32: exponential noise is clamped to it so probs / noise is never 0 / 0 (= nan).
 _TINY = torch.finfo(torch.float32).tiny
-_PAD = -1  # pad value of the padded token-id tensors (never a real token id)
 
 
 class LogprobsTensors(NamedTuple):
@@ -216,7 +216,7 @@ class Sampler:
         """Greedy and random sampling of processed logits (B, V) -> token ids (B,). Modifies ``logits``."""
         if metadata.all_greedy:
             return greedy(logits)  # (B,)
-        greedy_tokens = None if metadata.all_random else logits.argmax(dim=-1)  # (B,)
+        greedy_tokens = None if metadata.all_random else greedy(logits)  # (B,)
         logits.div_(metadata.temperature.unsqueeze(1))  # (B, V)
         if metadata.top_k is not None or metadata.top_p is not None:
             logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)

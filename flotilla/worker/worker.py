@@ -66,7 +66,7 @@ class Worker:
         if mc.quantization:
             quantize_model_(model, mc.quantization)
         if kernels_enabled():
-            prepack_model_(model)  # CPU bfloat16/float16 only; a no-op elsewhere
+            prepack_model_(model)  # CPU bfloat16 only; a no-op elsewhere
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,

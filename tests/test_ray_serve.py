@@ -188,7 +188,7 @@ def test_saturated_hot_replica_sends_new_requests_elsewhere(client):
     async def burst():
         aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key=KEY, max_retries=0, timeout=120)
         await asyncio.gather(*[aclient.completions.create(
-            model="tiny", prompt=SHARED + [800 + i], max_tokens=400, temperature=0,
+            model="tiny", prompt=SHARED + [800 + i], max_tokens=160, temperature=0,
             extra_body={"ignore_eos": True}) for i in range(3 * MAX_NUM_SEQS)])
         await aclient.close()
 

@@ -43,7 +43,7 @@ class ThroughputResult:
 
 def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int) -> None:
     """Engine flags plus the random-prompt workload flags shared by ``throughput`` and ``latency``."""
-    from flotilla.entrypoints.cli import add_engine_args
+    from flotilla.deploy.engine_args import add_engine_args
     add_engine_args(p)
     p.add_argument("--input-len", type=int, default=input_len, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request")
@@ -52,9 +52,9 @@ def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len:
 
 
 def build_llm(ns: argparse.Namespace):
-    """An ``LLM`` from the engine flags in ``ns`` (see ``flotilla.entrypoints.cli.add_engine_args``)."""
+    """An ``LLM`` from the engine flags in ``ns`` (see ``flotilla.deploy.engine_args.add_engine_args``)."""
     from flotilla.engine.llm import LLM
-    from flotilla.entrypoints.cli import engine_args_from
+    from flotilla.deploy.engine_args import engine_args_from
     args = engine_args_from(ns)
     args.seed = ns.seed
     return LLM.from_engine_args(args)

@@ -1,8 +1,9 @@
 """The deployment file: which models to serve, how many replicas, traffic splits and routing.
 
 One schema for every way flotilla serves: ``flotilla serve --config deploy.yaml`` (embedded: one process),
-the Ray Serve deployment, and ``flotilla serve MODEL --flags`` (``deployment_from_cli``: the one-model
-shorthand of the same file). Example::
+the Ray Serve deployment, and ``flotilla serve MODEL --flags`` (``deployment_from_cli``, from
+``flotilla.deploy.engine_args``: the one-model shorthand of the same file). The validated values are the frozen
+dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
 
     api_key_env: FLOTILLA_API_KEY        # optional: the env var that holds the API key
     seed: 0                              # optional: seeds alias traffic splits and routing
@@ -28,20 +29,19 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
+from flotilla.deploy.engine_args import ENGINE_KEYS_SET_ELSEWHERE as _ENGINE_KEYS_SET_ELSEWHERE
+from flotilla.deploy.engine_args import deployment_from_cli
 from flotilla.deploy.routing import ROUTING_POLICIES
-from flotilla.errors import FlotillaError
+from flotilla.deploy.spec import (DEFAULT_ROUTING, DEFAULT_TARGET_ONGOING_REQUESTS, AutoscalingSpec, DeploymentConfig,
+                                  DeploymentConfigError, ModelSpec)
 
-DEFAULT_ROUTING = "power_of_two"
-DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Ray Serve's default
+__all__ = ["AutoscalingSpec", "DeploymentConfig", "DeploymentConfigError", "ModelSpec", "deployment_from_cli",
+           "load_deployment_config", "parse_deployment_config"]
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-# EngineArgs fields a model entry sets itself (so ``engine:`` must not).
-_ENGINE_KEYS_SET_ELSEWHERE = {"model": "model", "served_model_name": "name",
-                              "tensor_parallel_size": "parallel.tensor",
-                              "pipeline_parallel_size": "parallel.pipeline"}
 # Early checks of engine overrides (the engine validates everything again when it starts).
 _ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": (None, "int8"),
                    "distributed_executor_backend": (None, "uni", "mp", "ray", "external"),
@@ -52,92 +52,6 @@ _TOP_KEYS = ("models", "routes", "routing", "api_key_env", "seed")
 _MODEL_KEYS = ("name", "model", "parallel", "replicas", "autoscaling", "engine", "ray")
 _PARALLEL_KEYS = ("tensor", "pipeline")
 _AUTOSCALING_KEYS = ("min", "max", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
-
-
-class DeploymentConfigError(FlotillaError, ValueError):
-    """An invalid deployment file. ``source`` is the file (or a description), ``key`` the key path
-    (``models[0].engine.max_num_seqs``; "" for the whole document); the message starts with both."""
-
-    def __init__(self, source: str, key: str, message: str):
-        self.source, self.key, self.reason = source, key, message
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-
-
-@dataclass(frozen=True)
-class AutoscalingSpec:
-    """Replica bounds for Ray Serve's autoscaler (``1 <= min_replicas <= max_replicas``). The delays are
-    None for Ray's defaults. Embedded mode does not autoscale: it runs ``min_replicas``."""
-
-    min_replicas: int
-    max_replicas: int
-    target_ongoing_requests: float = DEFAULT_TARGET_ONGOING_REQUESTS
-    upscale_delay_s: float | None = None
-    downscale_delay_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One served model. ``name`` is what clients send; ``model`` what the engine loads (alias, directory or
-    .gguf path; relative paths that exist next to the file are made absolute). ``replicas`` is the fixed
-    replica count, or ``autoscaling.min_replicas`` when ``autoscaling`` is set (they are exclusive in the
-    file). ``engine`` holds validated ``EngineArgs`` overrides (only the keys given); ``ray`` holds
-    Ray-only options, ignored in embedded mode. Instances compare by value (do not hash them)."""
-
-    name: str
-    model: str
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    replicas: int = 1
-    autoscaling: AutoscalingSpec | None = None
-    engine: dict[str, Any] = field(default_factory=dict)
-    ray: dict[str, Any] = field(default_factory=dict)
-
-    def engine_args(self):
-        """The ``EngineArgs`` of one replica (``served_model_name`` is ``name``)."""
-        from flotilla.engine.arg_utils import EngineArgs
-        return EngineArgs(model=self.model, served_model_name=self.name, tensor_parallel_size=self.tensor_parallel_size,
-                          pipeline_parallel_size=self.pipeline_parallel_size, **self.engine)
-
-
-@dataclass(frozen=True)
-class DeploymentConfig:
-    """A validated deployment: ``models`` (unique names, in file order), ``routes`` (alias -> {model name:
-    weight}, weights >= 0 with a positive sum; aliases never shadow a model), ``routing`` (one of
-    ``ROUTING_POLICIES``), ``api_key_env`` (name of the env var holding the API key, or None), ``seed`` (for
-    traffic splits and routing; None: nondeterministic). ``source`` (the file) is not part of equality."""
-
-    models: tuple[ModelSpec, ...]
-    routes: dict[str, dict[str, float]] = field(default_factory=dict)
-    routing: str = DEFAULT_ROUTING
-    api_key_env: str | None = None
-    seed: int | None = None
-    source: str = field(default="<deployment>", compare=False)
-
-    @property
-    def model_names(self) -> list[str]:
-        return [m.name for m in self.models]
-
-    def model(self, name: str) -> ModelSpec:
-        """The model called ``name`` (KeyError if none)."""
-        for m in self.models:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
-    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
-        """The API key from ``api_key_env`` (None when no variable is named). A named variable that is unset
-        or empty is a ``DeploymentConfigError``. ``environ`` defaults to the process environment."""
-        if self.api_key_env is None:
-            return None
-        if environ is None:
-            from flotilla import envs
-            value = envs.named(self.api_key_env)
-        else:
-            value = environ.get(self.api_key_env)
-        if not value:
-            raise DeploymentConfigError(self.source, "api_key_env",
-                                        f"the environment variable {self.api_key_env} is not set (or empty)")
-        return value
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -403,24 +317,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return type(value).__name__
     return f"{type(value).__name__} {value!r}"
-
-
-# ------------------------------------------------------------------------------------ the CLI shorthand
-
-def deployment_from_cli(ns) -> DeploymentConfig:
-    """The deployment that ``flotilla serve [MODEL] [engine flags]`` stands for: one model named
-    ``--served-model-name`` (default: the model argument), one replica, ``engine`` holding the flags that
-    differ from ``EngineArgs``' defaults. Raises ValueError when MODEL and ``--model`` disagree."""
-    from flotilla.engine.arg_utils import EngineArgs
-    from flotilla.entrypoints.cli import engine_args_from
-    from flotilla.entrypoints.openai.cli_args import resolve_model_arg
-    from flotilla.models.loader.resolve import DEFAULT_ALIAS
-    resolve_model_arg(ns)
-    args, defaults = engine_args_from(ns), EngineArgs()
-    engine = {k: v for k, v in vars(args).items()
-              if k not in _ENGINE_KEYS_SET_ELSEWHERE and v != getattr(defaults, k)}
-    model = ns.model or DEFAULT_ALIAS
-    name = getattr(ns, "served_model_name", None) or model
-    return DeploymentConfig(models=(ModelSpec(name=name, model=model, tensor_parallel_size=args.tensor_parallel_size,
-                                              pipeline_parallel_size=args.pipeline_parallel_size, engine=engine),),
-                            source="the command line")

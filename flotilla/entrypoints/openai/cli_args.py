@@ -29,7 +29,8 @@ class ServerConfig:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """Add the server flags; the engine flags (``add_engine_args``) must be added by the caller."""
+    """Add the server flags; the engine flags (``flotilla.deploy.engine_args.add_engine_args``) must be added by
+    the caller."""
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model to serve (same as --model; default: smollm2-135m-instruct)")
     p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
@@ -52,32 +53,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
-
-
-def resolve_model_arg(ns: argparse.Namespace) -> None:
-    """Merge the positional MODEL into ``ns.model``; raise ValueError when both are given and differ."""
-    if ns.model_tag is not None:
-        if ns.model is not None and ns.model != ns.model_tag:
-            raise ValueError(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
-        ns.model = ns.model_tag
-
-
-def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
-    """The model and engine flags given together with ``--config`` (they belong in the file)."""
-    from flotilla.entrypoints.cli import add_engine_args
-    engine_parser = argparse.ArgumentParser(add_help=False)
-    add_engine_args(engine_parser)
-    given = []
-    if ns.model_tag is not None:
-        given.append("MODEL")
-    if ns.served_model_name is not None:
-        given.append("--served-model-name")
-    for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
-        if action.dest == "ray_address" and getattr(ns, "ray", False):
-            continue  # with --ray it is the Serve cluster's address, not an engine setting
-        if action.option_strings and getattr(ns, action.dest, action.default) != action.default:
-            given.append(max(action.option_strings, key=len))
-    return given
 
 
 def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: str | None = None) -> ServerConfig:

@@ -34,6 +34,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
+from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.output_processor import OutputKind
 
@@ -46,9 +47,6 @@ DEFAULT_HEALTH_CHECK_PERIOD_S = 5.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 DEFAULT_ROUTING_STATS_PERIOD_S = 2.0
 INGRESS_MAX_ONGOING = 4096
-RAY_SETTINGS = ("num_cpus", "num_gpus", "ray_actor_options", "max_ongoing_requests", "health_check_period_s",
-                "health_check_timeout_s", "stall_timeout_s", "graceful_shutdown_timeout_s", "autoscaling_config",
-                "routing_stats_period_s", "routing_kwargs", "placement_strategy")
 
 
 # ---- replica processes ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from flotilla.bench.datasets import BenchRequest, random_requests
+from flotilla.deploy.engine_args import finite_float
 
 
 @dataclass
@@ -99,7 +100,7 @@ def add_throughput_parser(sub) -> None:
                                           "(vLLM's bench throughput)")
     add_workload_args(p, input_len=1024, output_len=128)
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
+    p.add_argument("--random-range-ratio", type=finite_float, default=0.0,
                    help="lengths uniform in len * [1 - r, 1 + r] (vLLM's random dataset)")
     p.add_argument("--num-warmup-prompts", type=int, default=0,
                    help="short untimed requests run first (vLLM runs none)")

@@ -9,6 +9,9 @@
   for (the shorthand of the deployment file).
 - ``ENGINE_KEYS_SET_ELSEWHERE``: the ``EngineArgs`` fields a deployment file's model entry sets with its own
   keys (so they are not ``engine:`` overrides).
+- ``finite_float`` / ``rate_float``: the argparse types of every float flag (NaN and infinity are usage
+  errors naming the flag, exit code 2, before anything loads; ``rate_float`` allows ``inf``, as vLLM's
+  ``--request-rate`` does).
 
 This module imports nothing heavy (``EngineArgs`` and the model aliases load only when called), so building
 the CLI parser stays fast.
@@ -17,6 +20,7 @@ the CLI parser stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 
 from flotilla.deploy.spec import DeploymentConfig, ModelSpec
 
@@ -26,6 +30,29 @@ ENGINE_KEYS_SET_ELSEWHERE = {"model": "model", "served_model_name": "name",
                              "pipeline_parallel_size": "parallel.pipeline"}
 
 
+def finite_float(text: str) -> float:
+    """argparse type of a float flag: a finite number (argparse names the flag in the error)."""
+    value = _float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def rate_float(text: str) -> float:
+    """argparse type of a rate whose ``inf`` means "no limit": a finite number or +inf."""
+    value = _float(text)
+    if not (math.isfinite(value) or value == math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite number or inf, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
                                                  "(default: smollm2-135m-instruct)")
@@ -33,7 +60,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", choices=["int8"], default=None,
                    help="weight-only int8 linear layers (faster small-batch decode; activations stay bf16)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache budget in GiB")
+    p.add_argument("--kv-cache-memory", type=finite_float, default=1.0, help="KV cache budget in GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=128)

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from flotilla import envs
-from flotilla.deploy.engine_args import add_engine_args, engine_args_from
+from flotilla.deploy.engine_args import add_engine_args, engine_args_from, finite_float
 from flotilla.errors import FlotillaError
 
 
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=finite_float, default=0.0)
+    gen.add_argument("--top-p", type=finite_float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)

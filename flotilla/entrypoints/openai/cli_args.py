@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from flotilla.deploy.engine_args import finite_float
+
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -47,7 +49,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every route except /health and /metrics")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting for the engine beyond which new ones get 429")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--shutdown-timeout", type=finite_float, default=30.0,
                    help="seconds to drain in-flight requests after SIGTERM")
     p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413")

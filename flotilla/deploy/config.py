@@ -183,12 +183,9 @@ def _keys_at(model: Any, loc: tuple) -> list[str]:
 
 def _unwrap(hint: Any) -> Any:
     """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
-    while True:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if typing.get_origin(hint) is typing.Annotated or (args and typing.get_origin(hint) in (typing.Union, types.UnionType)):
-            hint = args[0]
-        else:
-            return hint
+    while typing.get_origin(hint) in (typing.Annotated, typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _number(value: Any) -> str:

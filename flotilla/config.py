@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_finite(config) -> None:
+    """Every float field of a config dataclass is a finite number (NaN compares False with every bound)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_memory <= 0:
@@ -123,8 +134,11 @@ class ParallelConfig:
     collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be >= 1")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.executor_backend not in (None, "uni", "mp", "ray", "external"):
             raise ValueError(f"executor backend must be uni, mp, ray or external, got {self.executor_backend!r}")
         if self.executor_backend == "uni" and self.world_size > 1:

@@ -1,6 +1,6 @@
 """flotilla on Ray Serve, on a local two-node Ray cluster (``ray.cluster_utils.Cluster``, loopback only).
 
-One cluster and one Serve instance per module. The main application (``build_ray_app``: the tiny random
+One cluster and one Serve instance per module. The main application (``build_openai_ray_app``: the tiny random
 Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp2`` with tensor parallel 2,
 and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
 cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
@@ -64,11 +64,12 @@ def serve_url(ray_cluster):
 def app(serve_url, tiny_llama):
     """The main application behind the OpenAI ingress: model ``tiny`` with two replicas, model ``tiny-tp2``
     (tensor parallel 2: its ranks are Ray actors in a placement group) and the alias ``tiny-alias``."""
-    from flotilla.deploy.ray_serve import APP_NAME, build_ray_app
+    from flotilla.deploy.ray_serve import APP_NAME
+    from flotilla.entrypoints.openai.ray_ingress import build_openai_ray_app
     config = DeploymentConfig(models=(model_spec("tiny", tiny_llama[0], replicas=2, ray=dict(FAST_HEALTH)),
                                       model_spec("tiny-tp2", tiny_llama[0], tensor_parallel_size=2)),
                               routes={"tiny-alias": {"tiny": 1.0}}, routing="prefix_aware", seed=0)
-    serve.run(build_ray_app(config, api_key=KEY), name=APP_NAME, route_prefix="/")
+    serve.run(build_openai_ray_app(config, api_key=KEY), name=APP_NAME, route_prefix="/")
     yield serve_url
     serve.delete(APP_NAME)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flotilla.bench.datasets import random_requests, shared_prefix_requests
+from flotilla.deploy.engine_args import finite_float, rate_float
 
 
 def add_serve_parser(sub) -> None:
@@ -19,14 +20,15 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--random-range-ratio", type=finite_float, default=0.0)
     p.add_argument("--vocab-size", type=int, default=49152, help="random token ids are drawn below this")
     p.add_argument("--shared-prefix-groups", type=int, default=1)
     p.add_argument("--shared-prefix-prompts-per-group", type=int, default=64)
     p.add_argument("--shared-prefix-system-len", type=int, default=1024)
     p.add_argument("--shared-prefix-question-len", type=int, default=32)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
-    p.add_argument("--burstiness", type=float, default=1.0)
+    p.add_argument("--request-rate", type=rate_float, default=float("inf"),
+                   help="requests per second (inf: all at once)")
+    p.add_argument("--burstiness", type=finite_float, default=1.0)
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from flotilla.deploy.engine_args import finite_float
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -264,7 +266,7 @@ def add_roofline_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length S")
     p.add_argument("--context-len", type=int, default=None, help="KV tokens per sequence at decode "
                                                                 "(default: --prompt-len)")
-    p.add_argument("--bw-size-mib", type=float, default=512, help="size of the bandwidth test tensor")
+    p.add_argument("--bw-size-mib", type=finite_float, default=512, help="size of the bandwidth test tensor")
     p.add_argument("--bw-method", choices=["sum", "copy"], default="sum")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from flotilla.bench.datasets import BenchRequest, random_requests
+from flotilla.deploy.engine_args import finite_float
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ThroughputResult:
 
 def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int) -> None:
     """Engine flags plus the random-prompt workload flags shared by ``throughput`` and ``latency``."""
-    from flotilla.entrypoints.cli import add_engine_args
+    from flotilla.deploy.engine_args import add_engine_args
     add_engine_args(p)
     p.add_argument("--input-len", type=int, default=input_len, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request")
@@ -52,9 +53,9 @@ def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len:
 
 
 def build_llm(ns: argparse.Namespace):
-    """An ``LLM`` from the engine flags in ``ns`` (see ``flotilla.entrypoints.cli.add_engine_args``)."""
+    """An ``LLM`` from the engine flags in ``ns`` (see ``flotilla.deploy.engine_args.add_engine_args``)."""
     from flotilla.engine.llm import LLM
-    from flotilla.entrypoints.cli import engine_args_from
+    from flotilla.deploy.engine_args import engine_args_from
     args = engine_args_from(ns)
     args.seed = ns.seed
     return LLM.from_engine_args(args)
@@ -99,7 +100,7 @@ def add_throughput_parser(sub) -> None:
                                           "(vLLM's bench throughput)")
     add_workload_args(p, input_len=1024, output_len=128)
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
+    p.add_argument("--random-range-ratio", type=finite_float, default=0.0,
                    help="lengths uniform in len * [1 - r, 1 + r] (vLLM's random dataset)")
     p.add_argument("--num-warmup-prompts", type=int, default=0,
                    help="short untimed requests run first (vLLM runs none)")

@@ -1,8 +1,9 @@
 """The deployment file: which models to serve, how many replicas, traffic splits and routing.
 
 One schema for every way flotilla serves: ``flotilla serve --config deploy.yaml`` (embedded: one process),
-the Ray Serve deployment, and ``flotilla serve MODEL --flags`` (``deployment_from_cli``: the one-model
-shorthand of the same file). Example::
+the Ray Serve deployment, and ``flotilla serve MODEL --flags`` (``deployment_from_cli``, from
+``flotilla.deploy.engine_args``: the one-model shorthand of the same file). The validated values are the frozen
+dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
 
     api_key_env: FLOTILLA_API_KEY        # optional: the env var that holds the API key
     seed: 0                              # optional: seeds alias traffic splits and routing
@@ -12,7 +13,7 @@ shorthand of the same file). Example::
         parallel: {tensor: 1, pipeline: 1}
         replicas: 2                      # or autoscaling: {min: 1, max: 4, target_ongoing_requests: 8}
         engine: {max_num_seqs: 32, kv_cache_memory: 1}   # EngineArgs fields
-        ray: {placement_strategy: PACK}  # Ray-only options (ignored when embedded)
+        ray: {num_cpus: 1}               # Ray Serve settings (schema.RaySettings; ignored when embedded)
     routes:                              # aliases with weighted traffic (A/B, canary)
       chat: {chat-v1: 90, chat-v2: 10}
     routing: prefix_aware                # replica choice: prefix_aware | power_of_two | round_robin
@@ -21,123 +22,25 @@ Contract: ``load_deployment_config`` / ``parse_deployment_config`` return a vali
 ``DeploymentConfig`` or raise ``DeploymentConfigError`` whose message starts with the file and the key path
 (``deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline)``); a YAML syntax
 error (or a duplicated key) names the line. Nothing here loads a model.
+
+Validation is the pydantic schema of ``flotilla.deploy.schema`` (strict types, unknown keys refused at every
+level, every number finite, an optional key set to null takes its default); the first problem is reported,
+an unknown key before any other (it is the likely cause of a missing one).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+import types
+import typing
+from typing import Any
 
-from flotilla.deploy.routing import ROUTING_POLICIES
-from flotilla.errors import FlotillaError
+from flotilla.deploy.engine_args import deployment_from_cli
+from flotilla.deploy.spec import AutoscalingSpec, DeploymentConfig, DeploymentConfigError, ModelSpec
 
-DEFAULT_ROUTING = "power_of_two"
-DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Ray Serve's default
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-# EngineArgs fields a model entry sets itself (so ``engine:`` must not).
-_ENGINE_KEYS_SET_ELSEWHERE = {"model": "model", "served_model_name": "name",
-                              "tensor_parallel_size": "parallel.tensor",
-                              "pipeline_parallel_size": "parallel.pipeline"}
-# Early checks of engine overrides (the engine validates everything again when it starts).
-_ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": (None, "int8"),
-                   "distributed_executor_backend": (None, "uni", "mp", "ray", "external"),
-                   "distributed_backend": (None, "gloo", "nccl")}
-_ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,
-                   "max_num_batched_tokens": 1, "num_threads": 1, "kv_cache_memory": 1e-9}
-_TOP_KEYS = ("models", "routes", "routing", "api_key_env", "seed")
-_MODEL_KEYS = ("name", "model", "parallel", "replicas", "autoscaling", "engine", "ray")
-_PARALLEL_KEYS = ("tensor", "pipeline")
-_AUTOSCALING_KEYS = ("min", "max", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
-
-
-class DeploymentConfigError(FlotillaError, ValueError):
-    """An invalid deployment file. ``source`` is the file (or a description), ``key`` the key path
-    (``models[0].engine.max_num_seqs``; "" for the whole document); the message starts with both."""
-
-    def __init__(self, source: str, key: str, message: str):
-        self.source, self.key, self.reason = source, key, message
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-
-
-@dataclass(frozen=True)
-class AutoscalingSpec:
-    """Replica bounds for Ray Serve's autoscaler (``1 <= min_replicas <= max_replicas``). The delays are
-    None for Ray's defaults. Embedded mode does not autoscale: it runs ``min_replicas``."""
-
-    min_replicas: int
-    max_replicas: int
-    target_ongoing_requests: float = DEFAULT_TARGET_ONGOING_REQUESTS
-    upscale_delay_s: float | None = None
-    downscale_delay_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One served model. ``name`` is what clients send; ``model`` what the engine loads (alias, directory or
-    .gguf path; relative paths that exist next to the file are made absolute). ``replicas`` is the fixed
-    replica count, or ``autoscaling.min_replicas`` when ``autoscaling`` is set (they are exclusive in the
-    file). ``engine`` holds validated ``EngineArgs`` overrides (only the keys given); ``ray`` holds
-    Ray-only options, ignored in embedded mode. Instances compare by value (do not hash them)."""
-
-    name: str
-    model: str
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    replicas: int = 1
-    autoscaling: AutoscalingSpec | None = None
-    engine: dict[str, Any] = field(default_factory=dict)
-    ray: dict[str, Any] = field(default_factory=dict)
-
-    def engine_args(self):
-        """The ``EngineArgs`` of one replica (``served_model_name`` is ``name``)."""
-        from flotilla.engine.arg_utils import EngineArgs
-        return EngineArgs(model=self.model, served_model_name=self.name, tensor_parallel_size=self.tensor_parallel_size,
-                          pipeline_parallel_size=self.pipeline_parallel_size, **self.engine)
-
-
-@dataclass(frozen=True)
-class DeploymentConfig:
-    """A validated deployment: ``models`` (unique names, in file order), ``routes`` (alias -> {model name:
-    weight}, weights >= 0 with a positive sum; aliases never shadow a model), ``routing`` (one of
-    ``ROUTING_POLICIES``), ``api_key_env`` (name of the env var holding the API key, or None), ``seed`` (for
-    traffic splits and routing; None: nondeterministic). ``source`` (the file) is not part of equality."""
-
-    models: tuple[ModelSpec, ...]
-    routes: dict[str, dict[str, float]] = field(default_factory=dict)
-    routing: str = DEFAULT_ROUTING
-    api_key_env: str | None = None
-    seed: int | None = None
-    source: str = field(default="<deployment>", compare=False)
-
-    @property
-    def model_names(self) -> list[str]:
-        return [m.name for m in self.models]
-
-    def model(self, name: str) -> ModelSpec:
-        """The model called ``name`` (KeyError if none)."""
-        for m in self.models:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
-    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
-        """The API key from ``api_key_env`` (None when no variable is named). A named variable that is unset
-        or empty is a ``DeploymentConfigError``. ``environ`` defaults to the process environment."""
-        if self.api_key_env is None:
-            return None
-        if environ is None:
-            from flotilla import envs
-            value = envs.named(self.api_key_env)
-        else:
-            value = environ.get(self.api_key_env)
-        if not value:
-            raise DeploymentConfigError(self.source, "api_key_env",
-                                        f"the environment variable {self.api_key_env} is not set (or empty)")
-        return value
+__all__ = ["AutoscalingSpec", "DeploymentConfig", "DeploymentConfigError", "ModelSpec", "deployment_from_cli",
+           "load_deployment_config", "parse_deployment_config"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -181,61 +84,27 @@ def _load_yaml(text: str, source: str) -> Any:
 def parse_deployment_config(data: Any, source: str = "<deployment>", base_dir: str | None = None) -> DeploymentConfig:
     """Validate an already-parsed document (``source`` names it in errors). Relative model paths are
     resolved against ``base_dir`` when that path exists there."""
-    top = _Node(source, "", data)
-    top.check_keys(_TOP_KEYS, required=("models",))
-    models_node = top.child("models")
-    if not isinstance(models_node.value, list) or not models_node.value:
-        raise models_node.error("expected a non-empty list of models")
-    models = tuple(_parse_model(models_node.item(i), base_dir) for i in range(len(models_node.value)))
-    seen: dict[str, int] = {}
-    for i, m in enumerate(models):
-        if m.name in seen:
-            raise models_node.item(i).child("name").error(f"duplicate model name {m.name!r} "
-                                                          f"(also models[{seen[m.name]}].name)")
-        seen[m.name] = i
-    routing = top.optional("routing", DEFAULT_ROUTING)
-    if routing.value not in ROUTING_POLICIES:
-        raise routing.error(f"unknown routing policy {routing.value!r} (expected one of: "
-                            f"{', '.join(ROUTING_POLICIES)})")
-    api_key_env = top.optional("api_key_env", None)
-    if api_key_env.value is not None and not (isinstance(api_key_env.value, str) and api_key_env.value.strip()):
-        raise api_key_env.error("expected the name of an environment variable")
-    seed = top.optional("seed", None)
-    if seed.value is not None:
-        seed.integer(minimum=0)
-    routes = _parse_routes(top.optional("routes", {}), [m.name for m in models])
-    return DeploymentConfig(models=models, routes=routes, routing=routing.value, api_key_env=api_key_env.value,
-                            seed=seed.value, source=source)
+    import pydantic
+
+    from flotilla.deploy import schema
+    try:
+        doc = schema.Document.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise _config_error(e, source) from None
+    models = tuple(_model_spec(entry, base_dir) for entry in doc.models)
+    return DeploymentConfig(models=models, routes={alias: dict(w) for alias, w in doc.routes.items()},
+                            routing=doc.routing, api_key_env=doc.api_key_env, seed=doc.seed, source=source)
 
 
-def _parse_model(node: "_Node", base_dir: str | None) -> ModelSpec:
-    node.check_keys(_MODEL_KEYS, required=("name", "model"))
-    name = node.child("name").string()
-    if not NAME_RE.match(name):
-        raise node.child("name").error(f"invalid name {name!r}: use letters, digits and . _ - : / @ +, "
-                                       "starting with a letter or digit")
-    model = _resolve_path(node.child("model").string(), base_dir)
-    parallel = node.optional("parallel", {})
-    parallel.check_keys(_PARALLEL_KEYS)
-    tp = parallel.optional("tensor", 1).integer(minimum=1)
-    pp = parallel.optional("pipeline", 1).integer(minimum=1)
-    autoscaling = None
-    if "autoscaling" in (node.value or {}):
-        if "replicas" in node.value:
-            raise node.child("replicas").error("give either replicas or autoscaling, not both")
-        autoscaling = _parse_autoscaling(node.child("autoscaling"))
-        replicas = autoscaling.min_replicas
-    else:
-        replicas = node.optional("replicas", 1).integer(minimum=1)
-    engine = _parse_engine(node.optional("engine", {}))
-    ray = node.optional("ray", {})
-    ray.check_keys(None)
-    if "placement_strategy" in ray.value:
-        strategy = ray.child("placement_strategy")
-        if strategy.value not in PLACEMENT_STRATEGIES:
-            raise strategy.error(f"expected one of: {', '.join(PLACEMENT_STRATEGIES)}")
-    return ModelSpec(name=name, model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, replicas=replicas,
-                     autoscaling=autoscaling, engine=engine, ray=dict(ray.value))
+def _model_spec(entry, base_dir: str | None) -> ModelSpec:
+    auto = entry.autoscaling
+    autoscaling = None if auto is None else AutoscalingSpec(
+        min_replicas=auto.min, max_replicas=auto.max, target_ongoing_requests=auto.target_ongoing_requests,
+        upscale_delay_s=auto.upscale_delay_s, downscale_delay_s=auto.downscale_delay_s)
+    return ModelSpec(name=entry.name, model=_resolve_path(entry.model, base_dir),
+                     tensor_parallel_size=entry.parallel.tensor, pipeline_parallel_size=entry.parallel.pipeline,
+                     replicas=auto.min if auto is not None else entry.replicas, autoscaling=autoscaling,
+                     engine=entry.engine.model_dump(exclude_unset=True), ray=entry.ray.model_dump(exclude_unset=True))
 
 
 def _resolve_path(model: str, base_dir: str | None) -> str:
@@ -245,182 +114,79 @@ def _resolve_path(model: str, base_dir: str | None) -> str:
     return candidate if os.path.exists(candidate) else model
 
 
-def _parse_autoscaling(node: "_Node") -> AutoscalingSpec:
-    node.check_keys(_AUTOSCALING_KEYS, required=("min", "max"))
-    lo = node.child("min").integer(minimum=1)
-    hi = node.child("max").integer(minimum=1)
-    if lo > hi:
-        raise node.child("min").error(f"min ({lo}) must not exceed max ({hi})")
-    target = node.optional("target_ongoing_requests", DEFAULT_TARGET_ONGOING_REQUESTS).number(positive=True)
-    delays = [node.optional(k, None) for k in ("upscale_delay_s", "downscale_delay_s")]
-    up, down = (d.number() if d.value is not None else None for d in delays)
-    return AutoscalingSpec(min_replicas=lo, max_replicas=hi, target_ongoing_requests=target, upscale_delay_s=up,
-                           downscale_delay_s=down)
-
-
-def _parse_engine(node: "_Node") -> dict[str, Any]:
-    import typing
-
-    from flotilla.engine.arg_utils import EngineArgs
-    hints = typing.get_type_hints(EngineArgs)
-    allowed = [k for k in hints if k not in _ENGINE_KEYS_SET_ELSEWHERE]
-    node.check_keys(None)
-    out = {}
-    for key in node.value:
-        child = node.child(key)
-        if key in _ENGINE_KEYS_SET_ELSEWHERE:
-            raise child.error(f"not an engine override: set it with the model's "
-                              f"{_ENGINE_KEYS_SET_ELSEWHERE[key]}")
-        if key not in hints:
-            raise child.error(f"unknown key (expected one of: {', '.join(allowed)})")
-        value = out[key] = child.typed(hints[key])
-        if key in _ENGINE_CHOICES and value not in _ENGINE_CHOICES[key]:
-            raise child.error(f"expected one of: {', '.join(map(str, _ENGINE_CHOICES[key]))}")
-        if key in _ENGINE_MINIMUM and value is not None and value < _ENGINE_MINIMUM[key]:
-            raise child.error(f"must be >= {_ENGINE_MINIMUM[key]}, got {value}")
-    return out
-
-
-def _parse_routes(node: "_Node", model_names: list[str]) -> dict[str, dict[str, float]]:
-    node.check_keys(None)
-    routes = {}
-    for alias in node.value:
-        child = node.child(alias)
-        if not NAME_RE.match(alias):
-            raise child.error(f"invalid route name {alias!r}")
-        if alias in model_names:
-            raise child.error(f"route name {alias!r} is also a model name")
-        child.check_keys(None)
-        if not child.value:
-            raise child.error("a route needs at least one target")
-        weights = {}
-        for target in child.value:
-            weight = child.child(target)
-            if target not in model_names:
-                raise weight.error(f"unknown model {target!r} (models: {', '.join(model_names)})")
-            weights[target] = weight.number()
-        if math.fsum(weights.values()) <= 0:
-            raise child.error("the weights must sum to more than 0")
-        routes[alias] = weights
-    return routes
-
-
-# ------------------------------------------------------------------------------------- validation nodes
+# ------------------------------------------------------------------------ pydantic errors -> key paths
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_UNKNOWN_KEY_ERRORS = ("extra_forbidden", "invalid_key")
+_REASONS = {  # pydantic error type -> message (``{kind}``: the offending value, as ``schema.kind`` names it)
+    "missing": "required key is missing",
+    "model_type": "expected a mapping, got {kind}", "dict_type": "expected a mapping, got {kind}",
+    "list_type": "expected a list, got {kind}",
+    "int_type": "expected an integer, got {kind}", "int_parsing": "expected an integer, got {kind}",
+    "int_from_float": "expected an integer, got {kind}",
+    "bool_type": "expected true or false, got {kind}", "bool_parsing": "expected true or false, got {kind}",
+    "float_type": "expected a finite number, got {kind}", "float_parsing": "expected a finite number, got {kind}",
+    "finite_number": "expected a finite number, got {kind}",
+    "string_type": "expected a non-empty string, got {kind}", "string_too_short": "expected a non-empty string, "
+                                                                                  "got {kind}",
+    "invalid_key": "keys must be strings, got {kind}",
+}
 
 
-class _Node:
-    """A value of the document with its key path, for errors that name where they are."""
-
-    def __init__(self, source: str, path: str, value: Any):
-        self.source, self.path, self.value = source, path, value
-
-    def error(self, message: str) -> DeploymentConfigError:
-        return DeploymentConfigError(self.source, self.path, message)
-
-    def _sub(self, key) -> str:
-        if isinstance(key, str) and _PLAIN_KEY.match(key):
-            return f"{self.path}.{key}" if self.path else key
-        return f"{self.path}[{key!r}]"
-
-    def child(self, key: str) -> "_Node":
-        return _Node(self.source, self._sub(key), self.value[key])
-
-    def optional(self, key: str, default: Any) -> "_Node":
-        value = self.value.get(key, default) if isinstance(self.value, dict) else default
-        return _Node(self.source, self._sub(key), default if value is None and default is not None else value)
-
-    def item(self, index: int) -> "_Node":
-        return _Node(self.source, f"{self.path}[{index}]", self.value[index])
-
-    def check_keys(self, allowed, required=()) -> None:
-        """A mapping with string keys, only ``allowed`` ones (None: any), and every ``required`` one."""
-        if not isinstance(self.value, dict):
-            raise self.error(f"expected a mapping, got {_kind(self.value)}")
-        for key in self.value:
-            if not isinstance(key, str) or not key:
-                raise self.error(f"keys must be non-empty strings, got {key!r}")
-            if allowed is not None and key not in allowed:
-                raise DeploymentConfigError(self.source, self._sub(key),
-                                            f"unknown key (expected one of: {', '.join(allowed)})")
-        for key in required:
-            if key not in self.value:
-                raise DeploymentConfigError(self.source, self._sub(key), "required key is missing")
-
-    def string(self) -> str:
-        if not isinstance(self.value, str) or not self.value.strip():
-            raise self.error(f"expected a non-empty string, got {_kind(self.value)}")
-        return self.value
-
-    def integer(self, minimum: int | None = None) -> int:
-        if isinstance(self.value, bool) or not isinstance(self.value, int):
-            raise self.error(f"expected an integer, got {_kind(self.value)}")
-        if minimum is not None and self.value < minimum:
-            raise self.error(f"must be >= {minimum}, got {self.value}")
-        return self.value
-
-    def number(self, positive: bool = False) -> float:
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.error(f"expected a finite number, got {_kind(v)}")
-        if v < 0 or (positive and v == 0):
-            raise self.error(f"must be {'> 0' if positive else '>= 0'}, got {v}")
-        return float(v)
-
-    def typed(self, hint) -> Any:
-        """The value checked against an EngineArgs annotation (int, float, bool, str, list[int], X | None)."""
-        import types
-        import typing
-        args = typing.get_args(hint)
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            if self.value is None and type(None) in args:
-                return None
-            (hint,) = [a for a in args if a is not type(None)]
-        if hint is bool:
-            if not isinstance(self.value, bool):
-                raise self.error(f"expected true or false, got {_kind(self.value)}")
-            return self.value
-        if hint is int:
-            return self.integer()
-        if hint is float:
-            v = self.value
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise self.error(f"expected a number, got {_kind(v)}")
-            return float(v)
-        if hint is str:
-            return self.string()
-        if typing.get_origin(hint) is list:
-            if not isinstance(self.value, list):
-                raise self.error(f"expected a list, got {_kind(self.value)}")
-            return [self.item(i).typed(typing.get_args(hint)[0]) for i in range(len(self.value))]
-        raise self.error(f"cannot be set from the deployment file (type {hint})")
+def _config_error(error, source: str) -> DeploymentConfigError:
+    """The first problem of a pydantic ``ValidationError`` as a ``DeploymentConfigError`` naming its key path
+    (an unknown key first: it is the likely cause of a missing one)."""
+    from flotilla.deploy import schema
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] in _UNKNOWN_KEY_ERRORS), errors[0])
+    ctx, loc = first.get("ctx") or {}, tuple(first["loc"])
+    loc += tuple(ctx.get("at", ()))
+    if (loc and loc[-1] == "[key]") or first["type"] == "invalid_key":  # a mapping's key itself is wrong
+        loc = loc[:-1]
+        if first["type"] == "string_type":
+            first = {**first, "type": "invalid_key"}
+    if first["type"] == "flotilla":
+        reason = ctx["reason"]
+    elif first["type"] == "extra_forbidden":
+        reason = f"unknown key (expected one of: {', '.join(_keys_at(schema.Document, loc[:-1]))})"
+    elif first["type"] in ("greater_than_equal", "greater_than"):
+        op, bound = (">=", ctx["ge"]) if "ge" in ctx else (">", ctx["gt"])
+        reason = f"must be {op} {_number(bound)}, got {_number(first['input'])}"
+    else:
+        reason = _REASONS.get(first["type"], first["msg"]).format(kind=schema.kind(first.get("input")))
+    return DeploymentConfigError(source, _key_path(loc), reason)
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, (dict, list)):
-        return type(value).__name__
-    return f"{type(value).__name__} {value!r}"
+def _key_path(loc: tuple) -> str:
+    """``("models", 0, "parallel", "tensr")`` -> ``models[0].parallel.tensr``; odd keys as ``['a b']``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            path += f".{part}" if path else part
+        else:
+            path += f"[{part!r}]"
+    return path
 
 
-# ------------------------------------------------------------------------------------ the CLI shorthand
+def _keys_at(model: Any, loc: tuple) -> list[str]:
+    """The keys the schema allows in the mapping at ``loc`` (a path from ``model``)."""
+    for part in loc:
+        model = _unwrap(model)
+        if isinstance(model, type) and hasattr(model, "model_fields"):
+            model = model.model_fields[part].annotation
+        else:  # list[X] -> X, dict[K, V] -> V
+            model = typing.get_args(model)[-1]
+    return list(_unwrap(model).model_fields)
 
-def deployment_from_cli(ns) -> DeploymentConfig:
-    """The deployment that ``flotilla serve [MODEL] [engine flags]`` stands for: one model named
-    ``--served-model-name`` (default: the model argument), one replica, ``engine`` holding the flags that
-    differ from ``EngineArgs``' defaults. Raises ValueError when MODEL and ``--model`` disagree."""
-    from flotilla.engine.arg_utils import EngineArgs
-    from flotilla.entrypoints.cli import engine_args_from
-    from flotilla.entrypoints.openai.cli_args import resolve_model_arg
-    from flotilla.models.loader.resolve import DEFAULT_ALIAS
-    resolve_model_arg(ns)
-    args, defaults = engine_args_from(ns), EngineArgs()
-    engine = {k: v for k, v in vars(args).items()
-              if k not in _ENGINE_KEYS_SET_ELSEWHERE and v != getattr(defaults, k)}
-    model = ns.model or DEFAULT_ALIAS
-    name = getattr(ns, "served_model_name", None) or model
-    return DeploymentConfig(models=(ModelSpec(name=name, model=model, tensor_parallel_size=args.tensor_parallel_size,
-                                              pipeline_parallel_size=args.pipeline_parallel_size, engine=engine),),
-                            source="the command line")
+
+def _unwrap(hint: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while typing.get_origin(hint) in (typing.Annotated, typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)

@@ -1,4 +1,4 @@
-"""flotilla on Ray Serve: one deployment per model, an OpenAI ingress, and the ``--ray`` entry point.
+"""flotilla on Ray Serve: one deployment per model, and the application builder that puts an ingress in front.
 
 Layout of the Serve application ``flotilla`` (route prefix ``/``):
 - one ``ModelServer`` deployment per model (named after the model): each replica is one ``AsyncLLM`` whose
@@ -7,12 +7,12 @@ Layout of the Serve application ``flotilla`` (route prefix ``/``):
   ``num_replicas``, ``autoscaling`` Serve's ``autoscaling_config`` (driven by ongoing requests); replicas
   are chosen by ``FlotillaRequestRouter`` with the file's ``routing`` policy (``prefix_aware``: the replica
   that has the prompt's prefix cached unless it is overloaded, else power of two choices).
-- ``OpenAIIngress``: the same FastAPI app as embedded mode (``build_app``), given a ``RemoteEngine`` per
-  model, so completions, chat, streaming, errors, API key and metrics behave identically.
+- one ingress deployment (``INGRESS_NAME``), passed to ``build_ray_app`` by the layer above: flotilla's
+  OpenAI ingress (``flotilla.entrypoints.openai.ray_ingress``, which also holds ``build_openai_ray_app``);
+  ``flotilla serve --ray`` is ``flotilla.entrypoints.openai.ray_server.run_on_ray``.
 
-Security: a Ray instance that ``run_on_ray`` starts itself listens on loopback only, without a dashboard;
-the HTTP proxy binds the ``host`` given (127.0.0.1 by default); replicas' internal gRPC servers bind the
-node IP, not every interface; the API key applies to every route but /health and /metrics.
+Security: replicas' internal gRPC servers bind the node IP, not every interface; a Ray instance that
+``connect_ray`` starts listens on loopback only, without a dashboard.
 
 Per-model ``ray`` settings (``ModelSpec.ray``): ``num_cpus``, ``num_gpus``, ``ray_actor_options``,
 ``max_ongoing_requests``, ``health_check_period_s``, ``health_check_timeout_s``, ``stall_timeout_s``,
@@ -24,13 +24,9 @@ constructor arguments); ``placement_strategy`` is accepted but not applied yet (
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
-import signal
 import socket
-import sys
-import threading
 import time
 
 import ray
@@ -38,6 +34,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
+from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.output_processor import OutputKind
 
@@ -50,9 +47,6 @@ DEFAULT_HEALTH_CHECK_PERIOD_S = 5.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 DEFAULT_ROUTING_STATS_PERIOD_S = 2.0
 INGRESS_MAX_ONGOING = 4096
-RAY_SETTINGS = ("num_cpus", "num_gpus", "ray_actor_options", "max_ongoing_requests", "health_check_period_s",
-                "health_check_timeout_s", "stall_timeout_s", "graceful_shutdown_timeout_s", "autoscaling_config",
-                "routing_stats_period_s", "routing_kwargs", "placement_strategy")
 
 
 # ---- replica processes ----------------------------------------------------------------------------------
@@ -208,46 +202,6 @@ def _replica_id() -> str:
         return f"local-{os.getpid()}"
 
 
-# ---- the OpenAI ingress ----------------------------------------------------------------------------------
-
-def build_openai_app(engines: dict, routes: dict, server_config, seed: int | None = None):
-    """The OpenAI app over these engines (model name -> engine client), as ``build_app`` builds it embedded;
-    returns ``(asgi_app, served_models)``."""
-    from flotilla.entrypoints.openai.api_server import build_app
-    return build_app(engines, server_config, routes=routes, seed=seed)
-
-
-@serve.ingress()
-class OpenAIIngress:
-    """The HTTP entry of the application: flotilla's OpenAI app over one ``RemoteEngine`` per model.
-
-    Contract: ``models`` maps model name -> that model's deployment handle, ``engine_args`` model name ->
-    its EngineArgs (tokenizer and limits are built here from config files, no weights); ``routes`` are the
-    aliases' traffic splits (drawn with ``seed``); ``server_config`` the HTTP settings (API key, queue bound,
-    body limit). Model names and aliases are resolved exactly as in embedded mode (unknown: 404).
-    """
-
-    def __init__(self, models: dict, engine_args: dict, routes: dict, server_config, seed: int | None = None):
-        bind_replica_grpc_to_node_ip()
-        self._handles, self._engine_args = models, engine_args
-        self._routes, self._server_config, self._seed = routes or {}, server_config, seed
-        self.engines: dict = {}
-        self.served = None
-
-    async def __serve_build_asgi_app__(self):
-        from flotilla.deploy.remote_engine import RemoteEngine
-        self.engines = {name: RemoteEngine(name, handle, self._engine_args[name])
-                        for name, handle in self._handles.items()}
-        for engine in self.engines.values():
-            engine.ensure_stats_task()
-        app, self.served = build_openai_app(self.engines, self._routes, self._server_config, self._seed)
-        return app
-
-    def __del__(self):
-        for engine in getattr(self, "engines", {}).values():
-            engine.shutdown()
-
-
 # ---- building the application ----------------------------------------------------------------------------
 
 def _ray_setting(spec, key: str, default=None):
@@ -321,20 +275,14 @@ def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = Non
     return serve.deployment(ModelServer).options(**options)
 
 
-def _server_config(config, api_key: str | None, host: str = "127.0.0.1", port: int = 8000, base=None):
-    """HTTP settings (``base``'s, e.g. the queue bound and body limit, else the defaults) with this host,
-    port and API key: ``api_key`` if given, else the one ``config.api_key_env`` names (None: no key)."""
-    from flotilla.entrypoints.openai.cli_args import ServerConfig
-    if api_key is None:
-        api_key = config.api_key()
-    return dataclasses.replace(base or ServerConfig(), host=host, port=port,
-                               served_model_name=config.models[0].name, api_key=api_key)
+def build_ray_app(config, ingress, **ingress_kwargs):
+    """The Serve application for a deployment: a ``ModelServer`` deployment per model behind ``ingress``.
 
-
-def build_ray_app(config, *, api_key: str | None = None, server_config=None):
-    """The Serve application for a deployment file: a ``ModelServer`` deployment per model behind the
-    ``OpenAIIngress``. ``api_key`` (else the variable ``config.api_key_env`` names) protects the API."""
-    server_config = server_config or _server_config(config, api_key)
+    ``ingress`` is the application's HTTP entry, a class made with ``serve.ingress`` (flotilla's OpenAI one
+    is ``flotilla.entrypoints.openai.ray_ingress.OpenAIIngress``); it runs as the one-replica deployment
+    ``INGRESS_NAME`` and is constructed with ``models`` (model name -> deployment handle), ``engine_args``
+    (model name -> EngineArgs), ``routes`` (the aliases' traffic splits), ``seed`` and ``ingress_kwargs``.
+    """
     handles, engine_args = {}, {}
     for spec in config.models:
         args = spec.engine_args()
@@ -342,13 +290,14 @@ def build_ray_app(config, *, api_key: str | None = None, server_config=None):
         stall = _ray_setting(spec, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
         handles[spec.name] = model_deployment(spec, config.routing, config.seed).bind(
             spec.name, args, stall)
-    ingress = serve.deployment(OpenAIIngress).options(name=INGRESS_NAME, num_replicas=1,
-                                                      max_ongoing_requests=INGRESS_MAX_ONGOING,
-                                                      ray_actor_options={"num_cpus": 0})
-    return ingress.bind(handles, engine_args, dict(config.routes or {}), server_config, config.seed)
+    deployment = serve.deployment(ingress).options(name=INGRESS_NAME, num_replicas=1,
+                                                   max_ongoing_requests=INGRESS_MAX_ONGOING,
+                                                   ray_actor_options={"num_cpus": 0})
+    return deployment.bind(models=handles, engine_args=engine_args, routes=dict(config.routes or {}),
+                           seed=config.seed, **ingress_kwargs)
 
 
-# ---- serving until signalled -----------------------------------------------------------------------------
+# ---- the cluster ---------------------------------------------------------------------------------------
 
 def cpus_needed(config) -> int:
     """Logical CPUs a local Ray instance needs so every replica (at its maximum count) and rank fits."""
@@ -363,69 +312,11 @@ def cpus_needed(config) -> int:
     return max(1, int(total + 0.999))
 
 
-def _check_port(host: str, port: int) -> None:
-    from flotilla.entrypoints.openai.server import bind_socket
-    bind_socket(host, port).close()
-
-
 def connect_ray(address: str | None, num_cpus: int) -> bool:
     """Connect to ``address`` (or reuse this process's connection); without one start a local Ray instance
     on loopback with no dashboard. Returns True if that local instance is ours to shut down."""
     from flotilla.executor.ray_executor import _connect_ray
     return _connect_ray(address, num_cpus)
-
-
-def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
-               api_key: str | None = None, server_config=None) -> int:
-    """Serve ``config`` on Ray Serve at ``http://host:port`` until SIGTERM/SIGINT; returns the exit code.
-
-    Without ``ray_address`` a local Ray instance is started (loopback only, no dashboard) and stopped at the
-    end; with one, that cluster is joined and only the ``flotilla`` application is deleted at the end.
-    ``api_key`` overrides ``config.api_key_env``; ``server_config`` (a ``ServerConfig``) supplies the other
-    HTTP settings (queue bound, body limit). A port in use or a model that fails to deploy returns 1 with a
-    message on stderr; 0 after a signal.
-    """
-    http = _server_config(config, api_key, host, port, server_config)  # a missing API key fails here
-    if ray_address is None and not ray.is_initialized():  # the proxy will listen on this machine
-        try:
-            _check_port(host, port)
-        except OSError as e:
-            print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-            return 1
-    stop = threading.Event()
-    owns_ray = connect_ray(ray_address, cpus_needed(config))
-    # After ray.init, which installs handlers of its own: a signal asks for an orderly shutdown.
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        try:
-            serve.run(build_ray_app(config, server_config=http), name=APP_NAME, route_prefix="/")
-        except Exception as e:  # noqa: BLE001 - a deployment that cannot start
-            print(f"error: the flotilla application failed to deploy: {e}", file=sys.stderr)
-            return 1
-        shown = f"[{host}]" if ":" in host else host
-        names = ", ".join(spec.name for spec in config.models)
-        print(f"flotilla on Ray Serve: models {names}; OpenAI API on http://{shown}:{port}/v1", flush=True)
-        while not stop.wait(1.0):
-            pass
-        logger.info("signal received: shutting the flotilla application down")
-        return 0
-    finally:
-        _shutdown(owns_ray)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _shutdown(owns_ray: bool) -> None:
-    try:
-        if owns_ray:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
-    except Exception as e:  # noqa: BLE001
-        logger.warning("shutting Serve down failed: %s", e)
-    if owns_ray:
-        ray.shutdown()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,7 @@ class EngineArgs:
     seed: int = 0
 
     def create_engine_config(self) -> EngineConfig:
+        self._check_finite()  # before anything is read or loaded
         resolved = resolve_model(self.model)
         hf_config = load_hf_config(resolved)
         max_len = self._max_model_len(hf_config)
@@ -70,6 +73,12 @@ class EngineArgs:
             ray_address=self.ray_address)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads))
+
+    def _check_finite(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"{f.name} must be a finite number, got {value}", f.name)
 
     def _max_model_len(self, hf_config) -> int:
         limit = int(getattr(hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))

@@ -1,4 +1,7 @@
-"""The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server), ``generate`` and ``models``."""
+"""The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server), ``generate``, ``models`` and ``bench``.
+
+The engine flags and their resolution into ``EngineArgs`` live in ``flotilla.deploy.engine_args`` (shared
+with the deployment file and Ray Serve)."""
 
 from __future__ import annotations
 
@@ -7,49 +10,8 @@ import logging
 import sys
 
 from flotilla import envs
+from flotilla.deploy.engine_args import add_engine_args, engine_args_from, finite_float
 from flotilla.errors import FlotillaError
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
-                                                 "(default: smollm2-135m-instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", "-q", choices=["int8"], default=None,
-                   help="weight-only int8 linear layers (faster small-batch decode; activations stay bf16)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache budget in GiB")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    par.add_argument("--pipeline-partition", default=None,
-                     help="layers per pipeline stage, comma separated (default: an even split)")
-    par.add_argument("--distributed-executor-backend", "--executor", dest="distributed_executor_backend",
-                     choices=["uni", "mp", "ray", "external"], default=None,
-                     help="how ranks run (default: uni for one rank, mp for several; external under "
-                          "torchrun/mpirun/srun is detected)")
-    par.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None,
-                     help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
-    par.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
-    par.add_argument("--device", default="cpu", help="cpu or cuda")
-
-
-def engine_args_from(ns: argparse.Namespace):
-    from flotilla.engine.arg_utils import EngineArgs
-    partition = [int(x) for x in ns.pipeline_partition.split(",")] if ns.pipeline_partition else None
-    return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len,
-                      kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
-                      max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-                      enable_prefix_caching=ns.enable_prefix_caching,
-                      enable_chunked_prefill=ns.enable_chunked_prefill,
-                      tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
-                      pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
-                      distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device)
 
 
 def follow_launcher(ns: argparse.Namespace) -> int | None:
@@ -113,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=finite_float, default=0.0)
+    gen.add_argument("--top-p", type=finite_float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)

@@ -21,4 +21,7 @@ Module map (one job each):
 | ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |
 | ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM |
+| ``listen`` | the listening socket, bound before any model loads |
+| ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s; ``build_openai_ray_app`` |
+| ``ray_server`` | ``flotilla serve --ray``: ``run_on_ray`` (cluster, Serve start, signals, shutdown) |
 """

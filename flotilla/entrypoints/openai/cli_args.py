@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from flotilla.deploy.engine_args import finite_float
+
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -29,7 +31,8 @@ class ServerConfig:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """Add the server flags; the engine flags (``add_engine_args``) must be added by the caller."""
+    """Add the server flags; the engine flags (``flotilla.deploy.engine_args.add_engine_args``) must be added by
+    the caller."""
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model to serve (same as --model; default: smollm2-135m-instruct)")
     p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
@@ -46,38 +49,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every route except /health and /metrics")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting for the engine beyond which new ones get 429")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--shutdown-timeout", type=finite_float, default=30.0,
                    help="seconds to drain in-flight requests after SIGTERM")
     p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
-
-
-def resolve_model_arg(ns: argparse.Namespace) -> None:
-    """Merge the positional MODEL into ``ns.model``; raise ValueError when both are given and differ."""
-    if ns.model_tag is not None:
-        if ns.model is not None and ns.model != ns.model_tag:
-            raise ValueError(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
-        ns.model = ns.model_tag
-
-
-def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
-    """The model and engine flags given together with ``--config`` (they belong in the file)."""
-    from flotilla.entrypoints.cli import add_engine_args
-    engine_parser = argparse.ArgumentParser(add_help=False)
-    add_engine_args(engine_parser)
-    given = []
-    if ns.model_tag is not None:
-        given.append("MODEL")
-    if ns.served_model_name is not None:
-        given.append("--served-model-name")
-    for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
-        if action.dest == "ray_address" and getattr(ns, "ray", False):
-            continue  # with --ray it is the Serve cluster's address, not an engine setting
-        if action.option_strings and getattr(ns, action.dest, action.default) != action.default:
-            given.append(max(action.option_strings, key=len))
-    return given
 
 
 def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: str | None = None) -> ServerConfig:

@@ -26,8 +26,10 @@ import time
 
 import uvicorn
 
+from flotilla.deploy.engine_args import deployment_from_cli, flags_conflicting_with_config
 from flotilla.entrypoints.openai.banner import format_banner
-from flotilla.entrypoints.openai.cli_args import flags_conflicting_with_config, server_config_from
+from flotilla.entrypoints.openai.cli_args import server_config_from
+from flotilla.entrypoints.openai.listen import bind_socket, url
 from flotilla.entrypoints.openai.models import ServedModels
 
 logger = logging.getLogger("flotilla.serve")
@@ -75,35 +77,16 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for ``host:port`` (IPv4 or IPv6); OSError if the address is unavailable."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
 def _run_on_ray(deployment, ns: argparse.Namespace, api_key: str | None) -> int:
-    """``flotilla serve --ray``: the same deployment on Ray Serve (flotilla.deploy.ray_serve)."""
+    """``flotilla serve --ray``: the same deployment on Ray Serve (flotilla.entrypoints.openai.ray_server)."""
     try:
-        from flotilla.deploy.ray_serve import run_on_ray
+        from flotilla.entrypoints.openai.ray_server import run_on_ray
     except ImportError as e:
         print(f"error: --ray needs Ray Serve (pip install 'flotilla[ray]'): {e}", file=sys.stderr)
         return 2
     config = server_config_from(ns, deployment.models[0].name, api_key)
     return run_on_ray(deployment, host=ns.host, port=ns.port, ray_address=ns.ray_address,
                       api_key=ns.api_key or api_key, server_config=config)
-
-
-def _url(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
 
 
 def run_server(ns: argparse.Namespace) -> int:
@@ -140,7 +123,7 @@ def run_server(ns: argparse.Namespace) -> int:
 def deployment_from_args(ns: argparse.Namespace):
     """The ``DeploymentConfig`` to run: the ``--config`` file, or the one-model shorthand of the flags.
     ValueError (exit code 2) for model or engine flags next to ``--config``, or an invalid file."""
-    from flotilla.deploy.config import deployment_from_cli, load_deployment_config
+    from flotilla.deploy.config import load_deployment_config
     if ns.config is None:
         return deployment_from_cli(ns)
     conflicts = flags_conflicting_with_config(ns)
@@ -157,8 +140,8 @@ def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socke
     uv_config = uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=2, lifespan="off",
                                access_log=config.log_level in ("info", "debug", "trace"))
     server = DrainingServer(uv_config, served, config.shutdown_timeout)
-    url = _url(ns.host, sock.getsockname()[1])
-    print(format_banner(engines, config, url, deployment.routes, deployment.routing), flush=True)
+    shown_url = url(ns.host, sock.getsockname()[1])
+    print(format_banner(engines, config, shown_url, deployment.routes, deployment.routing), flush=True)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:

@@ -1,0 +1,137 @@
+"""Model and engine arguments, resolved one way for the CLI, the deployment file and Ray Serve.
+
+- ``add_engine_args`` / ``engine_args_from``: the engine flags (vLLM's names) that ``flotilla serve``,
+  ``flotilla generate`` and ``flotilla bench`` share, and the ``EngineArgs`` they stand for.
+- ``resolve_model_arg``: ``flotilla serve``'s positional MODEL merged into ``--model``.
+- ``flags_conflicting_with_config``: model and engine flags given next to ``--config`` (they belong in the
+  file).
+- ``deployment_from_cli``: the one-model ``DeploymentConfig`` that ``flotilla serve MODEL --flags`` stands
+  for (the shorthand of the deployment file).
+- ``ENGINE_KEYS_SET_ELSEWHERE``: the ``EngineArgs`` fields a deployment file's model entry sets with its own
+  keys (so they are not ``engine:`` overrides).
+- ``finite_float`` / ``rate_float``: the argparse types of every float flag (NaN and infinity are usage
+  errors naming the flag, exit code 2, before anything loads; ``rate_float`` allows ``inf``, as vLLM's
+  ``--request-rate`` does).
+
+This module imports nothing heavy (``EngineArgs`` and the model aliases load only when called), so building
+the CLI parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from flotilla.deploy.spec import DeploymentConfig, ModelSpec
+
+# EngineArgs field -> the model entry's key that sets it in a deployment file.
+ENGINE_KEYS_SET_ELSEWHERE = {"model": "model", "served_model_name": "name",
+                             "tensor_parallel_size": "parallel.tensor",
+                             "pipeline_parallel_size": "parallel.pipeline"}
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float flag: a finite number (argparse names the flag in the error)."""
+    value = _float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def rate_float(text: str) -> float:
+    """argparse type of a rate whose ``inf`` means "no limit": a finite number or +inf."""
+    value = _float(text)
+    if not (math.isfinite(value) or value == math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite number or inf, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
+                                                 "(default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", "-q", choices=["int8"], default=None,
+                   help="weight-only int8 linear layers (faster small-batch decode; activations stay bf16)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=finite_float, default=1.0, help="KV cache budget in GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    par.add_argument("--pipeline-partition", default=None,
+                     help="layers per pipeline stage, comma separated (default: an even split)")
+    par.add_argument("--distributed-executor-backend", "--executor", dest="distributed_executor_backend",
+                     choices=["uni", "mp", "ray", "external"], default=None,
+                     help="how ranks run (default: uni for one rank, mp for several; external under "
+                          "torchrun/mpirun/srun is detected)")
+    par.add_argument("--distributed-backend", choices=["gloo", "nccl"], default=None,
+                     help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    par.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
+    par.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from flotilla.engine.arg_utils import EngineArgs
+    partition = [int(x) for x in ns.pipeline_partition.split(",")] if ns.pipeline_partition else None
+    return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len,
+                      kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
+                      max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+                      enable_prefix_caching=ns.enable_prefix_caching,
+                      enable_chunked_prefill=ns.enable_chunked_prefill,
+                      tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
+                      pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
+                      distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device)
+
+
+def resolve_model_arg(ns: argparse.Namespace) -> None:
+    """Merge the positional MODEL into ``ns.model``; raise ValueError when both are given and differ."""
+    if ns.model_tag is not None:
+        if ns.model is not None and ns.model != ns.model_tag:
+            raise ValueError(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
+        ns.model = ns.model_tag
+
+
+def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
+    """The model and engine flags given together with ``--config`` (they belong in the file)."""
+    engine_parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(engine_parser)
+    given = []
+    if ns.model_tag is not None:
+        given.append("MODEL")
+    if ns.served_model_name is not None:
+        given.append("--served-model-name")
+    for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
+        if action.dest == "ray_address" and getattr(ns, "ray", False):
+            continue  # with --ray it is the Serve cluster's address, not an engine setting
+        if action.option_strings and getattr(ns, action.dest, action.default) != action.default:
+            given.append(max(action.option_strings, key=len))
+    return given
+
+
+def deployment_from_cli(ns) -> DeploymentConfig:
+    """The deployment that ``flotilla serve [MODEL] [engine flags]`` stands for: one model named
+    ``--served-model-name`` (default: the model argument), one replica, ``engine`` holding the flags that
+    differ from ``EngineArgs``' defaults. Raises ValueError when MODEL and ``--model`` disagree."""
+    from flotilla.engine.arg_utils import EngineArgs
+    from flotilla.models.loader.resolve import DEFAULT_ALIAS
+    resolve_model_arg(ns)
+    args, defaults = engine_args_from(ns), EngineArgs()
+    engine = {k: v for k, v in vars(args).items()
+              if k not in ENGINE_KEYS_SET_ELSEWHERE and v != getattr(defaults, k)}
+    model = ns.model or DEFAULT_ALIAS
+    name = getattr(ns, "served_model_name", None) or model
+    return DeploymentConfig(models=(ModelSpec(name=name, model=model, tensor_parallel_size=args.tensor_parallel_size,
+                                              pipeline_parallel_size=args.pipeline_parallel_size, engine=engine),),
+                            source="the command line")

@@ -1,0 +1,67 @@
+"""The OpenAI ingress of flotilla's Ray Serve application: the same FastAPI app as embedded mode
+(``build_app``), given a ``RemoteEngine`` per model, so completions, chat, streaming, errors, API key and
+metrics behave identically. The model deployments behind it are ``flotilla.deploy.ray_serve``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ray import serve
+
+from flotilla.deploy.ray_serve import bind_replica_grpc_to_node_ip, build_ray_app
+from flotilla.entrypoints.openai.cli_args import ServerConfig
+
+
+def build_openai_app(engines: dict, routes: dict, server_config, seed: int | None = None):
+    """The OpenAI app over these engines (model name -> engine client), as ``build_app`` builds it embedded;
+    returns ``(asgi_app, served_models)``."""
+    from flotilla.entrypoints.openai.api_server import build_app
+    return build_app(engines, server_config, routes=routes, seed=seed)
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The HTTP entry of the application: flotilla's OpenAI app over one ``RemoteEngine`` per model.
+
+    Contract: ``models`` maps model name -> that model's deployment handle, ``engine_args`` model name ->
+    its EngineArgs (tokenizer and limits are built here from config files, no weights); ``routes`` are the
+    aliases' traffic splits (drawn with ``seed``); ``server_config`` the HTTP settings (API key, queue bound,
+    body limit). Model names and aliases are resolved exactly as in embedded mode (unknown: 404).
+    """
+
+    def __init__(self, models: dict, engine_args: dict, routes: dict, server_config, seed: int | None = None):
+        bind_replica_grpc_to_node_ip()
+        self._handles, self._engine_args = models, engine_args
+        self._routes, self._server_config, self._seed = routes or {}, server_config, seed
+        self.engines: dict = {}
+        self.served = None
+
+    async def __serve_build_asgi_app__(self):
+        from flotilla.deploy.remote_engine import RemoteEngine
+        self.engines = {name: RemoteEngine(name, handle, self._engine_args[name])
+                        for name, handle in self._handles.items()}
+        for engine in self.engines.values():
+            engine.ensure_stats_task()
+        app, self.served = build_openai_app(self.engines, self._routes, self._server_config, self._seed)
+        return app
+
+    def __del__(self):
+        for engine in getattr(self, "engines", {}).values():
+            engine.shutdown()
+
+
+def server_config_for(config, api_key: str | None, host: str = "127.0.0.1", port: int = 8000, base=None):
+    """HTTP settings (``base``'s, e.g. the queue bound and body limit, else the defaults) with this host,
+    port and API key: ``api_key`` if given, else the one ``config.api_key_env`` names (None: no key)."""
+    if api_key is None:
+        api_key = config.api_key()
+    return dataclasses.replace(base or ServerConfig(), host=host, port=port,
+                               served_model_name=config.models[0].name, api_key=api_key)
+
+
+def build_openai_ray_app(config, *, api_key: str | None = None, server_config=None):
+    """The Serve application for a deployment file: a ``ModelServer`` deployment per model behind the
+    ``OpenAIIngress``. ``api_key`` (else the variable ``config.api_key_env`` names) protects the API."""
+    server_config = server_config or server_config_for(config, api_key)
+    return build_ray_app(config, OpenAIIngress, server_config=server_config)

@@ -34,6 +34,10 @@ class FakeReplica:
         self.node_id, self.availability_zone, self.multiplexed_model_ids = "node", None, set()
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
+        if isinstance(self.queue_len, BaseException):
+            raise self.queue_len
+        if self.queue_len is None:  # never answers
+            await asyncio.Event().wait()
         return self.queue_len
 
 
@@ -98,6 +102,26 @@ def test_router_skips_unhealthy_replicas_and_forgets_departed_ones():
         assert router.policy.match_blocks("a", PREFIX) == 0
         assert uids(await router.choose_replicas([b], pending(PREFIX))) == [["b"]]  # all unhealthy: still route
         assert await router.choose_replicas([], pending(PREFIX)) == []
+    asyncio.run(scenario())
+
+
+def test_router_probes_replicas_missing_from_the_cache_and_leaves_out_the_silent_ones():
+    """With nothing in Serve's cache the router asks each replica (``get_queue_len``): answers fill the
+    cache, a replica that does not answer within the deadline is left out while others remain, one whose
+    actor died is dropped from the router's replicas; if no replica answers, all are offered."""
+    from ray.exceptions import ActorDiedError
+
+    async def scenario():
+        ok, silent, dead = FakeReplica("ok", 2), FakeReplica("silent", None), FakeReplica("dead", ActorDiedError())
+        router = make_router([ok, silent, dead], policy="power_of_two")
+        router.queue_len_response_deadline_s = 0.2
+        for r in (ok, silent, dead):
+            router.replica_queue_len_cache.invalidate_key(r.replica_id)
+        assert uids(await router.choose_replicas([ok, silent, dead], pending([5]))) == [["ok"]]
+        assert router.replica_queue_len_cache.get(ok.replica_id) == 2
+        assert router.replica_queue_len_cache.get(silent.replica_id) is None
+        assert set(router.curr_replicas) == {ok.replica_id, silent.replica_id}  # dead: dropped
+        assert uids(await router.choose_replicas([silent], pending([5]))) == [["silent"]]  # none known: all
     asyncio.run(scenario())
 
 

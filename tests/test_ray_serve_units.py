@@ -10,12 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("ray.serve")
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID  # noqa: E402
+# A RequestRouter is constructed by Serve with these two; Ray exports no public name for them.
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
+from ray.serve.request_router import ReplicaID  # noqa: E402
 
 from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
 from flotilla.deploy.ray_router import FlotillaRequestRouter, request_prefix  # noqa: E402
 from flotilla.deploy.ray_serve import (autoscaling_config, cpus_needed, model_deployment,  # noqa: E402
-                                       replica_engine_args, replica_resources, stalled_for)
+                                       model_deployment_options, replica_engine_args, replica_resources,
+                                       stalled_for)
 from flotilla.deploy.remote_engine import _Rebase, sum_stats  # noqa: E402
 from flotilla.engine.arg_utils import EngineArgs  # noqa: E402
 from flotilla.outputs import RequestOutput  # noqa: E402
@@ -202,19 +205,22 @@ def test_sum_stats_and_metric_rebasing():
 def test_deployment_options_from_the_deployment_file():
     fixed = ModelSpec(name="chat", model="m", replicas=3, engine={"max_num_seqs": 8, "block_size": 32},
                       ray={"health_check_period_s": 2.0, "num_cpus": 2})
-    dep = model_deployment(fixed, "prefix_aware", seed=5)
-    assert dep.name == "chat" and dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 2
-    config = dep._deployment_config
-    assert config.health_check_period_s == 2.0 and config.max_ongoing_requests == 16
-    router = config.request_router_config
+    options = model_deployment_options(fixed, "prefix_aware", seed=5)
+    assert options["health_check_period_s"] == 2.0 and options["max_ongoing_requests"] == 16
+    router = options["request_router_config"]
+    assert router.request_router_class == "flotilla.deploy.ray_router.FlotillaRequestRouter"
     assert router.request_router_kwargs == {"policy": "prefix_aware", "seed": 5, "max_num_seqs": 8,
                                             "policy_kwargs": {"block_size": 32}}
+    dep = model_deployment(fixed, "prefix_aware", seed=5)  # Serve accepts the options
+    assert dep.name == "chat" and dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 2
+    assert dep.max_ongoing_requests == 16
     auto = ModelSpec(name="auto", model="m", tensor_parallel_size=2,
                      autoscaling=AutoscalingSpec(1, 4, 3.0, upscale_delay_s=1.0),
                      ray={"autoscaling_config": {"look_back_period_s": 2.0}})
     assert autoscaling_config(auto) == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3.0,
                                         "upscale_delay_s": 1.0, "look_back_period_s": 2.0}
-    assert model_deployment(auto)._deployment_config.autoscaling_config.max_replicas == 4
+    assert model_deployment_options(auto)["autoscaling_config"]["max_replicas"] == 4
+    assert model_deployment(auto).name == "auto"  # Serve accepts an autoscaling config
     assert replica_resources(auto.engine_args(), auto) == {"num_cpus": 0, "num_gpus": 0}  # ranks hold the CPUs
     # A local instance must fit: 3 replicas x 2 CPUs, plus up to 4 replicas x 2 rank bundles.
     assert cpus_needed(DeploymentConfig(models=(fixed, auto))) == 6 + 8

@@ -220,6 +220,12 @@ def _check_ray_settings(spec) -> None:
 
 def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = None):
     """The Serve deployment of one model (bind it with ``(name, engine_args, stall_timeout_s)``)."""
+    return serve.deployment(ModelServer).options(**model_deployment_options(spec, routing, seed))
+
+
+def model_deployment_options(spec, routing: str = "prefix_aware", seed: int | None = None) -> dict:
+    """The keyword arguments of ``Deployment.options`` for one model's deployment: name, replicas or
+    autoscaling, actor resources, ``max_ongoing_requests``, health checks and the request router."""
     _check_ray_settings(spec)
     args = spec.engine_args()
     max_ongoing = _ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs))
@@ -244,7 +250,7 @@ def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = Non
         options["autoscaling_config"] = auto
     else:
         options["num_replicas"] = spec.replicas
-    return serve.deployment(ModelServer).options(**options)
+    return options
 
 
 def build_ray_app(config, ingress, **ingress_kwargs):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 
 from flotilla import envs
@@ -65,7 +66,6 @@ def loopback_only_ray() -> Iterator[None]:
 @contextlib.contextmanager
 def _environment(key: str, value: str, saved: str | None) -> Iterator[None]:
     """Set ``key`` in this process's environment for the block, then put back ``saved`` (None: unset)."""
-    import os
     os.environ[key] = value
     try:
         yield

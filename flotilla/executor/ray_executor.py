@@ -354,4 +354,3 @@ def _connect_ray(address: str | None, world_size: int) -> bool:
     else:
         logger.info("ray executor: started a local Ray instance on loopback (dashboard off)")
     return True
-

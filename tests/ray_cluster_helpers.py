@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 LOOPBACK = "127.0.0.1"
 
 
@@ -13,18 +11,17 @@ LOOPBACK = "127.0.0.1"
 def loopback_cluster(num_cpus: int):
     """Two nodes of ``num_cpus`` logical CPUs each, dashboard off, on loopback only; shut down on exit.
 
-    On Linux Ray rewrites a loopback address to the host's routable one; Ray's single-machine switch
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, as on macOS) keeps the nodes and this test process's
-    connection on 127.0.0.1, so nothing listens beyond loopback.
+    On Linux Ray rewrites a loopback address to the host's routable one; flotilla's ``loopback_only_ray``
+    (Ray's single-machine mode, as on macOS) keeps the nodes and this test process's connection on
+    127.0.0.1, so nothing listens beyond loopback.
     """
     import ray
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    from flotilla.distributed.ray_compat import loopback_only_ray
     if ray.is_initialized():  # a connection left by another module would hide this cluster
         ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    with loopback_only_ray():
         node = {"num_cpus": num_cpus, "include_dashboard": False, "node_ip_address": LOOPBACK}
         cluster = Cluster(initialize_head=True, head_node_args=node)
         try:

@@ -178,6 +178,17 @@ assert ex.rank_ips == ["127.0.0.1", "127.0.0.1"], ex.rank_ips
 params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 assert got == expected, (got, expected)
+import psutil
+listeners = set()
+for p in psutil.Process().children(recursive=True):  # Ray's daemons, workers and the rank actors
+    try:
+        listeners |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+assert {"gcs_server", "raylet"} <= {name for name, _ in listeners}, listeners
+exposed = sorted(x for x in listeners if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"))
+assert not exposed, exposed
 llm.engine.shutdown()
 llm.engine.shutdown()
 assert not ray.is_initialized(), "the executor must stop the local Ray instance it started"
@@ -186,9 +197,9 @@ print("LOCAL-RAY-OK")
 
 
 def test_local_ray_instance_on_loopback(tiny_llama, reference_tokens):
-    """Without ``ray_address`` the executor starts its own Ray instance on 127.0.0.1 (dashboard off),
-    gives the same tokens, and stops that instance on shutdown. Runs in a fresh process: this one is
-    already connected to the module's cluster."""
+    """Without ``ray_address`` the executor starts its own Ray instance on 127.0.0.1 (dashboard off) whose
+    processes, rank actors included, listen on loopback only, gives the same tokens, and stops that instance
+    on shutdown. Runs in a fresh process: this one is already connected to the module's cluster."""
     path, _ = tiny_llama
     proc = subprocess.run([sys.executable, "-c", LOCAL_SCRIPT, path, json.dumps(PROMPTS),
                            json.dumps(reference_tokens)], capture_output=True, text=True, timeout=600)

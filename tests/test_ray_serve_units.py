@@ -10,12 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("ray.serve")
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID  # noqa: E402
+# A RequestRouter is constructed by Serve with these two; Ray exports no public name for them.
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
+from ray.serve.request_router import ReplicaID  # noqa: E402
 
 from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
 from flotilla.deploy.ray_router import FlotillaRequestRouter, request_prefix  # noqa: E402
 from flotilla.deploy.ray_serve import (autoscaling_config, cpus_needed, model_deployment,  # noqa: E402
-                                       replica_engine_args, replica_resources, stalled_for)
+                                       model_deployment_options, replica_engine_args, replica_resources,
+                                       stalled_for)
 from flotilla.deploy.remote_engine import _Rebase, sum_stats  # noqa: E402
 from flotilla.engine.arg_utils import EngineArgs  # noqa: E402
 from flotilla.outputs import RequestOutput  # noqa: E402
@@ -34,6 +37,10 @@ class FakeReplica:
         self.node_id, self.availability_zone, self.multiplexed_model_ids = "node", None, set()
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
+        if isinstance(self.queue_len, BaseException):
+            raise self.queue_len
+        if self.queue_len is None:  # never answers
+            await asyncio.Event().wait()
         return self.queue_len
 
 
@@ -98,6 +105,26 @@ def test_router_skips_unhealthy_replicas_and_forgets_departed_ones():
         assert router.policy.match_blocks("a", PREFIX) == 0
         assert uids(await router.choose_replicas([b], pending(PREFIX))) == [["b"]]  # all unhealthy: still route
         assert await router.choose_replicas([], pending(PREFIX)) == []
+    asyncio.run(scenario())
+
+
+def test_router_probes_replicas_missing_from_the_cache_and_leaves_out_the_silent_ones():
+    """With nothing in Serve's cache the router asks each replica (``get_queue_len``): answers fill the
+    cache, a replica that does not answer within the deadline is left out while others remain, one whose
+    actor died is dropped from the router's replicas; if no replica answers, all are offered."""
+    from ray.exceptions import ActorDiedError
+
+    async def scenario():
+        ok, silent, dead = FakeReplica("ok", 2), FakeReplica("silent", None), FakeReplica("dead", ActorDiedError())
+        router = make_router([ok, silent, dead], policy="power_of_two")
+        router.queue_len_response_deadline_s = 0.2
+        for r in (ok, silent, dead):
+            router.replica_queue_len_cache.invalidate_key(r.replica_id)
+        assert uids(await router.choose_replicas([ok, silent, dead], pending([5]))) == [["ok"]]
+        assert router.replica_queue_len_cache.get(ok.replica_id) == 2
+        assert router.replica_queue_len_cache.get(silent.replica_id) is None
+        assert set(router.curr_replicas) == {ok.replica_id, silent.replica_id}  # dead: dropped
+        assert uids(await router.choose_replicas([silent], pending([5]))) == [["silent"]]  # none known: all
     asyncio.run(scenario())
 
 
@@ -178,19 +205,22 @@ def test_sum_stats_and_metric_rebasing():
 def test_deployment_options_from_the_deployment_file():
     fixed = ModelSpec(name="chat", model="m", replicas=3, engine={"max_num_seqs": 8, "block_size": 32},
                       ray={"health_check_period_s": 2.0, "num_cpus": 2})
-    dep = model_deployment(fixed, "prefix_aware", seed=5)
-    assert dep.name == "chat" and dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 2
-    config = dep._deployment_config
-    assert config.health_check_period_s == 2.0 and config.max_ongoing_requests == 16
-    router = config.request_router_config
+    options = model_deployment_options(fixed, "prefix_aware", seed=5)
+    assert options["health_check_period_s"] == 2.0 and options["max_ongoing_requests"] == 16
+    router = options["request_router_config"]
+    assert router.request_router_class == "flotilla.deploy.ray_router.FlotillaRequestRouter"
     assert router.request_router_kwargs == {"policy": "prefix_aware", "seed": 5, "max_num_seqs": 8,
                                             "policy_kwargs": {"block_size": 32}}
+    dep = model_deployment(fixed, "prefix_aware", seed=5)  # Serve accepts the options
+    assert dep.name == "chat" and dep.num_replicas == 3 and dep.ray_actor_options["num_cpus"] == 2
+    assert dep.max_ongoing_requests == 16
     auto = ModelSpec(name="auto", model="m", tensor_parallel_size=2,
                      autoscaling=AutoscalingSpec(1, 4, 3.0, upscale_delay_s=1.0),
                      ray={"autoscaling_config": {"look_back_period_s": 2.0}})
     assert autoscaling_config(auto) == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3.0,
                                         "upscale_delay_s": 1.0, "look_back_period_s": 2.0}
-    assert model_deployment(auto)._deployment_config.autoscaling_config.max_replicas == 4
+    assert model_deployment_options(auto)["autoscaling_config"]["max_replicas"] == 4
+    assert model_deployment(auto).name == "auto"  # Serve accepts an autoscaling config
     assert replica_resources(auto.engine_args(), auto) == {"num_cpus": 0, "num_gpus": 0}  # ranks hold the CPUs
     # A local instance must fit: 3 replicas x 2 CPUs, plus up to 4 replicas x 2 rank bundles.
     assert cpus_needed(DeploymentConfig(models=(fixed, auto))) == 6 + 8

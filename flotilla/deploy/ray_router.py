@@ -6,7 +6,9 @@ queue lengths (Serve's cache, or a probe) into ``ReplicaLoad``s, asks the policy
 ``flotilla.deploy.routing`` (prefix-aware by default) with the request's prompt token ids as the prefix,
 and returns the policy's choice first and the other replicas, least loaded first, as the fallback rank
 (Serve sends to the first replica of a rank that is not full). When Serve confirms a request was accepted,
-the policy is told (``on_routed``); replicas that disappear are forgotten.
+the policy is told (``on_routed``); replicas that disappear are forgotten. Only Serve's public request-router
+surface (``ray.serve.request_router``: ``curr_replicas``, ``replica_queue_len_cache``,
+``RunningReplica.get_queue_len`` and the ``on_*`` hooks) is used.
 
 Serve's queue-length cache lags a burst: several routing tasks choose before any of their requests is sent,
 and a replica's report overwrites the cache with a count that misses requests still on their way to it. So
@@ -16,12 +18,14 @@ load is the larger of the cache and its outstanding count, plus its unsent choic
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy, make_policy
@@ -103,9 +107,7 @@ class FlotillaRequestRouter(RequestRouter):
             else:
                 known[r.replica_id] = n
         if missing:
-            for r, n in await self._probe_queue_lens(missing, 0):
-                if n is not None:
-                    known[r.replica_id] = n
+            known.update(await self._probe(missing))
         loads = []
         for r in replicas:
             if r.replica_id in known:
@@ -116,6 +118,33 @@ class FlotillaRequestRouter(RequestRouter):
                 n = max(known[r.replica_id], self._outstanding.get(rid, 0)) + self._fresh_unsent(rid)
                 loads.append((ReplicaLoad(rid, n, cap), r))
         return loads
+
+    async def _probe(self, replicas: Sequence[RunningReplica]) -> dict[ReplicaID, int]:
+        """Ask each replica for its queue length (``RunningReplica.get_queue_len``) within Serve's response
+        deadline (``queue_len_response_deadline_s``); answers go into Serve's cache. A replica that does not
+        answer in time is left out; one whose actor died is dropped (``on_replica_actor_died``), one that is
+        unreachable for now is marked so (``on_replica_actor_unavailable``), as Serve's own routers do."""
+        deadline_s = self.queue_len_response_deadline_s
+        tasks = {asyncio.ensure_future(r.get_queue_len(deadline_s=deadline_s)): r for r in replicas}
+        done, pending = await asyncio.wait(list(tasks), timeout=deadline_s)
+        for t in pending:
+            t.cancel()
+            logger.warning("no queue length from replica %s within %.2f s", _rid(tasks[t]), deadline_s)
+        known: dict[ReplicaID, int] = {}
+        for t in done:
+            if t.cancelled():
+                continue
+            r, error = tasks[t], t.exception()
+            if error is None:
+                known[r.replica_id] = t.result()
+                self.replica_queue_len_cache.update(r.replica_id, known[r.replica_id])
+                continue
+            logger.warning("no queue length from replica %s: %s", _rid(r), error)
+            if isinstance(error, ActorDiedError):
+                self.on_replica_actor_died(r.replica_id)
+            elif isinstance(error, ActorUnavailableError):
+                self.on_replica_actor_unavailable(r.replica_id)
+        return known
 
     def _fresh_unsent(self, rid: str) -> int:
         """Choices of this replica not yet sent, after dropping the expired ones (oldest first)."""
@@ -151,9 +180,9 @@ class FlotillaRequestRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         self._ensure_policy()
-        before = {rid.unique_id for rid in self._replica_id_set}
+        before = {rid.unique_id for rid in self.curr_replicas}
         super().update_replicas(replicas)
-        after = {rid.unique_id for rid in self._replica_id_set}
+        after = {rid.unique_id for rid in self.curr_replicas}
         for gone in before - after:
             self._forget(gone)
 

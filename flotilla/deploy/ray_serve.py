@@ -12,7 +12,8 @@ Layout of the Serve application ``flotilla`` (route prefix ``/``):
   ``flotilla serve --ray`` is ``flotilla.entrypoints.openai.ray_server.run_on_ray``.
 
 Security: replicas' internal gRPC servers bind the node IP, not every interface; a Ray instance that
-``connect_ray`` starts listens on loopback only, without a dashboard.
+``connect_ray`` starts listens on loopback only, without a dashboard (both through the private Ray APIs
+isolated in ``flotilla.distributed.ray_compat``).
 
 Per-model ``ray`` settings (``ModelSpec.ray``): ``num_cpus``, ``num_gpus``, ``ray_actor_options``,
 ``max_ongoing_requests``, ``health_check_period_s``, ``health_check_timeout_s``, ``stall_timeout_s``,
@@ -35,6 +36,7 @@ from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
 from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
+from flotilla.distributed.ray_compat import bind_replica_grpc_to_node_ip
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.output_processor import OutputKind
 
@@ -47,36 +49,6 @@ DEFAULT_HEALTH_CHECK_PERIOD_S = 5.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 DEFAULT_ROUTING_STATS_PERIOD_S = 2.0
 INGRESS_MAX_ONGOING = 4096
-
-
-# ---- replica processes ----------------------------------------------------------------------------------
-
-def bind_replica_grpc_to_node_ip() -> None:
-    """Make this Serve replica's inter-deployment gRPC server listen on the node IP only.
-
-    Ray Serve 2.60 starts it on ``[::]:0`` (every interface) after the deployment's constructor returns;
-    its peers reach it at the node IP (``RunningReplicaInfo.node_ip``), so binding there loses nothing and
-    keeps a loopback-only cluster on loopback. Call it from the constructor; a no-op if Ray's internals
-    differ.
-    """
-    try:
-        from ray.serve._private import replica as replica_module
-        original = replica_module.add_port_to_grpc_server
-    except (ImportError, AttributeError):
-        logger.warning("cannot restrict the Serve replica gRPC server to the node IP (Ray internals changed)")
-        return
-    if getattr(original, "flotilla_node_ip", False):
-        return
-    ip = ray.util.get_node_ip_address()
-    host = f"[{ip}]" if ":" in ip else ip
-
-    def add_port(server, address: str):
-        if address.startswith("[::]:"):
-            address = f"{host}:{address[len('[::]:'):]}"
-        return original(server, address)
-
-    add_port.flotilla_node_ip = True
-    replica_module.add_port_to_grpc_server = add_port
 
 
 # ---- one replica of one model ----------------------------------------------------------------------------
@@ -248,6 +220,12 @@ def _check_ray_settings(spec) -> None:
 
 def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = None):
     """The Serve deployment of one model (bind it with ``(name, engine_args, stall_timeout_s)``)."""
+    return serve.deployment(ModelServer).options(**model_deployment_options(spec, routing, seed))
+
+
+def model_deployment_options(spec, routing: str = "prefix_aware", seed: int | None = None) -> dict:
+    """The keyword arguments of ``Deployment.options`` for one model's deployment: name, replicas or
+    autoscaling, actor resources, ``max_ongoing_requests``, health checks and the request router."""
     _check_ray_settings(spec)
     args = spec.engine_args()
     max_ongoing = _ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs))
@@ -272,7 +250,7 @@ def model_deployment(spec, routing: str = "prefix_aware", seed: int | None = Non
         options["autoscaling_config"] = auto
     else:
         options["num_replicas"] = spec.replicas
-    return serve.deployment(ModelServer).options(**options)
+    return options
 
 
 def build_ray_app(config, ingress, **ingress_kwargs):

@@ -342,41 +342,15 @@ def _connect_ray(address: str | None, world_size: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    with _loopback_only():
+    from flotilla.distributed.ray_compat import loopback_only_ray
+    with loopback_only_ray():
         # address="local": always a new instance, never a cluster found through RAY_ADDRESS or the
         # "latest cluster" file that ``ray start`` and ray.cluster_utils leave behind.
         ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), include_dashboard=False,
-                 dashboard_host=_LOOPBACK, _node_ip_address=_LOOPBACK, log_to_driver=True)
+                 dashboard_host=_LOOPBACK, log_to_driver=True)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != _LOOPBACK:
         logger.warning("ray executor: the local Ray instance runs on %s, not loopback", node_ip)
     else:
         logger.info("ray executor: started a local Ray instance on loopback (dashboard off)")
     return True
-
-
-@contextlib.contextmanager
-def _loopback_only():
-    """Keep a Ray instance started inside this block on 127.0.0.1.
-
-    On Linux Ray rewrites a loopback node IP to the host's routable address (so that other nodes could
-    join) and its servers then listen there. A single-machine instance needs no such address, so for
-    the duration of ``ray.init`` we take Ray's own single-machine path (the one it uses on macOS and
-    Windows): its ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch off in this process's view and in the
-    environment its daemons inherit. Both are restored afterwards.
-    """
-    from ray._private import ray_constants
-    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    saved_env, saved_flag = os.environ.get(key), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[key] = "0"
-    if saved_flag is not None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if saved_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved_env
-        if saved_flag is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = saved_flag

@@ -3,14 +3,15 @@
 After the weights are loaded, ``quantize_model_`` replaces each linear layer's weight (out, in) by int8 values
 and one scale per output row (symmetric: ``scale = max|w_row| / 127``), and the LM head gets an int8 copy
 (its float weight stays when it is tied to the embedding table). ``linear(x, layer)`` then multiplies with
-torch's CPU weight-pack kernel ``torch._weight_int8pack_mm``: it reads a quarter of float32's (half of
+torch's CPU weight-pack kernel (``torch_compat.int8_weight_mm``): it reads a quarter of float32's (half of
 bfloat16's) weight bytes, so it helps where decode is bound by memory bandwidth (small batches); at large
 batches the bfloat16 matmul is faster (benchmarks/RESULTS.md). Activations stay bfloat16 or float16: the
 kernel's float32 path is slow on CPU, so ``EngineArgs`` refuses int8 with float32.
 
 Unquantized bfloat16 weights on the CPU are instead prepacked once into oneDNN's blocked layout
 (``prepack_model_``): ``F.linear`` reorders the weight on every call, which costs 15-25% at decode batch sizes
-and about half the time at batch 1 (the results are bit-identical).
+and about half the time at batch 1 (the results are bit-identical). Both use private torch ops, all of them
+isolated in ``flotilla.layers.torch_compat``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flotilla.layers import torch_compat
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -38,11 +41,11 @@ def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) 
         packed = getattr(layer, "packed_weight", None)
         if packed is not None and x.dtype == packed.dtype:
             lead = x.shape[:-1]
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+            y = torch_compat.onednn_linear(x.reshape(-1, x.shape[-1]), packed, bias)
             return y.view(*lead, y.shape[-1])
         return F.linear(x, layer.weight, bias)
     lead = x.shape[:-1]
-    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, layer.qscales)
+    y = torch_compat.int8_weight_mm(x.reshape(-1, x.shape[-1]), qweight, layer.qscales)
     y = y.view(*lead, qweight.shape[0])
     return y if bias is None else y + bias
 
@@ -72,8 +75,7 @@ PREPACK_BATCH_HINT = 64  # oneDNN picks the blocked layout for this many rows; a
 
 def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
     # float16 would need avx512_fp16 or avx_ne_convert, which oneDNN checks at pack time.
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch_compat.onednn_prepack_available()
 
 
 def prepack_model_(model: nn.Module) -> int:
@@ -89,9 +91,9 @@ def prepack_model_(model: nn.Module) -> int:
         w = module.weight
         if getattr(module, "qweight", None) is not None or w.dim() != 2 or not prepack_supported(w.dtype, w.device):
             continue
-        try:
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data.contiguous(), PREPACK_BATCH_HINT)
-        except RuntimeError:  # this CPU lacks what oneDNN needs for the layout: keep F.linear
+        packed = torch_compat.onednn_prepack(w.data, PREPACK_BATCH_HINT)
+        if packed is None:  # this CPU lacks what oneDNN needs for the layout: keep F.linear
             return count
+        module.packed_weight = packed
         count += 1
     return count

@@ -9,7 +9,8 @@ import dataclasses
 
 from ray import serve
 
-from flotilla.deploy.ray_serve import bind_replica_grpc_to_node_ip, build_ray_app
+from flotilla.deploy.ray_serve import build_ray_app
+from flotilla.distributed.ray_compat import bind_replica_grpc_to_node_ip
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 
 

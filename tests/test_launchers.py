@@ -3,11 +3,9 @@ rank dies (clear error to the client, health 503, every process gone)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from held_request import hold_request_open
 from test_server_helpers import ServerProcess, sse_events
 
 pytestmark = pytest.mark.slow
@@ -38,16 +37,6 @@ def test_torchrun_two_ranks_match_single_process(tiny_llama):
     assert torchrun, "torchrun ships with torch"
     launched = _generate([torchrun, "--nproc-per-node", "2", "-m", "flotilla.entrypoints.cli"], path, "-tp", "2")
     assert launched.strip() == single.strip() and single.strip()
-
-
-def hold_request_open(port: int) -> socket.socket:
-    """A completion request whose body is only partly sent: the server counts it in flight (so a drain waits
-    for it, up to its deadline) until the body completes or the connection closes."""
-    body = json.dumps({"prompt": "held", "max_tokens": 2}).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
-    return sock
 
 
 def test_dead_worker_rank_fails_requests_and_leaves_nothing(tiny_llama):

@@ -4,8 +4,9 @@ One cluster and one Serve instance per module. The main application (``build_ray
 Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp2`` with tensor parallel 2,
 and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
 cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
-engine core killed, so the health check fails and Serve replaces the replica). Autoscaling deploys a model
-deployment of its own and loads it through its deployment handle.
+engine core killed, so the health check fails and Serve replaces the replica; each replacement is shown to
+serve traffic). Autoscaling deploys a model deployment of its own and loads it through its deployment
+handle.
 """
 
 from __future__ import annotations
@@ -84,8 +85,12 @@ def tiny_handle():
 
 
 def replica_stats(handle) -> dict[str, dict]:
-    """``stats()`` of every replica of a deployment that answers, by replica id."""
-    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    """``stats()`` of every replica of a deployment that answers, by replica id (none while it has no
+    replica running, e.g. its only one is being replaced)."""
+    try:
+        results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    except serve.exceptions.DeploymentUnavailableError:
+        return {}
     return {s["replica_id"]: s for s in results if isinstance(s, dict)}
 
 
@@ -304,28 +309,42 @@ def serve_replica_actors(deployment: str) -> list[str]:
             if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
 
 
+def wait_for_traffic_on_new_replicas(handle, old_ids: set, timeout_s: float = 120) -> dict:
+    """Poll until every replica not in ``old_ids`` has served a request; returns their stats (empty if none
+    appeared or one never got traffic within ``timeout_s``)."""
+    fresh: dict = {}
+
+    def served() -> bool:
+        nonlocal fresh
+        fresh = {rid: s for rid, s in replica_stats(handle).items() if rid not in old_ids}
+        return bool(fresh) and all(s["requests_total"] > 0 for s in fresh.values())
+    return fresh if wait_until(served, timeout_s, 0.2) else {}
+
+
 def test_replica_killed_under_load(client):
     handle = tiny_handle()
     old_ids = set(replica_stats(handle))
     load = Load(client, threads=3)
-    time.sleep(2.0)
-    victim = serve_replica_actors("tiny")[0]
-    actor = ray.get_actor(victim, namespace="serve")
-    ray.kill(actor, no_restart=True)
-    assert wait_until(lambda: actor_dead(actor), 30, 0.02)
-    killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
     try:
+        assert wait_until(lambda: sum(ok for _, ok, _ in load.results) >= 3, 60, 0.05), load.results[:3]
+        victim = serve_replica_actors("tiny")[0]
+        actor = ray.get_actor(victim, namespace="serve")
+        ray.kill(actor, no_restart=True)
+        assert wait_until(lambda: actor_dead(actor), 30, 0.02)
+        killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
         replaced = wait_until(lambda: running_replicas("tiny", "flotilla") == 2 and victim not in
                               serve_replica_actors("tiny") and len(serve_replica_actors("tiny")) == 2, 120)
-        time.sleep(2.0)  # traffic reaches the replacement too
+        fresh = wait_for_traffic_on_new_replicas(handle, old_ids) if replaced else {}
     finally:
         results = load.finish()
     assert replaced, serve.status()
     after_kill = [r for r in results if r[0] > killed_at + 0.05]
     print("kill:", len(results), "requests,", len(after_kill), "after the kill; failed:",
-          [r for r in results if not r[1]])
+          [r for r in results if not r[1]], "replacement:", fresh)
     assert after_kill and all(ok for _, ok, _ in after_kill), [r for r in after_kill if not r[1]][:3]
-    assert set(replica_stats(handle)) - old_ids, "no replacement replica"
+    assert len(fresh) == 1, f"the replacement never received traffic: {replica_stats(handle)}"
+    (stats,) = fresh.values()
+    assert stats["requests_total"] > 0 and stats["requests_unfinished"] == 0, stats  # served, none failed
 
 
 def test_dead_engine_fails_health_check_and_is_replaced(client):
@@ -335,7 +354,14 @@ def test_dead_engine_fails_health_check_and_is_replaced(client):
     os.kill(victim["core_pid"], signal.SIGKILL)  # the engine core dies; the replica actor lives on
     assert wait_until(lambda: victim_id not in replica_stats(handle) and len(replica_stats(handle)) == 2, 120), \
         serve.status()
-    assert completion(client, "still serving", max_tokens=3).usage.completion_tokens == 3
+    new_ids = set(replica_stats(handle)) - set(stats)
+    assert len(new_ids) == 1
+    for i in range(40):  # short prompts: power of two choices reaches the replacement within a few requests
+        assert completion(client, f"still serving {i}", max_tokens=3).usage.completion_tokens == 3
+        if replica_stats(handle).get(next(iter(new_ids)), {}).get("requests_total", 0) > 0:
+            break
+    (fresh,) = [s for rid, s in replica_stats(handle).items() if rid in new_ids]
+    assert fresh["requests_total"] > 0 and fresh["requests_unfinished"] == 0, fresh
 
 
 # ---- autoscaling (an application of its own, loaded through its handle) ---------------------------------

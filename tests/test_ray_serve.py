@@ -5,8 +5,9 @@ Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp
 and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
 cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
 engine core killed, so the health check fails and Serve replaces the replica; each replacement is shown to
-serve traffic). Autoscaling deploys a model deployment of its own and loads it through its deployment
-handle.
+serve traffic). The stall-based health check runs on a ``ModelServer`` in this process and on a deployment
+of its own whose engine core is frozen (SIGSTOP) mid-request. Autoscaling deploys a model deployment of its
+own and loads it through its deployment handle.
 """
 
 from __future__ import annotations
@@ -362,6 +363,132 @@ def test_dead_engine_fails_health_check_and_is_replaced(client):
             break
     (fresh,) = [s for rid, s in replica_stats(handle).items() if rid in new_ids]
     assert fresh["requests_total"] > 0 and fresh["requests_unfinished"] == 0, fresh
+
+
+# ---- the stall-based health check -------------------------------------------------------------------------
+# Short enough for a test, long enough that no step of a warmed-up tiny engine takes it on a busy machine (a
+# cold engine's first step loads the fused kernels, which took 9 s on a busy 2-core machine: each test warms
+# its engine up first). Under Serve the health checks run during the warm-up too, so its timeout is longer:
+# a replica killed while its core holds the kernel build lock would leave the lock behind.
+STALL_TIMEOUT_S = 5.0
+SERVE_STALL_TIMEOUT_S = 20.0
+WARM_UP = SamplingParams(temperature=0.0, max_tokens=4)
+
+
+async def _consume(make_stream, first: threading.Event, sink: list) -> None:
+    """Iterate ``make_stream()``; set ``first`` at its first output; append the outputs (or the error) to sink."""
+    try:
+        async for out in make_stream():
+            sink.append(out)
+            first.set()
+    except Exception as e:  # noqa: BLE001 - inspected by the test
+        sink.append(e)
+    finally:
+        first.set()
+
+
+def run_in_thread(coro_fn) -> threading.Thread:
+    thread = threading.Thread(target=lambda: asyncio.run(coro_fn()), daemon=True)
+    thread.start()
+    return thread
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stalled_engine_fails_the_health_check_then_recovers(ray_cluster, tiny_llama):
+    """``ModelServer.check_health`` with a real engine whose core process is frozen (SIGSTOP) while a request
+    is in flight: it passes until the engine has made no progress for ``stall_timeout_s``, then raises; once
+    the core runs again (SIGCONT) it passes again and the request finishes whole."""
+    from flotilla.deploy.ray_serve import ModelServer
+    from flotilla.engine.arg_utils import EngineArgs
+    server = ModelServer("stall", EngineArgs(model=tiny_llama[0], **ENGINE), stall_timeout_s=STALL_TIMEOUT_S)
+    core = server.core_pid()
+    try:
+        server.check_health()  # idle: healthy
+        warm = {"request_id": "warm", "prompt": None, "prompt_token_ids": [1, 2], "sampling_params": WARM_UP}
+        run_in_thread(lambda: _consume(lambda: server.generate(warm), threading.Event(), [])).join(120)
+        request = {"request_id": "stalled", "prompt": None, "prompt_token_ids": [1, 5, 9],
+                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        first, outs = threading.Event(), []
+        thread = run_in_thread(lambda: _consume(lambda: server.generate(request), first, outs))
+        assert first.wait(60) and not isinstance(outs[0], Exception), outs
+        server.check_health()
+        os.kill(core, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        failure = None
+        while failure is None:
+            try:
+                server.check_health()
+            except RuntimeError as e:
+                failure = e
+            assert time.monotonic() - stopped_at < 60, "the frozen engine was never reported as stalled"
+            time.sleep(0.1)
+        assert time.monotonic() - stopped_at >= STALL_TIMEOUT_S  # not before the configured timeout
+        assert "made no progress" in str(failure) and "1 request(s) in flight" in str(failure), failure
+        os.kill(core, signal.SIGCONT)
+
+        def healthy() -> bool:
+            try:
+                server.check_health()
+                return True
+            except RuntimeError:
+                return False
+        assert wait_until(healthy, 60, 0.1), "the health check did not recover once the engine ran again"
+        thread.join(120)
+        assert not thread.is_alive() and not any(isinstance(o, Exception) for o in outs), outs[-1:]
+        assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 400
+        server.check_health()
+    finally:
+        if pid_alive(core):
+            os.kill(core, signal.SIGCONT)
+        server.__del__()
+    assert wait_until(lambda: not pid_alive(core), 30, 0.1), "the engine core outlived its replica"
+
+
+def test_stalled_replica_is_replaced_by_serve(serve_url, tiny_llama):
+    """A deployment with a short ``stall_timeout_s``: its replica's engine core frozen mid-request fails Serve's
+    health checks, Serve replaces the replica (not before the stall timeout), the replacement serves, and
+    the frozen core does not outlive its replica."""
+    from flotilla.deploy.ray_serve import model_deployment
+    from flotilla.ops import cpu_kernels
+    cpu_kernels()  # built before any replica starts: a replica replaced mid-build would leave its lock behind
+    spec = model_spec("stall", tiny_llama[0], ray=dict(FAST_HEALTH, stall_timeout_s=SERVE_STALL_TIMEOUT_S))
+    handle = serve.run(model_deployment(spec).bind("stall", spec.engine_args(), SERVE_STALL_TIMEOUT_S),
+                       name="stall", route_prefix=None)
+    core = None
+    try:
+        assert len(asyncio.run(_generate(handle, [1, 2], WARM_UP, "warm"))) == 4
+        ((old_id, old),) = replica_stats(handle).items()
+        core = old["core_pid"]
+        request = {"request_id": "frozen", "prompt": None, "prompt_token_ids": [1, 5, 9],
+                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        first, outs = threading.Event(), []
+        thread = run_in_thread(lambda: _consume(
+            lambda: handle.options(stream=True).generate.remote(request), first, outs))
+        assert first.wait(60) and not isinstance(outs[0], Exception), outs
+        os.kill(core, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert wait_until(lambda: old_id not in replica_stats(handle) and len(replica_stats(handle)) == 1, 120), \
+            serve.status()
+        assert time.monotonic() - stopped_at >= SERVE_STALL_TIMEOUT_S  # stalled, not dead: replaced only then
+        thread.join(60)
+        assert not thread.is_alive() and isinstance(outs[-1], Exception), outs[-1:]  # the frozen request failed
+        tokens = asyncio.run(_generate(handle, [1, 5, 9], SamplingParams(temperature=0.0, max_tokens=5),
+                                       "after-stall"))
+        assert len(tokens) == 5
+        ((new_id, new),) = replica_stats(handle).items()
+        assert new_id != old_id and new["requests_total"] >= 1 and new["requests_unfinished"] == 0, new
+        assert wait_until(lambda: not pid_alive(core), 60, 0.2), "the frozen engine core outlived its replica"
+    finally:
+        if core is not None and pid_alive(core):
+            os.kill(core, signal.SIGCONT)
+        serve.delete("stall")
 
 
 # ---- autoscaling (an application of its own, loaded through its handle) ---------------------------------

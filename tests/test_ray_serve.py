@@ -185,6 +185,21 @@ def test_shared_prefix_goes_to_one_replica_with_cache_hits(client):
     assert hits >= 4 * 64, (hits, after[hot])
 
 
+def test_cache_salt_reaches_the_replica(client):
+    """``cache_salt`` through the ingress and the replica: another salt's request of the same prompt finds
+    no cached block, the same salt's does (prefix-aware routing keeps the prompt on one replica)."""
+    handle = tiny_handle()
+    prompt = [1] + [(41 * i) % 5000 + 200 for i in range(79)]  # 80 tokens, shared with no other test
+
+    def hits_of(salt: str) -> int:
+        before = replica_stats(handle)
+        completion(client, prompt, max_tokens=2, extra_body={"cache_salt": salt})
+        return _gained(before, replica_stats(handle), "prefix_cache_hits")
+    assert hits_of("alice") == 0
+    assert hits_of("bob") == 0
+    assert hits_of("alice") == 64  # four full blocks (the fifth holds the token that is computed)
+
+
 def test_saturated_hot_replica_sends_new_requests_elsewhere(client):
     """More concurrent shared-prefix requests than the hot replica's batch: the excess goes to the other."""
     handle = tiny_handle()

@@ -59,17 +59,21 @@ PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog 
            "def fibonacci(n):\n    if n < 2:\n        return"]
 
 
-def dequantized_oracle(hf_model):
-    """A bfloat16 copy of ``hf_model`` whose linear weights (the LM head too) are int8 * scale as
-    ``quantize_int8`` makes them; a tied LM head is untied like flotilla's (the embedding table stays float)."""
-    import copy
-    oracle = copy.deepcopy(hf_model).to(torch.bfloat16)
+def dequantize_linears_(oracle):
+    """Replace every linear weight (the LM head too) of a bfloat16 transformers model, in place, by int8 * scale
+    as ``quantize_int8`` makes them; a tied LM head is untied like flotilla's (the embedding stays float)."""
     for module in oracle.modules():
         if isinstance(module, torch.nn.Linear):
             q, scales = quantize_int8(module.weight.data)
             weight = (q.float() * scales.float()[:, None]).to(torch.bfloat16)  # (out, in)
             module.weight = torch.nn.Parameter(weight, requires_grad=False)
     return oracle
+
+
+def dequantized_oracle(hf_model):
+    """A bfloat16 copy of ``hf_model`` with dequantized int8 linear weights (``dequantize_linears_``)."""
+    import copy
+    return dequantize_linears_(copy.deepcopy(hf_model).to(torch.bfloat16))
 
 
 def unquantized_gaps(hf_model, outs) -> torch.Tensor:
@@ -119,5 +123,5 @@ def test_int8_smollm2_follows_the_dequantized_oracle():
     gguf = smollm2_gguf_path()
     hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                     dtype=torch.bfloat16).eval()
-    checks = check_outputs_against_oracle(dequantized_oracle(hf_model), outs, INT8_LOGPROB_TOL)
+    checks = check_outputs_against_oracle(dequantize_linears_(hf_model), outs, INT8_LOGPROB_TOL)
     assert sum(len(c.divergences) for c in checks) <= 4, [c.divergences for c in checks]

@@ -7,9 +7,11 @@ The quick tests use test doubles for engines; the slow ones share one server per
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -185,7 +187,7 @@ models:
   - name: tiny
     model: ./models/tiny
     replicas: 2
-    engine: {{max_model_len: 256, num_kv_blocks: 48, max_num_seqs: 8, num_threads: 1}}
+    engine: {{max_model_len: 500, num_kv_blocks: 96, max_num_seqs: 8, num_threads: 1}}
 routes:
   canary: {{tiny: 1, smol: 0}}
 """
@@ -250,7 +252,7 @@ def test_unknown_or_missing_model(server):
     r = post(server, "/v1/completions", {"prompt": "x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     tok = {name: post(server, "/tokenize", {"model": name, "prompt": "hello"}) for name in ("smol", "tiny", "nope")}
-    assert tok["smol"].json()["max_model_len"] == 512 and tok["tiny"].json()["max_model_len"] == 256
+    assert tok["smol"].json()["max_model_len"] == 512 and tok["tiny"].json()["max_model_len"] == 500
     assert tok["nope"].status_code == 404
     assert post(server, "/detokenize", {"model": "tiny", "tokens": [1, 2]}).status_code == 200
 
@@ -265,21 +267,84 @@ def test_api_key_from_the_environment_is_enforced(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+class HeldStream(threading.Thread):
+    """A streaming completion kept open (reading) until ``close()``, which disconnects: the server aborts it.
+    ``started`` is set at its first token event; ``finished`` records a finish_reason seen before close."""
+
+    def __init__(self, srv, body: dict):
+        super().__init__(daemon=True)
+        self.srv, self.body = srv, {**body, "stream": True}
+        self.started, self.closing = threading.Event(), threading.Event()
+        self.finished: str | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.srv.url + "/v1/completions", json=self.body, headers=self.srv.headers,
+                              timeout=120) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        self.started.set()
+                        self.finished = self.finished or json.loads(line[6:])["choices"][0]["finish_reason"]
+                    if self.closing.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - inspected by the test
+            self.error = e
+        finally:
+            self.started.set()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.join(60)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def metric(text: str, name: str, model: str) -> float:
+    m = re.search(rf'^{re.escape(name)}{{model_name="{model}"}} (\S+)$', text, re.M)
+    assert m, f"{name} for {model} missing"
+    return float(m.group(1))
+
+
+def wait_for_metrics(srv, want: dict, timeout: float = 60.0) -> str:
+    """Poll /metrics until every ``{(metric, model): value}`` of ``want`` holds in one scrape; its text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        got = {key: metric(text, *key) for key in want}
+        if got == want:
+            return text
+        assert time.monotonic() < deadline, f"metrics never reached {want}: last {got}"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_metrics_carry_every_model_label(server):
     for name in ("smol", "tiny"):
         assert post(server, "/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 2}).status_code == 200
-    text = httpx.get(server.url + "/metrics").text
-
-    def value(metric: str, model: str) -> float:
-        m = re.search(rf'^{re.escape(metric)}{{model_name="{model}"}} (\S+)$', text, re.M)
-        assert m, f"{metric} for {model} missing"
-        return float(m.group(1))
+    running = "flotilla:num_requests_running"
+    idle = {(running, "smol"): 0.0, (running, "tiny"): 0.0}
+    text = wait_for_metrics(server, idle)
     for name in ("smol", "tiny"):
-        assert value("flotilla:generation_tokens_total", name) >= 2
-        assert value("flotilla:num_requests_running", name) >= 0
-        assert value("flotilla:prefix_cache_queries_total", name) > 0
+        assert metric(text, "flotilla:generation_tokens_total", name) >= 2
+        assert metric(text, "flotilla:prefix_cache_queries_total", name) > 0
     assert text.count("# TYPE flotilla:generation_tokens_total counter") == 1
+    # Two long requests on smol (480 tokens of a 30-layer model) and three on tiny (over its two replicas,
+    # 96 KV blocks each: no preemption even if all three land on one): while all of them run, each model's
+    # gauge counts exactly its own.
+    streams = [HeldStream(server, {"model": "smol", "prompt": f"story {i}:", "max_tokens": 480,
+                                   "ignore_eos": True}) for i in range(2)]
+    streams += [HeldStream(server, {"model": "tiny", "prompt": f"tale {i}:", "max_tokens": 480, "ignore_eos": True})
+                for i in range(3)]
+    try:
+        assert all(s.started.wait(120) for s in streams)
+        wait_for_metrics(server, {(running, "smol"): 2.0, (running, "tiny"): 3.0})
+        assert not any(s.finished for s in streams), "a request finished before the gauges were read"
+    finally:
+        for s in streams:
+            s.close()
+    wait_for_metrics(server, idle)  # the disconnected requests were aborted on their engines
 
 
 @pytest.mark.slow
@@ -288,7 +353,9 @@ def test_sigterm_stops_every_engine(server):
     assert len(cores) == 3  # smol + 2 tiny replicas, each an engine core process
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0, server.output()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in cores) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(pid_alive(p) for p in cores), "an engine core outlived the server"
     assert "Traceback" not in server.output()
 

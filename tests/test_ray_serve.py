@@ -4,8 +4,10 @@ One cluster and one Serve instance per module. The main application (``build_ope
 Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp2`` with tensor parallel 2,
 and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
 cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
-engine core killed, so the health check fails and Serve replaces the replica). Autoscaling deploys a model
-deployment of its own and loads it through its deployment handle.
+engine core killed, so the health check fails and Serve replaces the replica; each replacement is shown to
+serve traffic). The stall-based health check runs on a ``ModelServer`` in this process and on a deployment
+of its own whose engine core is frozen (SIGSTOP) mid-request. Autoscaling deploys a model deployment of its
+own and loads it through its deployment handle.
 """
 
 from __future__ import annotations
@@ -85,8 +87,12 @@ def tiny_handle():
 
 
 def replica_stats(handle) -> dict[str, dict]:
-    """``stats()`` of every replica of a deployment that answers, by replica id."""
-    results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    """``stats()`` of every replica of a deployment that answers, by replica id (none while it has no
+    replica running, e.g. its only one is being replaced)."""
+    try:
+        results = handle.broadcast("stats").results(timeout_s=30, return_exceptions=True)
+    except serve.exceptions.DeploymentUnavailableError:
+        return {}
     return {s["replica_id"]: s for s in results if isinstance(s, dict)}
 
 
@@ -178,6 +184,21 @@ def test_shared_prefix_goes_to_one_replica_with_cache_hits(client):
     assert gained[hot] >= 5, gained
     hits = after[hot]["prefix_cache_hits"] - before[hot]["prefix_cache_hits"]
     assert hits >= 4 * 64, (hits, after[hot])
+
+
+def test_cache_salt_reaches_the_replica(client):
+    """``cache_salt`` through the ingress and the replica: another salt's request of the same prompt finds
+    no cached block, the same salt's does (prefix-aware routing keeps the prompt on one replica)."""
+    handle = tiny_handle()
+    prompt = [1] + [(41 * i) % 5000 + 200 for i in range(79)]  # 80 tokens, shared with no other test
+
+    def hits_of(salt: str) -> int:
+        before = replica_stats(handle)
+        completion(client, prompt, max_tokens=2, extra_body={"cache_salt": salt})
+        return _gained(before, replica_stats(handle), "prefix_cache_hits")
+    assert hits_of("alice") == 0
+    assert hits_of("bob") == 0
+    assert hits_of("alice") == 64  # four full blocks (the fifth holds the token that is computed)
 
 
 def test_saturated_hot_replica_sends_new_requests_elsewhere(client):
@@ -305,28 +326,42 @@ def serve_replica_actors(deployment: str) -> list[str]:
             if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
 
 
+def wait_for_traffic_on_new_replicas(handle, old_ids: set, timeout_s: float = 120) -> dict:
+    """Poll until every replica not in ``old_ids`` has served a request; returns their stats (empty if none
+    appeared or one never got traffic within ``timeout_s``)."""
+    fresh: dict = {}
+
+    def served() -> bool:
+        nonlocal fresh
+        fresh = {rid: s for rid, s in replica_stats(handle).items() if rid not in old_ids}
+        return bool(fresh) and all(s["requests_total"] > 0 for s in fresh.values())
+    return fresh if wait_until(served, timeout_s, 0.2) else {}
+
+
 def test_replica_killed_under_load(client):
     handle = tiny_handle()
     old_ids = set(replica_stats(handle))
     load = Load(client, threads=3)
-    time.sleep(2.0)
-    victim = serve_replica_actors("tiny")[0]
-    actor = ray.get_actor(victim, namespace="serve")
-    ray.kill(actor, no_restart=True)
-    assert wait_until(lambda: actor_dead(actor), 30, 0.02)
-    killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
     try:
+        assert wait_until(lambda: sum(ok for _, ok, _ in load.results) >= 3, 60, 0.05), load.results[:3]
+        victim = serve_replica_actors("tiny")[0]
+        actor = ray.get_actor(victim, namespace="serve")
+        ray.kill(actor, no_restart=True)
+        assert wait_until(lambda: actor_dead(actor), 30, 0.02)
+        killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
         replaced = wait_until(lambda: running_replicas("tiny", "flotilla") == 2 and victim not in
                               serve_replica_actors("tiny") and len(serve_replica_actors("tiny")) == 2, 120)
-        time.sleep(2.0)  # traffic reaches the replacement too
+        fresh = wait_for_traffic_on_new_replicas(handle, old_ids) if replaced else {}
     finally:
         results = load.finish()
     assert replaced, serve.status()
     after_kill = [r for r in results if r[0] > killed_at + 0.05]
     print("kill:", len(results), "requests,", len(after_kill), "after the kill; failed:",
-          [r for r in results if not r[1]])
+          [r for r in results if not r[1]], "replacement:", fresh)
     assert after_kill and all(ok for _, ok, _ in after_kill), [r for r in after_kill if not r[1]][:3]
-    assert set(replica_stats(handle)) - old_ids, "no replacement replica"
+    assert len(fresh) == 1, f"the replacement never received traffic: {replica_stats(handle)}"
+    (stats,) = fresh.values()
+    assert stats["requests_total"] > 0 and stats["requests_unfinished"] == 0, stats  # served, none failed
 
 
 def test_dead_engine_fails_health_check_and_is_replaced(client):
@@ -336,7 +371,140 @@ def test_dead_engine_fails_health_check_and_is_replaced(client):
     os.kill(victim["core_pid"], signal.SIGKILL)  # the engine core dies; the replica actor lives on
     assert wait_until(lambda: victim_id not in replica_stats(handle) and len(replica_stats(handle)) == 2, 120), \
         serve.status()
-    assert completion(client, "still serving", max_tokens=3).usage.completion_tokens == 3
+    new_ids = set(replica_stats(handle)) - set(stats)
+    assert len(new_ids) == 1
+    for i in range(40):  # short prompts: power of two choices reaches the replacement within a few requests
+        assert completion(client, f"still serving {i}", max_tokens=3).usage.completion_tokens == 3
+        if replica_stats(handle).get(next(iter(new_ids)), {}).get("requests_total", 0) > 0:
+            break
+    (fresh,) = [s for rid, s in replica_stats(handle).items() if rid in new_ids]
+    assert fresh["requests_total"] > 0 and fresh["requests_unfinished"] == 0, fresh
+
+
+# ---- the stall-based health check -------------------------------------------------------------------------
+# Short enough for a test, long enough that no step of a warmed-up tiny engine takes it on a busy machine (a
+# cold engine's first step loads the fused kernels, which took 9 s on a busy 2-core machine: each test warms
+# its engine up first). Under Serve the health checks run during the warm-up too, so its timeout is longer:
+# a replica killed while its core holds the kernel build lock would leave the lock behind.
+STALL_TIMEOUT_S = 5.0
+SERVE_STALL_TIMEOUT_S = 20.0
+WARM_UP = SamplingParams(temperature=0.0, max_tokens=4)
+
+
+async def _consume(make_stream, first: threading.Event, sink: list) -> None:
+    """Iterate ``make_stream()``; set ``first`` at its first output; append the outputs (or the error) to sink."""
+    try:
+        async for out in make_stream():
+            sink.append(out)
+            first.set()
+    except Exception as e:  # noqa: BLE001 - inspected by the test
+        sink.append(e)
+    finally:
+        first.set()
+
+
+def run_in_thread(coro_fn) -> threading.Thread:
+    thread = threading.Thread(target=lambda: asyncio.run(coro_fn()), daemon=True)
+    thread.start()
+    return thread
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stalled_engine_fails_the_health_check_then_recovers(ray_cluster, tiny_llama):
+    """``ModelServer.check_health`` with a real engine whose core process is frozen (SIGSTOP) while a request
+    is in flight: it passes until the engine has made no progress for ``stall_timeout_s``, then raises; once
+    the core runs again (SIGCONT) it passes again and the request finishes whole."""
+    from flotilla.deploy.ray_serve import ModelServer
+    from flotilla.engine.arg_utils import EngineArgs
+    server = ModelServer("stall", EngineArgs(model=tiny_llama[0], **ENGINE), stall_timeout_s=STALL_TIMEOUT_S)
+    core = server.core_pid()
+    try:
+        server.check_health()  # idle: healthy
+        warm = {"request_id": "warm", "prompt": None, "prompt_token_ids": [1, 2], "sampling_params": WARM_UP}
+        run_in_thread(lambda: _consume(lambda: server.generate(warm), threading.Event(), [])).join(120)
+        request = {"request_id": "stalled", "prompt": None, "prompt_token_ids": [1, 5, 9],
+                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        first, outs = threading.Event(), []
+        thread = run_in_thread(lambda: _consume(lambda: server.generate(request), first, outs))
+        assert first.wait(60) and not isinstance(outs[0], Exception), outs
+        server.check_health()
+        os.kill(core, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        failure = None
+        while failure is None:
+            try:
+                server.check_health()
+            except RuntimeError as e:
+                failure = e
+            assert time.monotonic() - stopped_at < 60, "the frozen engine was never reported as stalled"
+            time.sleep(0.1)
+        assert time.monotonic() - stopped_at >= STALL_TIMEOUT_S  # not before the configured timeout
+        assert "made no progress" in str(failure) and "1 request(s) in flight" in str(failure), failure
+        os.kill(core, signal.SIGCONT)
+
+        def healthy() -> bool:
+            try:
+                server.check_health()
+                return True
+            except RuntimeError:
+                return False
+        assert wait_until(healthy, 60, 0.1), "the health check did not recover once the engine ran again"
+        thread.join(120)
+        assert not thread.is_alive() and not any(isinstance(o, Exception) for o in outs), outs[-1:]
+        assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 400
+        server.check_health()
+    finally:
+        if pid_alive(core):
+            os.kill(core, signal.SIGCONT)
+        server.__del__()
+    assert wait_until(lambda: not pid_alive(core), 30, 0.1), "the engine core outlived its replica"
+
+
+def test_stalled_replica_is_replaced_by_serve(serve_url, tiny_llama):
+    """A deployment with a short ``stall_timeout_s``: its replica's engine core frozen mid-request fails Serve's
+    health checks, Serve replaces the replica (not before the stall timeout), the replacement serves, and
+    the frozen core does not outlive its replica."""
+    from flotilla.deploy.ray_serve import model_deployment
+    from flotilla.ops import cpu_kernels
+    cpu_kernels()  # built before any replica starts: a replica replaced mid-build would leave its lock behind
+    spec = model_spec("stall", tiny_llama[0], ray=dict(FAST_HEALTH, stall_timeout_s=SERVE_STALL_TIMEOUT_S))
+    handle = serve.run(model_deployment(spec).bind("stall", spec.engine_args(), SERVE_STALL_TIMEOUT_S),
+                       name="stall", route_prefix=None)
+    core = None
+    try:
+        assert len(asyncio.run(_generate(handle, [1, 2], WARM_UP, "warm"))) == 4
+        ((old_id, old),) = replica_stats(handle).items()
+        core = old["core_pid"]
+        request = {"request_id": "frozen", "prompt": None, "prompt_token_ids": [1, 5, 9],
+                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        first, outs = threading.Event(), []
+        thread = run_in_thread(lambda: _consume(
+            lambda: handle.options(stream=True).generate.remote(request), first, outs))
+        assert first.wait(60) and not isinstance(outs[0], Exception), outs
+        os.kill(core, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert wait_until(lambda: old_id not in replica_stats(handle) and len(replica_stats(handle)) == 1, 120), \
+            serve.status()
+        assert time.monotonic() - stopped_at >= SERVE_STALL_TIMEOUT_S  # stalled, not dead: replaced only then
+        thread.join(60)
+        assert not thread.is_alive() and isinstance(outs[-1], Exception), outs[-1:]  # the frozen request failed
+        tokens = asyncio.run(_generate(handle, [1, 5, 9], SamplingParams(temperature=0.0, max_tokens=5),
+                                       "after-stall"))
+        assert len(tokens) == 5
+        ((new_id, new),) = replica_stats(handle).items()
+        assert new_id != old_id and new["requests_total"] >= 1 and new["requests_unfinished"] == 0, new
+        assert wait_until(lambda: not pid_alive(core), 60, 0.2), "the frozen engine core outlived its replica"
+    finally:
+        if core is not None and pid_alive(core):
+            os.kill(core, signal.SIGCONT)
+        serve.delete("stall")
 
 
 # ---- autoscaling (an application of its own, loaded through its handle) ---------------------------------

@@ -22,6 +22,7 @@ import time
 import httpx
 import pytest
 
+from held_request import hold_request_open, wait_until_gone
 from test_server_helpers import ServerProcess, child_pids, pid_alive, sse_events
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,14 @@ def wait_idle(srv, timeout: float = 30.0) -> dict:
             return m
         assert time.monotonic() < deadline, f"server not idle: {m}"
         time.sleep(0.05)
+
+
+def wait_health(srv, status: int, timeout: float = 30.0) -> None:
+    """Poll /health until it answers ``status``."""
+    deadline = time.monotonic() + timeout
+    while (got := httpx.get(srv.url + "/health", timeout=10).status_code) != status:
+        assert time.monotonic() < deadline, f"/health still answers {got}, not {status}"
+        time.sleep(0.02)
 
 
 def wait_metric(srv, name: str, predicate, timeout: float = 30.0) -> dict:
@@ -476,20 +485,17 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama):
         assert cores
         in_flight = Stream(srv, long_body(300))
         assert in_flight.first.wait(60)
+        held = hold_request_open(srv.port)  # in flight until closed: the drain cannot finish before the checks
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        try:
-            refused = post(srv, "/v1/completions", json={"prompt": "new", "max_tokens": 2}, timeout=10)
-            error_of(refused, 503)
-            assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
-        except httpx.ConnectError:
-            pass  # already drained and gone: refused too
+        wait_health(srv, 503)
+        error_of(post(srv, "/v1/completions", json={"prompt": "new", "max_tokens": 2}, timeout=10), 503)
         chunks = in_flight.result()
         assert len(chunks) == 300 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert srv.proc.poll() is None, "the server exited while a request was still in flight"
+        held.close()
         assert srv.proc.wait(60) == 0, srv.output()
         assert "Traceback" not in srv.output()
-        time.sleep(0.2)
-        assert not any(pid_alive(p) for p in cores), "the engine core outlived the server"
+        assert not wait_until_gone(cores, pid_alive), "the engine core outlived the server"
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.url + "/health", timeout=5)
     finally:
@@ -512,7 +518,7 @@ def test_sigterm_past_the_shutdown_timeout_aborts_what_still_runs(tiny_llama):
             chunks = s.result()
             assert len(chunks) < 480 and chunks[-1]["choices"][0]["finish_reason"] == "abort"
         assert "Traceback" not in srv.output()
-        assert not any(pid_alive(p) for p in cores)
+        assert not wait_until_gone(cores, pid_alive), "the engine core outlived the server"
     finally:
         srv.stop()
 
@@ -524,17 +530,17 @@ def test_engine_death_fails_in_flight_requests_clearly(tiny_llama):
         (core,) = child_pids(srv.proc.pid)
         in_flight = Stream(srv, long_body(400))
         assert in_flight.first.wait(60)
+        held = hold_request_open(srv.port)  # keeps the dying server draining until closed
         os.kill(core, signal.SIGKILL)
         in_flight.join(60)
         assert in_flight.status == 200 and in_flight.events[-1] == "[DONE]"
         err = in_flight.events[-2]["error"]
         assert err["code"] == 503 and "engine" in err["message"]
-        try:
-            assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
-            error_of(post(srv, "/v1/completions", json={"prompt": "a"}, timeout=5), 503)
-        except httpx.ConnectError:
-            pass  # the server already exited
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
+        error_of(post(srv, "/v1/completions", json={"prompt": "a"}, timeout=5), 503)
+        held.close()
         assert srv.proc.wait(60) == 1
+        assert not wait_until_gone([core], pid_alive)
     finally:
         srv.stop()
 

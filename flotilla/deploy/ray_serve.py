@@ -81,7 +81,7 @@ class ModelServer:
 
     Contract (methods are called by Serve handles; values cross processes pickled by Ray):
     - ``generate(request)`` is an async generator over ``{"request_id", "prompt", "prompt_token_ids",
-      "sampling_params", ["output_kind"]}`` yielding ``RequestOutput`` deltas (or the given kind). If the
+      "sampling_params", ["output_kind"], ["cache_salt"]}`` yielding ``RequestOutput`` deltas (or the given kind). If the
       caller cancels the stream (or stops iterating), the engine request is aborted and its blocks freed.
     - ``stats()`` -> dict: this replica's id, pid, engine core pid, node, ``num_blocks``, the scheduler
       snapshot (``num_running``, ``num_waiting``, ``kv_cache_usage``, ``prefix_cache_queries``,
@@ -112,7 +112,8 @@ class ModelServer:
 
     async def generate(self, request: dict):
         kind = OutputKind(request.get("output_kind", OutputKind.DELTA.value))
-        prompt = {"prompt": request.get("prompt"), "prompt_token_ids": request["prompt_token_ids"]}
+        prompt = {"prompt": request.get("prompt"), "prompt_token_ids": request["prompt_token_ids"],
+                  "cache_salt": request.get("cache_salt")}
         self._inflight += 1
         self.requests_total += 1
         stream = self.engine.generate(prompt, request["sampling_params"], request["request_id"], kind)

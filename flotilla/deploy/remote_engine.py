@@ -97,8 +97,8 @@ class RemoteEngine:
         processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
         self.ensure_stats_task()
         request = {"request_id": request_id, "prompt": processed.prompt,
-                   "prompt_token_ids": processed.prompt_token_ids, "sampling_params": processed.params,
-                   "output_kind": output_kind.value}
+                   "prompt_token_ids": processed.prompt_token_ids, "cache_salt": processed.cache_salt,
+                   "sampling_params": processed.params, "output_kind": output_kind.value}
         arrival = time.monotonic()
         clock = _Rebase(arrival)
         self._queued.add(request_id)

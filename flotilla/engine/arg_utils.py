@@ -81,16 +81,22 @@ class EngineArgs:
                 raise InvalidRequestError(f"{f.name} must be a finite number, got {value}", f.name)
 
     def _max_model_len(self, hf_config) -> int:
+        """The context length: ``max_model_len`` if given, else the model's (capped at 8192). A model with a
+        sliding window (Mistral) runs full attention, which equals windowed attention only up to the window,
+        so the window caps the context (vLLM's ``--disable-sliding-window``)."""
         limit = int(getattr(hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+        what = "the model's context length"
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True) and int(window) < limit:
             logger.info("model uses a %d-token sliding window: capping max_model_len to it", window)
             limit = int(window)
+            what = ("the model's sliding window (flotilla runs full attention, which equals the model's "
+                    "windowed attention only within the window)")
         if self.max_model_len is None:
             return min(limit, DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > limit:
-            raise InvalidRequestError(f"max_model_len {self.max_model_len} exceeds the model's context length "
-                                      f"{limit}", "max_model_len")
+            raise InvalidRequestError(f"max_model_len {self.max_model_len} exceeds {what}: {limit}",
+                                      "max_model_len")
         return self.max_model_len
 
     def _check_quantization(self, dtype: str) -> None:

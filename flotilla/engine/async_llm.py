@@ -108,7 +108,7 @@ class AsyncLLM:
             self._queues[request_id] = target
             self._queued.add(request_id)
         children = make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
-                                       time.monotonic())
+                                       time.monotonic(), processed.cache_salt)
         try:
             for child in children:
                 self._client.send(Kind.ADD, request_to_wire(child))

@@ -31,6 +31,7 @@ class EngineCoreRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests of the same salt
 
 
 @dataclass
@@ -45,14 +46,16 @@ class EngineCoreOutputs:
 
 
 def make_child_requests(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                        child_ids: list[str], arrival_time: float) -> list[EngineCoreRequest]:
-    """Fan a request out into one core request per sample; seeded samples get seed + i."""
+                        child_ids: list[str], arrival_time: float,
+                        cache_salt: str | None = None) -> list[EngineCoreRequest]:
+    """Fan a request out into one core request per sample (all with the request's cache salt); seeded
+    samples get seed + i."""
     children = []
     for i, cid in enumerate(child_ids):
         child_params = params
         if params.n > 1:
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-        children.append(EngineCoreRequest(cid, prompt_token_ids, child_params, arrival_time))
+        children.append(EngineCoreRequest(cid, prompt_token_ids, child_params, arrival_time, cache_salt))
     return children
 
 
@@ -81,7 +84,7 @@ class EngineCore:
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling_params,
-                                           req.arrival_time))
+                                           req.arrival_time, cache_salt=req.cache_salt))
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED):
         self.scheduler.finish_requests(request_ids, status)

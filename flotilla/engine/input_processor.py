@@ -16,6 +16,7 @@ class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams  # validated, with max_tokens and eos ids filled in
+    cache_salt: str | None = None  # the prompt dict's "cache_salt": prefix-cache blocks shared only within it
 
 
 class InputProcessor:
@@ -23,7 +24,9 @@ class InputProcessor:
 
     Contract: ``process`` returns a prompt whose token ids are all in ``[0, vocab_size)`` and whose
     ``len(prompt) + max_tokens <= max_model_len``; anything else raises ``InvalidRequestError`` naming the
-    problem (the context-length message names the limit, the prompt tokens and max_tokens).
+    problem (the context-length message names the limit, the prompt tokens and max_tokens). A prompt dict may
+    carry ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only with
+    requests of the same salt (or, unsalted, with unsalted ones).
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
@@ -65,6 +68,9 @@ class InputProcessor:
 
     def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         params.validate()
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
         text, ids = self.tokenize(prompt)
         n = len(ids)
         if n >= self.max_model_len:
@@ -83,4 +89,4 @@ class InputProcessor:
             if t >= self.vocab_size:
                 raise InvalidRequestError(f"stop token id {t} is outside the vocabulary", "stop_token_ids")
         eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
-        return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos))
+        return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos), salt)

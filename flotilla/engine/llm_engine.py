@@ -80,7 +80,7 @@ class LLMEngine:
                                                       processed.params, output_kind)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for child in make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
-                                         arrival):
+                                         arrival, processed.cache_salt):
             self.core.add_request(child)
 
     def abort_request(self, request_ids: str | list[str]) -> None:

@@ -39,11 +39,11 @@ def decode(data: bytes) -> tuple[Kind, object]:
 
 def request_to_wire(req: EngineCoreRequest) -> dict:
     return {"id": req.request_id, "prompt": req.prompt_token_ids, "params": params_to_wire(req.sampling_params),
-            "arrival": req.arrival_time}
+            "arrival": req.arrival_time, "salt": req.cache_salt}
 
 
 def request_from_wire(d: dict) -> EngineCoreRequest:
-    return EngineCoreRequest(d["id"], list(d["prompt"]), params_from_wire(d["params"]), d["arrival"])
+    return EngineCoreRequest(d["id"], list(d["prompt"]), params_from_wire(d["params"]), d["arrival"], d.get("salt"))
 
 
 def outputs_to_wire(out: EngineCoreOutputs) -> dict:

@@ -2,7 +2,9 @@
 
 Contract: ``parse_body`` returns a validated model or raises ``APIError(400)`` whose message (and
 ``param``) names the problem: wrong content type, bytes that are not UTF-8 JSON (truncated included), NaN or
-Infinity, a top-level value that is not an object, or a field of the wrong type or shape.
+Infinity, a top-level value that is not an object, or a field of the wrong type or shape. A client that
+disconnects before its body is complete gets ``APIError(499)`` (no one is left to read it; nothing is logged
+as a server error).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from flotilla.entrypoints.openai.errors import APIError
 
@@ -67,9 +70,17 @@ def _check_content_type(request: Request) -> None:
         raise APIError(400, f"unsupported content type {media!r}; send application/json")
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     _check_content_type(request)
-    data = decode_json_object(await request.body())
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client left before sending its whole body: nothing to answer, no traceback
+        message = "the client closed the connection before sending the whole body"
+        raise APIError(CLIENT_CLOSED_REQUEST, message) from None
+    data = decode_json_object(raw)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -55,10 +55,15 @@ class ServingContext:
         """Run ``fn(*args)`` on the tokenizer thread (one thread: the HF tokenizer is not re-entrant)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def prepare(self, prompts: list, params: SamplingParams) -> list[ProcessedPrompt]:
-        """Tokenize and validate every prompt; InvalidRequestError (-> 400) on the first bad one."""
+    async def prepare(self, prompts: list, params: SamplingParams,
+                      cache_salt: str | None = None) -> list[ProcessedPrompt]:
+        """Tokenize and validate every prompt (texts or token-id lists, salted with ``cache_salt``);
+        InvalidRequestError (-> 400) on the first bad one."""
         process = self.engine.input_processor.process
-        return await self.run_blocking(lambda: [process(p, params) for p in prompts])
+
+        def salted(p):
+            return {("prompt" if isinstance(p, str) else "prompt_token_ids"): p, "cache_salt": cache_salt}
+        return await self.run_blocking(lambda: [process(salted(p) if cache_salt else p, params) for p in prompts])
 
     def admit(self, num_requests: int) -> None:
         """Raise APIError(503 | 429) unless admitted; on admission count the requests as waiting (an
@@ -86,8 +91,8 @@ class EngineRun:
         self.ctx, self.base_id, self.prepared = ctx, base_id, prepared
         self.waiting = [True] * len(prepared)
         self.recorders = [RequestMetrics(ctx.metrics, len(p.prompt_token_ids)) for p in prepared]
-        self.streams = [ctx.engine.generate({"prompt": p.prompt, "prompt_token_ids": p.prompt_token_ids},
-                                            params, f"{base_id}-{i}", OutputKind.DELTA)
+        self.streams = [ctx.engine.generate({"prompt": p.prompt, "prompt_token_ids": p.prompt_token_ids,
+                                             "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", OutputKind.DELTA)
                         for i, p in enumerate(prepared)]
         self._merged = _single(self.streams[0]) if len(self.streams) == 1 else merge_streams(self.streams)
         self._outputs = self._iterate()

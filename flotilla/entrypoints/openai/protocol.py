@@ -54,6 +54,7 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[Int64] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None  # separates tenants' prefix caches
 
     @property
     def include_usage(self) -> bool:

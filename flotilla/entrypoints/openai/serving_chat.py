@@ -61,7 +61,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, params: 
     def build():
         text = engine.tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
         ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        return [engine.input_processor.process({"prompt": text, "prompt_token_ids": ids}, params)]
+        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
+        return [engine.input_processor.process(prompt, params)]
     return await ctx.run_blocking(build)
 
 

@@ -41,7 +41,7 @@ def kernel_march() -> str:
     """FLOTILLA_KERNEL_MARCH: the ``-march`` of the CPU kernel build. ``auto`` (default): a portable baseline
     (x86-64-v3 where the CPU has it, else the compiler's default), faster paths chosen at run time; ``native``
     or any other value: passed to the compiler as is (the build then runs only on CPUs like this one)."""
-    return os.environ.get("FLOTILLA_KERNEL_MARCH", "").strip() or "native"
+    return os.environ.get("FLOTILLA_KERNEL_MARCH", "").strip() or "auto"
 
 
 def cxx_compiler() -> str:

@@ -96,7 +96,9 @@ def source_files() -> list[Path]:
 
 
 def compile_flags(march: str | None) -> list[str]:
-    flags = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+    # -ffp-contract=off: no fused multiply-adds, so every path (and eager PyTorch) rounds alike;
+    # -fno-trapping-math: lets loops with float selects (clamps) vectorize without AVX-512 masks.
+    flags = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
     if march:
         flags.append(f"-march={march}")

@@ -6,10 +6,15 @@ compiler, a build past its deadline); callers then run their eager PyTorch path,
 (tests/test_cpu_ops.py compares the two). The build (flotilla/kernel_build.py) takes about 10-30 s on 2 cores,
 is cached under ``~/.cache/flotilla/cpu_kernels`` (``FLOTILLA_CACHE_DIR``) and never holds a start longer than
 ``FLOTILLA_KERNEL_BUILD_TIMEOUT`` seconds: past it the process runs eager PyTorch ops (one warning).
+
+The library is compiled at a portable baseline (``-march=x86-64-v3`` where the CPU has it) and chooses its
+wider paths (AVX-512) at run time from the CPU's instruction-set level (``isa_level()``, one of
+``ISA_LEVELS``); ``isa_cap(level)`` lowers that level in this process, so tests run every path a machine has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -23,6 +28,8 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}  # "ops": the library or None once tried; "error": why not; "build": the BuildResult
 _switch: list = [None]  # in-process override of FLOTILLA_CPU_KERNELS (None: follow the environment)
+# The instruction-set levels of flotilla/csrc/isa.h, by value.
+ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
 
 
 def kernels_enabled() -> bool:
@@ -37,6 +44,16 @@ def set_kernels_enabled(enabled: bool | None) -> bool | None:
     previous = _switch[0]
     _switch[0] = enabled
     return previous
+
+
+@contextlib.contextmanager
+def switch_kernels(enabled: bool):
+    """``set_kernels_enabled(enabled)`` inside the block, the previous switch after it."""
+    previous = set_kernels_enabled(enabled)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(previous)
 
 
 def load_cpu_kernels():
@@ -86,3 +103,34 @@ def use_kernels(*tensors: torch.Tensor):
         if t.device.type != "cpu":
             return None
     return cpu_kernels()
+
+
+def loaded_kernels():
+    """The kernel library if this process has loaded it already (never starts a build), else None."""
+    return _state.get("ops")
+
+
+def isa_level() -> int | None:
+    """The instruction-set level the kernels dispatch on (an index into ISA_LEVELS: the CPU's, capped by
+    ``isa_cap``), or None when the kernels are not available."""
+    ops = cpu_kernels()
+    return None if ops is None else int(ops.isa_level())
+
+
+def isa_detected() -> int | None:
+    """The CPU's instruction-set level as the kernel library detects it (no cap), or None without kernels."""
+    ops = cpu_kernels()
+    return None if ops is None else int(ops.isa_detected())
+
+
+@contextlib.contextmanager
+def isa_cap(level: int | str):
+    """Run the kernels at most at ``level`` (an ISA_LEVELS name or index) inside the block, in this process."""
+    ops = cpu_kernels()
+    if ops is None:
+        raise RuntimeError(f"isa_cap needs the CPU kernels: {unavailable_reason()}")
+    previous = ops.set_isa_cap(ISA_LEVELS.index(level) if isinstance(level, str) else int(level))
+    try:
+        yield
+    finally:
+        ops.set_isa_cap(previous)

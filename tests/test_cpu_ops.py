@@ -2,10 +2,13 @@
 
 Elementwise kernels reproduce eager's rounding exactly in bfloat16/float16; RMSNorm sums in another order (a
 float32 ulp); decode attention keeps scores and probabilities in float32, so it is compared against a float64
-reference instead.
+reference instead. Every kernel comparison runs at each instruction-set level this CPU has (the ``isa``
+fixture caps the library's run-time dispatch), so the portable paths are checked on wide machines too.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -28,23 +31,34 @@ def kernels():
     return k
 
 
-def eager(monkeypatch, fn):
-    with monkeypatch.context() as m:
-        m.setenv("FLOTILLA_CPU_KERNELS", "0")
+@pytest.fixture(params=ops.ISA_LEVELS)
+def isa(request, kernels):
+    """Caps the kernels' run-time dispatch at each level in turn (levels this CPU lacks are skipped)."""
+    level = ops.ISA_LEVELS.index(request.param)
+    if level > ops.isa_detected():
+        pytest.skip(f"this CPU has no {request.param}")
+    with ops.isa_cap(level):
+        assert ops.isa_level() == level
+        yield level
+
+
+def eager(fn):
+    with ops.switch_kernels(False):
+        assert ops.cpu_kernels() is None
         return fn()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_matches_eager(kernels, monkeypatch, dtype):
+def test_rms_norm_matches_eager(isa, dtype):
     torch.manual_seed(0)
     norm = RMSNorm(576, 1e-5, dtype)
     norm.weight.data = torch.randn(576).to(dtype)
     x = torch.randn(37, 576).to(dtype)
     r = torch.randn(37, 576).to(dtype)
-    want = eager(monkeypatch, lambda: norm(x.clone()))
+    want = eager(lambda: norm(x.clone()))
     got = norm(x.clone())
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
-    want_h, want_r = eager(monkeypatch, lambda: norm(x.clone(), r.clone()))
+    want_h, want_r = eager(lambda: norm(x.clone(), r.clone()))
     xin, rin = x.clone(), r.clone()
     got_h, got_r = norm(xin, rin)
     assert torch.equal(got_r, want_r)  # the residual add rounds exactly like eager
@@ -53,11 +67,11 @@ def test_rms_norm_matches_eager(kernels, monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_eager_exactly(kernels, monkeypatch, dtype):
+def test_silu_and_mul_matches_eager_exactly(isa, dtype):
     torch.manual_seed(1)
     x = (torch.randn(19, 2 * 1536) * 3).to(dtype)
     act = SiluAndMul()
-    want = eager(monkeypatch, lambda: act(x))
+    want = eager(lambda: act(x))
     got = act(x)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # exp differs by an ulp
@@ -66,7 +80,7 @@ def test_silu_and_mul_matches_eager_exactly(kernels, monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_matches_eager_exactly(kernels, monkeypatch, dtype):
+def test_rotary_matches_eager_exactly(isa, dtype):
     torch.manual_seed(2)
     rope = RotaryEmbedding(64, 512, {"rope_theta": 10000.0, "rope_type": "default"})
     qkv = torch.randn(23, (9 + 2 * 3) * 64).to(dtype)  # q and k are strided views, as in the model
@@ -77,7 +91,7 @@ def test_rotary_matches_eager_exactly(kernels, monkeypatch, dtype):
         q, k, _ = t.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
         return rope(positions, q.reshape(23, 9, 64), k.reshape(23, 3, 64))
 
-    want_q, want_k = eager(monkeypatch, run)
+    want_q, want_k = eager(run)
     got_q, got_k = run()
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
@@ -99,10 +113,9 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     return out.reshape(n, h * d)
 
 
-@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 4, 128), (16, 2, 64), (4, 4, 32)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_attention_matches_reference(kernels, dtype, heads, kvh, d):
-    """Every head_dim / group size the AVX-512 kernel specializes, and ones it leaves to the portable kernel."""
+@functools.lru_cache(maxsize=None)
+def _decode_case(dtype, heads, kvh, d):
+    """Inputs of one decode-attention case and their float64 reference (shared by every ISA level)."""
     torch.manual_seed(3)
     bs, num_blocks = 16, 40
     cache = torch.randn(2, kvh, num_blocks, bs, d).to(dtype)
@@ -110,15 +123,22 @@ def test_paged_decode_attention_matches_reference(kernels, dtype, heads, kvh, d)
     tables = torch.stack([torch.randperm(num_blocks)[:10] for _ in lens])  # (5, 10) scattered blocks
     qkv = torch.randn(5, (heads + 2 * kvh) * d).to(dtype)
     q = qkv[:, :heads * d].reshape(5, heads, d)  # strided over tokens, as in the model
+    return q, cache, tables, lens, _reference_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
+
+
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 4, 128), (16, 2, 64), (4, 4, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_matches_reference(kernels, isa, dtype, heads, kvh, d):
+    """Every head_dim / group size the AVX-512 kernel specializes, and ones it leaves to the portable kernel."""
+    q, cache, tables, lens, want = _decode_case(dtype, heads, kvh, d)
     out = torch.empty(5, heads * d, dtype=dtype)
     kernels.paged_decode_attention(out, q, cache[0], cache[1], tables, lens, d ** -0.5)
-    want = _reference_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_with_kernels_matches_eager_backend(kernels, monkeypatch, dtype):
+def test_backend_with_kernels_matches_eager_backend(isa, dtype):
     """A mixed step (3 decodes, a prefill chunk on cached context): same cache contents, same outputs."""
     torch.manual_seed(4)
     kvh, heads, d, bs, num_blocks = 2, 4, 32, 4, 32
@@ -141,7 +161,7 @@ def test_backend_with_kernels_matches_eager_backend(kernels, monkeypatch, dtype)
         md = backend.build_metadata(common)
         return backend.forward(q, k, v, cache, md, d ** -0.5), cache
 
-    want, want_cache = eager(monkeypatch, run)
+    want, want_cache = eager(run)
     got, got_cache = run()
     assert torch.equal(got_cache, want_cache)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -151,6 +171,32 @@ def test_backend_with_kernels_matches_eager_backend(kernels, monkeypatch, dtype)
 def test_kernels_off_by_environment(monkeypatch):
     monkeypatch.setenv("FLOTILLA_CPU_KERNELS", "0")
     assert ops.cpu_kernels() is None
+    with ops.switch_kernels(True):  # the in-process switch wins over the environment
+        assert ops.cpu_kernels() is not None
+
+
+def test_isa_cap_bounds_and_restores(kernels):
+    detected = ops.isa_detected()
+    assert ops.isa_level() == detected
+    with ops.isa_cap("scalar"):
+        assert ops.isa_level() == 0
+        with ops.isa_cap(ops.ISA_LEVELS[-1]):  # a cap above the CPU's level never raises the level
+            assert ops.isa_level() == detected
+        assert ops.isa_level() == 0
+    assert ops.isa_level() == detected
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.set_isa_cap(7)
+
+
+def test_isa_detection_agrees_with_the_cpu_flags(kernels):
+    from flotilla.kernel_build import cpu_flags
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    v3 = {"avx2", "fma"} <= flags
+    avx512 = v3 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    want = 3 if avx512 and "avx512_bf16" in flags else 2 if avx512 else 1 if v3 else 0
+    assert ops.isa_detected() == want
 
 
 def test_prepacked_linear_is_bit_identical():
@@ -170,19 +216,19 @@ def test_prepacked_linear_is_bit_identical():
     assert torch.equal(linear(xs[0][None], layer, layer.bias), want[0][None])  # leading dims kept
 
 
-def test_greedy_argmax_matches_torch(kernels, monkeypatch):
+def test_greedy_argmax_matches_torch(isa):
     from flotilla.sampler import greedy
     torch.manual_seed(6)
     logits = torch.randn(33, 49152)
     logits[3, 100] = logits[3, 7] = 50.0  # a tie: the first index wins
     logits[5, 9] = float("nan")  # NaN counts as the maximum
     logits[6] = float("-inf")
-    want = eager(monkeypatch, lambda: greedy(logits))
+    want = eager(lambda: greedy(logits))
     assert torch.equal(greedy(logits), want)
     assert torch.equal(want, logits.argmax(dim=-1))
 
 
-def test_sample_rows_draws_from_the_tempered_distribution(kernels):
+def test_sample_rows_draws_from_the_tempered_distribution(kernels, isa):
     torch.manual_seed(7)
     v, draws = 200, 20000
     logits = torch.randn(v) * 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
+import platform
 import subprocess
 import sys
 import textwrap
@@ -178,3 +178,14 @@ def test_cache_folder_keys_on_march_and_sources(tmp_path):
     assert a != kernel_build.cache_folder(tmp_path, None)
     assert a.name.startswith("x86-64-v3-")
     assert {p.name for p in kernel_build.source_files()} >= {"cpu_ops.cpp", "isa.h"}
+
+
+def test_default_build_is_the_portable_baseline():
+    from flotilla import ops
+    if envs.kernel_march() != "auto":
+        pytest.skip("FLOTILLA_KERNEL_MARCH is set")
+    if ops.cpu_kernels() is None:
+        pytest.skip(f"no kernels here: {ops.unavailable_reason()}")
+    info = ops.build_info()
+    assert info.march == kernel_build.portable_march(platform.machine(), kernel_build.cpu_flags())
+    assert info.library.parent.name.startswith(f"{info.march or 'default'}-")

@@ -581,26 +581,31 @@ inline float fast_log(float x) {
   return ef * 0.693147180559945f + 2.f * s * poly;
 }
 
-// A uniform in (0, 1) from a 64-bit key and a position: splitmix64's finalizer, top 24 bits.
+// A uniform in (0, 1) from a 64-bit key and a position: splitmix64's finalizer of key + (i + 1) * golden, its
+// top 23 bits + 1/2, times 2^-23 (every step exact in float32, so u is never 0 or 1).
 #pragma omp declare simd
 inline float hash_uniform(uint64_t key, uint64_t i) {
   uint64_t z = key + (i + 1) * 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   z ^= z >> 31;
-  return (static_cast<float>(z >> 40) + 0.5f) * (1.f / 16777216.f);
+  return (static_cast<float>(z >> 41) + 0.5f) * (1.f / 8388608.f);
 }
 
 // out (B,) int64: one draw per row from softmax(x[r] * inv_temperature[r]) by the exponential race,
-// argmax_i p_i / E_i with E_i ~ Exponential(1) = -ln(U_i). U_i comes from a counter hash of the row's key
-// (B,) int64 and i, so a row's draw depends only on its key and its own logits, and a tiny change in one
-// logit can only flip the draw between two near-tied candidates. x (B, V) float32; a -inf logit never wins.
+// argmax_i p_i / E_i with p_i = fast_exp((x_i - max) * inv_t) and E_i = -fast_log(U_i), U_i = hash_uniform(key, i)
+// (the first index on ties). A row's draw depends only on its key (B,) int64 and its own logits, and a tiny
+// change in one logit can only flip the draw between two near-tied candidates. x (B, V) float32; a -inf logit
+// never wins. A row with a NaN or +inf logit, or all -inf, takes argmax_rows' pick (the first NaN, else the
+// first maximum). flotilla/sampler.py's race_sample computes the same stream with PyTorch ops, bit for bit.
 void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_temperature, const at::Tensor& keys) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "sample_rows: (B, V) float32");
   TORCH_CHECK(inv_temperature.is_contiguous() && keys.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && keys.scalar_type() == at::kLong &&
               out.scalar_type() == at::kLong);
   int64_t b = x.size(0), v = x.size(1), xs = x.stride(0);
+  TORCH_CHECK(inv_temperature.numel() == b && keys.numel() == b && out.numel() == b,
+              "sample_rows: inv_temperature, keys and out need one entry per row of x");
   const float* xp = x.data_ptr<float>();
   const float* tp = inv_temperature.data_ptr<float>();
   const int64_t* kp = keys.data_ptr<int64_t>();
@@ -612,15 +617,26 @@ void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_tem
       float it = tp[r];
       uint64_t key = static_cast<uint64_t>(kp[r]);
       float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t i = 0; i < v; ++i) m = std::max(m, row[i]);
-      if (!(m > -std::numeric_limits<float>::infinity())) { op[r] = 0; continue; }  // all masked (or NaN)
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t i = 0; i < v; ++i) {
+        m = std::max(m, row[i]);
+        nan |= row[i] != row[i];
+      }
+      if (nan || !std::isfinite(m)) {  // degenerate row: torch.argmax's pick
+        int64_t idx = 0;
+        for (int64_t i = 0; i < v; ++i) {
+          if (nan ? row[i] != row[i] : row[i] == m) { idx = i; break; }
+        }
+        op[r] = idx;
+        continue;
+      }
       float* sc = score.data();
       float best = 0.f;
 #pragma omp simd reduction(max : best)
       for (int64_t i = 0; i < v; ++i) {
         float p = fast_exp((row[i] - m) * it);  // 0 for -inf
-        float expo = -fast_log(hash_uniform(key, static_cast<uint64_t>(i)));
+        float expo = -fast_log(hash_uniform(key, static_cast<uint64_t>(i)));  // > 0
         sc[i] = p / expo;
         best = std::max(best, sc[i]);
       }

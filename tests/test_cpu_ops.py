@@ -249,3 +249,64 @@ def test_sample_rows_draws_from_the_tempered_distribution(kernels, isa):
     nudged[:, 3] += 1e-6  # a rounding-level change in one logit flips almost no draw (the race, not a CDF)
     kernels.sample_rows(again, nudged, torch.full((draws,), 1 / temperature), keys)
     assert (again != out).sum() <= 2
+
+
+# ---------------------------------------------------------------------------------------------- bounds checks
+def _decode_inputs(lens, table_rows):
+    kvh, heads, d, bs, num_blocks = 2, 4, 32, 4, 6
+    cache = torch.randn(2, kvh, num_blocks, bs, d)
+    q = torch.randn(len(lens), heads, d)
+    out = torch.empty(len(lens), heads * d)
+    return out, q, cache[0], cache[1], torch.tensor(table_rows), torch.tensor(lens), 32 ** -0.5
+
+
+@pytest.mark.parametrize("lens,tables,message", [
+    ([5, 3], [[0, 6], [1, 2]], r"block_tables\[0\]\[1\] = 6 is outside \[0, 6\)"),  # past the cache's blocks
+    ([5, 3], [[0, 1], [-1, 2]], r"block_tables\[1\]\[0\] = -1 is outside \[0, 6\)"),
+    ([0, 3], [[0, 1], [1, 2]], r"seq_lens\[0\] = 0 is outside \[1, 8\]"),
+    ([5, 9], [[0, 1], [1, 2]], r"seq_lens\[1\] = 9 is outside \[1, 8\]"),  # more than its table holds
+    ([5], [[0, 1], [1, 2]], r"one row per query"),
+])
+def test_decode_attention_checks_tables_and_lengths(kernels, lens, tables, message):
+    with pytest.raises(RuntimeError, match=message):
+        kernels.paged_decode_attention(*_decode_inputs(lens, tables))
+
+
+def test_decode_attention_ignores_table_padding_past_the_sequence(kernels):
+    out, q, k, v, tables, lens, scale = _decode_inputs([3, 4], [[2, -1], [5, 99]])  # 1 block each: tails unread
+    kernels.paged_decode_attention(out, q, k, v, tables, lens, scale)
+    want = _reference_decode(q, k, v, tables.clamp(0, 5), lens, scale)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 24])
+def test_write_kv_cache_checks_slots_before_writing(kernels, bad):
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    cache = torch.zeros(2, 2, 6, 4, 8)  # 24 slots per head
+    with pytest.raises(RuntimeError, match=rf"slot_mapping\[2\] = {bad} is outside \[0, 24\)"):
+        kernels.write_kv_cache(k, v, cache[0], cache[1], torch.tensor([0, 5, bad]))
+    assert not cache.any()  # nothing written
+    with pytest.raises(RuntimeError, match="one int64 per token"):
+        kernels.write_kv_cache(k, v, cache[0], cache[1], torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("bad", [-1, 16])
+def test_rotary_checks_positions(kernels, bad):
+    q, k = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
+    q0, k0 = q.clone(), k.clone()
+    cos, sin = torch.randn(16, 8), torch.randn(16, 8)
+    with pytest.raises(RuntimeError, match=rf"positions\[1\] = {bad} is outside \[0, 16\)"):
+        kernels.rotary_embedding(torch.tensor([0, bad, 3]), q, k, cos, sin)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    with pytest.raises(RuntimeError, match="cos/sin caches"):
+        kernels.rotary_embedding(torch.tensor([0, 1, 3]), q, k, cos[:, :4].contiguous(), sin[:, :4].contiguous())
+
+
+def test_norm_and_activation_check_shapes(kernels):
+    x = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="rms_norm: out"):
+        kernels.rms_norm(torch.empty(4, 16), x, torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="fused_add_rms_norm: residual"):
+        kernels.fused_add_rms_norm(x, torch.randn(4, 8), torch.randn(16), 1e-6)
+    with pytest.raises(RuntimeError, match="silu_and_mul"):
+        kernels.silu_and_mul(torch.empty(4, 16), x)

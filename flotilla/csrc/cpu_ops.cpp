@@ -100,6 +100,15 @@ void dispatch(at::ScalarType dtype, const char* name, F&& f) {
   }
 }
 
+// Every entry of idx (n,) lies in [0, limit), else a RuntimeError naming the op and the first bad entry (checked
+// before a kernel indexes memory with them).
+void check_indices(const int64_t* idx, int64_t n, int64_t limit, const char* op, const char* what) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < limit, op, ": ", what, "[", i, "] = ", idx[i], " is outside [0, ", limit,
+                ")");
+  }
+}
+
 // ---- Run-time ISA variants of the row loops ------------------------------------------------------------
 // A row kernel is `Impl(args, begin, end)`, always inlined into two wrappers: one compiled at the library's
 // baseline, one for AVX-512, so its auto-vectorized loops use the widest vectors the CPU runs (chosen per call
@@ -167,6 +176,8 @@ FLOTILLA_INLINE void fused_add_rms_norm_rows(const NormArgs<T>& a, int64_t b, in
 // out = rms_norm(x) * weight.  x, out: (N, H) contiguous rows.
 void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && weight.is_contiguous());
+  TORCH_CHECK(out.sizes() == x.sizes() && weight.numel() == x.size(1), "rms_norm: out ", out.sizes(), ", weight ",
+              weight.sizes(), " do not fit x ", x.sizes());
   int64_t n = x.size(0), h = x.size(1), xs = x.stride(0);
   dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -179,7 +190,10 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
 // residual = x + residual (rounded to T); x = rms_norm(residual) * weight.  In place, (N, H) contiguous.
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
-  int64_t h = x.size(-1), n = x.numel() / h;
+  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes() && weight.numel() == x.size(-1),
+              "fused_add_rms_norm: residual ", residual.sizes(), ", weight ", weight.sizes(), " do not fit x ",
+              x.sizes());
+  int64_t h = x.size(-1), n = h ? x.numel() / h : 0;
   dispatch(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     NormArgs<scalar_t> a{x.data_ptr<scalar_t>(), h, residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
@@ -219,6 +233,8 @@ FLOTILLA_INLINE void silu_and_mul_range(const SiluArgs<T>& a, int64_t b, int64_t
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous());
+  TORCH_CHECK(x.size(1) % 2 == 0 && out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == x.size(1) / 2,
+              "silu_and_mul: x ", x.sizes(), " must be (N, 2D) and out (N, D), got out ", out.sizes());
   int64_t n = x.size(0), d = x.size(1) / 2, xs = x.stride(0);
   dispatch(x.scalar_type(), "silu_and_mul", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -269,8 +285,16 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k,
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1);
   TORCH_CHECK(q.stride(1) == q.size(2) && k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
   TORCH_CHECK(cos_cache.scalar_type() == at::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous());
+  TORCH_CHECK(q.size(2) % 2 == 0 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+              "rotary_embedding: q ", q.sizes(), " and k ", k.sizes(), " must share tokens and an even head size");
+  TORCH_CHECK(cos_cache.dim() == 2 && cos_cache.size(1) == q.size(2) && sin_cache.sizes() == cos_cache.sizes() &&
+              sin_cache.scalar_type() == at::kFloat, "rotary_embedding: cos/sin caches ", cos_cache.sizes(), ", ",
+              sin_cache.sizes(), " must be (positions, ", q.size(2), ") float32");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0),
+              "rotary_embedding: positions must be one int64 per token");
   int64_t t = q.size(0);
   auto pos = positions.contiguous();
+  check_indices(pos.data_ptr<int64_t>(), t, cos_cache.size(0), "rotary_embedding", "positions");
   dispatch(q.scalar_type(), "rotary_embedding", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     RopeArgs<scalar_t> a{pos.data_ptr<int64_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), q.stride(0),
@@ -286,10 +310,16 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
                     const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2));
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(v.sizes() == k.sizes() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() >= 2 &&
+              k_cache.size(0) == k.size(1) && k_cache.size(-1) == k.size(2), "write_kv_cache: k ", k.sizes(),
+              ", v ", v.sizes(), " do not fit the caches ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
+              "write_kv_cache: slot_mapping must be one int64 per token");
   int64_t t = k.size(0), kvh = k.size(1), d = k.size(2);
-  int64_t slots_per_head = k_cache.numel() / (kvh * d);
+  int64_t slots_per_head = kvh * d ? k_cache.numel() / (kvh * d) : 0;
   auto slots = slot_mapping.contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
+  check_indices(sp, t, slots_per_head, "write_kv_cache", "slot_mapping");  // before any write
   dispatch(k.scalar_type(), "write_kv_cache", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -297,7 +327,6 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
     scalar_t* kc = k_cache.data_ptr<scalar_t>();
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
     for (int64_t i = 0; i < t; ++i) {
-      TORCH_CHECK(sp[i] >= 0 && sp[i] < slots_per_head, "write_kv_cache: slot out of range");
       for (int64_t h = 0; h < kvh; ++h) {
         std::copy_n(kp + i * k.stride(0) + h * d, d, kc + (h * slots_per_head + sp[i]) * d);
         std::copy_n(vp + i * v.stride(0) + h * d, d, vc + (h * slots_per_head + sp[i]) * d);
@@ -496,15 +525,29 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(out.is_contiguous() && block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong);
   int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
   int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), block_size = k_cache.size(2);
-  TORCH_CHECK(d <= 256 && hq % kvh == 0 && k_cache.size(3) == d, "paged_decode_attention: bad head sizes");
+  TORCH_CHECK(d <= 256 && kvh > 0 && hq % kvh == 0 && k_cache.size(3) == d, "paged_decode_attention: bad head sizes");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && out.numel() == n * hq * d, "paged_decode_attention: v_cache ",
+              v_cache.sizes(), " or out ", out.sizes(), " do not fit k_cache ", k_cache.sizes(), " and q ", q.sizes());
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == n && seq_lens.numel() == n,
+              "paged_decode_attention: block_tables ", block_tables.sizes(), " and seq_lens ", seq_lens.sizes(),
+              " need one row per query (", n, ")");
   int64_t g = hq / kvh;
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   int64_t max_blocks = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * block_size, "paged_decode_attention: bad seq_len");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * block_size, "paged_decode_attention: seq_lens[", i, "] = ",
+                lp[i], " is outside [1, ", max_blocks * block_size, "] (block_tables' ", max_blocks, " blocks of ",
+                block_size, ")");
+    int64_t used = (lp[i] + block_size - 1) / block_size;  // the blocks this sequence reads
+    for (int64_t j = 0; j < used; ++j) {
+      int64_t blk = tp[i * max_blocks + j];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "paged_decode_attention: block_tables[", i, "][", j, "] = ", blk,
+                  " is outside [0, ", num_blocks, ") (the cache's blocks)");
+    }
+  }
   dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* qp = q.data_ptr<scalar_t>();

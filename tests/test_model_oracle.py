@@ -1,10 +1,13 @@
 """flotilla's greedy tokens equal Hugging Face transformers' on tiny random Llama-family models.
 
 The oracle runs each prompt alone through ``transformers.generate``; flotilla runs them as one batch,
-also with chunked prefill and with preemption forced. Logprobs must agree within LOGPROB_TOL.
+also with chunked prefill and with preemption forced. Logprobs must agree within LOGPROB_TOL. Runs on both
+kernel paths (tests/conftest.py); the oracle's answers are computed once per model and prompt.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from conftest import build_tiny_model
 
 LOGPROB_TOL = 1e-4
 MAX_NEW = 20
+pytestmark = pytest.mark.both_kernel_paths
+_oracle_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf_model -> {(prompt, n): answer}
 PROMPTS = [
     "Hello there, how are",
     "The quick brown fox jumps over the lazy dog and then runs into the forest where",
@@ -25,7 +30,14 @@ PROMPTS = [
 
 
 def hf_greedy(hf_model, tokenizer, prompt: str, max_new: int = MAX_NEW):
-    """(token ids, logprob of each chosen token) from transformers, one prompt at a time."""
+    """(token ids, logprob of each chosen token) from transformers, one prompt at a time (cached per model)."""
+    cache = _oracle_cache.setdefault(hf_model, {})
+    if (prompt, max_new) not in cache:
+        cache[prompt, max_new] = _hf_greedy(hf_model, tokenizer, prompt, max_new)
+    return cache[prompt, max_new]
+
+
+def _hf_greedy(hf_model, tokenizer, prompt: str, max_new: int):
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = hf_model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,

@@ -30,6 +30,8 @@ _state: dict = {}  # "ops": the library or None once tried; "error": why not; "b
 _switch: list = [None]  # in-process override of FLOTILLA_CPU_KERNELS (None: follow the environment)
 # The instruction-set levels of flotilla/csrc/isa.h, by value.
 ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
+# Linux's /proc/cpuinfo flags of a CPU that multiplies bfloat16 natively.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def kernels_enabled() -> bool:
@@ -134,3 +136,13 @@ def isa_cap(level: int | str):
         yield
     finally:
         ops.set_isa_cap(previous)
+
+
+def native_bf16_supported() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16): the kernel library's detected
+    level when this process has loaded it (never starts a build), else the CPU flags Linux reports in
+    /proc/cpuinfo; False where neither is known."""
+    ops = loaded_kernels()
+    if ops is not None and int(ops.isa_detected()) >= ISA_LEVELS.index("avx512_bf16"):
+        return True
+    return bool(NATIVE_BF16_FLAGS & kernel_build.cpu_flags())

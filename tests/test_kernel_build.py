@@ -206,3 +206,34 @@ def test_no_compiler_falls_back_and_the_kernel_tests_skip(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SKIPPED" in done.stdout and "cannot be built here: CompilerNotFound" in done.stdout, done.stdout
     assert " passed" not in done.stdout and "error" not in done.stdout.lower(), done.stdout
+
+
+NATIVE_BF16_PROBE = ("from flotilla import ops; from flotilla.engine.arg_utils import cpu_has_native_bf16; "
+                     "print(ops.loaded_kernels() is None, cpu_has_native_bf16())")
+
+
+def test_native_bf16_detection_without_torch_private_apis(monkeypatch):
+    """cpu_has_native_bf16: the loaded library's level, else /proc/cpuinfo's avx512_bf16 / amx_bf16 flags."""
+    from flotilla import ops
+    from flotilla.engine.arg_utils import cpu_has_native_bf16
+    flags = kernel_build.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    want = bool({"avx512_bf16", "amx_bf16"} & flags)
+    # A fresh process with the kernels off: only the CPU flags answer.
+    done = subprocess.run([sys.executable, "-c", NATIVE_BF16_PROBE], env={**os.environ, "FLOTILLA_CPU_KERNELS": "0"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", str(want)], done.stderr
+    # With the library loaded: its detected level answers (a cap on the level used changes nothing).
+    with ops.switch_kernels(True):
+        if ops.cpu_kernels() is None:
+            pytest.skip(f"no kernels here: {ops.unavailable_reason()}")
+        assert cpu_has_native_bf16() == want
+        with ops.isa_cap("scalar"):
+            assert cpu_has_native_bf16() == want
+    # The flags alone: either flag means native bfloat16.
+    monkeypatch.setattr(ops, "loaded_kernels", lambda: None)
+    for fake, expected in ((frozenset({"avx2", "amx_bf16"}), True), (frozenset({"avx512f", "avx512_bf16"}), True),
+                           (frozenset({"avx512f", "avx2"}), False)):
+        monkeypatch.setattr(kernel_build, "cpu_flags", lambda fake=fake: fake)
+        assert cpu_has_native_bf16() is expected

@@ -175,7 +175,8 @@ def _acquire_lock(path: Path, library: Path, deadline: float) -> int | None:
                 os.close(fd)
                 return None
             if time.monotonic() >= deadline:
-                raise BuildTimeout(f"another process has held the kernel build lock {path} past the deadline")
+                raise BuildTimeout(f"another process has held the kernel build lock {path} past the deadline "
+                                   "(FLOTILLA_KERNEL_BUILD_TIMEOUT)")
             time.sleep(_POLL_S)
     except BaseException:
         os.close(fd)
@@ -238,7 +239,8 @@ def _run_all(commands: list[list[str]], work: Path, deadline: float) -> None:
                     raise BuildError(f"the C++ compiler failed (exit {proc.returncode}): "
                                      f"{shlex.join(commands[i])}\n{output}")
             if running and time.monotonic() >= deadline:
-                raise BuildTimeout("the kernel build ran past its deadline (FLOTILLA_KERNEL_BUILD_TIMEOUT)")
+                raise BuildTimeout("the kernel build ran past its deadline (raise FLOTILLA_KERNEL_BUILD_TIMEOUT, or "
+                                   "build once with scripts/setup.sh)")
             if running:
                 time.sleep(_POLL_S)
     finally:

@@ -7,6 +7,7 @@ kernel paths (tests/conftest.py); the oracle's answers are computed once per mod
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import pytest
@@ -91,14 +92,23 @@ def test_prefix_cache_hits_keep_outputs(tiny_llama):
     assert llm.engine.scheduler.make_stats().prefix_cache_hits > hits_before
 
 
-def test_llama3_rope_scaling_and_sharded_checkpoint(tmp_path, smollm2_tokenizer_dir):
+@pytest.fixture(scope="module")
+def llama3_sharded(tmp_path_factory, smollm2_tokenizer_dir):
+    """(path, hf_model): a tiny Llama with llama3 rope scaling saved as a sharded checkpoint (shared by both
+    kernel paths, so the oracle runs once)."""
+    path = tmp_path_factory.mktemp("llama3_sharded")
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    hf_model = build_tiny_model(tmp_path, smollm2_tokenizer_dir, "llama", seed=3, rope_parameters=rope,
+    hf_model = build_tiny_model(path, smollm2_tokenizer_dir, "llama", seed=3, rope_parameters=rope,
                                 tie_word_embeddings=True)
-    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="2MB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    llm = LLM(model=str(tmp_path), max_model_len=256, num_kv_blocks=128)
+    hf_model.save_pretrained(path, safe_serialization=True, max_shard_size="2MB")
+    return str(path), hf_model
+
+
+def test_llama3_rope_scaling_and_sharded_checkpoint(llama3_sharded):
+    path, hf_model = llama3_sharded
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=128)
     assert_matches_oracle(llm, hf_model)
 
 

@@ -399,11 +399,11 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     each row's key (B,) int64: exactly the tokens of the ``sample_rows`` kernel. Returns (B,) long."""
     b, v = logits.shape
     finite = torch.where(torch.isnan(logits), float("-inf"), logits)  # (B, V)
-    m = finite.amax(dim=1) if v else torch.zeros(b)  # (B,) max of the non-NaN logits
+    m = finite.amax(dim=1) if v else torch.zeros(b, device=logits.device)  # (B,) max of the non-NaN logits
     degenerate = torch.isnan(logits).any(dim=1) | ~torch.isfinite(m)  # (B,): these take torch.argmax's pick
     m = torch.where(degenerate, 0.0, m)
-    best = torch.full((b,), -1.0)  # (B,) best score so far (every score is >= 0)
-    picks = torch.zeros(b, dtype=torch.long)
+    best = torch.full((b,), -1.0, device=logits.device)  # (B,) best score so far (every score is >= 0)
+    picks = torch.zeros(b, dtype=torch.long, device=logits.device)
     cols = max(1, min(v, _RACE_CHUNK))
     rows = max(1, _RACE_CHUNK // cols)
     for r0 in range(0, b, rows):

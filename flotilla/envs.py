@@ -18,3 +18,32 @@ def named(variable: str) -> str | None:
     """The value of an environment variable the user named in a setting (e.g. a deployment file's
     ``api_key_env``); None when unset."""
     return os.environ.get(variable)
+
+
+def cpu_kernels_enabled() -> bool:
+    """FLOTILLA_CPU_KERNELS: 0/false/no/off runs eager PyTorch ops instead of the fused CPU kernels (default on)."""
+    return os.environ.get("FLOTILLA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> str:
+    """FLOTILLA_CACHE_DIR: where flotilla caches compiled kernels (default ~/.cache/flotilla)."""
+    return os.environ.get("FLOTILLA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flotilla")
+
+
+def kernel_build_timeout() -> float:
+    """FLOTILLA_KERNEL_BUILD_TIMEOUT: the most seconds a start spends on the CPU kernels (waiting for another
+    process's build, then compiling) before it runs eager PyTorch ops instead (default 180)."""
+    value = os.environ.get("FLOTILLA_KERNEL_BUILD_TIMEOUT")
+    return float(value) if value else 180.0
+
+
+def kernel_march() -> str:
+    """FLOTILLA_KERNEL_MARCH: the ``-march`` of the CPU kernel build. ``auto`` (default): a portable baseline
+    (x86-64-v3 where the CPU has it, else the compiler's default), faster paths chosen at run time; ``native``
+    or any other value: passed to the compiler as is (the build then runs only on CPUs like this one)."""
+    return os.environ.get("FLOTILLA_KERNEL_MARCH", "").strip() or "auto"
+
+
+def cxx_compiler() -> str:
+    """CXX: the C++ compiler that builds the CPU kernels (default ``c++``); may carry arguments."""
+    return os.environ.get("CXX", "").strip() or "c++"

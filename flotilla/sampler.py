@@ -2,8 +2,20 @@
 
 ``SamplingMetadata.build`` turns the requests' ``SamplingParams`` into tensors once per step; ``Sampler``
 applies min_tokens suppression, penalties, greedy/temperature/top-k/top-p/min-p and draws with the
-exponential-race trick. Seeded requests draw their noise (or, in the CPU kernel, its key) from their own
-``torch.Generator`` only, so their tokens depend on nothing but the seed and their own logits.
+exponential race.
+
+The random stream (one definition, computed by the CPU kernel ``sample_rows`` or, bit for bit, by
+``race_sample`` in PyTorch ops, so a seed gives the same tokens with and without the kernels):
+- Each random row gets a 64-bit key per step (``draw_keys``): a seeded request draws it from its own
+  ``torch.Generator`` seeded with ``seed % 2**63`` (``torch.randint(0, 2**62, (1,), generator=g)``), so its
+  tokens depend on nothing but the seed and its own logits; unseeded rows take theirs from one batched
+  ``torch.randint(0, 2**62, (B,))`` on the global generator.
+- Token i of the row draws U_i = ((h(key + (i + 1) * 0x9e3779b97f4a7c15) >> 41) + 0.5) * 2**-23, h being
+  splitmix64's finalizer (uint64 arithmetic modulo 2**64), all float32 steps exact, so U_i is in (0, 1).
+- With x the processed logits (after temperature and filters) and m the row's maximum, the row samples the
+  first index of the maximum of fast_exp(x_i - m) / -fast_log(U_i) (float32, operation by operation as in
+  flotilla/csrc/cpu_ops.cpp): the exponential race argmax(p_i / E_i), E_i ~ Exponential(1), a draw from
+  softmax(x). A row with a NaN or +inf logit, or all -inf, takes torch.argmax's pick instead.
 """
 
 from __future__ import annotations
@@ -17,8 +29,6 @@ from flotilla.ops import use_kernels
 from flotilla.sampling_params import SamplingParams
 
 _PAD = -1  # pad value of the padded token-id tensors (never a real token id)
-# Smallest positive float32: exponential noise is clamped to it so probs / noise is never 0 / 0 (= nan).
-_TINY = torch.finfo(torch.float32).tiny
 
 
 class LogprobsTensors(NamedTuple):
@@ -189,9 +199,10 @@ class Sampler:
     logits divided, negative multiplied), frequency and presence penalties (OpenAI: over output tokens).
     Greedy rows take the argmax (exactly the raw argmax when nothing above changed the logits); random rows
     are divided by temperature, filtered by top-k, top-p (one sort per row) and min-p (relative to the max
-    probability), and sampled by the exponential race ``argmax(probs / Exponential(1))`` (on the CPU one fused
-    kernel pass per row, its noise a counter hash of one key per row). A row never samples a token its
-    filters removed. The input logits are not modified unless the caller passes ``owned=True``.
+    probability), and sampled by the exponential race ``argmax(probs / Exponential(1))`` over the random
+    stream of the module docstring (on the CPU one fused kernel pass per row, else ``race_sample``: the same
+    tokens). A row never samples a token its filters removed. The input logits are not modified unless the
+    caller passes ``owned=True``.
     """
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata, owned: bool = False) -> SamplerOutput:
@@ -222,14 +233,13 @@ class Sampler:
             logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
         if metadata.min_p is not None:
             apply_min_p(logits, metadata.min_p)
+        keys = draw_keys(logits.shape[0], metadata.generators, metadata.num_unseeded_random > 0, logits.device)
         ops = use_kernels(logits) if logits.stride(1) == 1 else None
-        if ops is not None:  # the race in one fused pass per row, with counter-hash noise
-            keys = draw_keys(logits.shape[0], metadata.generators, metadata.num_unseeded_random > 0, logits.device)
+        if ops is not None:  # the race in one fused pass per row
             sampled = torch.empty(logits.shape[0], dtype=torch.long)
             ops.sample_rows(sampled, logits, torch.ones(logits.shape[0]), keys)
-        else:
-            probs = torch.softmax(logits, dim=-1)  # (B, V)
-            sampled = exponential_race(probs, metadata.generators, metadata.num_unseeded_random > 0)  # (B,)
+        else:  # the same stream in PyTorch ops
+            sampled = race_sample(logits, keys)  # (B,)
         if greedy_tokens is not None:
             sampled = torch.where(metadata.greedy_mask, greedy_tokens, sampled)
         return sampled
@@ -302,8 +312,8 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
 
 
 def draw_keys(b: int, generators: dict[int, torch.Generator], batched_draw: bool, device) -> torch.Tensor:
-    """(B,) int64 noise keys for the fused race: rows in ``generators`` draw theirs from their own generator,
-    the rest one batched draw (zeros when ``batched_draw`` is False)."""
+    """(B,) int64 keys of this step's random stream: rows in ``generators`` draw theirs from their own
+    generator, the rest one batched draw (zeros when ``batched_draw`` is False)."""
     keys = torch.randint(0, 2 ** 62, (b,), device=device) if batched_draw \
         else torch.zeros(b, dtype=torch.long, device=device)
     for row, generator in generators.items():
@@ -311,21 +321,104 @@ def draw_keys(b: int, generators: dict[int, torch.Generator], batched_draw: bool
     return keys
 
 
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator],
-                     batched_draw: bool = True) -> torch.Tensor:
-    """Sample one token per row: argmax(probs / q) with q ~ Exponential(1), i.e. a draw from ``probs``.
+# ---- The random stream in PyTorch ops (the twin of flotilla/csrc/cpu_ops.cpp's sample_rows) ----------------
+# uint64 arithmetic runs on int64 tensors (two's complement: + and * wrap alike); right shifts are logical
+# (masked). float32 steps follow the C++ operation by operation (it is compiled without contraction).
+def _i64(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
 
-    probs: (B, V), modified in place. Rows in ``generators`` draw q from their own generator (their row's
-    noise only); the other rows share one batched draw, skipped when ``batched_draw`` is False (no such row
-    needs a sample). Returns (B,) long.
-    """
-    q = torch.ones_like(probs)  # (B, V)
-    if batched_draw:
-        q.exponential_()  # one batched draw for every row not owning a generator
-    for row, generator in generators.items():
-        q[row].exponential_(generator=generator)  # (V,)
-    q.clamp_(min=_TINY)
-    return probs.div_(q).argmax(dim=-1)  # (B,)
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _c32(x: float) -> torch.Tensor:
+    """A float32 constant (the decimal rounded to float32 as the C++ literal ``xf`` is; checked bit by bit)."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _inv(n: float) -> torch.Tensor:
+    return _c32(1.0) / _c32(n)  # a float32 division, like the C++ constant 1.f / n
+
+
+_LOG2E, _MAGIC = _c32(1.44269504088896341), _c32(12582912.0)
+_LN2_HI, _LN2_LO = _c32(0.693359375), _c32(-2.12194440e-4)
+_EXP_LO, _EXP_HI, _SQRT2, _LN2 = _c32(-87.3), _c32(88.7), _c32(1.41421356), _c32(0.693147180559945)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (their uint64 bits)."""
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def hash_uniform(keys: torch.Tensor, stop: int, start: int = 0) -> torch.Tensor:
+    """U (B, stop - start) float32 in (0, 1): the stream's uniforms of each row's key (B,) int64 at the token
+    positions start..stop-1."""
+    z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=keys.device).mul_(_GOLDEN)[None, :] \
+        + keys[:, None]  # (B, stop - start)
+    z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)  # (B, V)
+    z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
+    z.bitwise_xor_(_shr(z, 31))
+    return _shr(z, 41).to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+
+
+def fast_exp_(x: torch.Tensor) -> torch.Tensor:
+    """cpu_ops.cpp's fast_exp of a float32 tensor (never NaN), in place: exp to about 2 ulp, 0 below -87.3."""
+    underflow = x < _EXP_LO
+    x.clamp_(min=_EXP_LO, max=_EXP_HI)
+    n = (x * _LOG2E).add_(_MAGIC).sub_(_MAGIC)  # round to nearest
+    r = x.sub_(n * _LN2_HI).sub_(n * _LN2_LO)
+    p = _inv(720.0) * r
+    for c in (_inv(120.0), _inv(24.0), _inv(6.0), _c32(0.5), _c32(1.0)):
+        p.add_(c).mul_(r)
+    p.add_(1.0)
+    scale = n.to(torch.int32).add_(127).bitwise_left_shift_(23).view(torch.float32)  # 2^n
+    return p.mul_(scale).masked_fill_(underflow, 0.0)  # p * scale * 0 = +0 below the range
+
+
+def fast_log(x: torch.Tensor) -> torch.Tensor:
+    """cpu_ops.cpp's fast_log of a float32 tensor of positive values."""
+    bits = x.view(torch.int32)
+    e = (bits >> 23).bitwise_and_(0xFF).sub_(127)
+    m = (bits & 0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)  # in [1, 2)
+    big = (m > _SQRT2).to(torch.float32)
+    m.mul_(1.0 - 0.5 * big)  # halved above sqrt(2)
+    s = (m - 1.0).div_(m + 1.0)
+    s2 = s * s
+    poly = s2 * _inv(9.0)
+    for c in (_inv(7.0), _inv(5.0), _inv(3.0)):
+        poly.add_(c).mul_(s2)
+    poly.add_(1.0)
+    return e.to(torch.float32).add_(big).mul_(_LN2).add_(s.mul_(2.0).mul_(poly))
+
+
+_RACE_CHUNK = 1 << 15  # elements per pass: under torch's parallel grain, so each op runs on one thread, in cache
+
+
+def race_sample(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V) float32 from the random stream of the module docstring, given
+    each row's key (B,) int64: exactly the tokens of the ``sample_rows`` kernel. Returns (B,) long."""
+    b, v = logits.shape
+    finite = torch.where(torch.isnan(logits), float("-inf"), logits)  # (B, V)
+    m = finite.amax(dim=1) if v else torch.zeros(b, device=logits.device)  # (B,) max of the non-NaN logits
+    degenerate = torch.isnan(logits).any(dim=1) | ~torch.isfinite(m)  # (B,): these take torch.argmax's pick
+    m = torch.where(degenerate, 0.0, m)
+    best = torch.full((b,), -1.0, device=logits.device)  # (B,) best score so far (every score is >= 0)
+    picks = torch.zeros(b, dtype=torch.long, device=logits.device)
+    cols = max(1, min(v, _RACE_CHUNK))
+    rows = max(1, _RACE_CHUNK // cols)
+    for r0 in range(0, b, rows):
+        r1 = min(b, r0 + rows)
+        for c0 in range(0, v, cols):
+            c1 = min(v, c0 + cols)
+            p = fast_exp_(logits[r0:r1, c0:c1] - m[r0:r1, None])  # (b', c'), 0 for -inf
+            expo = fast_log(hash_uniform(keys[r0:r1], c1, c0)).neg_()  # (b', c'), > 0
+            score = p.div_(expo)
+            idx = score.argmax(dim=1)  # (b',) first index of the chunk's maximum
+            val = score.gather(1, idx[:, None])[:, 0]
+            better = val > best[r0:r1]  # strictly: an earlier chunk wins ties
+            best[r0:r1] = torch.where(better, val, best[r0:r1])
+            picks[r0:r1] = torch.where(better, idx + c0, picks[r0:r1])
+    return torch.where(degenerate, logits.argmax(dim=1) if v else picks, picks)
 
 
 def gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int) -> LogprobsTensors:

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random Llama-family models saved as real HF directories, and the embedded model."""
+"""Shared fixtures: tiny random Llama-family models saved as real HF directories, and the embedded model.
+
+Both kernel paths: a module marked ``pytest.mark.both_kernel_paths`` runs every test twice, once with the fused
+CPU kernels (``[kernels]``) and once with plain PyTorch ops (``[eager]``), through the module-scoped
+``cpu_kernels`` fixture (autouse: in-process ``ops.set_kernels_enabled`` plus ``FLOTILLA_CPU_KERNELS`` for child
+processes). Module-scoped engine fixtures in such modules take ``cpu_kernels`` so each path builds its own.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,35 @@ import pytest
 import torch
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KERNEL_PATHS = ("kernels", "eager")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_kernel_paths: run the module's tests with the fused CPU kernels "
+                                       "on and off (the cpu_kernels fixture)")
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_kernels" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_kernel_paths"):
+        metafunc.parametrize("cpu_kernels", KERNEL_PATHS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels(request):
+    """The kernel path of this module's tests: "kernels" or "eager" in modules marked both_kernel_paths
+    (switched for this process and its children), else "default" (whatever the environment says)."""
+    path = getattr(request, "param", None)
+    if path is None:
+        yield "default"
+        return
+    from flotilla import ops
+    enabled = path == "kernels"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOTILLA_CPU_KERNELS", "1" if enabled else "0")
+        with ops.switch_kernels(enabled):
+            if enabled and ops.cpu_kernels() is None:
+                pytest.skip(f"the CPU kernels are unavailable: {ops.unavailable_reason()}")
+            yield path
 
 
 def smollm2_gguf_path() -> str:

@@ -1,6 +1,7 @@
 """End-to-end tests of the offline ``LLM`` API over a real tiny model on CPU (no mocks).
 
 Every test leaves the shared engine idle: no unfinished request and every KV block back in the free pool.
+Runs on both kernel paths (tests/conftest.py), each with its own engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from flotilla import LLM, SamplingParams
 
+pytestmark = pytest.mark.both_kernel_paths
 PROMPTS = ["Hello, my name is", "The capital of France is", "a b c d e f g h i j k l m n o p q r s t",
            "Once upon a time"]
 
@@ -34,6 +36,15 @@ def assert_engine_idle(llm: LLM) -> None:
     assert kv.usage == 0
     assert kv.num_free_blocks == kv.num_blocks
     assert not kv.req_to_blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_engine(cpu_kernels, tiny_llama):
+    """This module's engine over the tiny Llama, one per kernel path (shadows conftest's shared engine)."""
+    path, _ = tiny_llama
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=256)
+    yield llm
+    llm.engine.shutdown()
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
 """flotilla's greedy tokens equal Hugging Face transformers' on tiny random Llama-family models.
 
 The oracle runs each prompt alone through ``transformers.generate``; flotilla runs them as one batch,
-also with chunked prefill and with preemption forced. Logprobs must agree within LOGPROB_TOL.
+also with chunked prefill and with preemption forced. Logprobs must agree within LOGPROB_TOL. Runs on both
+kernel paths (tests/conftest.py); the oracle's answers are computed once per model and prompt.
 """
 
 from __future__ import annotations
+
+import os
+import weakref
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from conftest import build_tiny_model
 
 LOGPROB_TOL = 1e-4
 MAX_NEW = 20
+pytestmark = pytest.mark.both_kernel_paths
+_oracle_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # hf_model -> {(prompt, n): answer}
 PROMPTS = [
     "Hello there, how are",
     "The quick brown fox jumps over the lazy dog and then runs into the forest where",
@@ -25,7 +31,14 @@ PROMPTS = [
 
 
 def hf_greedy(hf_model, tokenizer, prompt: str, max_new: int = MAX_NEW):
-    """(token ids, logprob of each chosen token) from transformers, one prompt at a time."""
+    """(token ids, logprob of each chosen token) from transformers, one prompt at a time (cached per model)."""
+    cache = _oracle_cache.setdefault(hf_model, {})
+    if (prompt, max_new) not in cache:
+        cache[prompt, max_new] = _hf_greedy(hf_model, tokenizer, prompt, max_new)
+    return cache[prompt, max_new]
+
+
+def _hf_greedy(hf_model, tokenizer, prompt: str, max_new: int):
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = hf_model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
@@ -79,14 +92,23 @@ def test_prefix_cache_hits_keep_outputs(tiny_llama):
     assert llm.engine.scheduler.make_stats().prefix_cache_hits > hits_before
 
 
-def test_llama3_rope_scaling_and_sharded_checkpoint(tmp_path, smollm2_tokenizer_dir):
+@pytest.fixture(scope="module")
+def llama3_sharded(tmp_path_factory, smollm2_tokenizer_dir):
+    """(path, hf_model): a tiny Llama with llama3 rope scaling saved as a sharded checkpoint (shared by both
+    kernel paths, so the oracle runs once)."""
+    path = tmp_path_factory.mktemp("llama3_sharded")
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    hf_model = build_tiny_model(tmp_path, smollm2_tokenizer_dir, "llama", seed=3, rope_parameters=rope,
+    hf_model = build_tiny_model(path, smollm2_tokenizer_dir, "llama", seed=3, rope_parameters=rope,
                                 tie_word_embeddings=True)
-    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="2MB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    llm = LLM(model=str(tmp_path), max_model_len=256, num_kv_blocks=128)
+    hf_model.save_pretrained(path, safe_serialization=True, max_shard_size="2MB")
+    return str(path), hf_model
+
+
+def test_llama3_rope_scaling_and_sharded_checkpoint(llama3_sharded):
+    path, hf_model = llama3_sharded
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    llm = LLM(model=path, max_model_len=256, num_kv_blocks=128)
     assert_matches_oracle(llm, hf_model)
 
 

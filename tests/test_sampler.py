@@ -1,4 +1,8 @@
-"""Sampler tests: greedy, seeded reproducibility, filters, temperature, penalties, min_tokens, logprobs."""
+"""Sampler tests: greedy, seeded reproducibility, filters, temperature, penalties, min_tokens, logprobs.
+
+Marked ``both_kernel_paths``: every test runs with the fused CPU kernels on and off (tests/conftest.py), so the
+PyTorch race (``race_sample``) meets the same distribution checks as the kernel.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import torch
 
 from flotilla.sampler import Sampler, SamplingMetadata, apply_penalties, apply_top_k_top_p
 from flotilla.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.both_kernel_paths
 
 sampler = Sampler()
 

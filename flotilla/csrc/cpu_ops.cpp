@@ -13,9 +13,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include "isa.h"
+
+// The library is compiled at a portable baseline (x86-64-v3 or the compiler's default, see flotilla/ops.py);
+// the AVX-512 code below is compiled for AVX-512 with target attributes and chosen at run time by
+// flotilla::isa::level(), so one build runs on every machine of its kind.
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #include <immintrin.h>
-#define FLOTILLA_AVX512_BF16 1
+#define FLOTILLA_X86_AVX512 1
+#define FLOTILLA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #endif
 
 #include <algorithm>
@@ -94,10 +100,44 @@ void dispatch(at::ScalarType dtype, const char* name, F&& f) {
   }
 }
 
+// Every entry of idx (n,) lies in [0, limit), else a RuntimeError naming the op and the first bad entry (checked
+// before a kernel indexes memory with them).
+void check_indices(const int64_t* idx, int64_t n, int64_t limit, const char* op, const char* what) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < limit, op, ": ", what, "[", i, "] = ", idx[i], " is outside [0, ", limit,
+                ")");
+  }
+}
+
+// ---- Run-time ISA variants of the row loops ------------------------------------------------------------
+// A row kernel is `Impl(args, begin, end)`, always inlined into two wrappers: one compiled at the library's
+// baseline, one for AVX-512, so its auto-vectorized loops use the widest vectors the CPU runs (chosen per call
+// by flotilla::isa::level()). Both round identically (elementwise float32, no contraction); only the order of
+// a row's sums (RMSNorm) follows the vector width.
+#define FLOTILLA_INLINE inline __attribute__((always_inline))
+
+template <typename Args, void (*Impl)(const Args&, int64_t, int64_t)>
+void rows_base(const Args& a, int64_t b, int64_t e) { Impl(a, b, e); }
+
+#ifdef FLOTILLA_X86_AVX512
+template <typename Args, void (*Impl)(const Args&, int64_t, int64_t)>
+FLOTILLA_TARGET_AVX512 void rows_avx512(const Args& a, int64_t b, int64_t e) { Impl(a, b, e); }
+#endif
+
+// Impl over [0, n) in parallel chunks of at least `grain`, in the variant of the current ISA level.
+template <typename Args, void (*Impl)(const Args&, int64_t, int64_t)>
+void parallel_rows(int64_t n, int64_t grain, const Args& a) {
+  void (*fn)(const Args&, int64_t, int64_t) = rows_base<Args, Impl>;
+#ifdef FLOTILLA_X86_AVX512
+  if (flotilla::isa::level() >= flotilla::isa::kAvx512) fn = rows_avx512<Args, Impl>;
+#endif
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
 // ---- RMSNorm -------------------------------------------------------------------------------------------
 // Eager: x.float(); x * rsqrt(mean(x^2) + eps) -> T; weight * that -> T.
 template <typename T>
-void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
+FLOTILLA_INLINE void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < h; ++i) { float v = to_f(x[i]); ss += v * v; }
@@ -106,73 +146,107 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
   for (int64_t i = 0; i < h; ++i) out[i] = from_f<T>(to_f(w[i]) * round_t<T>(to_f(x[i]) * inv));
 }
 
+template <typename T>
+struct NormArgs {
+  T* x;          // (N, H) rows x_stride apart
+  int64_t x_stride;
+  T* residual;   // (N, H) contiguous, fused_add_rms_norm only
+  const T* w;    // (H,)
+  T* out;        // (N, H) contiguous
+  int64_t h;
+  float eps;
+};
+
+template <typename T>
+FLOTILLA_INLINE void rms_norm_rows(const NormArgs<T>& a, int64_t b, int64_t e) {
+  for (int64_t r = b; r < e; ++r) rms_norm_row(a.x + r * a.x_stride, a.w, a.out + r * a.h, a.h, a.eps);
+}
+
+template <typename T>
+FLOTILLA_INLINE void fused_add_rms_norm_rows(const NormArgs<T>& a, int64_t b, int64_t e) {
+  for (int64_t r = b; r < e; ++r) {
+    T* xr = a.x + r * a.h;
+    T* rr = a.residual + r * a.h;
+#pragma omp simd
+    for (int64_t i = 0; i < a.h; ++i) rr[i] = from_f<T>(to_f(xr[i]) + to_f(rr[i]));
+    rms_norm_row(rr, a.w, xr, a.h, a.eps);
+  }
+}
+
 // out = rms_norm(x) * weight.  x, out: (N, H) contiguous rows.
 void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous() && weight.is_contiguous());
+  TORCH_CHECK(out.sizes() == x.sizes() && weight.numel() == x.size(1), "rms_norm: out ", out.sizes(), ", weight ",
+              weight.sizes(), " do not fit x ", x.sizes());
   int64_t n = x.size(0), h = x.size(1), xs = x.stride(0);
   dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * xs, wp, op + r * h, h, static_cast<float>(eps));
-    });
+    NormArgs<scalar_t> a{const_cast<scalar_t*>(x.data_ptr<scalar_t>()), xs, nullptr, weight.data_ptr<scalar_t>(),
+                         out.data_ptr<scalar_t>(), h, static_cast<float>(eps)};
+    parallel_rows<NormArgs<scalar_t>, rms_norm_rows<scalar_t>>(n, 16, a);
   });
 }
 
 // residual = x + residual (rounded to T); x = rms_norm(residual) * weight.  In place, (N, H) contiguous.
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
-  int64_t h = x.size(-1), n = x.numel() / h;
+  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes() && weight.numel() == x.size(-1),
+              "fused_add_rms_norm: residual ", residual.sizes(), ", weight ", weight.sizes(), " do not fit x ",
+              x.sizes());
+  int64_t h = x.size(-1), n = h ? x.numel() / h : 0;
   dispatch(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* rp = residual.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        scalar_t* xr = xp + r * h;
-        scalar_t* rr = rp + r * h;
-#pragma omp simd
-        for (int64_t i = 0; i < h; ++i) rr[i] = from_f<scalar_t>(to_f(xr[i]) + to_f(rr[i]));
-        rms_norm_row(rr, wp, xr, h, static_cast<float>(eps));
-      }
-    });
+    NormArgs<scalar_t> a{x.data_ptr<scalar_t>(), h, residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                         x.data_ptr<scalar_t>(), h, static_cast<float>(eps)};
+    parallel_rows<NormArgs<scalar_t>, fused_add_rms_norm_rows<scalar_t>>(n, 16, a);
   });
 }
 
 // ---- SwiGLU --------------------------------------------------------------------------------------------
 // out (N, D) = silu(x[:, :D]) * x[:, D:], x (N, 2D).  Eager rounds silu(gate) to T before the product.
+template <typename T>
+struct SiluArgs {
+  const T* x;  // (N, 2D) rows x_stride apart
+  int64_t x_stride;
+  T* out;      // (N, D) contiguous
+  int64_t d;
+};
+
+// Elements [b, e) of the flattened (N, D) output.
+template <typename T>
+FLOTILLA_INLINE void silu_and_mul_range(const SiluArgs<T>& a, int64_t b, int64_t e) {
+  int64_t d = a.d;
+  while (b < e) {
+    int64_t r = b / d, c0 = b % d, c1 = std::min(d, c0 + (e - b));
+    const T* g = a.x + r * a.x_stride;
+    const T* u = g + d;
+    T* o = a.out + r * d;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      float gv = to_f(g[c]);
+      float s = round_t<T>(gv / (1.f + fast_exp(-gv)));
+      o[c] = from_f<T>(s * to_f(u[c]));
+    }
+    b += c1 - c0;
+  }
+}
+
 void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.is_contiguous());
+  TORCH_CHECK(x.size(1) % 2 == 0 && out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == x.size(1) / 2,
+              "silu_and_mul: x ", x.sizes(), " must be (N, 2D) and out (N, D), got out ", out.sizes());
   int64_t n = x.size(0), d = x.size(1) / 2, xs = x.stride(0);
   dispatch(x.scalar_type(), "silu_and_mul", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n * d, 4096, [&](int64_t b, int64_t e) {
-      while (b < e) {
-        int64_t r = b / d, c0 = b % d, c1 = std::min(d, c0 + (e - b));
-        const scalar_t* g = xp + r * xs;
-        const scalar_t* u = g + d;
-        scalar_t* o = op + r * d;
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) {
-          float gv = to_f(g[c]);
-          float s = round_t<scalar_t>(gv / (1.f + fast_exp(-gv)));
-          o[c] = from_f<scalar_t>(s * to_f(u[c]));
-        }
-        b += c1 - c0;
-      }
-    });
+    SiluArgs<scalar_t> a{x.data_ptr<scalar_t>(), xs, out.data_ptr<scalar_t>(), d};
+    parallel_rows<SiluArgs<scalar_t>, silu_and_mul_range<scalar_t>>(n * d, 4096, a);
   });
 }
 
 // ---- Rotary embedding (neox / rotate_half layout), in place ---------------------------------------------
 // Eager: cos, sin = cache[pos].to(T); x * cos -> T; rotate_half(x) * sin -> T; sum -> T.
 template <typename T>
-void rope_head(T* x, const float* cos, const float* sin, int64_t half) {
+FLOTILLA_INLINE void rope_head(T* x, const float* cos, const float* sin, int64_t half) {
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
     float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
@@ -185,30 +259,48 @@ void rope_head(T* x, const float* cos, const float* sin, int64_t half) {
   }
 }
 
+template <typename T>
+struct RopeArgs {
+  const int64_t* positions;  // (T,)
+  T* q;                      // (T, H, D), tokens q_stride apart
+  T* k;                      // (T, KVH, D), tokens k_stride apart
+  int64_t q_stride, k_stride, hq, hk, d;
+  const float* cos;          // (P, D)
+  const float* sin;          // (P, D)
+};
+
+template <typename T>
+FLOTILLA_INLINE void rope_tokens(const RopeArgs<T>& a, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; ++i) {
+    const float* c = a.cos + a.positions[i] * a.d;
+    const float* s = a.sin + a.positions[i] * a.d;
+    for (int64_t h = 0; h < a.hq; ++h) rope_head(a.q + i * a.q_stride + h * a.d, c, s, a.d / 2);
+    for (int64_t h = 0; h < a.hk; ++h) rope_head(a.k + i * a.k_stride + h * a.d, c, s, a.d / 2);
+  }
+}
+
 // positions (T,) int64; q (T, H, D), k (T, KVH, D) with contiguous heads; cos/sin caches (P, D) float32.
 void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos_cache,
                       const at::Tensor& sin_cache) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1);
   TORCH_CHECK(q.stride(1) == q.size(2) && k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
   TORCH_CHECK(cos_cache.scalar_type() == at::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous());
-  int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2), half = d / 2;
-  int64_t qs = q.stride(0), ks = k.stride(0);
+  TORCH_CHECK(q.size(2) % 2 == 0 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+              "rotary_embedding: q ", q.sizes(), " and k ", k.sizes(), " must share tokens and an even head size");
+  TORCH_CHECK(cos_cache.dim() == 2 && cos_cache.size(1) == q.size(2) && sin_cache.sizes() == cos_cache.sizes() &&
+              sin_cache.scalar_type() == at::kFloat, "rotary_embedding: cos/sin caches ", cos_cache.sizes(), ", ",
+              sin_cache.sizes(), " must be (positions, ", q.size(2), ") float32");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0),
+              "rotary_embedding: positions must be one int64 per token");
+  int64_t t = q.size(0);
   auto pos = positions.contiguous();
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  const float* cp = cos_cache.data_ptr<float>();
-  const float* sp = sin_cache.data_ptr<float>();
+  check_indices(pos.data_ptr<int64_t>(), t, cos_cache.size(0), "rotary_embedding", "positions");
   dispatch(q.scalar_type(), "rotary_embedding", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    scalar_t* qp = q.data_ptr<scalar_t>();
-    scalar_t* kp = k.data_ptr<scalar_t>();
-    at::parallel_for(0, t, 8, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const float* c = cp + pp[i] * d;
-        const float* s = sp + pp[i] * d;
-        for (int64_t h = 0; h < hq; ++h) rope_head(qp + i * qs + h * d, c, s, half);
-        for (int64_t h = 0; h < hk; ++h) rope_head(kp + i * ks + h * d, c, s, half);
-      }
-    });
+    RopeArgs<scalar_t> a{pos.data_ptr<int64_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), q.stride(0),
+                         k.stride(0), q.size(1), k.size(1), q.size(2), cos_cache.data_ptr<float>(),
+                         sin_cache.data_ptr<float>()};
+    parallel_rows<RopeArgs<scalar_t>, rope_tokens<scalar_t>>(t, 8, a);
   });
 }
 
@@ -218,10 +310,16 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
                     const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2));
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(v.sizes() == k.sizes() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() >= 2 &&
+              k_cache.size(0) == k.size(1) && k_cache.size(-1) == k.size(2), "write_kv_cache: k ", k.sizes(),
+              ", v ", v.sizes(), " do not fit the caches ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
+              "write_kv_cache: slot_mapping must be one int64 per token");
   int64_t t = k.size(0), kvh = k.size(1), d = k.size(2);
-  int64_t slots_per_head = k_cache.numel() / (kvh * d);
+  int64_t slots_per_head = kvh * d ? k_cache.numel() / (kvh * d) : 0;
   auto slots = slot_mapping.contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
+  check_indices(sp, t, slots_per_head, "write_kv_cache", "slot_mapping");  // before any write
   dispatch(k.scalar_type(), "write_kv_cache", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -229,7 +327,6 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
     scalar_t* kc = k_cache.data_ptr<scalar_t>();
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
     for (int64_t i = 0; i < t; ++i) {
-      TORCH_CHECK(sp[i] >= 0 && sp[i] < slots_per_head, "write_kv_cache: slot out of range");
       for (int64_t h = 0; h < kvh; ++h) {
         std::copy_n(kp + i * k.stride(0) + h * d, d, kc + (h * slots_per_head + sp[i]) * d);
         std::copy_n(vp + i * v.stride(0) + h * d, d, vc + (h * slots_per_head + sp[i]) * d);
@@ -239,7 +336,7 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 }
 
 // Scores s (len,) -> exp(s - max(s)) in place; returns their sum (the softmax's normalizer).
-inline float exp_shifted_in_place(float* s, int64_t len) {
+FLOTILLA_INLINE float exp_shifted_in_place(float* s, int64_t len) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
@@ -299,14 +396,16 @@ void decode_one(const T* q, int64_t q_head_stride, const T* kc, const T* vc, con
     for (int64_t c = 0; c < d; ++c) out[j * d + c] = from_f<T>(acc[j * d + c]);
 }
 
-#ifdef FLOTILLA_AVX512_BF16
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#ifdef FLOTILLA_X86_AVX512
+// 16 bfloat16 values widened to float32 (exact: the bits shifted into the high half), AVX-512F only.
+FLOTILLA_TARGET_AVX512 inline __m512 load_bf16x16(const at::BFloat16* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 // r = [sum(v[0]), ..., sum(v[15])]: 16 horizontal sums at once (a transpose-and-add tree, ~3 instructions per
 // sum instead of a full reduction each).
-inline __m512 hsum16(const __m512* v) {
+FLOTILLA_TARGET_AVX512 inline __m512 hsum16(const __m512* v) {
   __m512 a[8], b[4];
   for (int k = 0; k < 8; ++k)
     a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
@@ -327,7 +426,7 @@ inline __m512 hsum16(const __m512* v) {
 // queries stay in registers, so each key and value row is widened to float32 once for the G heads). Values are
 // read block by block (no division per token). Scores, softmax and sums stay float32.
 template <int NC, int G>
-void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::BFloat16* vc,
+FLOTILLA_TARGET_AVX512 void decode_one_avx512(const at::BFloat16* q, const at::BFloat16* kc, const at::BFloat16* vc,
                        const int64_t* table, int64_t len, int64_t block_size, float scale, at::BFloat16* out,
                        std::vector<float>& buf) {
   constexpr int D = NC * 16;
@@ -426,15 +525,29 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(out.is_contiguous() && block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong);
   int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
   int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), block_size = k_cache.size(2);
-  TORCH_CHECK(d <= 256 && hq % kvh == 0 && k_cache.size(3) == d, "paged_decode_attention: bad head sizes");
+  TORCH_CHECK(d <= 256 && kvh > 0 && hq % kvh == 0 && k_cache.size(3) == d, "paged_decode_attention: bad head sizes");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && out.numel() == n * hq * d, "paged_decode_attention: v_cache ",
+              v_cache.sizes(), " or out ", out.sizes(), " do not fit k_cache ", k_cache.sizes(), " and q ", q.sizes());
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == n && seq_lens.numel() == n,
+              "paged_decode_attention: block_tables ", block_tables.sizes(), " and seq_lens ", seq_lens.sizes(),
+              " need one row per query (", n, ")");
   int64_t g = hq / kvh;
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   int64_t max_blocks = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * block_size, "paged_decode_attention: bad seq_len");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * block_size, "paged_decode_attention: seq_lens[", i, "] = ",
+                lp[i], " is outside [1, ", max_blocks * block_size, "] (block_tables' ", max_blocks, " blocks of ",
+                block_size, ")");
+    int64_t used = (lp[i] + block_size - 1) / block_size;  // the blocks this sequence reads
+    for (int64_t j = 0; j < used; ++j) {
+      int64_t blk = tp[i * max_blocks + j];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "paged_decode_attention: block_tables[", i, "][", j, "] = ", blk,
+                  " is outside [0, ", num_blocks, ") (the cache's blocks)");
+    }
+  }
   dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -442,13 +555,14 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     int64_t head_elems = num_blocks * block_size * d;
+    [[maybe_unused]] bool use_avx512 = flotilla::isa::level() >= flotilla::isa::kAvx512;
     at::parallel_for(0, n * kvh, 1, [&](int64_t b, int64_t e) {
       std::vector<float> buf;
       for (int64_t w = b; w < e; ++w) {
         int64_t i = w / kvh, h = w % kvh;
-#ifdef FLOTILLA_AVX512_BF16
+#ifdef FLOTILLA_X86_AVX512
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (DecodeFn fn = avx512_decode_fn(d, g)) {
+          if (DecodeFn fn = use_avx512 ? avx512_decode_fn(d, g) : nullptr) {
             fn(qp + i * q.stride(0) + h * g * d, kp + h * head_elems, vp + h * head_elems, tp + i * max_blocks,
                lp[i], block_size, static_cast<float>(scale), op + i * hq * d + h * g * d, buf);
             continue;
@@ -510,26 +624,31 @@ inline float fast_log(float x) {
   return ef * 0.693147180559945f + 2.f * s * poly;
 }
 
-// A uniform in (0, 1) from a 64-bit key and a position: splitmix64's finalizer, top 24 bits.
+// A uniform in (0, 1) from a 64-bit key and a position: splitmix64's finalizer of key + (i + 1) * golden, its
+// top 23 bits + 1/2, times 2^-23 (every step exact in float32, so u is never 0 or 1).
 #pragma omp declare simd
 inline float hash_uniform(uint64_t key, uint64_t i) {
   uint64_t z = key + (i + 1) * 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   z ^= z >> 31;
-  return (static_cast<float>(z >> 40) + 0.5f) * (1.f / 16777216.f);
+  return (static_cast<float>(z >> 41) + 0.5f) * (1.f / 8388608.f);
 }
 
 // out (B,) int64: one draw per row from softmax(x[r] * inv_temperature[r]) by the exponential race,
-// argmax_i p_i / E_i with E_i ~ Exponential(1) = -ln(U_i). U_i comes from a counter hash of the row's key
-// (B,) int64 and i, so a row's draw depends only on its key and its own logits, and a tiny change in one
-// logit can only flip the draw between two near-tied candidates. x (B, V) float32; a -inf logit never wins.
+// argmax_i p_i / E_i with p_i = fast_exp((x_i - max) * inv_t) and E_i = -fast_log(U_i), U_i = hash_uniform(key, i)
+// (the first index on ties). A row's draw depends only on its key (B,) int64 and its own logits, and a tiny
+// change in one logit can only flip the draw between two near-tied candidates. x (B, V) float32; a -inf logit
+// never wins. A row with a NaN or +inf logit, or all -inf, takes argmax_rows' pick (the first NaN, else the
+// first maximum). flotilla/sampler.py's race_sample computes the same stream with PyTorch ops, bit for bit.
 void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_temperature, const at::Tensor& keys) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "sample_rows: (B, V) float32");
   TORCH_CHECK(inv_temperature.is_contiguous() && keys.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && keys.scalar_type() == at::kLong &&
               out.scalar_type() == at::kLong);
   int64_t b = x.size(0), v = x.size(1), xs = x.stride(0);
+  TORCH_CHECK(inv_temperature.numel() == b && keys.numel() == b && out.numel() == b,
+              "sample_rows: inv_temperature, keys and out need one entry per row of x");
   const float* xp = x.data_ptr<float>();
   const float* tp = inv_temperature.data_ptr<float>();
   const int64_t* kp = keys.data_ptr<int64_t>();
@@ -541,15 +660,26 @@ void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_tem
       float it = tp[r];
       uint64_t key = static_cast<uint64_t>(kp[r]);
       float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t i = 0; i < v; ++i) m = std::max(m, row[i]);
-      if (!(m > -std::numeric_limits<float>::infinity())) { op[r] = 0; continue; }  // all masked (or NaN)
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t i = 0; i < v; ++i) {
+        m = std::max(m, row[i]);
+        nan |= row[i] != row[i];
+      }
+      if (nan || !std::isfinite(m)) {  // degenerate row: torch.argmax's pick
+        int64_t idx = 0;
+        for (int64_t i = 0; i < v; ++i) {
+          if (nan ? row[i] != row[i] : row[i] == m) { idx = i; break; }
+        }
+        op[r] = idx;
+        continue;
+      }
       float* sc = score.data();
       float best = 0.f;
 #pragma omp simd reduction(max : best)
       for (int64_t i = 0; i < v; ++i) {
         float p = fast_exp((row[i] - m) * it);  // 0 for -inf
-        float expo = -fast_log(hash_uniform(key, static_cast<uint64_t>(i)));
+        float expo = -fast_log(hash_uniform(key, static_cast<uint64_t>(i)));  // > 0
         sc[i] = p / expo;
         best = std::max(best, sc[i]);
       }
@@ -562,9 +692,26 @@ void sample_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& inv_tem
   });
 }
 
+// ---- Run-time ISA level ------------------------------------------------------------------------------
+int64_t isa_level() { return flotilla::isa::level(); }
+
+int64_t isa_detected() { return flotilla::isa::detected(); }
+
+// Caps the level kernels dispatch on (tests run the portable paths on a wide machine); returns the old cap.
+int64_t set_isa_cap(int64_t cap) {
+  TORCH_CHECK(cap >= flotilla::isa::kScalar && cap <= flotilla::isa::kAvx512Bf16, "set_isa_cap: level ", cap,
+              " outside [", flotilla::isa::kScalar, ", ", flotilla::isa::kAvx512Bf16, "]");
+  int64_t previous = flotilla::isa::cap_storage().load();
+  flotilla::isa::set_cap(static_cast<int>(cap));
+  return previous;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flotilla, m) {
+  m.def("isa_level() -> int", &isa_level);
+  m.def("isa_detected() -> int", &isa_detected);
+  m.def("set_isa_cap(int cap) -> int", &set_isa_cap);
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");

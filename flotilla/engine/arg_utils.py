@@ -134,6 +134,7 @@ def cpu_auto_dtype(declared: str | None) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((is_bf16 and is_bf16()) or (is_amx and is_amx()))
+    """AVX512_BF16 or AMX-BF16, by our own detection (flotilla.ops.native_bf16_supported), not torch's private
+    ``torch.cpu._is_avx512_bf16_supported``."""
+    from flotilla.ops import native_bf16_supported
+    return native_bf16_supported()

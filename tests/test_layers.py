@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),                             # model families, registry, weight loading
     ("layers",),                             # parallel layers, attention backends
     ("ops", "csrc"),                         # fused kernels and their eager fallbacks
+    ("kernel_build",),                       # compiles csrc/ into the kernel library (no torch ops)
     ("tokenizer",),                          # tokenizer, detokenizer, chat templates
     ("distributed",),                        # parallel state, collectives, launchers
     ("request",),                            # value types: a request (holds its SamplingParams)

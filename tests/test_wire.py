@@ -2,7 +2,8 @@
 
 - frontend <-> engine core (``engine/messages.py``), driver <-> worker ranks (``scheduler/wire.py``), the
   engine config a worker starts from (``worker/config_wire.py``), the engine arguments a core process starts
-  from, the control endpoints and the pipeline tensor headers: each message kind survives a round trip.
+  from, the control endpoints, the pipeline tensor headers and the Ray Serve ingress <-> replica messages
+  (``deploy/serve_wire.py``): each message kind survives a round trip.
 - The config codec follows the dataclasses' fields: an EngineConfig with every field set to a non-default
   value comes back equal (a new bool field is flipped automatically, any other new field must be given).
 - Malformed bytes (truncated, not msgpack, pickle, a wrong tag or field type, an extra field, a message of
@@ -23,11 +24,15 @@ from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfi
                              SchedulerConfig)
 from flotilla.distributed.control import _ENDPOINTS, Endpoints
 from flotilla.distributed.parallel_state import _TENSOR_HEADERS, TensorHeader
+from flotilla.deploy.serve_wire import (GENERATE_REQUEST, GenerateRequest, decode_output, encode_output,
+                                        prompt_token_ids_of)
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.core import EngineCoreOutputs, EngineCoreRequest
 from flotilla.engine.core_proc import ENGINE_ARGS
 from flotilla.engine.messages import (FROM_CORE, TO_CORE, AbortRequests, AddRequest, Failed, FromCore, Outputs,
                                       Ready, Shutdown, ToCore)
+from flotilla.engine.output_processor import OutputKind
+from flotilla.outputs import CompletionOutput, Logprob, RequestOutput
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler import wire as worker_wire
 from flotilla.scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
@@ -149,6 +154,33 @@ def test_control_endpoints_and_tensor_headers_roundtrip():
     assert roundtrip(_ENDPOINTS, endpoints) == endpoints
     headers = [TensorHeader("hidden_states", "bfloat16", [7, 576]), TensorHeader("residual", "float32", [0])]
     assert _TENSOR_HEADERS.decode(_TENSOR_HEADERS.encode(headers)) == headers
+
+
+# ------------------------------------------------------------------------------- Ray Serve ingress <-> replica
+def test_serve_request_and_output_roundtrip():
+    request = GenerateRequest("cmpl-1", "héllo 😀", [1, 17, 49151], every_field_params(), OutputKind.FINAL_ONLY,
+                              "tenant-✓")
+    back = roundtrip(GENERATE_REQUEST, request)
+    assert back == request and back.output_kind is OutputKind.FINAL_ONLY and back.cache_salt == "tenant-✓"
+    assert isinstance(back.sampling_params, SamplingParams) and back.sampling_params.stop == ["\n\n", "END", "é✓"]
+    assert prompt_token_ids_of(GENERATE_REQUEST.encode(request)) == [1, 17, 49151]
+    assert GENERATE_REQUEST.decode(GENERATE_REQUEST.encode(
+        GenerateRequest("r", None, [5], SamplingParams()))).output_kind is OutputKind.DELTA
+    samples = [CompletionOutput(0, " sky ☁", [5, 6, 7], -1.5, [{5: Logprob(-0.5, 1, " sky")},
+                                                               {6: Logprob(-0.75, 2, " ☁"), 8: Logprob(-0.5, 1, "!")},
+                                                               {7: Logprob(-0.25, None, None)}], "stop", "END"),
+               CompletionOutput(2, "", [], None, None, None, None),
+               CompletionOutput(1, "x", [9], None, None, "length", 2)]
+    out = RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, samples, False,
+                        num_cached_tokens=16, metrics={"arrival_time": 1.5, "first_scheduled_time": None,
+                                                       "first_token_time": 2.25})
+    data = encode_output(out)
+    assert _plain(msgspec.msgpack.decode(data))
+    assert decode_output(data, request) == out
+    with pytest.raises(WireError, match="malformed Ray Serve generate output"):
+        decode_output(GENERATE_REQUEST.encode(request), request)
+    with pytest.raises(WireError, match=r"Expected `int`, got `str` - at `\$\[2\]\[0\]`"):
+        GENERATE_REQUEST.decode(msgspec.msgpack.encode(["r", None, ["1"], {}, 1]))
 
 
 # ------------------------------------------------------------------------------- configs and arguments

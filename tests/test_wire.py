@@ -241,7 +241,8 @@ def test_engine_config_with_every_field_set_roundtrips(config_dir):
 
 def test_engine_config_decoding_is_strict(config_dir):
     data = msgspec.msgpack.decode(encode_engine_config(every_field_config(config_dir)))
-    bad = [({**data, "cache": {**data["cache"], "block_size": "32"}}, r"Expected `int`, got `str` - at `\$.cache.block_size`"),
+    bad = [({**data, "cache": {**data["cache"], "block_size": "32"}},
+            r"Expected `int`, got `str` - at `\$.cache.block_size`"),
            ({**data, "device": {k: v for k, v in data["device"].items() if k != "num_threads"}},
             "missing required field `num_threads` - at `\\$.device`"),
            ({**data, "model": {**data["model"], "hf_config": {}}}, "unknown field `hf_config`"),

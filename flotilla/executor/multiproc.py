@@ -2,8 +2,9 @@
 
 The driver sends each call to every rank as one message of ``flotilla.scheduler.wire`` over the control
 queues (the scheduler output is already a diff), runs its own share, and collects replies point to point
-(``worker_proc`` has the other side). ``MultiprocExecutor`` spawns ranks 1..W-1 as local processes; ``ExternalLauncherExecutor`` joins
-ranks that torchrun / mpirun / srun started (they run ``worker_proc.run_worker``).
+(``worker_proc`` has the other side). ``MultiprocExecutor`` spawns ranks 1..W-1 as local processes;
+``ExternalLauncherExecutor`` joins ranks that torchrun / mpirun / srun started (they run
+``worker_proc.run_worker``).
 """
 
 from __future__ import annotations

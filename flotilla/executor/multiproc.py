@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 
+from flotilla import envs
 from flotilla.config import EngineConfig
 from flotilla.distributed.control import DriverChannel
 from flotilla.distributed.parallel_state import destroy_distributed, get_world_group
@@ -194,7 +195,7 @@ class ExternalLauncherExecutor(DriverExecutor):
 
     def __init__(self, config: EngineConfig):
         from flotilla.distributed.launch import detect_launch
-        info = detect_launch(os.environ)
+        info = detect_launch(envs.launcher_environment())
         if info is None or info.rank != 0 or info.world_size != config.parallel.world_size:
             raise EngineDeadError(f"the external executor needs rank 0 of a launcher with world size "
                                   f"{config.parallel.world_size}; found {info}")

@@ -18,9 +18,7 @@ import flotilla
 from flotilla import envs
 
 PACKAGE_DIR = Path(flotilla.__file__).resolve().parent
-# Modules allowed to read the environment: envs.py, and ops.py until the kernel-build change (issue 11,
-# h11-kernels) that moves its FLOTILLA_CPU_KERNELS / FLOTILLA_CACHE_DIR reads into envs.py lands.
-EXEMPT = {"envs.py", "ops.py"}
+EXEMPT = {"envs.py"}  # the one module that reads the environment
 _MAPPINGS = {"environ", "environb"}
 _GETTERS = {"getenv", "getenvb"}
 _WRITES = {"pop", "update", "clear", "__setitem__", "__delitem__"}  # as statements: the value is discarded

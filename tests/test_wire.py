@@ -4,8 +4,9 @@
   engine config a worker starts from (``worker/config_wire.py``), the engine arguments a core process starts
   from, the control endpoints, the pipeline tensor headers and the Ray Serve ingress <-> replica messages
   (``deploy/serve_wire.py``): each message kind survives a round trip.
-- The config codec follows the dataclasses' fields: an EngineConfig with every field set to a non-default
-  value comes back equal (a new bool field is flipped automatically, any other new field must be given).
+- The config codec follows the dataclasses' fields: EngineConfigs that together set every field to a
+  non-default value come back equal (a new bool field is flipped automatically, any other new field must be
+  given a value in the test).
 - Malformed bytes (truncated, not msgpack, pickle, a wrong tag or field type, an extra field, a message of
   the other direction, a value a config rejects) raise a clear error naming the message and the field.
 """
@@ -184,63 +185,80 @@ def test_serve_request_and_output_roundtrip():
 
 
 # ------------------------------------------------------------------------------- configs and arguments
-def _non_default(cls, given: dict) -> dict:
-    """``given`` plus every other field of ``cls``: a bool is flipped, anything else must be in ``given``
-    (so a new bool field needs no edit here; a new field of another type does). Every value must differ
-    from the field's default."""
+def _with_bools_flipped(cls, given: dict, flip: bool = True) -> dict:
+    """``given`` plus (with ``flip``) every bool field of ``cls`` it leaves out, flipped: a new bool setting
+    needs no edit here (a new field of another type is reported by ``_at_default_everywhere``)."""
     values = dict(given)
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.name not in values and isinstance(default, bool):
-            values[f.name] = not default
-        assert f.name in values, f"{cls.__name__}.{f.name}: give it a non-default value in this test"
-        assert values[f.name] != default, f"{cls.__name__}.{f.name} is at its default"
+        if flip and f.name not in values and isinstance(f.default, bool):
+            values[f.name] = not f.default
     return values
+
+
+def _at_default_everywhere(objs: list) -> list[str]:
+    """The fields (``Class.field``, nested config dataclasses included) at their default in every one of
+    ``objs`` (instances of one dataclass)."""
+    found = []
+    for f in dataclasses.fields(objs[0]):
+        values = [getattr(o, f.name) for o in objs]
+        if dataclasses.is_dataclass(values[0]) and type(values[0]).__module__.startswith("flotilla."):
+            found += _at_default_everywhere(values)  # a nested config (not hf_config)
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if all(v == default for v in values):
+                found.append(f"{type(objs[0]).__name__}.{f.name}")
+    return found
 
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory) -> str:
-    """A model directory with only a config.json (decoding re-reads the HF config from the source)."""
+    """A model directory with only a config.json (decoding re-reads the HF config from the source); its
+    heads, KV heads and MLP split three ways."""
     from transformers import LlamaConfig
     path = tmp_path_factory.mktemp("config_only")
-    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=8192).save_pretrained(path)
+    LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=3, max_position_embeddings=8192).save_pretrained(path)
     return str(path)
 
 
-def every_field_config(source: str) -> EngineConfig:
+def every_field_config(source: str, quantization: str | None) -> EngineConfig:
+    """Every field non-default (bools flipped), but ``quantization``: model settings that exclude it (a
+    flipped model bool such as ``batch_invariant``) keep their defaults when it is set."""
     from flotilla.models.loader import ResolvedModel, load_hf_config
     hf = load_hf_config(ResolvedModel(source=source, kind="hf_dir"))
-    model = ModelConfig(**_non_default(ModelConfig, dict(
+    model = ModelConfig(**_with_bools_flipped(ModelConfig, dict(
         model="my-llama", source=source, source_kind="hf_dir", hf_config=hf, dtype="bfloat16", max_model_len=4096,
-        served_model_name="served-name", quantization="int8")))
-    return EngineConfig(**_non_default(EngineConfig, dict(
+        served_model_name="served-name", quantization=quantization), flip=quantization is None))
+    return EngineConfig(**_with_bools_flipped(EngineConfig, dict(
         model=model,
-        cache=CacheConfig(**_non_default(CacheConfig, dict(block_size=32, kv_cache_memory=2.5, num_blocks=77))),
-        scheduler=SchedulerConfig(**_non_default(SchedulerConfig, dict(
+        cache=CacheConfig(**_with_bools_flipped(CacheConfig, dict(block_size=32, kv_cache_memory=2.5,
+                                                                  num_blocks=77))),
+        scheduler=SchedulerConfig(**_with_bools_flipped(SchedulerConfig, dict(
             max_num_batched_tokens=8192, max_num_seqs=7, max_model_len=4096))),
-        parallel=ParallelConfig(**_non_default(ParallelConfig, dict(
+        parallel=ParallelConfig(**_with_bools_flipped(ParallelConfig, dict(
             tensor_parallel_size=3, pipeline_parallel_size=2, executor_backend="ray", distributed_backend="gloo",
             pipeline_partition=(1, 1), ray_address="10.0.0.1:6379", collective_timeout_s=12.5))),
-        device=DeviceConfig(**_non_default(DeviceConfig, dict(device="cuda", num_threads=3))))))
+        device=DeviceConfig(**_with_bools_flipped(DeviceConfig, dict(device="cuda", num_threads=3))))))
 
 
 def test_engine_config_with_every_field_set_roundtrips(config_dir):
-    config = every_field_config(config_dir)
-    data = encode_engine_config(config)
-    assert _plain(msgspec.msgpack.decode(data))
-    back = decode_engine_config(data)
-    for f in dataclasses.fields(EngineConfig):
-        part, back_part = getattr(config, f.name), getattr(back, f.name)
-        for g in dataclasses.fields(part):
-            if g.name != "hf_config":
-                assert getattr(back_part, g.name) == getattr(part, g.name), f"{f.name}.{g.name}"
-                assert type(getattr(back_part, g.name)) is type(getattr(part, g.name)), f"{f.name}.{g.name}"
-    assert back.model.hf_config.to_dict() == config.model.hf_config.to_dict()  # re-read from the source
+    configs = [every_field_config(config_dir, None), every_field_config(config_dir, "int8")]
+    assert _at_default_everywhere(configs) == [], "give these fields a non-default value in every_field_config"
+    for config in configs:
+        data = encode_engine_config(config)
+        assert _plain(msgspec.msgpack.decode(data))
+        back = decode_engine_config(data)
+        for f in dataclasses.fields(EngineConfig):
+            part, back_part = getattr(config, f.name), getattr(back, f.name)
+            for g in dataclasses.fields(part):
+                if g.name != "hf_config":
+                    assert getattr(back_part, g.name) == getattr(part, g.name), f"{f.name}.{g.name}"
+                    assert type(getattr(back_part, g.name)) is type(getattr(part, g.name)), f"{f.name}.{g.name}"
+        assert back.model.hf_config.to_dict() == config.model.hf_config.to_dict()  # re-read from the source
 
 
 def test_engine_config_decoding_is_strict(config_dir):
-    data = msgspec.msgpack.decode(encode_engine_config(every_field_config(config_dir)))
+    data = msgspec.msgpack.decode(encode_engine_config(every_field_config(config_dir, None)))
     bad = [({**data, "cache": {**data["cache"], "block_size": "32"}},
             r"Expected `int`, got `str` - at `\$.cache.block_size`"),
            ({**data, "device": {k: v for k, v in data["device"].items() if k != "num_threads"}},
@@ -260,7 +278,8 @@ def test_engine_args_with_every_field_set_roundtrip():
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7)
-    args = EngineArgs(**_non_default(EngineArgs, given))
+    args = EngineArgs(**_with_bools_flipped(EngineArgs, given))
+    assert _at_default_everywhere([args]) == [], "give these fields a non-default value in this test"
     assert ENGINE_ARGS.decode(ENGINE_ARGS.encode(args)) == args
 
 

@@ -14,6 +14,24 @@ def log_level() -> str:
     return os.environ.get("FLOTILLA_LOG_LEVEL", "INFO").upper()
 
 
+# The variables external launchers set for each process they start (flotilla.distributed.launch reads them).
+LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",  # torchrun (MASTER_*: any launcher)
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_NODELIST",  # Slurm's srun
+    "SLURM_JOB_NODELIST",
+)
+
+
+def launcher_environment() -> dict[str, str]:
+    """The ``LAUNCHER_VARIABLES`` that are set: torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT, Open MPI's OMPI_COMM_WORLD_*, Slurm's SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and node lists.
+    They say whether this process was started by a launcher and where rank 0 listens
+    (``flotilla.distributed.launch.detect_launch``); default: none set (no launcher)."""
+    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
+
+
 def named(variable: str) -> str | None:
     """The value of an environment variable the user named in a setting (e.g. a deployment file's
     ``api_key_env``); None when unset."""

@@ -2,22 +2,33 @@
 
 ``Tokenizer`` wraps a transformers fast tokenizer loaded from a Hugging Face directory or a GGUF file (never
 with ``trust_remote_code``). ``IncrementalDetokenizer`` turns a stream of generated token ids into text with
-vLLM's prefix_offset/read_offset algorithm, so multi-token characters (emoji, CJK in byte-level BPE, byte
-fallback in SentencePiece) are emitted whole and leading spaces come out as they would in context.
+the ``tokenizers`` library's ``DecodeStream`` primed with the end of the prompt, so multi-token characters
+(emoji, CJK in byte-level BPE, byte fallback in SentencePiece) are emitted whole and leading spaces come out
+as they would in context.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from flotilla.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 
-# The detokenizer starts this many tokens before the end of the prompt, so the first generated token is
-# decoded in context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
+logger = logging.getLogger(__name__)
+
+# The detokenizer is primed with the shortest suffix of at least this many prompt tokens (at most
+# _MAX_CONTEXT) that decodes to whole characters, so the first generated token is decoded in context.
 _INITIAL_OFFSET = 5
+_MAX_CONTEXT = 24
+_MAX_TAIL = 3  # a prompt may end with up to this many tokens of an unfinished character (UTF-8: 4 bytes)
 _REPLACEMENT_CHAR = "\ufffd"
+# DecodeStream raises a plain Exception with this text when a tokenizer's decoding is not monotonic (e.g.
+# invalid byte-fallback sequences); the stream is then restarted.
+_INVALID_PREFIX = "Invalid prefix encountered"
 
 
 class Tokenizer:
@@ -148,12 +159,21 @@ def _generation_config_eos_ids(model_dir: str) -> tuple[int, ...]:
 class IncrementalDetokenizer:
     """Generated token ids -> text, one update at a time, with stop strings.
 
-    Contract: ``update(ids)`` appends tokens and extends ``output_text``; text ending in an incomplete
-    character (U+FFFD) is held back until later tokens complete it. Stop strings are searched only where the
-    new text could have completed one; on a hit ``output_text`` is truncated before the stop string (after it
-    with ``include_stop_str_in_output``) and the stop string is returned. ``get_next_output_text`` gives the
-    cumulative text or the delta since its last call, holding back the last ``max_stop_len - 1``
+    Contract: ``update(ids)`` appends tokens and extends ``output_text`` by what they add to the text of the
+    whole sequence (``Tokenizer.decode`` of prompt + output, honouring ``skip_special_tokens``); text ending
+    in an incomplete character (U+FFFD) is held back until later tokens complete it. The first token's
+    leading space is kept as in context (a prompt that ends inside a character: the output starts with the
+    text of the tokens that completed it, that character included). Stop strings are searched only where
+    the new text could have completed one; on a hit ``output_text`` is truncated before the stop string
+    (after it with ``include_stop_str_in_output``) and the stop string is returned. ``get_next_output_text``
+    gives the cumulative text or the delta since its last call, holding back the last ``max_stop_len - 1``
     characters while unfinished, so a stop string is never partly streamed.
+
+    Decoding is ``tokenizers.decoders.DecodeStream`` over the tokenizer's Rust backend (one step per update:
+    it decodes only the few ids since the last complete character), primed with a short prompt suffix that
+    decodes to whole characters (``_prompt_context``). Should the stream find its decoded prefix changed (a
+    tokenizer whose decoding is not monotonic, e.g. invalid byte-fallback sequences), it is restarted at the
+    current token: text already emitted stays as it was.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
@@ -164,21 +184,14 @@ class IncrementalDetokenizer:
         self.include_stop_str_in_output = include_stop_str_in_output
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.stop_buffer_length = self.max_stop_len - 1 if self.stop else 0
-        # Context: the last few prompt tokens, so the first generated token decodes as in running text.
-        context = list(prompt_token_ids[-(_INITIAL_OFFSET + 2):])
-        if skip_special_tokens:
-            special = set(tokenizer.all_special_ids)
-            context = [t for t in context if t not in special]
-        self.token_ids: list[int] = context  # context + generated ids, decoded in windows
-        self.read_offset = len(context)
-        self.prefix_offset = max(self.read_offset - _INITIAL_OFFSET, 0)
-        self.num_prompt_context = len(context)
+        self._backend = _backend_tokenizer(tokenizer)
+        context, tail = _prompt_context(self._backend, prompt_token_ids, skip_special_tokens)
+        self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+        if tail:  # the prompt ends inside a character: the output will start with that character
+            self._stream.step(self._backend, tail)
+        self.output_token_ids: list[int] = []
         self.output_text = ""
         self._last_output_text_offset = 0
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_context:]
 
     def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append ``new_token_ids``; return the stop string that ended the text, else None.
@@ -189,10 +202,11 @@ class IncrementalDetokenizer:
         ids = list(new_token_ids)
         if stop_terminated and ids and not self.include_stop_str_in_output:
             ids = ids[:-1]
+        if not ids:
+            return None
+        self.output_token_ids.extend(ids)
         length_before = len(self.output_text)
-        for token_id in ids:
-            self.token_ids.append(token_id)
-            self.output_text += self._decode_next()
+        self.output_text += self._step(ids)
         new_char_count = len(self.output_text) - length_before
         if not self.stop or new_char_count == 0:
             return None
@@ -203,17 +217,16 @@ class IncrementalDetokenizer:
         self.output_text = self.output_text[:truncate_to]
         return stop_str
 
-    def _decode_next(self) -> str:
-        """vLLM's detokenize_incrementally over id windows: the text the newest token adds, or ""."""
-        window = self.token_ids[self.prefix_offset:]
-        prefix_text = self.tokenizer.decode(window[:self.read_offset - self.prefix_offset],
-                                            self.skip_special_tokens)
-        new_text = self.tokenizer.decode(window, self.skip_special_tokens)
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
-            return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more tokens
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
-        return new_text[len(prefix_text):]
+    def _step(self, ids: list[int]) -> str:
+        """The text ``ids`` add (held back while it ends in an incomplete character)."""
+        try:
+            return self._stream.step(self._backend, ids if len(ids) > 1 else ids[0]) or ""
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            logger.debug("detokenizer: the decoded prefix changed (%s); restarting the stream", e)
+            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+            return self._stream.step(self._backend, ids) or ""
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """Cumulative text, or the text added since the previous call when ``delta``."""
@@ -248,3 +261,24 @@ def find_stop_string(text: str, new_char_count: int, stop: list[str],
         return None
     index, _, stop_str = best
     return stop_str, index + len(stop_str) if include_in_output else index
+
+
+def _backend_tokenizer(tokenizer: Tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer."""
+    backend = getattr(tokenizer.hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"the incremental detokenizer needs a fast (tokenizers-backed) tokenizer, got "
+                        f"{type(tokenizer.hf_tokenizer).__name__}")
+    return backend
+
+
+def _prompt_context(backend, prompt_token_ids: list[int], skip_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """``(context, tail)``: the prompt's last ``_MAX_TAIL`` tokens at most that end inside a character
+    (usually none), and before them the shortest run of at least ``_INITIAL_OFFSET`` prompt tokens (at most
+    ``_MAX_CONTEXT``; all of them if fewer) that decodes to whole characters ([] when none does)."""
+    for end in range(len(prompt_token_ids), max(len(prompt_token_ids) - _MAX_TAIL, 0) - 1, -1):
+        for size in range(min(_INITIAL_OFFSET, end), min(_MAX_CONTEXT, end) + 1):
+            context = list(prompt_token_ids[end - size:end])
+            if _REPLACEMENT_CHAR not in backend.decode(context, skip_special_tokens=skip_special_tokens):
+                return context, list(prompt_token_ids[end:])
+    return [], []

@@ -1,10 +1,10 @@
-"""The engine core in its own process: the RELIABILITY.md fault cases that apply to one engine, and the wire.
+"""The engine core in its own process: the RELIABILITY.md fault cases that apply to one engine.
 
 - The core process dies while requests stream: every in-flight ``generate`` raises ``EngineDeadError``
   promptly, the engine reports ``is_dead``, refuses new work and shuts down quickly.
 - A startup failure in the core raises a clear ``FlotillaError`` from the constructor, leaving no child.
 - The frontend process dies: the core notices and exits by itself.
-- Messages are msgpack (never pickle): every message kind survives an encode/decode roundtrip.
+(Its messages are tested with every other wire type in ``test_wire.py``.)
 
 Timeouts are generous bounds against hangs on a shared machine, never speed requirements.
 """
@@ -12,7 +12,6 @@ Timeouts are generous bounds against hangs on a shared machine, never speed requ
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import select
 import shutil
@@ -24,18 +23,12 @@ import threading
 import time
 from collections import defaultdict
 
-import msgpack
 import pytest
 
 from flotilla import SamplingParams
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.async_llm import AsyncLLM
-from flotilla.engine.core import EngineCoreOutputs, EngineCoreRequest
-from flotilla.engine.messages import (Kind, decode, encode, outputs_from_wire, outputs_to_wire,
-                                      request_from_wire, request_to_wire)
 from flotilla.errors import EngineDeadError, FlotillaError, ModelLoadError
-from flotilla.scheduler.output import EngineCoreOutput
-from flotilla.scheduler.scheduler import SchedulerStats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG = 60.0  # seconds after which something that should be prompt counts as hung
@@ -303,87 +296,3 @@ def test_core_exits_when_the_frontend_is_killed(tmp_path, tiny_llama):
         frontend.stdout.close()
         if core_pid is not None and process_running(core_pid):
             os.kill(core_pid, signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------- the wire
-def _plain(value) -> bool:
-    """Only msgpack's own types: nothing that would need pickle or a custom extension."""
-    if isinstance(value, dict):
-        return all(_plain(k) and _plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str, bytes))
-
-
-def roundtrip(kind: Kind, payload):
-    data = encode(kind, payload)
-    assert isinstance(data, bytes)
-    assert msgpack.unpackb(data, raw=False, strict_map_key=False)[0] == kind.value  # plain msgpack
-    got_kind, got = decode(data)
-    assert got_kind is kind
-    return got
-
-
-def every_field_params() -> SamplingParams:
-    params = SamplingParams(n=3, temperature=0.7, top_p=0.85, top_k=20, min_p=0.05, presence_penalty=-0.5,
-                            frequency_penalty=1.5, repetition_penalty=1.3, seed=2**64 - 1, max_tokens=77,
-                            min_tokens=5, stop=["\n\n", "END", "é✓"], stop_token_ids=[0, 7, 49151], ignore_eos=True,
-                            include_stop_str_in_output=True, logprobs=20, skip_special_tokens=False,
-                            eos_token_ids=(2, 49152 - 1))
-    params.validate()
-    defaults = SamplingParams()
-    unset = [f.name for f in dataclasses.fields(SamplingParams)
-             if getattr(params, f.name) == getattr(defaults, f.name)]
-    assert unset == [], f"give these fields a non-default value in the test: {unset}"
-    return params
-
-
-def test_request_with_every_sampling_field_roundtrips():
-    req = EngineCoreRequest("2_req-é", [1, 0, 49151, 17], every_field_params(), time.monotonic())
-    wire = request_to_wire(req)
-    assert _plain(wire)
-    back = request_from_wire(roundtrip(Kind.ADD, wire))
-    assert back == req
-    assert isinstance(back.sampling_params.eos_token_ids, tuple) and isinstance(back.sampling_params.stop, list)
-    # A negative seed and defaults (None fields) survive too.
-    minimal = EngineCoreRequest("r", [5], SamplingParams(seed=-(2**63), max_tokens=None), 0.0)
-    assert request_from_wire(roundtrip(Kind.ADD, request_to_wire(minimal))) == minimal
-
-
-def test_outputs_roundtrip():
-    outs = EngineCoreOutputs(
-        outputs=[EngineCoreOutput("a", [5, 6], [([5, 9, 1], [-0.25, -1.5, -2.0], [1, 2, 3]),
-                                              ([6, 2, 3], [-0.125, -0.5, -4.0], [2, 1, 3])], None, None, 16),
-                 EngineCoreOutput("0_b", [2], [], "stop", 2, 0),
-                 EngineCoreOutput("1_b", [], [], "stop", "END", 0),
-                 EngineCoreOutput("c", [49151], [], "length", None, 32)],
-        scheduled_ids=["0_b", "1_b"],
-        stats=SchedulerStats(num_running=3, num_waiting=1, kv_cache_usage=0.375, prefix_cache_queries=120,
-                             prefix_cache_hits=64, num_preemptions=2),
-        timestamp=time.monotonic())
-    wire = outputs_to_wire(outs)
-    assert _plain(wire)
-    assert outputs_from_wire(roundtrip(Kind.OUTPUTS, wire)) == outs
-    empty = EngineCoreOutputs(stats=None, timestamp=1.5)
-    assert outputs_from_wire(roundtrip(Kind.OUTPUTS, outputs_to_wire(empty))) == empty
-
-
-def test_control_messages_roundtrip():
-    payloads = {
-        Kind.ABORT: {"ids": ["x", "0_y", "1_y"], "stopped": True},
-        Kind.SHUTDOWN: {},
-        Kind.READY: {"num_blocks": 64},
-        Kind.FAILED: {"error": "the KV cache budget holds 4 blocks ✗", "type": "ModelLoadError"},
-    }
-    for kind, payload in payloads.items():
-        assert roundtrip(kind, payload) == payload
-    covered = set(payloads) | {Kind.ADD, Kind.OUTPUTS}  # ADD and OUTPUTS: the tests above
-    assert covered == set(Kind), f"untested message kinds: {set(Kind) - covered}"
-
-
-def test_the_wire_refuses_what_msgpack_cannot_carry():
-    """No pickle fallback: an arbitrary object is an error, not silently serialized."""
-    with pytest.raises(TypeError):
-        encode(Kind.ADD, {"params": object()})
-    with pytest.raises(ValueError):
-        decode(msgpack.packb(["not-a-kind", {}]))

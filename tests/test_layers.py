@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("outputs",),                            # value types: RequestOutput, CompletionOutput, Logprob
     ("sampling_params",),                    # value types: SamplingParams
     ("config",),                             # frozen config dataclasses
-    ("envs", "errors", "procutil"),          # environment, exceptions, process helpers
+    ("envs", "errors", "procutil", "wire"),  # environment, exceptions, process helpers, the wire codec
 ]
 
 PACKAGE_DIR = Path(flotilla.__file__).resolve().parent

@@ -27,6 +27,7 @@ from ray import serve  # noqa: E402
 from ray_cluster_helpers import LOOPBACK, loopback_cluster  # noqa: E402
 
 from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
+from flotilla.deploy.serve_wire import GENERATE_REQUEST, GenerateRequest, decode_output  # noqa: E402
 from flotilla.sampling_params import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -256,10 +257,13 @@ def test_client_disconnect_aborts_the_request_on_its_replica(app, stream):
 
 # ---- tensor parallelism, through a deployment handle ------------------------------------------------------
 async def _generate(handle, prompt_ids, params, request_id) -> list[int]:
+    """Call the replica's ``generate`` as the ingress does: wire bytes in, wire bytes out (never pickled
+    flotilla objects)."""
+    request = GenerateRequest(request_id, None, prompt_ids, params)
     tokens = []
-    async for out in handle.options(stream=True).generate.remote(
-            {"request_id": request_id, "prompt": None, "prompt_token_ids": prompt_ids, "sampling_params": params}):
-        tokens.extend(out.outputs[0].token_ids)
+    async for data in handle.options(stream=True).generate.remote(GENERATE_REQUEST.encode(request)):
+        assert type(data) is bytes, type(data)
+        tokens.extend(decode_output(data, request).outputs[0].token_ids)
     return tokens
 
 
@@ -391,11 +395,12 @@ SERVE_STALL_TIMEOUT_S = 20.0
 WARM_UP = SamplingParams(temperature=0.0, max_tokens=4)
 
 
-async def _consume(make_stream, first: threading.Event, sink: list) -> None:
-    """Iterate ``make_stream()``; set ``first`` at its first output; append the outputs (or the error) to sink."""
+async def _consume(make_stream, first: threading.Event, sink: list, request: GenerateRequest) -> None:
+    """Iterate ``make_stream()`` (a ``generate`` stream of ``request``: GenerateOutput bytes); set ``first`` at
+    its first output; append the decoded outputs (or the error) to sink."""
     try:
-        async for out in make_stream():
-            sink.append(out)
+        async for data in make_stream():
+            sink.append(decode_output(data, request))
             first.set()
     except Exception as e:  # noqa: BLE001 - inspected by the test
         sink.append(e)
@@ -427,12 +432,14 @@ def test_stalled_engine_fails_the_health_check_then_recovers(ray_cluster, tiny_l
     core = server.core_pid()
     try:
         server.check_health()  # idle: healthy
-        warm = {"request_id": "warm", "prompt": None, "prompt_token_ids": [1, 2], "sampling_params": WARM_UP}
-        run_in_thread(lambda: _consume(lambda: server.generate(warm), threading.Event(), [])).join(120)
-        request = {"request_id": "stalled", "prompt": None, "prompt_token_ids": [1, 5, 9],
-                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        warm = GenerateRequest("warm", None, [1, 2], WARM_UP)
+        run_in_thread(lambda: _consume(lambda: server.generate(GENERATE_REQUEST.encode(warm)), threading.Event(),
+                                       [], warm)).join(120)
+        request = GenerateRequest("stalled", None, [1, 5, 9],
+                                  SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
         first, outs = threading.Event(), []
-        thread = run_in_thread(lambda: _consume(lambda: server.generate(request), first, outs))
+        thread = run_in_thread(lambda: _consume(lambda: server.generate(GENERATE_REQUEST.encode(request)), first,
+                                                outs, request))
         assert first.wait(60) and not isinstance(outs[0], Exception), outs
         server.check_health()
         os.kill(core, signal.SIGSTOP)
@@ -482,11 +489,12 @@ def test_stalled_replica_is_replaced_by_serve(serve_url, tiny_llama):
         assert len(asyncio.run(_generate(handle, [1, 2], WARM_UP, "warm"))) == 4
         ((old_id, old),) = replica_stats(handle).items()
         core = old["core_pid"]
-        request = {"request_id": "frozen", "prompt": None, "prompt_token_ids": [1, 5, 9],
-                   "sampling_params": SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)}
+        request = GenerateRequest("frozen", None, [1, 5, 9],
+                                  SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
         first, outs = threading.Event(), []
         thread = run_in_thread(lambda: _consume(
-            lambda: handle.options(stream=True).generate.remote(request), first, outs))
+            lambda: handle.options(stream=True).generate.remote(GENERATE_REQUEST.encode(request)), first, outs,
+            request))
         assert first.wait(60) and not isinstance(outs[0], Exception), outs
         os.kill(core, signal.SIGSTOP)
         stopped_at = time.monotonic()

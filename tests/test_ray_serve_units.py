@@ -20,8 +20,12 @@ from flotilla.deploy.ray_serve import (autoscaling_config, cpus_needed, model_de
                                        model_deployment_options, replica_engine_args, replica_resources,
                                        stalled_for)
 from flotilla.deploy.remote_engine import _Rebase, sum_stats  # noqa: E402
+from flotilla.deploy.serve_wire import (GENERATE_REQUEST, GenerateRequest, encode_output,  # noqa: E402
+                                        prompt_token_ids_of)
 from flotilla.engine.arg_utils import EngineArgs  # noqa: E402
-from flotilla.outputs import RequestOutput  # noqa: E402
+from flotilla.engine.output_processor import OutputKind  # noqa: E402
+from flotilla.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from flotilla.sampling_params import SamplingParams  # noqa: E402
 
 DEPLOYMENT = DeploymentID(name="m", app_name="a")
 PREFIX = list(range(1, 33))  # two blocks of 16
@@ -45,8 +49,9 @@ class FakeReplica:
 
 
 def pending(prefix) -> SimpleNamespace:
-    return SimpleNamespace(args=[{"request_id": "r", "prompt_token_ids": prefix}], kwargs={},
-                           routing_context=SimpleNamespace(should_backoff=False))
+    """A pending ``ModelServer.generate`` call: its one argument is the bytes of a GenerateRequest."""
+    request = GENERATE_REQUEST.encode(GenerateRequest("r", None, list(prefix), SamplingParams()))
+    return SimpleNamespace(args=[request], kwargs={}, routing_context=SimpleNamespace(should_backoff=False))
 
 
 def make_router(replicas, **state) -> FlotillaRequestRouter:
@@ -75,6 +80,8 @@ def test_request_prefix_reads_the_generate_request():
     assert request_prefix(pending([1, 2, 3])) == [1, 2, 3]
     assert request_prefix(SimpleNamespace(args=[])) is None
     assert request_prefix(SimpleNamespace(args=["not a request"])) is None
+    assert request_prefix(SimpleNamespace(args=[b"\x93not a request"])) is None
+    assert request_prefix(SimpleNamespace(args=[{"prompt_token_ids": [1, 2]}])) is None  # only the wire type
     assert request_prefix(None) is None
 
 
@@ -268,8 +275,10 @@ class FakeHandle:
         return self.streams[-1]
 
 
-def output(finished: bool) -> RequestOutput:
-    return RequestOutput("r", None, [1], [], finished, metrics={"arrival_time": 1.0})
+def output(finished: bool) -> bytes:
+    """What a replica yields: the bytes of a GenerateOutput."""
+    return encode_output(RequestOutput("r", None, [1], [CompletionOutput(0, "a", [7])], finished,
+                                       metrics={"arrival_time": 1.0, "first_token_time": None}))
 
 
 def remote_engine(path: str, *scripts):
@@ -279,7 +288,6 @@ def remote_engine(path: str, *scripts):
 
 
 async def collect(engine, request_id="r", prompt=(1, 2, 3)):
-    from flotilla.sampling_params import SamplingParams
     return [o async for o in engine.generate({"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=4),
                                              request_id)]
 
@@ -292,7 +300,7 @@ def test_remote_engine_retries_once_before_the_first_output(tiny_llama):
     assert isinstance(engine, EngineClient)
     outs = asyncio.run(collect(engine))
     assert [o.finished for o in outs] == [False, True] and engine.num_retries == 1
-    assert len(handle.requests) == 2 and handle.requests[0]["prompt_token_ids"] == [1, 2, 3]
+    assert len(handle.requests) == 2 and prompt_token_ids_of(handle.requests[0]) == [1, 2, 3]
     assert engine.num_queued_requests == 0 and engine.num_unfinished_requests == 0
 
 
@@ -324,3 +332,29 @@ def test_remote_engine_abort_cancels_the_stream(tiny_llama):
         return outs
     assert len(asyncio.run(scenario())) == 2  # ends without an error
     assert handle.streams[0].cancelled and engine.num_unfinished_requests == 0
+
+
+def test_serve_calls_carry_wire_bytes_not_pickled_objects(tiny_llama):
+    """RemoteEngine sends ``generate`` the bytes of a GenerateRequest (plain msgpack: no pickle, no flotilla
+    object) and turns the GenerateOutput bytes it gets back into RequestOutputs with the request's prompt."""
+    import msgspec
+    params = SamplingParams(max_tokens=4, logprobs=1, stop=["x"])
+    replica_out = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(
+        0, " hi", [5, 6], -0.75, [{5: Logprob(-0.5, 1, " h")}, {6: Logprob(-0.25, 1, "i"), 9: Logprob(-3.0, 2, "!")}],
+        "stop", "x")], True, num_cached_tokens=16, metrics={"arrival_time": 1.0, "first_token_time": 2.0})
+    engine, handle = remote_engine(tiny_llama[0], [encode_output(replica_out)])
+
+    async def run():
+        return [o async for o in engine.generate({"prompt": "abc", "prompt_token_ids": [1, 2, 3],
+                                                  "cache_salt": "tenant-a"}, params, "r",
+                                                 OutputKind.DELTA)]
+    (out,) = asyncio.run(run())
+    (sent,) = handle.requests
+    assert type(sent) is bytes and not sent.startswith(b"\x80")  # not a pickle stream
+    plain = msgspec.msgpack.decode(sent)  # readable without flotilla's types
+    assert plain[:3] == ["r", "abc", [1, 2, 3]] and plain[3]["stop"] == ["x"] and plain[4] == OutputKind.DELTA.value
+    request = GENERATE_REQUEST.decode(sent)
+    assert request.sampling_params.max_tokens == 4 and request.output_kind is OutputKind.DELTA
+    assert request.cache_salt == "tenant-a"
+    assert (out.request_id, out.prompt, out.prompt_token_ids) == ("r", "abc", [1, 2, 3])
+    assert out.outputs == replica_out.outputs and out.finished and out.num_cached_tokens == 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 
 import pytest
@@ -257,3 +258,105 @@ def test_sentencepiece_style_incremental(sentencepiece_style, text):
     # In context the first token keeps its leading space (decoded alone, the "▁" would be stripped).
     assert detok.output_text == " " + text == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
     assert "".join(deltas) == " " + text and all("\ufffd" not in d for d in deltas)
+
+
+# --- the incremental detokenizer against full decodes, on four kinds of tokenizer -------------------------------
+
+@pytest.fixture(scope="module")
+def unigram_byte_fallback() -> Tokenizer:
+    """A tiny SentencePiece-style Unigram tokenizer trained here: Metaspace pieces, byte fallback for every
+    character it has not seen (emoji, CJK, accents), leading-space strip (as Llama 2 / Gemma decode)."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    raw = RawTokenizer(models.Unigram())
+    raw.pre_tokenizer = metaspace
+    raw.train_from_iterator(SENTENCES, trainers.UnigramTrainer(vocab_size=120, unk_token="<unk>",
+                                                               special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(raw.to_str())["model"]
+    vocab = [tuple(piece) for piece in model["vocab"]]
+    known = {piece for piece, _ in vocab}
+    vocab += [(f"<0x{b:02X}>", -20.0) for b in range(256) if f"<0x{b:02X}>" not in known]
+    uni = RawTokenizer(models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=True))
+    uni.pre_tokenizer = metaspace
+    uni.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    uni.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=uni, bos_token="<s>", eos_token="</s>",
+                                             unk_token="<unk>"))
+
+
+@pytest.fixture(params=["smollm2", "bytelevel", "sentencepiece_bpe", "unigram"])
+def any_tokenizer(request) -> Tokenizer:
+    if request.param == "smollm2":
+        return request.getfixturevalue("smol")
+    if request.param == "bytelevel":
+        return Tokenizer.from_pretrained(request.getfixturevalue("bytelevel_dir"))
+    if request.param == "sentencepiece_bpe":
+        return request.getfixturevalue("sentencepiece_style")
+    return request.getfixturevalue("unigram_byte_fallback")
+
+
+def _in_context(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool) -> str:
+    """What ``ids`` add to the text of the whole sequence: the reference the detokenizer must match."""
+    whole, before = tok.decode(prompt + ids, skip), tok.decode(prompt, skip)
+    assert whole.startswith(before)
+    return whole[len(before):]
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
+def test_detokenizer_equals_the_full_decode(any_tokenizer, skip):
+    """Emoji (ZWJ sequences, flags), CJK, combining marks, spaces and a special token mid-output: streamed
+    one token at a time, the text is exactly what the ids add to the full decode, no delta carries a
+    partial character, and feeding the ids three at a time gives the same text."""
+    tok = any_tokenizer
+    prompt = tok.encode("hello world, the quick")
+    for text in TEXTS:
+        ids = (tok.encode(" " + text, add_special_tokens=False) + [tok.eos_token_id]
+               + tok.encode(" the end 😀", add_special_tokens=False))
+        expected = _in_context(tok, prompt, ids, skip)
+        detok, deltas, _ = _stream(tok, prompt, ids, skip_special_tokens=skip)
+        assert detok.output_text == expected and "".join(deltas) == expected, text
+        assert all("\ufffd" not in d for d in deltas), deltas
+        chunked = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        for i in range(0, len(ids), 3):
+            chunked.update(ids[i:i + 3])
+        assert chunked.output_text == expected, text
+
+
+def test_byte_fallback_characters_are_held_back_until_complete(unigram_byte_fallback):
+    tok = unigram_byte_fallback
+    ids = tok.encode("a 😀", add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]  # the emoji is four byte tokens
+    detok = IncrementalDetokenizer(tok, tok.encode("hello"))
+    detok.update(ids[:-4])
+    before = detok.output_text
+    for token_id in ids[-4:-1]:
+        detok.update([token_id])
+        assert detok.output_text == before  # three of four bytes: nothing new yet
+    detok.update(ids[-1:])
+    assert detok.output_text == before + "😀" and before.endswith(" ")
+
+
+def test_a_prompt_ending_inside_a_character(smol):
+    ids = smol.encode("Hi 😀 there", add_special_tokens=False)
+    assert smol.decode(ids[:2]).endswith("\ufffd")  # the prompt's last token holds part of the emoji
+    detok, deltas, _ = _stream(smol, ids[:2], ids[2:])
+    assert detok.output_text == " 😀 there" and all("\ufffd" not in d for d in deltas)
+
+
+def test_a_decoder_whose_text_changes_backwards_restarts_the_stream(sentencepiece_style, caplog):
+    """Byte fallback turns 'A' followed by a stray continuation byte into two U+FFFD, so the text already
+    emitted ('A') is no longer a prefix of the whole decode: the stream restarts instead of failing, the
+    emitted text stays, and later tokens decode normally."""
+    tok = sentencepiece_style
+    vocab = tok.hf_tokenizer.get_vocab()
+    ids = [vocab["<0x41>"], vocab["<0x91>"], *tok.encode(" hello world", add_special_tokens=False)]
+    assert tok.decode(ids[:1]) == "A" and tok.decode(ids[:2]) == "\ufffd\ufffd"
+    with caplog.at_level(logging.DEBUG, logger="flotilla.tokenizer"):
+        detok, deltas, _ = _stream(tok, tok.encode("the quick"), ids)
+    assert "restarting the stream" in caplog.text  # DecodeStream did report the changed prefix
+    assert detok.output_text.startswith("A") and detok.output_text.endswith("hello world")
+    assert "".join(deltas) == detok.output_text

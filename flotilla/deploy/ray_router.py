@@ -29,6 +29,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy, make_policy
+from flotilla.deploy.serve_wire import prompt_token_ids_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,11 @@ UNSENT_CHOICE_TTL_S = 2.0
 
 
 def request_prefix(pending_request: PendingRequest | None) -> list[int] | None:
-    """The prompt token ids of a ``ModelServer.generate`` call (its first argument), else None."""
+    """The prompt token ids of a ``ModelServer.generate`` call (its first argument: the bytes of a
+    ``GenerateRequest``), else None."""
     if pending_request is None or not pending_request.args:
         return None
-    first = pending_request.args[0]
-    if isinstance(first, dict):
-        ids = first.get("prompt_token_ids")
-        if isinstance(ids, (list, tuple)):
-            return list(ids)
-    return None
+    return prompt_token_ids_of(pending_request.args[0])
 
 
 class FlotillaRequestRouter(RequestRouter):

@@ -36,9 +36,9 @@ from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
 from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
+from flotilla.deploy.serve_wire import GENERATE_REQUEST, encode_output
 from flotilla.distributed.ray_compat import bind_replica_grpc_to_node_ip
 from flotilla.engine.arg_utils import EngineArgs
-from flotilla.engine.output_processor import OutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ def replica_engine_args(args: EngineArgs, gcs_address: str | None) -> EngineArgs
 class ModelServer:
     """One replica of a model deployment: one engine (``AsyncLLM``; its core runs in a child process).
 
-    Contract (methods are called by Serve handles; values cross processes pickled by Ray):
-    - ``generate(request)`` is an async generator over ``{"request_id", "prompt", "prompt_token_ids",
-      "sampling_params", ["output_kind"], ["cache_salt"]}`` yielding ``RequestOutput`` deltas (or the given kind). If the
-      caller cancels the stream (or stops iterating), the engine request is aborted and its blocks freed.
+    Contract (methods are called by Serve handles):
+    - ``generate(request)`` takes the bytes of a ``GenerateRequest`` and is an async generator of the bytes
+      of ``GenerateOutput``s, one per ``RequestOutput`` (deltas unless the request asks for another
+      ``output_kind``): ``flotilla.deploy.serve_wire``, never pickled flotilla objects. A malformed request
+      raises ``WireError``. If the caller cancels the stream (or stops iterating), the engine request is
+      aborted and its blocks freed.
     - ``stats()`` -> dict: this replica's id, pid, engine core pid, node, ``num_blocks``, the scheduler
       snapshot (``num_running``, ``num_waiting``, ``kv_cache_usage``, ``prefix_cache_queries``,
       ``prefix_cache_hits``, ``num_preemptions``), ``num_ongoing``, ``requests_total`` (generate calls)
@@ -110,19 +112,18 @@ class ModelServer:
         logger.info("model %s: replica %s ready (engine core pid %s, %d KV blocks)", model_name, self.replica_id,
                     self.core_pid(), self.engine.num_blocks)
 
-    async def generate(self, request: dict):
-        kind = OutputKind(request.get("output_kind", OutputKind.DELTA.value))
-        prompt = {"prompt": request.get("prompt"), "prompt_token_ids": request["prompt_token_ids"],
-                  "cache_salt": request.get("cache_salt")}
+    async def generate(self, request: bytes):
+        req = GENERATE_REQUEST.decode(request)
+        prompt = {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids, "cache_salt": req.cache_salt}
         self._inflight += 1
         self.requests_total += 1
-        stream = self.engine.generate(prompt, request["sampling_params"], request["request_id"], kind)
+        stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind)
         finished = False
         try:
             async for out in stream:
                 self._outputs_seen += 1
                 finished = out.finished
-                yield out
+                yield encode_output(out)
         finally:
             self._inflight -= 1
             if not finished:

@@ -3,7 +3,8 @@
 The ingress builds the same OpenAI app as embedded mode (``build_app``), giving it one RemoteEngine per
 model instead of an AsyncLLM. Tokenizer, input processor and config are built here from the model's
 EngineArgs without loading weights (``create_engine_config`` reads only config files), so prompts are
-tokenized and validated in the ingress; the replicas receive token ids.
+tokenized and validated in the ingress; the replicas receive token ids. Requests and outputs cross as bytes
+of ``flotilla.deploy.serve_wire``'s wire types, never as pickled flotilla objects.
 
 Ray is imported lazily (only the handle calls need it), so this module imports without Ray.
 """
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from flotilla.deploy.serve_wire import GENERATE_REQUEST, GenerateRequest, decode_output
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.input_processor import InputProcessor, PromptType
 from flotilla.engine.llm_engine import load_tokenizer
@@ -96,19 +98,20 @@ class RemoteEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
         self.ensure_stats_task()
-        request = {"request_id": request_id, "prompt": processed.prompt,
-                   "prompt_token_ids": processed.prompt_token_ids, "cache_salt": processed.cache_salt,
-                   "sampling_params": processed.params, "output_kind": output_kind.value}
+        request = GenerateRequest(request_id, processed.prompt, processed.prompt_token_ids, processed.params,
+                                  output_kind, processed.cache_salt)
+        data = GENERATE_REQUEST.encode(request)
         arrival = time.monotonic()
         clock = _Rebase(arrival)
         self._queued.add(request_id)
         started = done = False
         try:
             for attempt in (0, 1):
-                stream = self._stream_handle.generate.remote(request)
+                stream = self._stream_handle.generate.remote(data)
                 self._streams[request_id] = stream
                 try:
-                    async for out in stream:
+                    async for item in stream:
+                        out = decode_output(item, request)
                         if not started:
                             started = True
                             self._queued.discard(request_id)

@@ -2,8 +2,8 @@
 
 The same ``flotilla serve`` command started N times by a launcher finds its rank, the world size and where
 rank 0 listens from the launcher's environment variables. Everything here is a pure function of an env
-mapping (the caller passes ``os.environ``; ``flotilla.envs`` is the only module that reads it), so each
-launcher is unit-tested with a plain dict.
+mapping (the caller passes ``envs.launcher_environment()``: ``flotilla.envs`` is the only module that reads
+the environment), so each launcher is unit-tested with a plain dict.
 
 Precedence when several launchers' variables are present: torchrun (its workers may themselves run inside
 an mpirun or srun allocation), then Open MPI (mpirun inside a Slurm allocation inherits SLURM_PROCID=0 on

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from flotilla.wire import Codec, WireStruct
+
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -181,16 +183,16 @@ class GroupCoordinator:
     def send_tensors(self, tensors: dict[str, torch.Tensor], dst: int | None = None) -> None:
         """Send named tensors to rank ``dst`` of the group (default: the next stage).
 
-        A msgpack header ``[[name, dtype, shape], ...]`` goes first over the CPU group, so the receiver
-        needs to know nothing in advance; then each tensor over the device group, in header order.
+        A header (a list of ``TensorHeader``) goes first over the CPU group, so the receiver needs to know
+        nothing in advance; then each tensor over the device group, in header order.
         """
         if self.world_size == 1:
             return
-        import msgpack
         dst = self.next_rank if dst is None else dst
-        header = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]
+        header = [TensorHeader(name, str(t.dtype).removeprefix("torch."), list(t.shape))
+                  for name, t in tensors.items()]
         start = time.perf_counter()
-        self.send_bytes(msgpack.packb(header), dst)
+        self.send_bytes(_TENSOR_HEADERS.encode(header), dst)
         dist, peer = _dist(), self.ranks[dst]
         for t in tensors.values():
             if t.numel():
@@ -202,19 +204,29 @@ class GroupCoordinator:
         tensors are allocated on this group's ``device``."""
         if self.world_size == 1:
             raise RuntimeError("recv_tensors at world size 1: there is no peer to receive from")
-        import msgpack
         src = self.prev_rank if src is None else src
         start = time.perf_counter()
-        header = msgpack.unpackb(self.recv_bytes(src))
+        header = _TENSOR_HEADERS.decode(self.recv_bytes(src))
         dist, peer = _dist(), self.ranks[src]
         out: dict[str, torch.Tensor] = {}
-        for name, dtype, shape in header:
-            t = torch.empty(shape, dtype=_dtype(dtype), device=self.device)
+        for h in header:
+            t = torch.empty(h.shape, dtype=_dtype(h.dtype), device=self.device)
             if t.numel():
                 dist.recv(t, peer, group=self.device_group)
-            out[name] = t
+            out[h.name] = t
         self.comm_seconds += time.perf_counter() - start
         return out
+
+
+class TensorHeader(WireStruct):
+    """One tensor of a pipeline hand-off: its ``name``, torch ``dtype`` name ("float32") and ``shape``."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+_TENSOR_HEADERS: Codec[list[TensorHeader]] = Codec(list[TensorHeader], "pipeline tensor header")
 
 
 def _bytes_to_tensor(data: bytes) -> torch.Tensor:

@@ -15,11 +15,11 @@ import time
 from collections.abc import AsyncIterator
 
 from flotilla.engine.arg_utils import EngineArgs
-from flotilla.engine.core import make_child_requests
+from flotilla.engine.core import EngineCoreOutputs, make_child_requests
 from flotilla.engine.core_proc import CoreProcessClient
 from flotilla.engine.input_processor import InputProcessor, PromptType
 from flotilla.engine.llm_engine import load_tokenizer
-from flotilla.engine.messages import Kind, outputs_from_wire, request_to_wire
+from flotilla.engine.messages import AbortRequests, AddRequest, Failed, Outputs
 from flotilla.engine.output_processor import OutputKind, OutputProcessor
 from flotilla.errors import EngineDeadError, InvalidRequestError
 from flotilla.outputs import RequestOutput
@@ -111,7 +111,7 @@ class AsyncLLM:
                                        time.monotonic(), processed.cache_salt)
         try:
             for child in children:
-                self._client.send(Kind.ADD, request_to_wire(child))
+                self._client.send(AddRequest(child))
         except BaseException:  # e.g. the core died before the output thread noticed: forget the request
             self.abort(request_id)
             raise
@@ -124,7 +124,7 @@ class AsyncLLM:
             self._queued.difference_update(ids)
         if child_ids and not self.is_dead:
             try:
-                self._client.send(Kind.ABORT, {"ids": child_ids, "stopped": False})
+                self._client.send(AbortRequests(child_ids, stopped=False))
             except EngineDeadError:
                 pass  # the core is gone, and with it the request's blocks
         for target in targets:
@@ -149,11 +149,10 @@ class AsyncLLM:
                     if not self._client.is_alive() and not self._stopped:
                         raise EngineDeadError(f"the engine core process exited (code {self._client.proc.returncode})")
                     continue
-                kind, payload = msg
-                if kind == Kind.FAILED:
-                    raise EngineDeadError(payload["error"])
-                if kind == Kind.OUTPUTS:
-                    self._on_outputs(payload)
+                if isinstance(msg, Failed):
+                    raise EngineDeadError(msg.error)
+                if isinstance(msg, Outputs):
+                    self._on_outputs(msg.outputs)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
             logger.error("engine failed: %s", e)
             self._fail_all(e)
@@ -170,8 +169,7 @@ class AsyncLLM:
         for target in waiters:
             _deliver(target, e)
 
-    def _on_outputs(self, payload) -> None:
-        outs = outputs_from_wire(payload)
+    def _on_outputs(self, outs: EngineCoreOutputs) -> None:
         if outs.stats is not None:
             self.latest_stats = outs.stats
         with self._lock:
@@ -188,7 +186,7 @@ class AsyncLLM:
                 if target is not None:
                     deliveries.append((target, out))
         if processed.child_ids_to_stop:
-            self._client.send(Kind.ABORT, {"ids": processed.child_ids_to_stop, "stopped": True})
+            self._client.send(AbortRequests(processed.child_ids_to_stop, stopped=True))
         for target, out in deliveries:
             _deliver(target, out)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+
+import msgspec
 
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
@@ -19,28 +20,33 @@ from flotilla.request import Request, RequestStatus
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.output import EngineCoreOutput
 from flotilla.scheduler.scheduler import Scheduler, SchedulerStats
+from flotilla.wire import WireStruct
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineCoreRequest:
-    """One sequence to generate (a request with n > 1 becomes n of these, ids "<i>_<parent id>")."""
+class EngineCoreRequest(WireStruct):
+    """One sequence to generate (a request with n > 1 becomes n of these, ids "<i>_<parent id>").
+
+    ``request_id``: the sequence's id; ``prompt_token_ids``: its prompt; ``sampling_params``: validated,
+    with the model's EOS ids filled in; ``arrival_time``: ``time.monotonic()`` of the frontend when it came;
+    ``cache_salt``: prefix-cache blocks are shared only between requests of the same salt (None: unsalted).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
-    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests of the same salt
+    cache_salt: str | None = None
 
 
-@dataclass
-class EngineCoreOutputs:
-    """One step's results: per-sequence progress, the ids scheduled for the first time (they left the
-    queue), and a stats snapshot."""
+class EngineCoreOutputs(WireStruct):
+    """One step's results: ``outputs`` (per-sequence progress), ``scheduled_ids`` (sequences scheduled for
+    the first time: they left the queue), ``stats`` (a scheduler snapshot) and ``timestamp`` (the core's
+    ``time.monotonic()``)."""
 
-    outputs: list[EngineCoreOutput] = field(default_factory=list)
-    scheduled_ids: list[str] = field(default_factory=list)
+    outputs: list[EngineCoreOutput] = msgspec.field(default_factory=list)
+    scheduled_ids: list[str] = msgspec.field(default_factory=list)
     stats: SchedulerStats | None = None
     timestamp: float = 0.0
 

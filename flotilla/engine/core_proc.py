@@ -2,15 +2,14 @@
 
 The frontend binds two ZMQ IPC sockets in a private temporary directory (local only, never a network
 port) and starts ``python -m flotilla.engine.core_proc``; the core connects, loads the model and answers
-READY (or FAILED with the reason). Messages are msgpack (``flotilla.engine.messages``), never pickle. The
+``Ready`` (or ``Failed`` with the reason). The engine arguments arrive on stdin and every message on the
+sockets is a wire type of ``flotilla.engine.messages`` (msgpack via ``flotilla.wire``), never pickle. The
 core exits when told to, when its parent dies, or after reporting a failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -26,13 +25,17 @@ import zmq
 from flotilla import envs
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.core import EngineCore, EngineCoreOutputs
-from flotilla.engine.messages import (Kind, decode, encode, outputs_to_wire, request_from_wire)
+from flotilla.engine.messages import (FROM_CORE, TO_CORE, AbortRequests, AddRequest, Failed, FromCore, Outputs,
+                                      Ready, Shutdown, ToCore)
 from flotilla.errors import EngineDeadError, FlotillaError, ModelLoadError
 from flotilla.procutil import exit_with_parent
 from flotilla.request import RequestStatus
+from flotilla.wire import Codec
 
 logger = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
+# The frontend writes its EngineArgs to the core's stdin, then closes it.
+ENGINE_ARGS: Codec[EngineArgs] = Codec(EngineArgs, "engine arguments")
 
 
 class CoreServer:
@@ -47,7 +50,7 @@ class CoreServer:
             changed = False
             timeout = 0 if busy else int(PARENT_CHECK_S * 1000)
             while self.pull.poll(timeout):
-                if not self._handle(*decode(self.pull.recv())):
+                if not self._handle(TO_CORE.decode(self.pull.recv())):
                     return
                 changed, timeout = True, 0
             if os.getppid() != self.parent_pid:
@@ -58,18 +61,18 @@ class CoreServer:
             elif changed:  # idle after aborts: publish fresh stats so the frontend sees blocks freed
                 self._publish(EngineCoreOutputs(stats=self.core.scheduler.make_stats(), timestamp=time.monotonic()))
 
-    def _handle(self, kind: Kind, payload) -> bool:
-        if kind == Kind.ADD:
-            self.core.add_request(request_from_wire(payload))
-        elif kind == Kind.ABORT:
-            status = RequestStatus.FINISHED_STOPPED if payload["stopped"] else RequestStatus.FINISHED_ABORTED
-            self.core.finish_requests(payload["ids"], status)
-        elif kind == Kind.SHUTDOWN:
+    def _handle(self, msg: ToCore) -> bool:
+        if isinstance(msg, AddRequest):
+            self.core.add_request(msg.request)
+        elif isinstance(msg, AbortRequests):
+            status = RequestStatus.FINISHED_STOPPED if msg.stopped else RequestStatus.FINISHED_ABORTED
+            self.core.finish_requests(msg.ids, status)
+        elif isinstance(msg, Shutdown):
             return False
         return True
 
     def _publish(self, outputs: EngineCoreOutputs) -> None:
-        self.push.send(encode(Kind.OUTPUTS, outputs_to_wire(outputs)))
+        self.push.send(FROM_CORE.encode(Outputs(outputs)))
 
 
 def core_main(argv: list[str] | None = None) -> int:
@@ -81,7 +84,7 @@ def core_main(argv: list[str] | None = None) -> int:
     exit_with_parent(ns.parent_pid, PARENT_CHECK_S)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s [core]: %(message)s")
-    args = EngineArgs(**json.loads(sys.stdin.readline()))
+    args = ENGINE_ARGS.decode(sys.stdin.buffer.read())
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.connect(ns.input)
@@ -91,15 +94,15 @@ def core_main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         core = EngineCore(args.create_engine_config())
     except Exception as e:  # noqa: BLE001 - every startup failure is reported, then the process exits
-        push.send(encode(Kind.FAILED, {"error": str(e), "type": type(e).__name__}))
+        push.send(FROM_CORE.encode(Failed(str(e), type(e).__name__)))
         push.close(linger=2000)
         return 1
-    push.send(encode(Kind.READY, {"num_blocks": core.num_blocks}))
+    push.send(FROM_CORE.encode(Ready(core.num_blocks)))
     try:
         CoreServer(core, pull, push, ns.parent_pid).run()
     except Exception as e:  # noqa: BLE001
         logger.exception("engine core failed")
-        push.send(encode(Kind.FAILED, {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}))
+        push.send(FROM_CORE.encode(Failed(f"{type(e).__name__}: {e}", type(e).__name__)))
         push.close(linger=2000)
         return 1
     finally:
@@ -130,8 +133,8 @@ class CoreProcessClient:
         self._send_lock = threading.Lock()
         cmd = [sys.executable, "-m", "flotilla.engine.core_proc", "--input", in_addr, "--output", out_addr,
                "--parent-pid", str(os.getpid())]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
-        self.proc.stdin.write(json.dumps(dataclasses.asdict(args)) + "\n")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        self.proc.stdin.write(ENGINE_ARGS.encode(args))
         self.proc.stdin.close()
         self.num_blocks = self._await_ready(startup_timeout_s)
 
@@ -139,12 +142,12 @@ class CoreProcessClient:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._pull.poll(200):
-                kind, payload = decode(self._pull.recv())
-                if kind == Kind.READY:
-                    return payload["num_blocks"]
-                if kind == Kind.FAILED:
+                msg = FROM_CORE.decode(self._pull.recv())
+                if isinstance(msg, Ready):
+                    return msg.num_blocks
+                if isinstance(msg, Failed):
                     self.close()
-                    raise _error_class(payload["type"])(payload["error"])
+                    raise _error_class(msg.error_type)(msg.error)
             elif self.proc.poll() is not None:
                 self.close()
                 raise ModelLoadError(f"the engine core process exited with code {self.proc.returncode} "
@@ -152,10 +155,10 @@ class CoreProcessClient:
         self.close()
         raise ModelLoadError(f"the engine core did not start within {timeout_s:.0f} s")
 
-    def send(self, kind: Kind, payload) -> None:
+    def send(self, msg: ToCore) -> None:
         """Send a message; raises ``EngineDeadError`` once the core process is gone (a ZMQ PUSH socket
         without a peer would otherwise block forever)."""
-        data = encode(kind, payload)
+        data = TO_CORE.encode(msg)
         with self._send_lock:
             while True:
                 try:
@@ -166,10 +169,10 @@ class CoreProcessClient:
                         raise EngineDeadError(f"the engine core process exited (code {self.proc.returncode})")
                     self._push.poll(100, zmq.POLLOUT)
 
-    def recv(self, timeout_ms: int):
-        """The next message, or None after ``timeout_ms``."""
+    def recv(self, timeout_ms: int) -> FromCore | None:
+        """The next message, or None after ``timeout_ms``; ``WireError`` if the core sent a malformed one."""
         if self._pull.poll(timeout_ms):
-            return decode(self._pull.recv())
+            return FROM_CORE.decode(self._pull.recv())
         return None
 
     def is_alive(self) -> bool:
@@ -178,7 +181,7 @@ class CoreProcessClient:
     def close(self, timeout_s: float = 5.0) -> None:
         if self.proc.poll() is None:
             try:
-                self.send(Kind.SHUTDOWN, {})
+                self.send(Shutdown())
                 self.proc.wait(timeout_s)
             except (subprocess.TimeoutExpired, zmq.ZMQError, EngineDeadError):
                 self.proc.kill()

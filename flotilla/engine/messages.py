@@ -1,61 +1,57 @@
-"""The frontend <-> core-process wire format: typed messages encoded with msgpack (never pickle).
+"""The frontend <-> engine-core-process messages: tagged ``WireStruct``s (``flotilla.wire``), never pickle.
 
-Each message is ``[kind, payload]``; payloads are plain dicts/lists built from the documented dataclasses
-of ``flotilla.engine.core`` and ``flotilla.scheduler.output``.
+The frontend (``AsyncLLM``) sends ``ToCore`` messages, the core process answers with ``FromCore`` messages;
+``TO_CORE`` and ``FROM_CORE`` are their codecs (decoding anything else raises ``WireError``). Payloads are
+the engine core's own types (``EngineCoreRequest``, ``EngineCoreOutputs``), so nothing is converted by hand.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-
-import msgpack
+from typing import Union
 
 from flotilla.engine.core import EngineCoreOutputs, EngineCoreRequest
-from flotilla.scheduler.wire import params_from_wire, params_to_wire
-from flotilla.scheduler.output import EngineCoreOutput
-from flotilla.scheduler.scheduler import SchedulerStats
+from flotilla.wire import Codec, WireStruct
 
 
-class Kind(str, enum.Enum):
-    # frontend -> core
-    ADD = "add"
-    ABORT = "abort"  # payload: {"ids": [...], "stopped": bool}
-    SHUTDOWN = "shutdown"
-    # core -> frontend
-    READY = "ready"  # payload: {"num_blocks": int}
-    OUTPUTS = "outputs"
-    FAILED = "failed"  # payload: {"error": str, "type": str}; the core is gone
+class AddRequest(WireStruct, tag="add"):
+    """Frontend -> core: schedule ``request`` (one sequence; ``n > 1`` is fanned out by the frontend)."""
+
+    request: EngineCoreRequest
 
 
-def encode(kind: Kind, payload) -> bytes:
-    return msgpack.packb([kind.value, payload], use_bin_type=True)
+class AbortRequests(WireStruct, tag="abort"):
+    """Frontend -> core: finish the sequences ``ids`` and free their KV blocks; ``stopped``: a stop string
+    ended them (finish reason "stop"), else they were aborted."""
+
+    ids: list[str]
+    stopped: bool
 
 
-def decode(data: bytes) -> tuple[Kind, object]:
-    kind, payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return Kind(kind), payload
+class Shutdown(WireStruct, tag="shutdown"):
+    """Frontend -> core: exit."""
 
 
-def request_to_wire(req: EngineCoreRequest) -> dict:
-    return {"id": req.request_id, "prompt": req.prompt_token_ids, "params": params_to_wire(req.sampling_params),
-            "arrival": req.arrival_time, "salt": req.cache_salt}
+class Ready(WireStruct, tag="ready"):
+    """Core -> frontend, once: the model is loaded and the KV cache holds ``num_blocks`` blocks."""
+
+    num_blocks: int
 
 
-def request_from_wire(d: dict) -> EngineCoreRequest:
-    return EngineCoreRequest(d["id"], list(d["prompt"]), params_from_wire(d["params"]), d["arrival"], d.get("salt"))
+class Outputs(WireStruct, tag="outputs"):
+    """Core -> frontend: one step's ``outputs`` (or a stats refresh after aborts while idle)."""
+
+    outputs: EngineCoreOutputs
 
 
-def outputs_to_wire(out: EngineCoreOutputs) -> dict:
-    rows = [[o.req_id, o.new_token_ids, [list(lp) for lp in o.new_logprobs], o.finish_reason, o.stop_reason,
-             o.num_cached_tokens] for o in out.outputs]
-    stats = dataclasses.asdict(out.stats) if out.stats is not None else None
-    return {"outputs": rows, "scheduled": out.scheduled_ids, "stats": stats, "ts": out.timestamp}
+class Failed(WireStruct, tag="failed"):
+    """Core -> frontend, last: the core failed with ``error`` (the message), an exception of class
+    ``error_type`` (a ``flotilla.errors`` name); the process exits."""
+
+    error: str
+    error_type: str
 
 
-def outputs_from_wire(d: dict) -> EngineCoreOutputs:
-    outputs = [EngineCoreOutput(req_id=r[0], new_token_ids=r[1], new_logprobs=[tuple(lp) for lp in r[2]],
-                                finish_reason=r[3], stop_reason=r[4], num_cached_tokens=r[5])
-               for r in d["outputs"]]
-    stats = SchedulerStats(**d["stats"]) if d["stats"] is not None else None
-    return EngineCoreOutputs(outputs, list(d["scheduled"]), stats, d["ts"])
+ToCore = Union[AddRequest, AbortRequests, Shutdown]
+FromCore = Union[Ready, Outputs, Failed]
+TO_CORE: Codec[ToCore] = Codec(ToCore, "frontend -> engine core message")
+FROM_CORE: Codec[FromCore] = Codec(FromCore, "engine core -> frontend message")

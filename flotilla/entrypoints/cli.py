@@ -17,10 +17,8 @@ from flotilla.errors import FlotillaError
 def follow_launcher(ns: argparse.Namespace) -> int | None:
     """Under torchrun / mpirun / srun: ranks > 0 serve rank 0 and return their exit code here; rank 0
     returns None and goes on as the driver (HTTP server or generator) with the external executor."""
-    import os
-
     from flotilla.distributed.launch import detect_launch
-    info = detect_launch(os.environ)
+    info = detect_launch(envs.launcher_environment())
     if info is None or info.world_size == 1:
         return None
     if getattr(ns, "config", None) is not None:

@@ -1,32 +1,33 @@
 """Multi-rank executors: rank 0 is the driver worker inside the engine; the other ranks follow it.
 
-The driver broadcasts each call as one msgpack message over the world CPU group (the scheduler output is
-already a diff), runs its own share, and collects replies point to point (``worker_proc`` has the other
-side). ``MultiprocExecutor`` spawns ranks 1..W-1 as local processes; ``ExternalLauncherExecutor`` joins
-ranks that torchrun / mpirun / srun started (they run ``worker_proc.run_worker``).
+The driver sends each call to every rank as one message of ``flotilla.scheduler.wire`` over the control
+queues (the scheduler output is already a diff), runs its own share, and collects replies point to point
+(``worker_proc`` has the other side). ``MultiprocExecutor`` spawns ranks 1..W-1 as local processes;
+``ExternalLauncherExecutor`` joins ranks that torchrun / mpirun / srun started (they run
+``worker_proc.run_worker``).
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 
+from flotilla import envs
 from flotilla.config import EngineConfig
 from flotilla.distributed.control import DriverChannel
 from flotilla.distributed.parallel_state import destroy_distributed, get_world_group
 from flotilla.distributed.utils import describe_parallel_plan
 from flotilla.errors import EngineDeadError
 from flotilla.executor.base import Executor, StepHandle
-from flotilla.worker.config_wire import engine_config_to_wire
-from flotilla.scheduler.wire import pack, runner_output_from_wire, scheduler_output_to_wire
+from flotilla.scheduler.wire import FROM_WORKER, TO_WORKER, Rpc, RpcResult, Shutdown, Step, StepResult, expect
+from flotilla.worker.config_wire import encode_engine_config
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.worker.worker import Worker
-from flotilla.worker.worker_proc import join_group, sampler_rank
+from flotilla.worker.worker_proc import call_worker, join_group, sampler_rank
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class DriverExecutor(Executor):
         logger.error(self.dead)
         return EngineDeadError(self.dead)
 
-    def _recv(self):
-        return self.channel.recv(self.timeout_s, self.workers_alive)
+    def _recv(self, expected: type):
+        """The next reply, which must be an ``expected`` message (anything else is a protocol error)."""
+        return expect(FROM_WORKER.decode(self.channel.recv(self.timeout_s, self.workers_alive)), expected)
 
     def collective_rpc(self, method: str, *args, **kwargs) -> list:
         if kwargs:
@@ -89,11 +91,12 @@ class DriverExecutor(Executor):
         self._check()
         self._drain_pending()
         try:
-            self.channel.send_all(pack("rpc", {"method": method, "args": list(args)}))
-            results = {0: getattr(self.worker, method)(*args)}
+            rpc = Rpc(method, list(args))
+            self.channel.send_all(TO_WORKER.encode(rpc))
+            results = {0: call_worker(self.worker, rpc)}
             while len(results) < self.world_size:
-                kind, reply = self._recv()
-                results[reply["rank"]] = reply["value"]
+                reply = self._recv(RpcResult)
+                results[reply.rank] = reply.value
         except Exception as e:  # noqa: BLE001 - a broken group is fatal for this executor
             raise self._fail(e) from e
         return [results[r] for r in range(self.world_size)]
@@ -101,7 +104,7 @@ class DriverExecutor(Executor):
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         self._check()
         try:
-            self.channel.send_all(pack("step", scheduler_output_to_wire(scheduler_output)))
+            self.channel.send_all(TO_WORKER.encode(Step(scheduler_output)))
             out = self.worker.execute_model(scheduler_output)
         except Exception as e:  # noqa: BLE001
             raise self._fail(e) from e
@@ -116,14 +119,14 @@ class DriverExecutor(Executor):
         while not handle.done():
             head = self._pending.popleft()
             try:
-                kind, reply = self._recv()
+                reply = self._recv(StepResult)
             except Exception as e:  # noqa: BLE001
                 err = self._fail(e)
                 head.set_error(err)
                 while self._pending:
                     self._pending.popleft().set_error(err)
                 raise err from e
-            head.set_result(runner_output_from_wire(reply))
+            head.set_result(reply.output)
 
     def _drain_pending(self) -> None:
         if self._pending:
@@ -136,7 +139,7 @@ class DriverExecutor(Executor):
         if self.dead is None:
             try:
                 self._drain_pending()
-                self.channel.send_all(pack("shutdown", {}))
+                self.channel.send_all(TO_WORKER.encode(Shutdown()))
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
         self.channel.close()
@@ -148,13 +151,13 @@ class MultiprocExecutor(DriverExecutor):
 
     def __init__(self, config: EngineConfig):
         init_method = f"tcp://127.0.0.1:{free_local_port()}"
-        wire = json.dumps(engine_config_to_wire(config))
+        wire = encode_engine_config(config)
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, config.parallel.world_size):
             cmd = [sys.executable, "-m", "flotilla.worker.worker_proc", "--rank", str(rank),
                    "--init-method", init_method, "--parent-pid", str(os.getpid())]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
-            proc.stdin.write(wire + "\n")
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            proc.stdin.write(wire)
             proc.stdin.close()
             self.procs.append(proc)
         try:
@@ -192,7 +195,7 @@ class ExternalLauncherExecutor(DriverExecutor):
 
     def __init__(self, config: EngineConfig):
         from flotilla.distributed.launch import detect_launch
-        info = detect_launch(os.environ)
+        info = detect_launch(envs.launcher_environment())
         if info is None or info.rank != 0 or info.world_size != config.parallel.world_size:
             raise EngineDeadError(f"the external executor needs rank 0 of a launcher with world size "
                                   f"{config.parallel.world_size}; found {info}")

@@ -3,8 +3,10 @@
 The engine (the Ray driver) holds no model shard. It reserves ``world_size`` bundles (``{"CPU": 1}``, or
 ``{"GPU": 1}`` on CUDA), starts one ``RankActor`` in each bundle, asks rank 0's actor for its node IP and
 a free port, and has every actor join the torch process group at ``tcp://ip:port`` and load its shard.
-Each step then goes to every actor as msgpack bytes of the scheduler output; the sampler rank (TP rank 0
-of the last pipeline stage) answers with msgpack bytes of its ModelRunnerOutput, the others with ``b""``.
+Every call carries bytes of ``flotilla.scheduler.wire``'s messages (the same as the mp executor's): each
+step goes to every actor as a ``Step``; the sampler rank (TP rank 0 of the last pipeline stage) answers with
+a ``StepResult``, the others with ``b""``. The engine config travels as ``flotilla.worker.config_wire``
+bytes.
 Ray runs an actor's calls in submission order, so with pipeline parallelism several steps are in flight
 (stage 0 computes step N+1 while stage 1 computes step N), exactly as with the mp executor.
 
@@ -36,8 +38,9 @@ from flotilla.distributed.utils import describe_parallel_plan
 from flotilla.errors import EngineDeadError
 from flotilla.executor.base import Executor, StepHandle
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from flotilla.scheduler.wire import pack, runner_output_from_wire, scheduler_output_to_wire, unpack
-from flotilla.worker.config_wire import engine_config_to_wire
+from flotilla.scheduler.wire import FROM_WORKER, TO_WORKER, Ready, Rpc, RpcResult, Step, StepResult, expect
+from flotilla.worker.config_wire import encode_engine_config
+from flotilla.wire import WireError
 from flotilla.worker.worker_proc import sampler_rank
 
 logger = logging.getLogger(__name__)
@@ -51,16 +54,16 @@ class RankActor:
 
     Lifecycle (each call is a Ray method call, run in submission order): ``node_info()`` ->
     ``free_port()`` (rank 0 only) -> ``setup(init_method)`` -> ``rpc`` / ``execute`` ... -> ``close()``.
-    The config arrives as the JSON-able dict of ``config_wire`` and is rebuilt here; requests and
-    replies are msgpack bytes, never pickled objects of ours.
+    The config arrives as ``config_wire`` bytes and is rebuilt here; requests and replies are bytes of
+    ``flotilla.scheduler.wire`` messages, never pickled objects of ours.
     """
 
-    def __init__(self, config_wire: dict, rank: int):
+    def __init__(self, config: bytes, rank: int):
         from flotilla import envs
-        from flotilla.worker.config_wire import engine_config_from_wire
+        from flotilla.worker.config_wire import decode_engine_config
         logging.basicConfig(level=envs.log_level(),
                             format=f"%(levelname)s %(name)s [ray rank {rank}]: %(message)s")
-        self.config = engine_config_from_wire(config_wire)
+        self.config = decode_engine_config(config)
         self.rank = rank
         self.samples = rank == sampler_rank(self.config)
         self.worker = None
@@ -85,21 +88,19 @@ class RankActor:
         self.worker = Worker(self.config, rank=self.rank)
         self.worker.load_model()
         tp, pp = get_tp_group(), get_pp_group()
-        return pack("ready", {"tp_rank": tp.rank_in_group, "pp_rank": pp.rank_in_group})
+        return FROM_WORKER.encode(Ready(tp.rank_in_group, pp.rank_in_group))
 
-    def rpc(self, method: str, args: bytes) -> bytes:
-        """Call a public Worker method with msgpack-encoded positional args; reply msgpack bytes."""
-        if method.startswith("_"):
-            raise AttributeError(f"refusing to call private Worker method {method!r}")
-        _, payload = unpack(args)
-        return pack("result", getattr(self.worker, method)(*payload))
+    def rpc(self, data: bytes) -> bytes:
+        """Run an ``Rpc`` message (a public Worker method); reply with an ``RpcResult``'s bytes."""
+        from flotilla.worker.worker_proc import call_worker
+        rpc = expect(TO_WORKER.decode(data), Rpc)
+        return FROM_WORKER.encode(RpcResult(self.rank, call_worker(self.worker, rpc)))
 
-    def execute(self, scheduler_output: bytes) -> bytes:
-        """Run one step; the sampler rank returns its ModelRunnerOutput as msgpack bytes, others b""."""
-        from flotilla.scheduler.wire import runner_output_to_wire, scheduler_output_from_wire
-        _, payload = unpack(scheduler_output)
-        out = self.worker.execute_model(scheduler_output_from_wire(payload))
-        return pack("out", runner_output_to_wire(out)) if self.samples else b""
+    def execute(self, data: bytes) -> bytes:
+        """Run a ``Step`` message; the sampler rank returns its ``StepResult``'s bytes, the others b""."""
+        step = expect(TO_WORKER.decode(data), Step)
+        out = self.worker.execute_model(step.scheduler_output)
+        return FROM_WORKER.encode(StepResult(out)) if self.samples else b""
 
     def close(self) -> None:
         """Leave the process group (the executor kills the actor afterwards anyway)."""
@@ -173,7 +174,7 @@ class RayExecutor(Executor):
         """Start one actor per bundle, rendezvous at rank 0's node and load every shard."""
         gpu = self._gpu()
         remote_cls = ray.remote(RankActor)
-        wire = engine_config_to_wire(self.config)
+        wire = encode_engine_config(self.config)
         for rank in range(self.world_size):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg,
                                                         placement_group_bundle_index=rank)
@@ -211,17 +212,17 @@ class RayExecutor(Executor):
         if kwargs:
             raise TypeError("collective_rpc takes positional arguments only (they travel as msgpack)")
         self._check()
-        args_wire = pack("args", list(args))
+        data = TO_WORKER.encode(Rpc(method, list(args)))
         try:
-            replies = self._gather([a.rpc.remote(method, args_wire) for a in self.actors], self.step_timeout_s,
+            replies = self._gather([a.rpc.remote(data) for a in self.actors], self.step_timeout_s,
                                    f"rpc {method}")
-        except EngineDeadError as e:
+            return [expect(FROM_WORKER.decode(r), RpcResult).value for r in replies]
+        except (EngineDeadError, WireError) as e:
             raise self._fail(str(e)) from e
-        return [unpack(r)[1] for r in replies]
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         self._check()
-        data = pack("step", scheduler_output_to_wire(scheduler_output))
+        data = TO_WORKER.encode(Step(scheduler_output))
         try:
             refs = [a.execute.remote(data) for a in self.actors]
         except Exception as e:  # noqa: BLE001 - submitting to a dead actor
@@ -238,10 +239,11 @@ class RayExecutor(Executor):
             return
         try:
             replies = self._gather(refs, self.step_timeout_s, "a model step")
-        except EngineDeadError as e:
+            output = expect(FROM_WORKER.decode(replies[self.sampler_rank]), StepResult).output
+        except (EngineDeadError, WireError) as e:
             handle.set_error(self._fail(str(e)))
             return
-        handle.set_result(runner_output_from_wire(unpack(replies[self.sampler_rank])[1]))
+        handle.set_result(output)
 
     def _check(self) -> None:
         if self.dead is not None:

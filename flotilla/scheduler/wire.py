@@ -1,65 +1,65 @@
-"""msgpack encoding of the batch contract (SchedulerOutput, ModelRunnerOutput) for worker processes.
+"""The driver <-> worker-rank messages (mp, external-launcher and Ray executors alike).
 
-Only documented dataclasses of primitives cross process boundaries; never pickle.
+The driver (rank 0) sends every rank a ``ToWorker`` message; ranks answer with ``FromWorker`` messages.
+Both are tagged unions of ``WireStruct``s, encoded with ``flotilla.wire`` (never pickle): ``TO_WORKER`` and
+``FROM_WORKER`` are their codecs, and decoding anything else raises ``WireError``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any, Union
 
-import msgpack
-
-from flotilla.sampling_params import SamplingParams
-from flotilla.scheduler.output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
-
-_PARAM_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
+from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from flotilla.wire import Codec, WireError, WireStruct
 
 
-def params_to_wire(p: SamplingParams) -> dict:
-    d = {name: getattr(p, name) for name in _PARAM_FIELDS}
-    d["eos_token_ids"] = list(d["eos_token_ids"])
-    return d
+class Step(WireStruct, tag="step"):
+    """Driver -> every rank: run one engine step (``scheduler_output``, a diff against the last step)."""
+
+    scheduler_output: SchedulerOutput
 
 
-def params_from_wire(d: dict) -> SamplingParams:
-    d = dict(d)
-    d["eos_token_ids"] = tuple(d["eos_token_ids"])
-    return SamplingParams(**d)
+class Rpc(WireStruct, tag="rpc"):
+    """Driver -> every rank: call the public Worker method ``method`` with positional ``args`` (plain
+    msgpack values) and reply with an ``RpcResult``."""
+
+    method: str
+    args: list[Any]
 
 
-def scheduler_output_to_wire(so: SchedulerOutput) -> dict:
-    return {
-        "new": [[r.req_id, r.prompt_token_ids, r.all_token_ids, params_to_wire(r.sampling_params), r.block_ids,
-                 r.num_computed_tokens] for r in so.scheduled_new_reqs],
-        "cached": [[r.req_id, r.new_token_ids, r.new_block_ids, r.num_computed_tokens]
-                   for r in so.scheduled_cached_reqs],
-        "num": so.num_scheduled_tokens,
-        "total": so.total_num_scheduled_tokens,
-        "finished": sorted(so.finished_req_ids),
-        "preempted": sorted(so.preempted_req_ids),
-    }
+class Shutdown(WireStruct, tag="shutdown"):
+    """Driver -> every rank: leave the serve loop and exit."""
 
 
-def scheduler_output_from_wire(d: dict) -> SchedulerOutput:
-    return SchedulerOutput(
-        scheduled_new_reqs=[NewRequestData(r[0], r[1], r[2], params_from_wire(r[3]), r[4], r[5]) for r in d["new"]],
-        scheduled_cached_reqs=[CachedRequestData(*r) for r in d["cached"]],
-        num_scheduled_tokens=dict(d["num"]), total_num_scheduled_tokens=d["total"],
-        finished_req_ids=set(d["finished"]), preempted_req_ids=set(d["preempted"]))
+class StepResult(WireStruct, tag="out"):
+    """The sampling rank (TP rank 0 of the last pipeline stage) -> driver: one step's ``output``."""
+
+    output: ModelRunnerOutput
 
 
-def runner_output_to_wire(out: ModelRunnerOutput) -> dict:
-    return {"sampled": out.sampled_token_ids, "logprobs": {k: list(v) for k, v in out.logprobs.items()}}
+class RpcResult(WireStruct, tag="result"):
+    """Every rank -> driver: the return ``value`` (plain msgpack) of an ``Rpc`` on ``rank``."""
+
+    rank: int
+    value: Any
 
 
-def runner_output_from_wire(d: dict) -> ModelRunnerOutput:
-    return ModelRunnerOutput(dict(d["sampled"]), {k: tuple(v) for k, v in d["logprobs"].items()})
+class Ready(WireStruct, tag="ready"):
+    """A Ray rank actor -> the Ray executor: joined the process group as ``tp_rank`` / ``pp_rank`` and loaded
+    its shard."""
+
+    tp_rank: int
+    pp_rank: int
 
 
-def pack(kind: str, payload) -> bytes:
-    return msgpack.packb([kind, payload], use_bin_type=True)
+ToWorker = Union[Step, Rpc, Shutdown]
+FromWorker = Union[StepResult, RpcResult, Ready]
+TO_WORKER: Codec[ToWorker] = Codec(ToWorker, "driver -> worker message")
+FROM_WORKER: Codec[FromWorker] = Codec(FromWorker, "worker -> driver message")
 
 
-def unpack(data: bytes):
-    kind, payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return kind, payload
+def expect(msg, kind: type):
+    """``msg`` if it is a ``kind`` message; else ``WireError`` (the other side broke the protocol)."""
+    if not isinstance(msg, kind):
+        raise WireError(f"expected a {kind.__name__} message, got {type(msg).__name__}")
+    return msg

@@ -1,16 +1,16 @@
 """The loop of a non-driver rank: receive driver messages over the world CPU group, run them, reply.
 
-Rank 0 (the driver, inside the engine) broadcasts one msgpack message per call: ``["step", scheduler
-output]``, ``["rpc", {"method", "args"}]`` or ``["shutdown", {}]``. Replies go back to rank 0 point to point:
-an rpc result from every rank, a step's sampled tokens only from the sampling rank (the first TP rank
-of the last pipeline stage) when that is not rank 0. Started as ``python -m flotilla.worker.worker_proc``
-(the mp executor), or called in-process by an external launcher (torchrun/mpirun/srun) on ranks > 0.
+Rank 0 (the driver, inside the engine) broadcasts one message per call (``flotilla.scheduler.wire``):
+``Step``, ``Rpc`` or ``Shutdown``. Replies go back to rank 0 point to point: an ``RpcResult`` from every rank,
+a step's ``StepResult`` only from the sampling rank (the first TP rank of the last pipeline stage) when that
+is not rank 0. Started as ``python -m flotilla.worker.worker_proc`` (the mp executor, which writes the
+engine config to its stdin: ``flotilla.worker.config_wire``), or called in-process by an external launcher
+(torchrun/mpirun/srun) on ranks > 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -19,10 +19,10 @@ from flotilla import envs
 from flotilla.config import EngineConfig
 from flotilla.distributed.parallel_state import (destroy_distributed, get_pp_group, get_tp_group,
                                                  get_world_group, init_distributed)
-from flotilla.worker.config_wire import engine_config_from_wire
+from flotilla.worker.config_wire import decode_engine_config
 from flotilla.procutil import exit_with_parent
 from flotilla.distributed.control import WorkerChannel
-from flotilla.scheduler.wire import pack, runner_output_to_wire, scheduler_output_from_wire
+from flotilla.scheduler.wire import FROM_WORKER, TO_WORKER, Rpc, RpcResult, Shutdown, Step, StepResult
 from flotilla.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,24 @@ def serve_driver(worker: Worker, config: EngineConfig) -> None:
     channel = WorkerChannel(world)
     try:
         while True:
-            kind, payload = channel.recv()
-            if kind == "shutdown":
+            msg = TO_WORKER.decode(channel.recv())
+            if isinstance(msg, Shutdown):
                 return
-            if kind == "step":
-                out = worker.execute_model(scheduler_output_from_wire(payload))
+            if isinstance(msg, Step):
+                out = worker.execute_model(msg.scheduler_output)
                 if samples:
-                    channel.send(pack("out", runner_output_to_wire(out)))
-            elif kind == "rpc":
-                result = getattr(worker, payload["method"])(*payload["args"])
-                channel.send(pack("result", {"rank": me, "value": result}))
+                    channel.send(FROM_WORKER.encode(StepResult(out)))
+            elif isinstance(msg, Rpc):
+                channel.send(FROM_WORKER.encode(RpcResult(me, call_worker(worker, msg))))
     finally:
         channel.close()
+
+
+def call_worker(worker: Worker, rpc: Rpc):
+    """Run an ``Rpc`` on this rank's Worker: public methods only."""
+    if rpc.method.startswith("_"):
+        raise AttributeError(f"refusing to call private Worker method {rpc.method!r}")
+    return getattr(worker, rpc.method)(*rpc.args)
 
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> int:
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent(ns.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=envs.log_level(), format=f"%(levelname)s %(name)s [rank {ns.rank}]: %(message)s")
-    config = engine_config_from_wire(json.loads(sys.stdin.readline()))
+    config = decode_engine_config(sys.stdin.buffer.read())
     try:
         return run_worker(config, ns.rank, ns.init_method)
     except Exception as e:  # noqa: BLE001 - a broken group or failed load ends this rank with a message

@@ -22,7 +22,8 @@ class InputProcessor:
     """Validates requests before they reach the scheduler, so a bad request never disturbs others.
 
     Contract: ``process`` returns a prompt whose token ids are all in ``[0, vocab_size)`` and whose
-    ``len(prompt) + max_tokens <= max_model_len``; anything else raises ``InvalidRequestError`` naming the
+    ``len(prompt) + max_tokens <= max_model_len`` (``max_tokens`` None becomes the rest of the context, which
+    must hold ``min_tokens``: EOS is suppressed until then); anything else raises ``InvalidRequestError`` naming the
     problem (the context-length message names the limit, the prompt tokens and max_tokens; ``param`` names
     the request field the prompt came from, "prompt" unless told). ``precheck`` (which ``process`` runs
     first) validates the params and rejects a prompt that provably cannot fit (token ids by their count,
@@ -83,7 +84,7 @@ class InputProcessor:
 
     def _check_fits(self, n: int, params: SamplingParams, param: str, at_least: bool = False) -> None:
         """InvalidRequestError unless a prompt of ``n`` tokens (at least ``n`` when ``at_least``) leaves room
-        for ``params.max_tokens`` (for one token when it is None)."""
+        for ``params.max_tokens`` (when None: for one token, and for ``min_tokens``)."""
         some = "at least " if at_least else ""
         if n >= self.max_model_len:
             raise InvalidRequestError(
@@ -95,6 +96,12 @@ class InputProcessor:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{some}{n + max_tokens} tokens ({some}{n} in the prompt, {max_tokens} for the completion "
                 f"(max_tokens)). Please reduce the prompt or max_tokens.", "max_tokens")
+        room = self.max_model_len - n
+        if max_tokens is None and params.min_tokens > room:
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) is more than the context has room for: this model's maximum "
+                f"context length is {self.max_model_len} tokens and the prompt has {some}{n} tokens, leaving "
+                f"{'at most ' if at_least else ''}{room} for the completion.", "min_tokens")
 
     def process(self, prompt: PromptType, params: SamplingParams, param: str = "prompt") -> ProcessedPrompt:
         self.precheck(prompt, params, param)

@@ -81,3 +81,36 @@ def test_offline_min_tokens_beyond_the_context(tiny_llama_engine):
     assert info.value.param == "min_tokens"
     (out,) = tiny_llama_engine.generate([5] * 250, SamplingParams(max_tokens=None, min_tokens=6, temperature=0))
     assert len(out.outputs[0].token_ids) == 6
+
+
+# ------------------------------------------------------------------------ item 6: non-finite JSON numbers
+NON_FINITE = [  # (path, raw body, param, path in the message)
+    ("/v1/completions", b'{"prompt": "Hi", "temperature": 1e999}', "temperature", "temperature: 1e999"),
+    ("/v1/completions", b'{"prompt": "Hi", "repetition_penalty": 1e999}', "repetition_penalty", None),
+    ("/v1/completions", b'{"prompt": "Hi", "presence_penalty": -1e999}', "presence_penalty", None),
+    ("/v1/completions", b'{"prompt": "Hi", "top_p": NaN}', "top_p", "top_p: NaN"),
+    ("/v1/completions", b'{"prompt": "Hi", "min_p": Infinity}', "min_p", None),
+    ("/v1/completions", b'{"prompt": "Hi", "frequency_penalty": -Infinity}', "frequency_penalty", None),
+    ("/v1/completions", b'{"prompt": [1, 2, 1e999]}', "prompt", "prompt.2"),
+    ("/v1/completions", b'{"prompt": "Hi", "unknown_field": {"x": [NaN]}}', "unknown_field", "unknown_field.x.0"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e999}',
+     "temperature", None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi", "weight": -1e400}]}', "messages",
+     "messages.0.weight"),
+    ("/tokenize", b'{"prompt": "Hi", "add_special_tokens": Infinity}', "add_special_tokens", None),
+]
+
+
+@pytest.mark.parametrize("path,raw,param,where", NON_FINITE)
+def test_non_finite_numbers_are_400_naming_the_field(server, path, raw, param, where):
+    msg = error_of(post(server, path, raw=raw), param)
+    assert "finite" in msg and (where or param) in msg
+
+
+def test_offline_non_finite_sampling_params(tiny_llama_engine):
+    for field in ("temperature", "repetition_penalty", "presence_penalty", "top_p", "min_p"):
+        params = SamplingParams(max_tokens=2)
+        setattr(params, field, float("inf"))
+        with pytest.raises(InvalidRequestError) as info:
+            tiny_llama_engine.generate("Hi", params)
+        assert info.value.param == field and "finite" in info.value.message

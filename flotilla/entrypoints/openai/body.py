@@ -1,13 +1,17 @@
 """Reading a JSON request body into a pydantic model, with a 400 for every way it can be wrong.
 
 Contract: ``parse_body`` returns a validated model or raises ``APIError(400)`` whose message (and
-``param``) names the problem: wrong content type, bytes that are not UTF-8 JSON (truncated included), NaN or
-Infinity, a top-level value that is not an object, or a field of the wrong type or shape.
+``param``) names the problem: wrong content type, bytes that are not UTF-8 JSON (truncated included), a
+number that is not finite anywhere in the body (the ``NaN`` / ``Infinity`` / ``-Infinity`` literals Python's
+json accepts, or a literal such as ``1e999`` that overflows to infinity; the message names its path, e.g.
+``messages.0.content``, and ``param`` its top-level field), a top-level value that is not an object, or a
+field of the wrong type or shape.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import TypeVar
 
 from fastapi import Request
@@ -18,26 +22,61 @@ from flotilla.entrypoints.openai.errors import APIError
 M = TypeVar("M", bound=BaseModel)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+class _NonFinite:
+    """Stands in for a non-finite JSON number while decoding, so its path can be reported."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
 
 
 def decode_json_object(raw: bytes) -> dict:
-    """The JSON object in ``raw``; APIError(400) for anything else."""
+    """The JSON object in ``raw``; APIError(400) for anything else (see the module contract)."""
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
         text = raw.decode("utf-8")  # JSON over HTTP is UTF-8 (json.loads would also guess UTF-16/32)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8") from None
+    non_finite: list[_NonFinite] = []
+
+    def non_finite_marker(literal: str) -> _NonFinite:
+        non_finite.append(_NonFinite(literal))
+        return non_finite[-1]
+
+    def parse_float(literal: str):
+        value = float(literal)
+        return value if math.isfinite(value) else non_finite_marker(literal)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_float=parse_float, parse_constant=non_finite_marker)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         kind = "null" if value is None else type(value).__name__
         raise APIError(400, f"the request body must be a JSON object, got {kind}")
+    if non_finite:
+        raise _non_finite_error(value, non_finite[0])
     return value
+
+
+def _non_finite_error(value, marker: _NonFinite) -> APIError:
+    path = _path_to(value, marker, [])
+    where = ".".join(str(p) for p in path) if path else "the request body"
+    param = str(path[0]) if path else None
+    return APIError(400, f"{where}: {marker.literal} is not a finite number (JSON numbers must be finite)", param)
+
+
+def _path_to(value, marker: _NonFinite, path: list) -> list | None:
+    """The keys and indexes leading to ``marker`` inside ``value`` (iteratively: bodies can nest deep)."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if node is marker:
+            return where
+        if isinstance(node, dict):
+            stack.extend((v, where + [k]) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((v, where + [i]) for i, v in reversed(list(enumerate(node))))
+    return None
 
 
 def validation_error(exc: ValidationError) -> APIError:

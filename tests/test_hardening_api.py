@@ -114,3 +114,25 @@ def test_offline_non_finite_sampling_params(tiny_llama_engine):
         with pytest.raises(InvalidRequestError) as info:
             tiny_llama_engine.generate("Hi", params)
         assert info.value.param == field and "finite" in info.value.message
+
+
+# ------------------------------------------------------------------------ item 7: unknown chat roles
+def test_unknown_chat_role_is_400_naming_messages(server, client):
+    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "wizard", "content": "Abracadabra"}]}
+    msg = error_of(post(server, "/v1/chat/completions", body), "messages")
+    assert "messages.1.role" in msg and "wizard" in msg and "assistant" in msg
+    msg = error_of(post(server, "/tokenize", body), "messages")
+    assert "wizard" in msg
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2,
+                                       messages=[{"role": "wizard", "content": "Hi"}])
+    assert info.value.body["param"] == "messages"
+
+
+def test_every_openai_role_is_accepted(server):
+    roles = ["system", "developer", "user", "assistant", "tool", "function", "user"]
+    body = {"messages": [{"role": role, "content": f"a {role} message"} for role in roles]}
+    r = post(server, "/tokenize", body)
+    assert r.status_code == 200 and r.json()["count"] > len(roles), r.text
+    r = post(server, "/v1/chat/completions", {**body, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text

@@ -80,7 +80,8 @@ def _path_to(value, marker: _NonFinite, path: list) -> list | None:
 
 
 def validation_error(exc: ValidationError) -> APIError:
-    """APIError(400) naming the first invalid field (``param`` is its top-level name)."""
+    """APIError(400) naming the first invalid field (``param`` is its top-level name) and, for a short
+    scalar, the value given."""
     first = exc.errors()[0]
     loc = [x for x in first.get("loc", ()) if not _is_union_tag(x)]
     path = ".".join(str(x) for x in loc)
@@ -88,6 +89,9 @@ def validation_error(exc: ValidationError) -> APIError:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         return APIError(400, f"{path} is required", param)
+    given = first.get("input")
+    if isinstance(given, (str, int, float)) and len(repr(given)) <= 80:
+        msg = f"{msg}, got {given!r}"
     return APIError(400, f"{path}: {msg}" if path else msg, param)
 
 

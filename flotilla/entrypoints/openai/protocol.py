@@ -8,7 +8,7 @@ input processor, which name the field; the few checks that only make sense at th
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, with_config
 from typing_extensions import NotRequired, TypedDict
@@ -105,6 +105,10 @@ class CompletionRequest(_SamplingFields):
         return self.sampling_params(self.max_tokens, self.logprobs)
 
 
+# OpenAI's message roles; anything else is a 400 naming ``messages`` (as OpenAI answers).
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 @with_config(ConfigDict(strict=True, extra="ignore"))
 class ContentPart(TypedDict):
     type: str
@@ -116,7 +120,7 @@ class ChatMessage(TypedDict):
     """A chat message, validated into a plain dict (a TypedDict validates ~20x faster than a model, which
     matters for a body with hundreds of thousands of messages)."""
 
-    role: str
+    role: ChatRole
     content: NotRequired[str | list[ContentPart] | None]
     name: NotRequired[str | None]
 

@@ -91,8 +91,10 @@ class ServingContext:
         """Raise APIError(503 | 429) unless admitted; on admission count the requests as waiting (an
         ``EngineRun`` settles the count)."""
         waiting = max(self.engine.num_queued_requests, self.waiting.num_waiting)
-        decision = decide(draining=self.tracker.draining, engine_dead=self.engine.is_dead, num_waiting=waiting,
-                          max_waiting=self.config.max_queued_requests, retry_after_s=self.config.retry_after_s)
+        dead = self.engine.is_dead
+        decision = decide(draining=self.tracker.draining, engine_dead=dead, num_waiting=waiting,
+                          max_waiting=self.config.max_queued_requests, retry_after_s=self.config.retry_after_s,
+                          dead_reason=str(self.engine.dead_error) if dead else None)
         if not decision.admitted:
             headers = {"Retry-After": str(decision.retry_after_s)} if decision.retry_after_s else None
             raise APIError(decision.status, decision.message, headers=headers)

@@ -2,8 +2,9 @@
 rejected before it is tokenized whole, one huge request never stalls small ones, and the server's memory
 returns to its baseline afterwards.
 
-One real ``flotilla serve`` process (tiny random Llama with SmolLM2's tokenizer, ``max_model_len`` 512, the
-default 32 MB body limit) is shared by the module.
+Real ``flotilla serve`` processes (tiny random Llama with SmolLM2's tokenizer, the default 32 MB body
+limit): ``server`` (``max_model_len`` 512) and ``long_server`` (``max_model_len`` 131072, where a 2 MB prompt
+is under the length bound and is tokenized whole, on the large tokenizer lane).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def text_of(num_bytes: int) -> str:
 def server(tiny_llama):
     path, _ = tiny_llama
     srv = ServerProcess(path, "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64")
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory, smollm2_tokenizer_dir):
+    from conftest import build_tiny_model
+    path = tmp_path_factory.mktemp("tiny_llama_128k")
+    build_tiny_model(path, smollm2_tokenizer_dir, max_position_embeddings=131072)
+    srv = ServerProcess(str(path), "--max-model-len", "131072", "--num-kv-blocks", "8200")
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -108,6 +119,43 @@ def test_huge_prompts_are_rejected_without_stalling_others_or_keeping_memory(ser
     while rss_mb(server) > rss_before + 100 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert rss_mb(server) <= rss_before + 100, f"RSS {rss_mb(server):.0f} MB, {rss_before:.0f} MB before"
+
+
+def test_a_long_tokenization_does_not_queue_small_requests(long_server):
+    """A 2 MB prompt under the length bound of a 128K-context model is tokenized whole (about 600K tokens,
+    seconds of work) before its 400; small requests keep completing meanwhile (on the other lane), and
+    the memory of that tokenization is handed back."""
+    srv = long_server
+    body = json.dumps({"prompt": text_of(2 * 2**20), "max_tokens": 4}).encode()
+    with httpx.Client(base_url=srv.url, timeout=300) as client:
+        for _ in range(3):
+            small_request(client)
+        r = client.post("/v1/completions", json={"prompt": text_of(40_000), "max_tokens": 1})  # large lane
+        assert r.status_code == 200, r.text
+        rss_before = rss_mb(srv)
+        big: dict = {}
+
+        def send() -> None:
+            with httpx.Client(base_url=srv.url, timeout=300) as c:
+                big["r"] = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        done_meanwhile = 0
+        while sender.is_alive():
+            small_request(client)
+            done_meanwhile += sender.is_alive()
+        sender.join()
+    err = big["r"].json()["error"]
+    assert big["r"].status_code == 400 and err["param"] == "prompt" and "at least" not in err["message"], err
+    assert int(err["message"].split("your prompt has ")[1].split()[0]) > 400_000  # counted exactly
+    # Behind one tokenizer thread, only requests sent in the moment before it started could finish.
+    assert done_meanwhile >= 5, f"only {done_meanwhile} small requests completed while the big one ran"
+    print(f"{done_meanwhile} small requests completed while the big one was tokenized")
+    deadline = time.monotonic() + 30
+    while rss_mb(srv) > rss_before + 100 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert rss_mb(srv) <= rss_before + 100, f"RSS {rss_mb(srv):.0f} MB, {rss_before:.0f} MB before"
 
 
 def test_memory_of_a_whole_tokenization_is_handed_back(smollm2_tokenizer_dir):

@@ -10,7 +10,8 @@ import sys
 import unicodedata
 
 import pytest
-from tokenizers import Tokenizer as RawTokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer as RawTokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from flotilla.engine.input_processor import InputProcessor
 from flotilla.errors import InvalidRequestError
@@ -113,8 +114,8 @@ def test_pipelines_that_can_drop_or_fuse_text_have_no_bound():
         "char BPE with unk": _trained(models.BPE(unk_token="<unk>", fuse_unk=True)),
         "Strip": _trained(models.BPE(), byte_level, normalizers.Strip(), byte_alphabet=True),
         "deleting Replace": _trained(models.BPE(), byte_level, normalizers.Replace("x", ""), byte_alphabet=True),
-        "regex Replace": _trained(models.BPE(), byte_level,
-                                  normalizers.Replace(__import__("tokenizers").Regex(" +"), " "), byte_alphabet=True),
+        "regex Replace": _trained(models.BPE(), byte_level, normalizers.Replace(Regex(" +"), " "),
+                                  byte_alphabet=True),
         "removed Split": _trained(models.BPE(), pre_tokenizers.Sequence(
             [pre_tokenizers.Split(" ", "removed"), byte_level]), byte_alphabet=True),
     }
@@ -140,7 +141,7 @@ def test_normalizer_factors():
     assert plain.max_chars_per_token >= 1 and plain.dropped == ""
     assert nfc.max_chars_per_token == MAX_CANONICAL_DECOMPOSITION * plain.max_chars_per_token
     assert halve.max_chars_per_token == 2 * plain.max_chars_per_token
-    tok = Tokenizer(__import__("transformers").PreTrainedTokenizerFast(
+    tok = Tokenizer(PreTrainedTokenizerFast(
         tokenizer_object=_trained(models.BPE(), byte_level, normalizers.NFC(), byte_alphabet=True)))
     for text in ["e\u0301" * 400, "\u1100\u1161\u11a8" * 300, "\u03b1\u0313\u0300\u0345" * 200, "the fox " * 90]:
         assert tok.min_num_tokens(text) <= len(tok.encode(text))

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flotilla.errors import InvalidRequestError
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -72,6 +74,27 @@ class ModelConfig:
     def head_dim(self) -> int:
         hd = getattr(self.hf_config, "head_dim", None)
         return int(hd) if hd else self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config.num_attention_heads)
+
+    @property
+    def intermediate_size(self) -> int | None:
+        size = getattr(self.hf_config, "intermediate_size", None)
+        return int(size) if size else None
+
+    def fits_tensor_parallel(self, tp: int) -> bool:
+        """Whether the parallel layers can shard this model ``tp`` ways: query heads split evenly; KV heads
+        split evenly, or (fewer KV heads than ranks) each is replicated on ``tp / kv_heads`` ranks; the MLP's
+        intermediate size splits evenly. (The vocabulary is padded to a multiple of ``tp``.)"""
+        kv = self.num_kv_heads
+        return (tp >= 1 and self.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+                and (self.intermediate_size is None or self.intermediate_size % tp == 0))
+
+    def tensor_parallel_sizes(self) -> list[int]:
+        """Every tensor-parallel size this model can be sharded to (all divide the attention heads)."""
+        return [tp for tp in range(1, self.num_heads + 1) if self.fits_tensor_parallel(tp)]
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,8 @@ class DeviceConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an engine needs, validated together."""
+    """Everything an engine needs, validated together (the tensor-parallel size must fit the model:
+    ``ModelConfig.fits_tensor_parallel``; InvalidRequestError naming the sizes that work otherwise)."""
 
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -177,3 +201,18 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """InvalidRequestError naming the model's head counts and the sizes that work, before any rank starts
+        (a size that does not fit would otherwise fail inside the workers' layers)."""
+        tp, model = self.parallel.tensor_parallel_size, self.model
+        if model.fits_tensor_parallel(tp):
+            return
+        mlp = f" and an MLP intermediate size of {model.intermediate_size}" if model.intermediate_size else ""
+        sizes = ", ".join(str(t) for t in model.tensor_parallel_sizes())
+        raise InvalidRequestError(
+            f"tensor_parallel_size {tp} does not fit {model.name}: it has {model.num_heads} attention heads, "
+            f"{model.num_kv_heads} KV heads{mlp}. The TP size must divide the attention heads, divide the KV "
+            f"heads or be a multiple of them (KV heads are then replicated), and divide the MLP size. "
+            f"Tensor-parallel sizes that work for this model: {sizes}.", "tensor_parallel_size")

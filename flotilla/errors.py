@@ -27,4 +27,11 @@ class ModelLoadError(FlotillaError, RuntimeError):
 
 
 class EngineDeadError(FlotillaError, RuntimeError):
-    """The engine stopped (a worker failed); in-flight requests cannot complete."""
+    """The engine stopped (a worker failed); in-flight requests cannot complete.
+
+    Its message is what HTTP clients see (503): plain words such as ``WORKER_RANK_FAILED``, never an
+    exception's text, a file path, an internal address or a stack trace; the detail goes to the server log.
+    """
+
+
+WORKER_RANK_FAILED = "a worker rank failed"

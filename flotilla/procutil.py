@@ -1,7 +1,8 @@
-"""Small process helpers shared by the engine-core and worker processes."""
+"""Small process helpers shared by the engine-core, worker and server processes."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -23,3 +24,27 @@ def exit_with_parent(parent_pid: int, check_s: float = 1.0) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="flotilla-parent-watch", daemon=True).start()
+
+
+def release_free_memory() -> None:
+    """Hand memory that the C allocator holds but no longer uses back to the operating system.
+
+    glibc keeps freed blocks in its arenas (one per thread that allocated) and raises its mmap threshold
+    after large frees, so a burst of big temporary objects (a huge request body, a tokenizer's encodings)
+    would otherwise stay in the process's RSS. ``malloc_trim(0)`` trims every arena; a no-op where the C
+    library is not glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from flotilla.errors import InvalidRequestError
@@ -111,8 +112,9 @@ def _check_int(name: str, value, lo, hi) -> None:
 
 
 def _check_number(name: str, value, lo, hi, what: str | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}", name)
+    not_finite = isinstance(value, float) and not math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not_finite:
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         rng = what or f"must be in [{lo}, {hi if hi is not None else 'inf'}]"
         raise InvalidRequestError(f"{name} {rng}, got {value}", name)

@@ -9,6 +9,7 @@ as they would in context.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from flotilla.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from flotilla.tokenizer_bounds import LengthBound, length_bound
+
+logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ class Tokenizer:
     spaces, so it agrees with ``IncrementalDetokenizer``. ``apply_chat_template`` renders the template to
     text and tokenizes it with ``add_special_tokens=False`` (the template writes its own BOS); it raises
     ``InvalidRequestError`` when there is no template or the template rejects the messages.
+    ``min_num_tokens(text)`` is a lower bound on ``len(encode(text))`` that never tokenizes (0 when the
+    tokenizer admits no provable bound, see ``flotilla.tokenizer_bounds``); ``clone()`` is an independent
+    copy for another thread (a fast tokenizer must not be used from two threads at once).
     """
 
     def __init__(self, hf_tokenizer: Any, extra_eos_token_ids: tuple[int, ...] = ()):
@@ -47,6 +54,7 @@ class Tokenizer:
         eos = [hf_tokenizer.eos_token_id] if hf_tokenizer.eos_token_id is not None else []
         self._eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos_token_ids]))
         self._token_str_cache: dict[tuple[int, bool], str] = {}
+        self.length_bound = _length_bound(hf_tokenizer)
 
     @classmethod
     def from_pretrained(cls, path_or_dir: str, gguf_file: str | None = None) -> "Tokenizer":
@@ -94,6 +102,17 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def min_num_tokens(self, text: str) -> int:
+        """``text`` encodes to at least this many tokens (0 when the tokenizer has no length bound)."""
+        return self.length_bound.min_num_tokens(text) if self.length_bound is not None else 0
+
+    def clone(self) -> "Tokenizer":
+        """A copy with its own HF tokenizer (same vocabulary, template and EOS ids) for another thread."""
+        twin = copy.copy(self)
+        twin.hf_tokenizer = copy.deepcopy(self.hf_tokenizer)
+        twin._token_str_cache = {}
+        return twin
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -138,6 +157,17 @@ class Tokenizer:
         """Token ids of the rendered chat template (tokenized with ``add_special_tokens=False``)."""
         text = self.render_chat_template(messages, add_generation_prompt, chat_template, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _length_bound(hf_tokenizer: Any) -> LengthBound | None:
+    """The tokenizer's length bound (flotilla.tokenizer_bounds), found once from its tokenizer.json."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    bound, why = length_bound(json.loads(backend.to_str()))
+    if bound is None:
+        logger.info("no length bound for this tokenizer (%s): long prompts are tokenized whole", why)
+    return bound
 
 
 def _generation_config_eos_ids(model_dir: str) -> tuple[int, ...]:

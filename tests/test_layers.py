@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ops", "csrc"),                         # fused kernels and their eager fallbacks
     ("kernel_build",),                       # compiles csrc/ into the kernel library (no torch ops)
     ("tokenizer",),                          # tokenizer, detokenizer, chat templates
+    ("tokenizer_bounds",),                   # provable lower bounds on a text's token count
     ("distributed",),                        # parallel state, collectives, launchers
     ("request",),                            # value types: a request (holds its SamplingParams)
     ("outputs",),                            # value types: RequestOutput, CompletionOutput, Logprob

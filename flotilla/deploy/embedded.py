@@ -30,8 +30,10 @@ def start_engines(deployment: DeploymentConfig, engine_factory: Callable | None 
     or a ``ReplicaSet`` of them when it has several replicas. ``engine_factory(EngineArgs)`` builds one
     replica (default ``AsyncLLM.from_engine_args``); ``on_start(message)`` is told before each load.
     If any load fails (or is interrupted), every engine already started is shut down and the error is
-    re-raised: no engine process outlives a failed start."""
+    re-raised: no engine process outlives a failed start. Parallel sizes that do not fit a model fail
+    before anything starts (``check_parallel_sizes``)."""
     factory = engine_factory or _default_factory
+    check_parallel_sizes(deployment)
     started: list = []
     engines: dict = {}
     try:
@@ -51,6 +53,15 @@ def start_engines(deployment: DeploymentConfig, engine_factory: Callable | None 
         shutdown_engines(dict(enumerate(started)))
         raise
     return engines
+
+
+def check_parallel_sizes(deployment: DeploymentConfig) -> None:
+    """Raise ``InvalidRequestError`` (naming the model's heads or layers and the sizes that work) for any
+    model whose tensor/pipeline sizes do not fit it, before any engine loads (models with both sizes 1
+    always fit and are not checked, so nothing is read twice for them)."""
+    for spec in deployment.models:
+        if spec.tensor_parallel_size > 1 or spec.pipeline_parallel_size > 1:
+            spec.engine_args().create_engine_config()
 
 
 def _replica_set(deployment: DeploymentConfig, index: int, spec: ModelSpec, replicas: list) -> ReplicaSet:

@@ -11,6 +11,7 @@ import torch
 
 from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                              SchedulerConfig)
+from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError
 from flotilla.models.loader import load_hf_config, resolve_model
 
@@ -22,6 +23,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 @dataclass
 class EngineArgs:
     """Arguments shared by ``LLM``, ``AsyncLLM`` and the CLI.
+
+    ``create_engine_config`` validates everything that can be checked without loading weights, the parallel
+    sizes against the model's heads and layers included (``InvalidRequestError`` before any rank starts).
 
     ``kv_cache_memory`` is the KV cache budget in GiB (``num_kv_blocks`` overrides it with a block count).
     ``max_model_len`` defaults to the model's context length capped at 8192.
@@ -71,6 +75,7 @@ class EngineArgs:
             distributed_backend=self.distributed_backend,
             pipeline_partition=tuple(self.pipeline_partition) if self.pipeline_partition else None,
             ray_address=self.ray_address)
+        _check_pipeline(model, parallel)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads))
 
@@ -122,6 +127,17 @@ class EngineArgs:
         if self.device == "cpu":
             return cpu_auto_dtype(declared)
         return declared if declared in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def _check_pipeline(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """InvalidRequestError, before any rank starts, when the pipeline stages cannot split the model's layers."""
+    partition = list(parallel.pipeline_partition) if parallel.pipeline_partition else None
+    try:
+        pp_partition(model.num_layers, parallel.pipeline_parallel_size, partition)
+    except ValueError as e:
+        param = "pipeline_partition" if partition else "pipeline_parallel_size"
+        raise InvalidRequestError(f"pipeline_parallel_size {parallel.pipeline_parallel_size} does not fit "
+                                  f"{model.name} ({model.num_layers} layers): {e}", param) from None
 
 
 def cpu_auto_dtype(declared: str | None) -> str:

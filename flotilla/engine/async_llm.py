@@ -37,7 +37,8 @@ class AsyncLLM:
     Contract: ``generate`` validates before queuing (``InvalidRequestError`` goes to the caller only);
     outputs are cumulative by default, or deltas with ``output_kind=OutputKind.DELTA``. An aborted stream
     ends at its next iteration. If the core process fails or exits (``shutdown()`` included), every
-    in-flight request raises ``EngineDeadError``, ``is_dead`` turns True and new requests are refused.
+    in-flight request raises ``EngineDeadError``, ``is_dead`` turns True and new requests are refused;
+    ``dead_error`` is then an ``EngineDeadError`` whose message is fit for clients (details are logged).
     ``latest_stats`` is the core's last scheduler snapshot (refreshed after every step, and after aborts
     while idle); ``num_queued_requests`` counts requests not yet scheduled. Outputs' ``metrics`` carry
     ``arrival_time``, ``first_scheduled_time`` and ``first_token_time`` (``time.monotonic()``).
@@ -154,7 +155,11 @@ class AsyncLLM:
                 if isinstance(msg, Outputs):
                     self._on_outputs(msg.outputs)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
-            logger.error("engine failed: %s", e)
+            if isinstance(e, EngineDeadError):
+                logger.error("engine failed: %s", e)
+            else:  # a bug in this loop: its text (and stack) stays in the log, clients get plain words
+                logger.exception("engine output loop failed")
+                e = EngineDeadError("the engine failed unexpectedly")
             self._fail_all(e)
         else:  # shut down: streams still open must end rather than wait forever
             self._fail_all(EngineDeadError("the engine was shut down"))

@@ -100,9 +100,10 @@ def core_main(argv: list[str] | None = None) -> int:
     push.send(FROM_CORE.encode(Ready(core.num_blocks)))
     try:
         CoreServer(core, pull, push, ns.parent_pid).run()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the detail is logged here; clients see a plain message
         logger.exception("engine core failed")
-        push.send(FROM_CORE.encode(Failed(f"{type(e).__name__}: {e}", type(e).__name__)))
+        public = str(e) if isinstance(e, EngineDeadError) else "the engine core failed unexpectedly"
+        push.send(FROM_CORE.encode(Failed(public, type(e).__name__)))
         push.close(linger=2000)
         return 1
     finally:

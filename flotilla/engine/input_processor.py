@@ -23,16 +23,25 @@ class InputProcessor:
     """Validates requests before they reach the scheduler, so a bad request never disturbs others.
 
     Contract: ``process`` returns a prompt whose token ids are all in ``[0, vocab_size)`` and whose
-    ``len(prompt) + max_tokens <= max_model_len``; anything else raises ``InvalidRequestError`` naming the
-    problem (the context-length message names the limit, the prompt tokens and max_tokens). A prompt dict may
-    carry ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only with
-    requests of the same salt (or, unsalted, with unsalted ones).
+    ``len(prompt) + max_tokens <= max_model_len`` (``max_tokens`` None becomes the rest of the context, which
+    must hold ``min_tokens``: EOS is suppressed until then); anything else raises ``InvalidRequestError`` naming the
+    problem (the context-length message names the limit, the prompt tokens and max_tokens; ``param`` names
+    the request field the prompt came from, "prompt" unless told). ``precheck`` (which ``process`` runs
+    first) validates the params and rejects a prompt that provably cannot fit (token ids by their count,
+    text by ``Tokenizer.min_num_tokens``) without tokenizing it, so the text ``process`` tokenizes is at
+    most about ``max_model_len`` times the tokenizer's longest token; it never rejects a prompt that would
+    fit. ``clone()`` is an equivalent processor with its own tokenizer copy (for another thread). A prompt
+    dict may carry ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only
+    with requests of the same salt (or, unsalted, with unsalted ones).
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+
+    def clone(self) -> "InputProcessor":
+        return InputProcessor(self.tokenizer.clone(), self.vocab_size, self.max_model_len)
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -66,27 +75,51 @@ class InputProcessor:
                     f"prompt token id {t} is outside the vocabulary [0, {self.vocab_size})", "prompt")
         return ids
 
-    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+    def precheck(self, prompt: PromptType, params: SamplingParams, param: str = "prompt") -> None:
+        """Validate ``params`` and reject ``prompt`` if it provably cannot fit (see the contract)."""
         params.validate()
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
-        text, ids = self.tokenize(prompt)
-        n = len(ids)
+        if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if salt is not None and (not isinstance(salt, str) or not salt):
+                raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            self._check_fits(self.tokenizer.min_num_tokens(prompt), params, param, at_least=True)
+        elif isinstance(prompt, (list, tuple)):
+            self._check_fits(len(prompt), params, param)
+
+    def _check_fits(self, n: int, params: SamplingParams, param: str, at_least: bool = False) -> None:
+        """InvalidRequestError unless a prompt of ``n`` tokens (at least ``n`` when ``at_least``) leaves room
+        for ``params.max_tokens`` (when None: for one token, and for ``min_tokens``)."""
+        some = "at least " if at_least else ""
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                f"{n} tokens, leaving no room for the completion.", "prompt")
+                f"{some}{n} tokens, leaving no room for the completion.", param)
+        max_tokens = params.max_tokens
+        if max_tokens is not None and n + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{some}{n + max_tokens} tokens ({some}{n} in the prompt, {max_tokens} for the completion "
+                f"(max_tokens)). Please reduce the prompt or max_tokens.", "max_tokens")
+        room = self.max_model_len - n
+        if max_tokens is None and params.min_tokens > room:
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) is more than the context has room for: this model's maximum "
+                f"context length is {self.max_model_len} tokens and the prompt has {some}{n} tokens, leaving "
+                f"{'at most ' if at_least else ''}{room} for the completion.", "min_tokens")
+
+    def process(self, prompt: PromptType, params: SamplingParams, param: str = "prompt") -> ProcessedPrompt:
+        self.precheck(prompt, params, param)
+        text, ids = self.tokenize(prompt)
+        n = len(ids)
+        self._check_fits(n, params, param)
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - n
-        elif n + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion (max_tokens)). "
-                f"Please reduce the prompt or max_tokens.", "max_tokens")
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise InvalidRequestError(f"stop token id {t} is outside the vocabulary", "stop_token_ids")
         eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos), salt)

@@ -21,7 +21,7 @@ from flotilla.config import EngineConfig
 from flotilla.distributed.control import DriverChannel
 from flotilla.distributed.parallel_state import destroy_distributed, get_world_group
 from flotilla.distributed.utils import describe_parallel_plan
-from flotilla.errors import EngineDeadError
+from flotilla.errors import WORKER_RANK_FAILED, EngineDeadError
 from flotilla.executor.base import Executor, StepHandle
 from flotilla.scheduler.wire import FROM_WORKER, TO_WORKER, Rpc, RpcResult, Shutdown, Step, StepResult, expect
 from flotilla.worker.config_wire import encode_engine_config
@@ -44,8 +44,9 @@ class DriverExecutor(Executor):
     Contract: every call reaches every rank in the same order. ``execute_model_async`` returns once rank
     0 has done its share, so with pipeline parallelism up to ``max_concurrent_batches`` steps are in flight
     (stage 0 computes step N+1 while stage 1 computes step N); their results resolve in order. If any rank
-    fails, calls raise ``EngineDeadError`` (collectives and replies are bounded by
-    ``collective_timeout_s``) and the executor is unusable.
+    fails, calls raise ``EngineDeadError(WORKER_RANK_FAILED)`` (collectives and replies are bounded by
+    ``collective_timeout_s``; the cause, e.g. Gloo's text, is logged, never put in the error) and the
+    executor is unusable.
     """
 
     def __init__(self, config: EngineConfig, init_method: str, host: str = "127.0.0.1"):
@@ -77,8 +78,9 @@ class DriverExecutor(Executor):
             raise EngineDeadError(self.dead)
 
     def _fail(self, e: BaseException) -> EngineDeadError:
-        self.dead = f"a worker rank failed: {type(e).__name__}: {e}"
-        logger.error(self.dead)
+        if self.dead is None:
+            logger.error("%s: %s: %s", WORKER_RANK_FAILED, type(e).__name__, e)
+            self.dead = WORKER_RANK_FAILED
         return EngineDeadError(self.dead)
 
     def _recv(self, expected: type):
@@ -172,7 +174,9 @@ class MultiprocExecutor(DriverExecutor):
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         for proc in self.procs:
             if proc.poll() is not None and self.dead is None:
-                self.dead = f"worker process {proc.pid} exited with code {proc.returncode}"
+                logger.error("%s: worker process %d exited with code %s", WORKER_RANK_FAILED, proc.pid,
+                             proc.returncode)
+                self.dead = WORKER_RANK_FAILED
         return super().execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:

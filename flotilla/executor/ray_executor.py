@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flotilla.config import EngineConfig
 from flotilla.distributed.utils import describe_parallel_plan
-from flotilla.errors import EngineDeadError
+from flotilla.errors import WORKER_RANK_FAILED, EngineDeadError
 from flotilla.executor.base import Executor, StepHandle
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.scheduler.wire import FROM_WORKER, TO_WORKER, Ready, Rpc, RpcResult, Step, StepResult, expect
@@ -252,10 +252,11 @@ class RayExecutor(Executor):
             raise EngineDeadError("the ray executor was shut down")
 
     def _fail(self, message: str) -> EngineDeadError:
-        """Mark the executor dead and kill every actor (none may stay blocked in a collective)."""
+        """Mark the executor dead and kill every actor (none may stay blocked in a collective). ``message``
+        (which rank, Ray's error text) goes to the log; the error says ``WORKER_RANK_FAILED``."""
         if self.dead is None:
-            self.dead = message
-            logger.error("ray executor: %s; stopping every rank", message)
+            self.dead = WORKER_RANK_FAILED
+            logger.error("ray executor: %s: %s; stopping every rank", WORKER_RANK_FAILED, message)
             self._kill_actors()
         return EngineDeadError(self.dead)
 

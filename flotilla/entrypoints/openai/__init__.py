@@ -11,13 +11,14 @@ Module map (one job each):
 | ``middleware`` | ASGI middlewares: body size limit (413), API key (401), in-flight counting |
 | ``admission`` | the pure admission decision (429 / 503), the app's request tracker, per-model waiting counts |
 | ``metrics`` | Prometheus metrics on one registry per app, labelled per model (engine stats, latency histograms) |
-| ``generation`` | one model's ``ServingContext``; runs engine requests for one HTTP request: merge, metrics, abort |
+| ``generation`` | one model's ``ServingContext`` (tokenizer lanes); runs engine requests for one HTTP request: merge, metrics, abort |
 | ``models`` | ``ServedModels``: model names and route aliases -> ``ServingContext``; model cards |
 | ``responses`` | choice accumulation, logprobs formats (legacy completions, chat), usage |
 | ``sse`` | server-sent events response that aborts on client disconnect |
 | ``cancellation`` | races a non-streaming handler against the client's disconnect |
 | ``serving_completion`` | ``/v1/completions`` |
 | ``serving_chat`` | ``/v1/chat/completions`` |
+| ``serving_tokenization`` | ``/tokenize`` and ``/detokenize`` |
 | ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |
 | ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM |

@@ -30,13 +30,14 @@ ADMIT = Decision(None)
 
 
 def decide(*, draining: bool, engine_dead: bool, num_waiting: int, max_waiting: int,
-           retry_after_s: int = 1) -> Decision:
-    """503 while draining or when the engine is dead; 429 (with Retry-After) when ``num_waiting`` requests
-    already wait and that meets ``max_waiting``; otherwise admit."""
+           retry_after_s: int = 1, dead_reason: str | None = None) -> Decision:
+    """503 while draining or when the engine is dead (the message ends with ``dead_reason`` if given); 429
+    (with Retry-After) when ``num_waiting`` requests already wait and that meets ``max_waiting``; otherwise
+    admit."""
     if draining:
         return Decision(503, "the server is shutting down and admits no new requests")
     if engine_dead:
-        return Decision(503, "the engine is not running")
+        return Decision(503, "the engine is not running" + (f": {dead_reason}" if dead_reason else ""))
     if num_waiting >= max_waiting:
         return Decision(429, f"too many requests waiting ({num_waiting}, limit {max_waiting}); retry later",
                         retry_after_s)

@@ -8,7 +8,7 @@ metrics registry (so several apps can live in one process) and never shuts the e
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` picks the model or alias),
 ``GET /v1/models[/{id}]`` (models, then aliases with their ``flotilla_route``), ``GET /health`` (200 while
 every engine is alive and the server admits requests, else 503), ``GET /version``, ``POST /tokenize``,
-``POST /detokenize`` (both take ``model``), ``GET /metrics``. No CORS headers.
+``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /metrics``. No CORS headers.
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import flotilla
-from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.cli_args import ServerConfig
-from flotilla.entrypoints.openai.errors import APIError, error_response, install_error_handlers
+from flotilla.entrypoints.openai.errors import error_response, install_error_handlers
 from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, InFlightMiddleware
 from flotilla.entrypoints.openai.models import ServedModels
-from flotilla.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from flotilla.entrypoints.openai.serving_chat import create_chat_completion
 from flotilla.entrypoints.openai.serving_completion import create_completion
-from flotilla.errors import InvalidRequestError
+from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize
 
 
 def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None):
@@ -82,32 +80,9 @@ def _add_info_routes(app: FastAPI, served: ServedModels) -> None:
 
 def _add_token_routes(app: FastAPI, served: ServedModels) -> None:
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        req = await parse_body(request, TokenizeRequest)
-        ctx = served.resolve(req.model)
-        tokenizer = ctx.engine.tokenizer
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if req.prompt is not None:
-            text, special = req.prompt, req.add_special_tokens is not False
-        else:
-            messages = [m.to_template_dict() for m in req.messages]
-            if not messages:
-                raise InvalidRequestError("messages must not be empty", "messages")
-            text = await ctx.run_blocking(lambda: tokenizer.render_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt is not False))
-            special = False
-        tokens = await ctx.run_blocking(lambda: tokenizer.encode(text, add_special_tokens=special))
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len})
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(served, request)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        req = await parse_body(request, DetokenizeRequest)
-        ctx = served.resolve(req.model)
-        tokenizer = ctx.engine.tokenizer
-        vocab = ctx.engine.model_config.vocab_size
-        for t in req.tokens:
-            if not 0 <= t < min(vocab, tokenizer.vocab_size):
-                raise APIError(400, f"token id {t} is outside the vocabulary [0, {vocab})", "tokens")
-        text = await ctx.run_blocking(lambda: tokenizer.decode(req.tokens))
-        return JSONResponse({"prompt": text})
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(served, request)

@@ -1,8 +1,11 @@
 """Reading a JSON request body into a pydantic model, with a 400 for every way it can be wrong.
 
 Contract: ``parse_body`` returns a validated model or raises ``APIError(400)`` whose message (and
-``param``) names the problem: wrong content type, bytes that are not UTF-8 JSON (truncated included), NaN or
-Infinity, a top-level value that is not an object, or a field of the wrong type or shape. A client that
+``param``) names the problem: wrong content type, bytes that are not UTF-8 JSON (truncated included), a
+number that is not finite anywhere in the body (the ``NaN`` / ``Infinity`` / ``-Infinity`` literals Python's
+json accepts, or a literal such as ``1e999`` that overflows to infinity; the message names its path, e.g.
+``messages.0.content``, and ``param`` its top-level field), a top-level value that is not an object, or a
+field of the wrong type or shape. A client that
 disconnects before its body is complete gets ``APIError(499)`` (no one is left to read it; nothing is logged
 as a server error).
 """
@@ -10,6 +13,7 @@ as a server error).
 from __future__ import annotations
 
 import json
+import math
 from typing import TypeVar
 
 from fastapi import Request
@@ -21,30 +25,66 @@ from flotilla.entrypoints.openai.errors import APIError
 M = TypeVar("M", bound=BaseModel)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+class _NonFinite:
+    """Stands in for a non-finite JSON number while decoding, so its path can be reported."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
 
 
 def decode_json_object(raw: bytes) -> dict:
-    """The JSON object in ``raw``; APIError(400) for anything else."""
+    """The JSON object in ``raw``; APIError(400) for anything else (see the module contract)."""
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
         text = raw.decode("utf-8")  # JSON over HTTP is UTF-8 (json.loads would also guess UTF-16/32)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8") from None
+    non_finite: list[_NonFinite] = []
+
+    def non_finite_marker(literal: str) -> _NonFinite:
+        non_finite.append(_NonFinite(literal))
+        return non_finite[-1]
+
+    def parse_float(literal: str):
+        value = float(literal)
+        return value if math.isfinite(value) else non_finite_marker(literal)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_float=parse_float, parse_constant=non_finite_marker)
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         kind = "null" if value is None else type(value).__name__
         raise APIError(400, f"the request body must be a JSON object, got {kind}")
+    if non_finite:
+        raise _non_finite_error(value, non_finite[0])
     return value
 
 
+def _non_finite_error(value, marker: _NonFinite) -> APIError:
+    path = _path_to(value, marker, [])
+    where = ".".join(str(p) for p in path) if path else "the request body"
+    param = str(path[0]) if path else None
+    return APIError(400, f"{where}: {marker.literal} is not a finite number (JSON numbers must be finite)", param)
+
+
+def _path_to(value, marker: _NonFinite, path: list) -> list | None:
+    """The keys and indexes leading to ``marker`` inside ``value`` (iteratively: bodies can nest deep)."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if node is marker:
+            return where
+        if isinstance(node, dict):
+            stack.extend((v, where + [k]) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((v, where + [i]) for i, v in reversed(list(enumerate(node))))
+    return None
+
+
 def validation_error(exc: ValidationError) -> APIError:
-    """APIError(400) naming the first invalid field (``param`` is its top-level name)."""
+    """APIError(400) naming the first invalid field (``param`` is its top-level name) and, for a short
+    scalar, the value given."""
     first = exc.errors()[0]
     loc = [x for x in first.get("loc", ()) if not _is_union_tag(x)]
     path = ".".join(str(x) for x in loc)
@@ -52,6 +92,9 @@ def validation_error(exc: ValidationError) -> APIError:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         return APIError(400, f"{path} is required", param)
+    given = first.get("input")
+    if isinstance(given, (str, int, float)) and len(repr(given)) <= 80:
+        msg = f"{msg}, got {given!r}"
     return APIError(400, f"{path}: {msg}" if path else msg, param)
 
 

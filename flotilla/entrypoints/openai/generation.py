@@ -1,10 +1,17 @@
 """Running the engine requests of one HTTP request: prepare, admit, stream, account, abort.
 
 ``ServingContext`` is what every route needs for one model (engine, config, tracker, metrics, tokenizer
-thread); ``ServedModels`` (``models``) maps request ``model`` names to them.
-``prepare`` tokenizes and validates prompts off the event loop (400 before anything starts); ``start``
-applies admission control and returns an ``EngineRun`` whose ``outputs()`` yields
-``(prompt_index, delta RequestOutput)`` for every prompt of the request, merged in arrival order.
+lanes); ``ServedModels`` (``models``) maps request ``model`` names to them.
+``prepare`` tokenizes and validates prompts on a tokenizer lane, after rejecting those that provably cannot
+fit the context without tokenizing any (400 before anything starts); ``start`` applies admission control
+and returns an ``EngineRun`` whose ``outputs()`` yields ``(prompt_index, delta RequestOutput)`` for every
+prompt of the request, merged in arrival order.
+
+Tokenizer lanes: two single threads, each with its own tokenizer (a fast tokenizer must not be used from
+two threads at once). Requests with at most ``LARGE_REQUEST_CHARS`` characters of text (or token ids) use
+the small lane and the engine's own input processor; larger ones use the large lane and a clone made there
+on first use, so a big request never queues small ones behind it. After each large-lane job the memory it
+freed is handed back to the operating system.
 
 Contract of ``EngineRun``: one engine request per prompt (ids ``<base>-<i>``), outputs are deltas (one per
 generated token per sample); ``close()`` (or cancelling the task iterating it, then ``close()``) aborts
@@ -28,13 +35,16 @@ from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import APIError
 from flotilla.entrypoints.openai.metrics import ModelMetrics, RequestMetrics
 from flotilla.outputs import RequestOutput
+from flotilla.procutil import release_free_memory
 from flotilla.sampling_params import SamplingParams
+
+LARGE_REQUEST_CHARS = 32_768
 
 
 @dataclass
 class ServingContext:
     """One served model inside an app: its engine (an ``EngineClient``), the name clients use, its metrics
-    and waiting count, and the app's shared pieces (``config``, ``tracker``, the tokenizer ``executor``,
+    and waiting count, and the app's shared pieces (``config``, ``tracker``, the tokenizer ``lanes``,
     ``active_runs``). ``ServedModels`` builds one per model. ``created`` is the unix time reported for it."""
 
     engine: object  # EngineClient: AsyncLLM, ReplicaSet, a remote proxy or a test double
@@ -42,35 +52,56 @@ class ServingContext:
     model_name: str
     metrics: ModelMetrics
     tracker: RequestTracker  # the app's: in-flight HTTP requests, draining
-    executor: ThreadPoolExecutor  # the app's single tokenizer thread
+    lanes: "TokenizerLanes"  # the app's two tokenizer threads
     active_runs: set  # the app's EngineRuns not yet closed
     created: int = field(default_factory=lambda: int(time.time()))
     waiting: WaitingCount = field(default_factory=WaitingCount)
+    large_processor: object = field(default=None, init=False, repr=False)  # made on the large lane
 
     @property
     def max_model_len(self) -> int:
         return self.engine.model_config.max_model_len
 
-    async def run_blocking(self, fn, *args):
-        """Run ``fn(*args)`` on the tokenizer thread (one thread: the HF tokenizer is not re-entrant)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def on_lane(self, size: int, fn):
+        """``fn(input_processor)`` on the tokenizer lane for a request of ``size`` characters or token ids
+        (see the module docstring); use only the tokenizer of the processor it is given."""
+        loop = asyncio.get_running_loop()
+        if size <= LARGE_REQUEST_CHARS:
+            return await loop.run_in_executor(self.lanes.small, fn, self.engine.input_processor)
+        return await loop.run_in_executor(self.lanes.large, self._run_large, fn)
+
+    def _run_large(self, fn):
+        if self.large_processor is None:
+            self.large_processor = self.engine.input_processor.clone()
+        try:
+            return fn(self.large_processor)
+        finally:
+            release_free_memory()
 
     async def prepare(self, prompts: list, params: SamplingParams,
                       cache_salt: str | None = None) -> list[ProcessedPrompt]:
         """Tokenize and validate every prompt (texts or token-id lists, salted with ``cache_salt``);
-        InvalidRequestError (-> 400) on the first bad one."""
-        process = self.engine.input_processor.process
-
+        InvalidRequestError (-> 400) on the first bad one (prompts that provably cannot fit are rejected
+        first, without tokenizing any)."""
         def salted(p):
+            if not cache_salt:
+                return p
             return {("prompt" if isinstance(p, str) else "prompt_token_ids"): p, "cache_salt": cache_salt}
-        return await self.run_blocking(lambda: [process(salted(p) if cache_salt else p, params) for p in prompts])
+
+        def run(processor) -> list[ProcessedPrompt]:
+            for p in prompts:
+                processor.precheck(salted(p), params)
+            return [processor.process(salted(p), params) for p in prompts]
+        return await self.on_lane(sum(len(p) for p in prompts), run)
 
     def admit(self, num_requests: int) -> None:
         """Raise APIError(503 | 429) unless admitted; on admission count the requests as waiting (an
         ``EngineRun`` settles the count)."""
         waiting = max(self.engine.num_queued_requests, self.waiting.num_waiting)
-        decision = decide(draining=self.tracker.draining, engine_dead=self.engine.is_dead, num_waiting=waiting,
-                          max_waiting=self.config.max_queued_requests, retry_after_s=self.config.retry_after_s)
+        dead = self.engine.is_dead
+        decision = decide(draining=self.tracker.draining, engine_dead=dead, num_waiting=waiting,
+                          max_waiting=self.config.max_queued_requests, retry_after_s=self.config.retry_after_s,
+                          dead_reason=str(self.engine.dead_error) if dead else None)
         if not decision.admitted:
             headers = {"Retry-After": str(decision.retry_after_s)} if decision.retry_after_s else None
             raise APIError(decision.status, decision.message, headers=headers)
@@ -136,6 +167,18 @@ class EngineRun:
             self.waiting = [False] * len(self.waiting)
             for rec in self.recorders:
                 rec.finish(completed=False)  # a no-op for the finished ones
+
+
+class TokenizerLanes:
+    """The app's two tokenizer threads: ``small`` and ``large`` (see the module docstring)."""
+
+    def __init__(self):
+        self.small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flotilla-tokenize")
+        self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flotilla-tokenize-large")
+
+    def shutdown(self) -> None:
+        for executor in (self.small, self.large):
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _single(stream: AsyncIterator) -> AsyncIterator[tuple[int, object]]:

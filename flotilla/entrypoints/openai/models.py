@@ -10,13 +10,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 from flotilla.deploy.routing import choose_weighted
 from flotilla.entrypoints.openai.admission import RequestTracker
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import APIError
-from flotilla.entrypoints.openai.generation import ServingContext
+from flotilla.entrypoints.openai.generation import ServingContext, TokenizerLanes
 from flotilla.entrypoints.openai.metrics import ServerMetrics
 
 
@@ -30,7 +29,7 @@ class ServedModels:
     itself, or for an alias a target drawn by weight (from ``random.Random(seed)``; with ``user``, the same
     user always gets the same target); ``name`` None is allowed only when exactly one model is served
     (else 400); an unknown name is a 404 naming it, ``param`` "model". The app shares one ``tracker``
-    (in-flight count, draining), one tokenizer thread, one metrics registry (``model_name`` label per
+    (in-flight count, draining), one pair of tokenizer lanes, one metrics registry (``model_name`` label per
     model) and one set of active runs. ``is_dead`` is True when any engine is dead. Event-loop thread only.
     """
 
@@ -43,12 +42,12 @@ class ServedModels:
         self.config = config
         self.tracker = RequestTracker()
         self.metrics = ServerMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flotilla-tokenize")
+        self.lanes = TokenizerLanes()
         self.active_runs: set = set()
         self.created = int(time.time())
         self.contexts: dict[str, ServingContext] = {
             name: ServingContext(engine, config, name, self.metrics.add_model(name, engine), self.tracker,
-                                 self.executor, self.active_runs, self.created)
+                                 self.lanes, self.active_runs, self.created)
             for name, engine in engines.items()}
         self.routes = _check_routes(routes or {}, list(self.contexts))
         self._rng = random.Random(seed)
@@ -117,8 +116,8 @@ class ServedModels:
         return len(runs)
 
     def close(self) -> None:
-        """Stop the tokenizer thread (engines belong to whoever created them)."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the tokenizer lanes (engines belong to whoever created them)."""
+        self.lanes.shutdown()
 
 
 def _check_routes(routes: Mapping[str, Mapping[str, float]], models: list[str]) -> dict[str, dict[str, float]]:

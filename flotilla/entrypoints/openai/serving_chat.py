@@ -23,7 +23,7 @@ from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.models import ServedModels
-from flotilla.entrypoints.openai.protocol import ChatCompletionRequest
+from flotilla.entrypoints.openai.protocol import ChatCompletionRequest, template_messages
 from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, usage
 from flotilla.entrypoints.openai.serving_completion import respond
 from flotilla.entrypoints.openai.sse import SSE_DONE, sse_data
@@ -53,17 +53,24 @@ class _ChatJob:
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, params: SamplingParams) -> list:
-    """The chat prompt rendered, tokenized and validated on the tokenizer thread."""
-    messages = req.template_messages()
-    engine = ctx.engine
+    """The chat prompt rendered, tokenized and validated on a tokenizer lane; a rendered prompt that
+    provably cannot fit is rejected before it is tokenized (errors name ``messages``)."""
+    messages = template_messages(req.messages, ctx.max_model_len)
     add_generation_prompt = req.add_generation_prompt is not False
 
-    def build():
-        text = engine.tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    def build(processor):
+        tokenizer = processor.tokenizer
+        text = tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        processor.precheck(text, params, "messages")
+        ids = tokenizer.encode(text, add_special_tokens=False)
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-        return [engine.input_processor.process(prompt, params)]
-    return await ctx.run_blocking(build)
+        return [processor.process(prompt, params, "messages")]
+    return await ctx.on_lane(chat_size(messages), build)
+
+
+def chat_size(messages: list[dict]) -> int:
+    """The characters of text a conversation carries (what picks its tokenizer lane)."""
+    return sum(len(m["content"]) + 16 for m in messages)
 
 
 async def create_chat_completion(served: ServedModels, request: Request) -> Response:

@@ -21,6 +21,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_SOURCES = [_SOURCE, _SOURCE.parent / "batch_invariant.cpp"]  # one library; isa.h is included by both
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -41,7 +42,8 @@ def _cpu_signature() -> str:
 
 def build_directory() -> Path:
     """Where this source, torch version and CPU's build lives."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_signature().encode())
+    sources = b"".join(p.read_bytes() for p in [*_SOURCES, _SOURCE.parent / "isa.h"])
+    key = hashlib.sha256(sources + torch.__version__.encode() + _cpu_signature().encode())
     base = Path(os.environ.get("FLOTILLA_CACHE_DIR", Path.home() / ".cache" / "flotilla"))
     return base / "torch_extensions" / f"cpu_ops_{key.hexdigest()[:16]}"
 
@@ -52,7 +54,8 @@ def load_cpu_kernels():
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name="flotilla_cpu_ops", sources=[str(_SOURCE)], build_directory=str(directory), is_python_module=False,
+        name="flotilla_cpu_ops", sources=[str(p) for p in _SOURCES], build_directory=str(directory),
+        is_python_module=False,
         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
         verbose=False)
     return torch.ops.flotilla

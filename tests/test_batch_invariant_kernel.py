@@ -1,8 +1,9 @@
 """The batch-invariant GEMM (flotilla/csrc/batch_invariant.cpp): accurate, and bit-identical for a row whatever the
 batch around it and whichever instruction set runs.
 
-Its contract is one float32 FMA chain per output element over k = 0..K-1, so the float64 reference bounds the
-error by K float32 roundings of sum |x_k w_k| plus one rounding of the output.
+Its contract is one float32 FMA chain per output element over a fixed order of k (bfloat16: pairs, odd element
+first, denormals flushed, as AVX512-BF16's vdpbf16ps does), so the float64 reference bounds the error by K
+float32 roundings of sum |x_k w_k| plus one rounding of the output.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def operands(m: int, k: int, n: int, dtype, seed: int = 0):
 def test_matches_float64_reference(kernels, dtype, m, k, n):
     x, w, b = operands(m, k, n, dtype)
     packed = kernels.batch_invariant_pack(w)
-    assert packed.shape == (-(-n // 64), k, 64) and packed.dtype == dtype
+    kp = k + k % 2 if dtype == torch.bfloat16 else k  # bfloat16 is packed in whole pairs
+    assert packed.shape == (-(-n // 64), kp, 64) and packed.dtype == dtype
     for bias in (b, None):
         got = kernels.batch_invariant_linear(x, packed, n, bias).double()
         xd, wd = x.double(), w.double()
@@ -64,11 +66,25 @@ def test_a_row_gets_the_same_bits_in_any_batch(kernels, dtype):
 def test_every_instruction_set_gives_the_same_bits(kernels, dtype):
     x, w, b = operands(23, 77, 150, dtype, seed=3)
     packed = kernels.batch_invariant_pack(w)
-    paths = {kernels.batch_invariant_path(cap): cap for cap in range(4)}
+    paths = {kernels.batch_invariant_path(cap): cap for cap in range(4)}  # path -> the lowest cap running it
     assert 0 in paths  # the scalar path always runs when capped to 0
     results = {path: kernels.batch_invariant_linear(x, packed, 150, b, cap) for path, cap in paths.items()}
     for path, y in results.items():
         assert torch.equal(y, results[0]), f"path {path} differs from the scalar path"
+
+
+def test_bfloat16_flushes_denormals_on_every_path(kernels):
+    """Products and sums below float32's normal range become 0 on every path (vdpbf16ps's DAZ/FTZ), so the paths
+    still agree where that matters; other dtypes keep denormals."""
+    x, w, _ = operands(9, 40, 70, torch.float32, seed=4)
+    x, w = x * 1e-19, w * 1e-19  # products ~1e-38: at float32's smallest normal
+    for dtype in (torch.bfloat16, torch.float32):
+        packed = kernels.batch_invariant_pack(w.to(dtype))
+        paths = {kernels.batch_invariant_path(cap): cap for cap in range(4)}
+        results = [kernels.batch_invariant_linear(x.to(dtype), packed, 70, None, cap) for cap in paths.values()]
+        assert all(torch.equal(y, results[0]) for y in results)
+    assert (results[0] != 0).any() and (kernels.batch_invariant_linear(x.bfloat16(), kernels.batch_invariant_pack(
+        w.bfloat16()), 70) == 0).float().mean() > 0.5
 
 
 def test_bad_arguments_are_clear_errors(kernels):

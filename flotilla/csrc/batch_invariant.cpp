@@ -4,6 +4,7 @@
 // The contract is the reduction order. Every output element is one float32 accumulator that starts at +0 and
 // takes the products x[m, k] * w[n, k] one fused multiply-add (one rounding) at a time, in a fixed order of k;
 // the bias (if any) is added to the finished sum in float32 and the result is rounded once to the output dtype.
+// (For bfloat16 the bias add flushes denormals too.)
 //   float32, float16: k = 0, 1, 2, ..., K - 1.
 //   bfloat16: k = 1, 0, 3, 2, 5, 4, ... (pairs in order, the odd element first; an odd K gets a zero pair
 //             element), with denormal inputs and results flushed to zero: exactly what AVX512-BF16's
@@ -449,7 +450,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
           for (int r = 0; r < rows; ++r) {
             T* orow = op + (m0 + r) * out_features + p * kPanel;
             const float* a = acc + r * kPanel;
-            if (bp != nullptr) {
+            if (bp != nullptr && bf16) {
+              for (int64_t j = 0; j < cols; ++j) orow[j] = narrow<T>(flush(a[j] + flush(widen(bp[p * kPanel + j]))));
+            } else if (bp != nullptr) {
               for (int64_t j = 0; j < cols; ++j) orow[j] = narrow<T>(a[j] + widen(bp[p * kPanel + j]));
             } else {
               for (int64_t j = 0; j < cols; ++j) orow[j] = narrow<T>(a[j]);

@@ -442,7 +442,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
       FlushDenormals ftz(bf16);  // float32/float16 keep denormals
       alignas(64) float acc[kRows * kPanel];
       for (int64_t t = s; t < e; ++t) {
-        int64_t p = t % panels, chunk = t / panels;
+        int64_t p = t / chunks, chunk = t % chunks;  // panel-major: a thread keeps its panels in cache
         int64_t cols = std::min(kPanel, out_features - p * kPanel);
         for (int64_t m0 = chunk * kRowsPerTask; m0 < std::min(m, (chunk + 1) * kRowsPerTask); m0 += kRows) {
           int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));

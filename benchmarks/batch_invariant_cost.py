@@ -1,7 +1,7 @@
 """The cost of batch-invariant execution (issue 11): ``flotilla bench throughput`` and ``flotilla bench latency``
 with and without ``--batch-invariant``, in one run.
 
-    .venv/bin/python benchmarks/batch_invariant_cost.py [--repeats 3] [--model M] [--dtype auto] [--quick]
+    .venv/bin/python benchmarks/batch_invariant_cost.py [--repeats 3] [--model M] [--dtype auto] [--threads N]
 
 Each repetition runs the default engine and the batch-invariant one back to back (each in a fresh process,
 alternating which goes first), so a busy machine slows both alike; the table gives the median of the
@@ -25,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOTILLA = [sys.executable, "-m", "flotilla.entrypoints.cli"]
 
 
-def bench(kind: str, workload: list[str], engine: list[str], invariant: bool) -> dict:
+def bench(kind: str, workload: list[str], engine: list[str], invariant: bool, threads: int | None) -> dict:
     """One ``flotilla bench KIND`` run in a fresh process; its --output-json."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [*FLOTILLA, "bench", kind, *engine, *workload, "--output-json", out]
         if invariant:
             cmd.append("--batch-invariant")
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None  # torch's intra-op threads
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
         with open(out) as f:
             return json.load(f)
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small workloads (a smoke run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     ap.add_argument("--output-json", default=str(ROOT / "benchmarks" / "results" / "batch_invariant_cost.json"))
     args = ap.parse_args()
     engine = ["--dtype", args.dtype] + (["--model", args.model] if args.model else [])
@@ -72,20 +74,23 @@ def main() -> None:
     for rep in range(args.repeats):
         for invariant in ((False, True) if rep % 2 == 0 else (True, False)):
             suffix = "_bi" if invariant else ""
-            runs["throughput" + suffix].append(bench("throughput", throughput, engine, invariant))
-            runs["latency" + suffix].append(bench("latency", latency, engine, invariant))
+            runs["throughput" + suffix].append(bench("throughput", throughput, engine, invariant, args.threads))
+            runs["latency" + suffix].append(bench("latency", latency, engine, invariant, args.threads))
             print(f"repeat {rep + 1} {'batch-invariant' if invariant else 'default'}: "
                   f"{runs['throughput' + suffix][-1]['output_tokens_per_second']:.1f} output tok/s, batch-1 "
                   f"{runs['latency' + suffix][-1]['avg_latency']:.3f} s", flush=True)
-    tput = {k: statistics.median(r["output_tokens_per_second"] for r in runs[k]) for k in ("throughput", "throughput_bi")}
+    tput = {k: statistics.median(r["output_tokens_per_second"] for r in runs[k])
+            for k in ("throughput", "throughput_bi")}
     lat = {k: statistics.median(r["avg_latency"] for r in runs[k]) for k in ("latency", "latency_bi")}
     ratios = [b["output_tokens_per_second"] / a["output_tokens_per_second"]
               for a, b in zip(runs["throughput"], runs["throughput_bi"])]
     lat_ratios = [b["avg_latency"] / a["avg_latency"] for a, b in zip(runs["latency"], runs["latency_bi"])]
-    summary = {"commit": commit(), "cpu": cpu_model(), "cores": os.cpu_count(), "dtype": args.dtype,
+    summary = {"commit": commit(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads or "default",
+               "dtype": args.dtype,
                "model": args.model or "smollm2-135m-instruct", "throughput_args": throughput, "latency_args": latency,
                "output_tok_s": tput, "batch1_latency_s": lat, "throughput_ratio_median": statistics.median(ratios),
                "latency_ratio_median": statistics.median(lat_ratios), "runs": runs}
+    print("| workload | default (median) | batch-invariant (median) | median of the per-repeat ratios bi/default |")
     print(f"| offline output tok/s ({n} x 128 in / {out_len} out) | {tput['throughput']:.1f} | "
           f"{tput['throughput_bi']:.1f} | {summary['throughput_ratio_median']:.2f} |")
     print(f"| batch-1 latency (128 in / {out_len} out) | {lat['latency']:.3f} s | {lat['latency_bi']:.3f} s | "

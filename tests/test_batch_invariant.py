@@ -40,8 +40,10 @@ MAX_BATCHED = 16
 
 
 def other_params(i: int) -> SamplingParams:
+    """Greedy and random, seeded and not, with and without top-p, top-k and a penalty: every sampler path."""
     return SamplingParams(temperature=[1.0, 0.7, 0.0][i % 3], max_tokens=3 + (5 * i) % 11, ignore_eos=True,
-                          seed=i if i % 2 else None)
+                          seed=i if i % 2 else None, top_p=0.9 if i % 4 == 1 else 1.0, top_k=20 if i % 4 == 2 else 0,
+                          repetition_penalty=1.2 if i % 5 == 3 else 1.0)
 
 
 def signature(out) -> tuple:
@@ -128,10 +130,11 @@ def test_smollm2_seeded_request_is_batch_invariant():
 
 
 @pytest.mark.slow
-def test_tensor_parallel_seeded_request_is_batch_invariant(tiny_llama):
-    """TP=2 (the tiny model's 4 heads and 2 KV heads split over two worker processes); the row-parallel partial
-    sums are added in rank order."""
-    llm = make(tiny_llama[0], "float32", tensor_parallel_size=2)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_seeded_request_is_batch_invariant(tiny_llama, tp, pp):
+    """TP=2 (the tiny model's 4 heads and 2 KV heads split over two worker processes; the row-parallel partial
+    sums are added in rank order) and PP=2 (micro-batches in flight)."""
+    llm = make(tiny_llama[0], "float32", tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
         alone = signature(llm.generate([TARGET], [SEEDED])[0])
         for n in (3, 16):

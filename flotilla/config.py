@@ -28,6 +28,8 @@ class ModelConfig:
     file. ``hf_config`` is a transformers ``PretrainedConfig`` (for GGUF, built from its metadata).
     ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output);
     ``quantization`` "int8" stores linear weights as int8 with per-row scales (activations stay ``dtype``).
+    ``batch_invariant`` computes every token's activations, logits and logprobs with reductions whose order
+    does not depend on the rest of the batch (layers/batch_invariant.py); it excludes ``quantization``.
     """
 
     model: str
@@ -38,10 +40,13 @@ class ModelConfig:
     max_model_len: int = 2048
     served_model_name: str | None = None
     quantization: str | None = None  # None or "int8" (weight-only, layers/quantization.py)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.batch_invariant and self.quantization is not None:
+            raise ValueError(f"batch_invariant cannot be combined with quantization {self.quantization!r}")
         if self.source_kind not in ("hf_dir", "gguf"):
             raise ValueError(f"source_kind must be 'hf_dir' or 'gguf', got {self.source_kind!r}")
         if self.dtype not in _DTYPES[1:]:

@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="each request's tokens and logprobs independent of the batch it runs in "
+                        "(not with --quantization)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -92,7 +95,8 @@ def engine_args_from(ns: argparse.Namespace):
                       enable_chunked_prefill=ns.enable_chunked_prefill,
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
                       pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
-                      distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device)
+                      distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
+                      batch_invariant=ns.batch_invariant)
 
 
 def resolve_model_arg(ns: argparse.Namespace) -> None:

@@ -52,6 +52,7 @@ class EngineArgs:
     num_threads: int | None = None
     served_model_name: str | None = None
     seed: int = 0
+    batch_invariant: bool = False  # per-token results independent of the batch (README: what a seed guarantees)
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
@@ -60,10 +61,11 @@ class EngineArgs:
         max_len = self._max_model_len(hf_config)
         dtype = self._dtype(hf_config)
         self._check_quantization(dtype)
+        self._check_batch_invariant()
         model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
                             source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
                             max_model_len=max_len, served_model_name=self.served_model_name,
-                            quantization=self.quantization)
+                            quantization=self.quantization, batch_invariant=self.batch_invariant)
         batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
                                                   else 2048)
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -114,6 +116,16 @@ class EngineArgs:
             raise InvalidRequestError("quantization int8 multiplies bfloat16 or float16 activations: use "
                                       "--dtype bfloat16 (torch's int8 kernel is slow with float32 on CPU)",
                                       "quantization")
+
+    def _check_batch_invariant(self) -> None:
+        if not self.batch_invariant:
+            return
+        if self.quantization is not None:
+            raise InvalidRequestError(f"--batch-invariant cannot be combined with --quantization {self.quantization}: "
+                                      "the int8 kernel's reduction order depends on the batch", "batch_invariant")
+        if self.device != "cpu":
+            raise InvalidRequestError(f"--batch-invariant runs on the CPU only, not with --device {self.device}",
+                                      "batch_invariant")
 
     def _dtype(self, hf_config) -> str:
         if self.dtype != "auto":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flotilla.layers.batch_invariant import per_row
 from flotilla.ops import use_kernels
 
 
@@ -14,8 +15,11 @@ class RMSNorm(nn.Module):
     ``forward(x, residual)`` first adds the residual and returns ``(normed, x + residual)`` so decoder
     layers carry the residual stream without extra copies. On the CPU with the fused kernels (flotilla/ops.py)
     this is one kernel that works in place: ``x`` and ``residual`` are overwritten (the returned tensors are
-    them), so callers must not reuse either afterwards.
+    them), so callers must not reuse either afterwards. The kernels normalize row by row; in batch-invariant
+    mode (``batch_invariant``, set by ``make_batch_invariant_``) the eager path does too.
     """
+
+    batch_invariant = False
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32):
         super().__init__()
@@ -39,7 +43,8 @@ class RMSNorm(nn.Module):
             if residual is not None and x.is_contiguous() and residual.is_contiguous() and residual.dtype == x.dtype:
                 ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
                 return x, residual
+        norm = (lambda t: per_row(self._norm, t)) if self.batch_invariant and x.dim() == 2 else self._norm
         if residual is None:
-            return self._norm(x)
+            return norm(x)
         x = x + residual
-        return self._norm(x), x
+        return norm(x), x

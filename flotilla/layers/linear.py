@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from flotilla.distributed.parallel_state import get_tp_group
+from flotilla.layers.batch_invariant import ordered_all_reduce
 from flotilla.layers.quantization import linear
 
 
@@ -142,7 +143,8 @@ class RowParallelLinear(nn.Module):
     """Input features split across TP ranks; partial products are summed with an all-reduce.
 
     Takes this rank's input slice (num_tokens, input_size / tp) and returns the full output on every rank.
-    The bias is added once, after the reduction.
+    The bias is added once, after the reduction. In batch-invariant mode the partial sums are added in rank
+    order (``ordered_all_reduce``).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype=torch.float32):
@@ -166,5 +168,6 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(linear(x, self))  # (num_tokens, out)
+        y = linear(x, self)  # (num_tokens, out), this rank's partial sum
+        y = ordered_all_reduce(self.tp, y) if getattr(self, "batch_invariant", False) else self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y

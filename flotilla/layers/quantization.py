@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.layers import torch_compat
+from flotilla.layers.batch_invariant import invariant_linear
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -34,8 +35,10 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` with the layer's int8 weight when it has one, else its float weight.
-    x (..., in) -> (..., out)."""
+    """``x @ W^T (+ bias)`` with the layer's int8 weight when it has one, else its float weight (batch-invariantly
+    once ``make_batch_invariant_`` marked the layer). x (..., in) -> (..., out)."""
+    if getattr(layer, "batch_invariant", False):
+        return invariant_linear(x, layer, bias)
     qweight = getattr(layer, "qweight", None)
     if qweight is None:
         packed = getattr(layer, "packed_weight", None)

@@ -11,6 +11,7 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
+from flotilla.layers.batch_invariant import make_batch_invariant_
 from flotilla.layers.quantization import prepack_model_, quantize_model_
 from flotilla.ops import kernels_enabled
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
@@ -46,7 +47,7 @@ class Worker:
             threads = max(1, (os.cpu_count() or 1) // config.parallel.world_size)
         if threads:
             torch.set_num_threads(threads)
-        self.backend = TorchPagedAttentionBackend()
+        self.backend = TorchPagedAttentionBackend(batch_invariant=config.model.batch_invariant)
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
 
@@ -65,7 +66,11 @@ class Worker:
                                                     lazy=lazy))
         if mc.quantization:
             quantize_model_(model, mc.quantization)
-        if kernels_enabled():
+        if mc.batch_invariant:
+            packed = make_batch_invariant_(model)  # instead of oneDNN's prepacking (its order depends on M)
+            logger.info("batch-invariant execution: %s", f"{packed} weights packed for the kernel" if packed
+                        else "eager row-by-row fallback (no kernel library)")
+        elif kernels_enabled():
             prepack_model_(model)  # CPU bfloat16 only; a no-op elsewhere
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())

@@ -25,6 +25,8 @@ def _model_rows(engine, routing: str | None) -> list[tuple[str, object]]:
              ("max_num_batched_tokens", ec.scheduler.max_num_batched_tokens),
              ("prefix caching", ec.cache.enable_prefix_caching),
              ("chunked prefill", ec.scheduler.enable_chunked_prefill)]
+    if ec.model.batch_invariant:
+        rows.append(("batch invariant", True))
     return rows
 
 

@@ -5,6 +5,9 @@ or, without it, as two batched matmuls over (kv_heads, num_decodes) with a float
 with no cached context attends causally over its own K/V (one SDPA call per request: it skips the masked half);
 prefill chunks on cached context run as one batched SDPA over queries padded to the longest chunk, with a causal
 mask offset by each request's cached context. No Python loop over tokens on the hot path.
+
+In batch-invariant mode (``TorchPagedAttentionBackend(batch_invariant=True)``) every token attends as a decode of
+its own sequence instead (attention/tokenwise.py), so its result does not depend on the path it would take.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from flotilla.layers.attention.backend import AttentionBackend, CommonAttentionMetadata
+from flotilla.layers.attention.tokenwise import TokenwiseMetadata, build_tokenwise_metadata, tokenwise_attention
 from flotilla.ops import use_kernels
 
 
@@ -51,13 +55,19 @@ class TorchPagedMetadata:
 
 class TorchPagedAttentionBackend(AttentionBackend):
     """The CPU attention backend. Cache layout per layer: (2, kv_heads, num_blocks, block_size, head_dim), so
-    gathering a request's blocks yields each head's keys contiguous along the sequence."""
+    gathering a request's blocks yields each head's keys contiguous along the sequence. ``batch_invariant``
+    attends every token alone (see the module docstring)."""
+
+    def __init__(self, batch_invariant: bool = False):
+        self.batch_invariant = batch_invariant
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
-    def build_metadata(self, common: CommonAttentionMetadata) -> TorchPagedMetadata:
+    def build_metadata(self, common: CommonAttentionMetadata) -> TorchPagedMetadata | TokenwiseMetadata:
+        if self.batch_invariant:
+            return build_tokenwise_metadata(common)
         d = common.num_decodes
         bs = common.block_size
         device = common.block_tables.device
@@ -126,7 +136,8 @@ class TorchPagedAttentionBackend(AttentionBackend):
         tables = common.block_tables[d:][sel.to(device), :nblk]
         return fresh, tables, gather, valid, gather.reshape(-1)[valid], mask[:, None], nblk * bs
 
-    def forward(self, q, k, v, kv_cache, metadata: TorchPagedMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, metadata: TorchPagedMetadata | TokenwiseMetadata,
+                scale: float) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
         kv_heads = k.shape[1]
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # (kv_heads, num_blocks, block_size, head_dim)
@@ -136,6 +147,8 @@ class TorchPagedAttentionBackend(AttentionBackend):
         else:
             k_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
             v_cache.view(kv_heads, -1, head_dim).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
+        if isinstance(metadata, TokenwiseMetadata):
+            return tokenwise_attention(ops, q, k_cache, v_cache, metadata, scale)
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         d = metadata.num_decodes
         if d and metadata.decode_seq_lens is not None:

@@ -35,6 +35,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common.h"
 #include "isa.h"
 
 namespace flotilla {
@@ -46,28 +47,15 @@ constexpr int kRows = 6;              // rows per register block
 constexpr int64_t kRowsPerTask = 96;  // rows one parallel task handles against one panel
 
 // ---- scalar helpers ----------------------------------------------------------------------------------------
-inline float widen(float v) { return v; }
-inline float widen(at::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline float widen(at::Half v) { return static_cast<float>(v); }
+// Conversions (common.h): widen = to_f, narrow = from_f (bfloat16 on the bits, round to nearest even).
+template <typename T>
+inline float widen(T v) { return flotilla::kernels::to_f(v); }
 
 // Denormals to zero of the same sign (vdpbf16ps's DAZ and FTZ).
 inline float flush(float v) { return std::fabs(v) < std::numeric_limits<float>::min() ? std::copysign(0.f, v) : v; }
 
 template <typename T>
-inline T narrow(float v) { return static_cast<T>(v); }  // float: identity; Half: round to nearest even
-template <>
-inline at::BFloat16 narrow(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fc0}
-                                                   : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  return at::BFloat16(bits, at::BFloat16::from_bits());
-}
+inline T narrow(float v) { return flotilla::kernels::from_f<T>(v); }
 
 // While alive (and `on`), sets MXCSR's flush-to-zero and denormals-are-zero bits: the bfloat16 contract.
 class FlushDenormals {

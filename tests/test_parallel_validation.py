@@ -63,14 +63,17 @@ def test_serve_smollm2_with_tp2_exits_2_naming_the_heads():
     assert "Gloo" not in err and "Traceback" not in err
 
 
-def test_deployment_file_fails_before_loading_any_model(tmp_path, tiny_llama, tiny_llama_h6):
+@pytest.mark.parametrize("ray", [False, True], ids=["embedded", "ray"])
+def test_deployment_file_fails_before_loading_any_model(tmp_path, tiny_llama, tiny_llama_h6, ray):
     good, bad = tiny_llama[0], tiny_llama_h6[0]
     deploy = tmp_path / "deploy.yaml"
     deploy.write_text(f"models:\n  - name: good\n    model: {good}\n    engine: {{max_model_len: 128}}\n"
                       f"  - name: wide\n    model: {bad}\n    parallel: {{tensor: 4}}\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([*SERVE, "--config", str(deploy), "--port", str(free_port())], capture_output=True,
-                          text=True, timeout=300, env=env)
+    flags = ["--ray"] if ray else []
+    proc = subprocess.run([*SERVE, "--config", str(deploy), "--port", str(free_port()), *flags],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "tensor_parallel_size 4 does not fit wide" in proc.stderr and "1, 3, 6" in proc.stderr
     assert "loading good" not in proc.stdout  # nothing was loaded first
+    assert "Ray" not in proc.stdout + proc.stderr  # with --ray: refused on the driver, before Ray starts

@@ -91,7 +91,7 @@ def _run_on_ray(deployment, ns: argparse.Namespace, api_key: str | None) -> int:
 
 def run_server(ns: argparse.Namespace) -> int:
     """Serve until signalled; returns the process exit code."""
-    from flotilla.deploy.embedded import shutdown_engines, start_engines
+    from flotilla.deploy.embedded import check_parallel_sizes, shutdown_engines, start_engines
     try:
         deployment = deployment_from_args(ns)
         api_key = None if ns.api_key else deployment.api_key()
@@ -100,6 +100,7 @@ def run_server(ns: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if getattr(ns, "ray", False):
+        check_parallel_sizes(deployment)  # on the driver, before Ray starts (embedded: in start_engines)
         return _run_on_ray(deployment, ns, api_key)
     try:
         sock = bind_socket(ns.host, ns.port)

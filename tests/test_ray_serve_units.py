@@ -1,6 +1,7 @@
 """The Ray Serve pieces that need no cluster: the request-router adapter over fake replicas, the replica's
-stall bookkeeping, engine-args rewriting, stats summing, metric-clock rebasing and the deployment options
-built from a deployment file."""
+stall bookkeeping, engine-args rewriting, stats summing, metric-clock rebasing, the deployment options
+built from a deployment file, and RemoteEngine's retries over a fake handle (failure frames, exclusion of the
+replicas a request failed on)."""
 
 from __future__ import annotations
 
@@ -361,7 +362,7 @@ def ray_actor_died():
     return e
 
 
-def test_remote_engine_retries_once_before_the_first_output(tiny_llama):
+def test_remote_engine_retries_a_failure_before_the_first_output(tiny_llama):
     from ray.exceptions import ActorDiedError
 
     from flotilla.engine.protocol import EngineClient

@@ -7,12 +7,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 
-def exit_with_parent(parent_pid: int, check_s: float = 1.0) -> None:
-    """Exit this process as soon as ``parent_pid`` is no longer its parent, even mid-load.
+def exit_with_parent(parent_pid: int, check_s: float = 1.0, on_exit: Callable[[], None] | None = None) -> None:
+    """Exit this process as soon as ``parent_pid`` is no longer its parent, even mid-load; ``on_exit`` runs
+    first (errors ignored), e.g. to remove what the dead parent can no longer clean up.
 
     A watchdog thread rather than PR_SET_PDEATHSIG: that signal fires when the parent *thread* that
     started us exits, not the parent process.
@@ -21,9 +23,31 @@ def exit_with_parent(parent_pid: int, check_s: float = 1.0) -> None:
         while os.getppid() == parent_pid:
             time.sleep(check_s)
         logger.warning("parent process %d is gone, exiting", parent_pid)
+        if on_exit is not None:
+            try:
+                on_exit()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
         os._exit(1)
 
     threading.Thread(target=watch, name="flotilla-parent-watch", daemon=True).start()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def release_free_memory() -> None:

@@ -253,7 +253,7 @@ FRONTEND_SCRIPT = textwrap.dedent("""
         while True:  # keep the core busy until this process is killed
             async for _ in engine.generate("Hello", params, f"r{i}"):
                 if i == 0:
-                    print(engine._client.proc.pid, flush=True)
+                    print(engine._client.proc.pid, engine._client._dir, flush=True)
                     i = 1
             i += 1
 
@@ -271,6 +271,9 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def test_core_exits_when_the_frontend_is_killed(tmp_path, tiny_llama):
+    """SIGKILL of the frontend: the core exits by itself and removes the IPC socket folder the frontend
+    can no longer remove (named after its owner's pid)."""
+    from flotilla.engine.core_proc import ipc_dir_owner
     path, _ = tiny_llama
     script = tmp_path / "frontend.py"
     script.write_text(FRONTEND_SCRIPT)
@@ -281,14 +284,16 @@ def test_core_exits_when_the_frontend_is_killed(tmp_path, tiny_llama):
                                     text=True, env=env, cwd=REPO_ROOT)
     core_pid = None
     try:
-        line = _read_line(frontend, timeout=300.0)
-        assert line.strip().isdigit(), f"the frontend never streamed: {log.read_text()[-3000:]}"
-        core_pid = int(line)
+        line = _read_line(frontend, timeout=300.0).split()
+        assert len(line) == 2 and line[0].isdigit(), f"the frontend never streamed: {log.read_text()[-3000:]}"
+        core_pid, ipc_dir = int(line[0]), line[1]
         assert core_pid in child_pids(frontend.pid) and process_running(core_pid)
+        assert os.path.isdir(ipc_dir) and ipc_dir_owner(os.path.basename(ipc_dir)) == frontend.pid
         frontend.send_signal(signal.SIGKILL)  # no cleanup runs in the frontend
         frontend.wait(timeout=HANG)
         assert wait_until(lambda: not process_running(core_pid), timeout=HANG), \
             "the core outlived its frontend"
+        assert not os.path.exists(ipc_dir), os.listdir(ipc_dir)
     finally:
         if frontend.poll() is None:
             frontend.kill()
@@ -296,3 +301,20 @@ def test_core_exits_when_the_frontend_is_killed(tmp_path, tiny_llama):
         frontend.stdout.close()
         if core_pid is not None and process_running(core_pid):
             os.kill(core_pid, signal.SIGKILL)
+
+
+def test_stale_ipc_folders_of_dead_frontends_are_removed(tmp_path):
+    """A frontend killed together with its core leaves its socket folder; the next engine start removes the
+    folders whose owner (the pid in the name) is gone, and nothing else."""
+    from flotilla.engine.core_proc import IPC_DIR_PREFIX, remove_stale_ipc_dirs
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    stale = tmp_path / f"{IPC_DIR_PREFIX}{gone.pid}-abc"
+    alive = tmp_path / f"{IPC_DIR_PREFIX}{os.getppid()}-def"
+    mine = tmp_path / f"{IPC_DIR_PREFIX}{os.getpid()}-ghi"
+    other = tmp_path / f"flotilla-{gone.pid}-jkl"  # not an engine socket folder
+    for d in (stale, alive, mine, other):
+        d.mkdir()
+        (d / "in.sock").write_text("")
+    assert remove_stale_ipc_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and alive.exists() and mine.exists() and other.exists()

@@ -3,9 +3,10 @@
 One cluster and one Serve instance per module. The main application (``build_openai_ray_app``: the tiny random
 Llama as ``tiny`` with two replicas and prefix-aware routing, again as ``tiny-tp2`` with tensor parallel 2,
 and an alias, behind the OpenAI ingress with an API key) serves the ``openai`` client tests, the routing and
-cancellation tests, the tensor-parallel check and the fault tests (a replica actor killed under load; an
-engine core killed, so the health check fails and Serve replaces the replica; each replacement is shown to
-serve traffic). The stall-based health check runs on a ``ModelServer`` in this process and on a deployment
+cancellation tests, the tensor-parallel check and the fault tests (an engine core killed under load: only
+requests that had produced output on it fail, retries never go back to it, the replica exits and is
+replaced; a replica actor killed mid-generation: its non-streaming requests run again elsewhere, its streams
+end with a JSON error event; each replacement is shown to serve traffic). The stall-based health check runs on a ``ModelServer`` in this process and on a deployment
 of its own whose engine core is frozen (SIGSTOP) mid-request. Autoscaling deploys a model deployment of its
 own and loads it through its deployment handle.
 """
@@ -13,6 +14,7 @@ own and loads it through its deployment handle.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -27,7 +29,8 @@ from ray import serve  # noqa: E402
 from ray_cluster_helpers import LOOPBACK, loopback_cluster  # noqa: E402
 
 from flotilla.deploy.config import AutoscalingSpec, DeploymentConfig, ModelSpec  # noqa: E402
-from flotilla.deploy.serve_wire import GENERATE_REQUEST, GenerateRequest, decode_output  # noqa: E402
+from flotilla.deploy.serve_wire import GENERATE_REQUEST, GenerateRequest, decode_frame  # noqa: E402
+from flotilla.outputs import RequestOutput  # noqa: E402
 from flotilla.sampling_params import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -263,7 +266,9 @@ async def _generate(handle, prompt_ids, params, request_id) -> list[int]:
     tokens = []
     async for data in handle.options(stream=True).generate.remote(GENERATE_REQUEST.encode(request)):
         assert type(data) is bytes, type(data)
-        tokens.extend(decode_output(data, request).outputs[0].token_ids)
+        out = decode_frame(data, request)
+        if isinstance(out, RequestOutput):  # after the replica's Accepted frame
+            tokens.extend(out.outputs[0].token_ids)
     return tokens
 
 
@@ -288,101 +293,180 @@ def test_tensor_parallel_2_matches_single_process(app, tiny_llama):
 
 
 # ---- faults -------------------------------------------------------------------------------------------------
-class Load:
-    """Two threads sending short completions until stopped; records (send time, ok, error) per request."""
-
-    def __init__(self, client, threads: int = 2):
-        self.client, self.results, self.stop = client, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            sent = time.monotonic()
-            try:
-                completion(self.client, f"load {i} {n}", max_tokens=8)
-                self.results.append((sent, True, None))
-            except Exception as e:  # noqa: BLE001 - recorded
-                self.results.append((sent, False, repr(e)))
-
-    def finish(self) -> list:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
-        return self.results
-
-
-def actor_dead(actor) -> bool:
-    try:
-        ray.get(actor.get_num_ongoing_requests.remote(), timeout=5)
-    except ray.exceptions.RayActorError:
-        return True
-    except ray.exceptions.GetTimeoutError:
-        pass
-    return False
-
-
 def serve_replica_actors(deployment: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
 
 
-def wait_for_traffic_on_new_replicas(handle, old_ids: set, timeout_s: float = 120) -> dict:
-    """Poll until every replica not in ``old_ids`` has served a request; returns their stats (empty if none
-    appeared or one never got traffic within ``timeout_s``)."""
-    fresh: dict = {}
-
-    def served() -> bool:
-        nonlocal fresh
-        fresh = {rid: s for rid, s in replica_stats(handle).items() if rid not in old_ids}
-        return bool(fresh) and all(s["requests_total"] > 0 for s in fresh.values())
-    return fresh if wait_until(served, timeout_s, 0.2) else {}
+def victim_actor(replica_id: str):
+    (name,) = [n for n in serve_replica_actors("tiny") if n.endswith(replica_id)]
+    return ray.get_actor(name, namespace="serve")
 
 
-def test_replica_killed_under_load(client):
-    handle = tiny_handle()
-    old_ids = set(replica_stats(handle))
-    load = Load(client, threads=3)
-    try:
-        assert wait_until(lambda: sum(ok for _, ok, _ in load.results) >= 3, 60, 0.05), load.results[:3]
-        victim = serve_replica_actors("tiny")[0]
-        actor = ray.get_actor(victim, namespace="serve")
-        ray.kill(actor, no_restart=True)
-        assert wait_until(lambda: actor_dead(actor), 30, 0.02)
-        killed_at = time.monotonic()  # the replica is gone: every request sent from now on must succeed
-        replaced = wait_until(lambda: running_replicas("tiny", "flotilla") == 2 and victim not in
-                              serve_replica_actors("tiny") and len(serve_replica_actors("tiny")) == 2, 120)
-        fresh = wait_for_traffic_on_new_replicas(handle, old_ids) if replaced else {}
-    finally:
-        results = load.finish()
-    assert replaced, serve.status()
-    after_kill = [r for r in results if r[0] > killed_at + 0.05]
-    print("kill:", len(results), "requests,", len(after_kill), "after the kill; failed:",
-          [r for r in results if not r[1]], "replacement:", fresh)
-    assert after_kill and all(ok for _, ok, _ in after_kill), [r for r in after_kill if not r[1]][:3]
-    assert len(fresh) == 1, f"the replacement never received traffic: {replica_stats(handle)}"
-    (stats,) = fresh.values()
-    assert stats["requests_total"] > 0 and stats["requests_unfinished"] == 0, stats  # served, none failed
+def wait_for_replacement(handle, victim_id: str, timeout_s: float = 120) -> bool:
+    return wait_until(lambda: running_replicas("tiny", "flotilla") == 2 and victim_id not in replica_stats(handle)
+                      and len(replica_stats(handle)) == 2, timeout_s, 0.2)
 
 
-def test_dead_engine_fails_health_check_and_is_replaced(client):
-    handle = tiny_handle()
-    stats = replica_stats(handle)
-    victim_id, victim = next(iter(stats.items()))
-    os.kill(victim["core_pid"], signal.SIGKILL)  # the engine core dies; the replica actor lives on
-    assert wait_until(lambda: victim_id not in replica_stats(handle) and len(replica_stats(handle)) == 2, 120), \
-        serve.status()
-    new_ids = set(replica_stats(handle)) - set(stats)
-    assert len(new_ids) == 1
-    for i in range(40):  # short prompts: power of two choices reaches the replacement within a few requests
+def check_replacement_serves(client, handle, old_ids: set) -> None:
+    """Requests keep succeeding until the replacement has served one (power of two choices reaches it)."""
+    new_ids = set(replica_stats(handle)) - old_ids
+    assert len(new_ids) == 1, replica_stats(handle)
+    (new_id,) = new_ids
+    for i in range(60):
         assert completion(client, f"still serving {i}", max_tokens=3).usage.completion_tokens == 3
-        if replica_stats(handle).get(next(iter(new_ids)), {}).get("requests_total", 0) > 0:
+        if replica_stats(handle).get(new_id, {}).get("requests_total", 0) > 0:
             break
-    (fresh,) = [s for rid, s in replica_stats(handle).items() if rid in new_ids]
+    fresh = replica_stats(handle)[new_id]
     assert fresh["requests_total"] > 0 and fresh["requests_unfinished"] == 0, fresh
+
+
+def no_ray_internals(message: str) -> bool:
+    return not any(word in message.lower() for word in ("ray", "actor", "oom", "worker", "traceback"))
+
+
+def test_engine_core_killed_under_load(client, tiny_llama):
+    """kill -9 one replica's engine core during 40 requests at concurrency 8 (through a ``RemoteEngine`` in
+    this process, the ingress's code, so its attempt log can be read): only requests that had produced output
+    on that replica fail; every other one succeeds; no request is ever re-sent to a replica it failed on; the
+    replica leaves (its actor exits) and Serve replaces it. The engine here marks failed replicas in a
+    registry of its own, not the one this process's router reads: the router keeps offering the dead replica
+    until it leaves, as for an ingress replica that has not seen it fail yet (the worst case), so requests
+    do land on it before their first output and are re-sent."""
+    from flotilla.deploy.remote_engine import RemoteEngine
+    from flotilla.deploy.replica_failures import FailedReplicas
+    from flotilla.engine.output_processor import OutputKind
+    from flotilla.errors import EngineDeadError
+    handle = tiny_handle()
+    before = replica_stats(handle)
+    assert len(before) == 2
+    engine = RemoteEngine("tiny", handle, model_spec("tiny", tiny_llama[0]).engine_args(),
+                          failed_replicas=FailedReplicas())
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    results: dict[str, tuple[str | None, int]] = {}  # request id -> (error or None, tokens received)
+    kill: dict = {}
+
+    async def one(i: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            got, error = 0, None
+            try:
+                async for out in engine.generate({"prompt_token_ids": [1, 100 + i, 7, 300 + i]}, params, f"k{i}",
+                                                 OutputKind.DELTA):
+                    got += sum(len(c.token_ids) for c in out.outputs)
+            except EngineDeadError as e:
+                error = str(e)
+            results[f"k{i}"] = (error, got)
+
+    async def killer() -> None:  # once some requests are done and a replica has requests in flight
+        while True:
+            stats = {s["replica_id"]: s for s in await engine.refresh_stats()}
+            busy = [rid for rid, s in stats.items() if s["num_ongoing"] > 0]
+            if len(results) >= 4 and busy:
+                kill["victim"], kill["at"] = busy[0], time.monotonic()
+                os.kill(stats[busy[0]]["core_pid"], signal.SIGKILL)
+                break
+            await asyncio.sleep(0.02)
+        while kill["victim"] in {s["replica_id"] for s in await engine.refresh_stats()}:
+            await asyncio.sleep(0.05)
+        kill["left_s"] = time.monotonic() - kill["at"]  # its actor no longer answers
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(8)
+        await asyncio.gather(killer(), *[one(i, gate) for i in range(40)])
+    asyncio.run(main())
+    victim = kill["victim"]
+    replaced = wait_for_replacement(handle, victim)
+    replaced_s = time.monotonic() - kill["at"]
+    by_request: dict[str, list[tuple[str | None, str]]] = {}
+    for rid, replica, outcome in engine.attempts:
+        by_request.setdefault(rid, []).append((replica, outcome))
+    print("re-sent requests:", {rid: a for rid, a in by_request.items() if len(a) > 1})
+    failed = {rid: r for rid, r in results.items() if r[0] is not None}
+    print(f"engine core kill: {len(failed)}/40 failed, {engine.num_retries} re-sent, the replica gone after "
+          f"{kill['left_s']:.1f} s, replaced after {replaced_s:.1f} s; failed: {failed}")
+    assert len(results) == 40
+    for rid, (error, got) in results.items():
+        attempts = by_request[rid]
+        failed_on = set()
+        for replica, outcome in attempts:
+            assert replica not in failed_on, (rid, attempts)  # never re-sent to a replica it failed on
+            if outcome == "failed":
+                failed_on.add(replica)
+        if error is None:
+            assert got == 64 and attempts[-1][1] == "ok", (rid, attempts)
+        else:  # only a request that had produced output on the dead replica may fail
+            assert got > 0 and attempts == [(victim, "failed")], (rid, error, attempts)
+            assert "after it had started streaming" in error and no_ray_internals(error), error
+    assert any(outcome == "failed" and replica == victim for _, replica, outcome in engine.attempts)
+    assert replaced, serve.status()
+    check_replacement_serves(client, handle, set(before))
+
+
+def test_replica_actor_killed_mid_generation(app, client):
+    """ray.kill of a model replica's actor while it generates streaming and non-streaming requests: its
+    non-streaming requests run again on the other replica and succeed whole; its streaming ones, which had
+    sent tokens, end with an OpenAI JSON error event that names no Ray internals; Serve replaces it."""
+    handle = tiny_handle()
+    before = replica_stats(handle)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "max_tokens": 450, "ignore_eos": True, "temperature": 0}
+    streams: dict[int, str] = {}  # stream index -> completion id
+    state: dict = {}
+
+    async def streaming(http, i: int) -> list[dict]:
+        events = []
+        async with http.stream("POST", "/v1/completions", json=dict(body, prompt=f"stream {i}", stream=True)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    streams.setdefault(i, events[-1].get("id"))
+        return events
+
+    async def plain(http, i: int):
+        r = await http.post("/v1/completions", json=dict(body, prompt=f"plain {i}"))
+        return r.status_code, r.json()
+
+    async def killer() -> None:
+        """Once every stream has sent tokens: kill a replica that holds streaming and non-streaming requests."""
+        while True:
+            await asyncio.sleep(0.05)
+            if len(streams) < 3:
+                continue
+            stats = await handle.broadcast("stats").results_async(timeout_s=30, return_exceptions=True)
+            for s in (s for s in stats if isinstance(s, dict)):
+                bases = {rid.rsplit("-", 1)[0] for rid in s["ongoing_request_ids"]}
+                if bases & set(streams.values()) and bases - set(streams.values()):
+                    state.update(victim=s["replica_id"], bases=bases, at=time.monotonic())
+                    ray.kill(victim_actor(s["replica_id"]), no_restart=True)
+                    return
+
+    async def main():
+        async with httpx.AsyncClient(base_url=app, headers=headers, timeout=300) as http:
+            return await asyncio.gather(asyncio.wait_for(killer(), 120), *[streaming(http, i) for i in range(3)],
+                                        *[plain(http, i) for i in range(5)])
+    _, *outcomes = asyncio.run(main())
+    stream_events, plain_results = outcomes[:3], outcomes[3:]
+    victim, on_victim = state["victim"], state["bases"]
+    for status, result in plain_results:
+        assert status == 200 and result["usage"]["completion_tokens"] == 450, result
+    assert any(result["id"] in on_victim for _, result in plain_results)
+    failed_streams = 0
+    for i, events in enumerate(stream_events):
+        errors = [e["error"] for e in events if "error" in e]
+        if streams[i] in on_victim:
+            failed_streams += 1
+            assert len(errors) == 1 and set(errors[0]) == {"message", "type", "param", "code"}, events[-2:]
+            assert "after it had started streaming" in errors[0]["message"], errors
+            assert no_ray_internals(errors[0]["message"]), errors
+        else:
+            assert not errors and events[-1]["choices"][0]["finish_reason"] == "length", events[-2:]
+    assert failed_streams >= 1
+    replaced = wait_for_replacement(handle, victim)
+    print(f"actor kill: {failed_streams} streams failed, {len(on_victim) - failed_streams} non-streaming re-run; "
+          f"replaced after {time.monotonic() - state['at']:.1f} s")
+    assert replaced, serve.status()
+    check_replacement_serves(client, handle, set(before))
 
 
 # ---- the stall-based health check -------------------------------------------------------------------------
@@ -396,12 +480,14 @@ WARM_UP = SamplingParams(temperature=0.0, max_tokens=4)
 
 
 async def _consume(make_stream, first: threading.Event, sink: list, request: GenerateRequest) -> None:
-    """Iterate ``make_stream()`` (a ``generate`` stream of ``request``: GenerateOutput bytes); set ``first`` at
-    its first output; append the decoded outputs (or the error) to sink."""
+    """Iterate ``make_stream()`` (a ``generate`` stream of ``request``: frame bytes); set ``first`` at its first
+    output; append the decoded outputs and failure frames (or the error) to sink."""
     try:
         async for data in make_stream():
-            sink.append(decode_output(data, request))
-            first.set()
+            frame = decode_frame(data, request)
+            if isinstance(frame, RequestOutput) or type(frame).__name__ == "GenerateFailure":
+                sink.append(frame)
+                first.set()
     except Exception as e:  # noqa: BLE001 - inspected by the test
         sink.append(e)
     finally:
@@ -502,7 +588,7 @@ def test_stalled_replica_is_replaced_by_serve(serve_url, tiny_llama):
             serve.status()
         assert time.monotonic() - stopped_at >= SERVE_STALL_TIMEOUT_S  # stalled, not dead: replaced only then
         thread.join(60)
-        assert not thread.is_alive() and isinstance(outs[-1], Exception), outs[-1:]  # the frozen request failed
+        assert not thread.is_alive() and not isinstance(outs[-1], RequestOutput), outs[-1:]  # it failed
         tokens = asyncio.run(_generate(handle, [1, 5, 9], SamplingParams(temperature=0.0, max_tokens=5),
                                        "after-stall"))
         assert len(tokens) == 5

@@ -1,6 +1,7 @@
 """The Ray Serve pieces that need no cluster: the request-router adapter over fake replicas, the replica's
-stall bookkeeping, engine-args rewriting, stats summing, metric-clock rebasing and the deployment options
-built from a deployment file."""
+stall bookkeeping, engine-args rewriting, stats summing, metric-clock rebasing, the deployment options
+built from a deployment file, and RemoteEngine's retries over a fake handle (failure frames, exclusion of the
+replicas a request failed on)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from flotilla.deploy.ray_serve import (autoscaling_config, cpus_needed, model_de
                                        model_deployment_options, replica_engine_args, replica_resources,
                                        stalled_for)
 from flotilla.deploy.remote_engine import _Rebase, sum_stats  # noqa: E402
-from flotilla.deploy.serve_wire import (GENERATE_REQUEST, GenerateRequest, encode_output,  # noqa: E402
+from flotilla.deploy.replica_failures import FailedReplicas  # noqa: E402
+from flotilla.deploy.serve_wire import (ENGINE_DEAD, GENERATE_REQUEST, Accepted, GenerateFailure,  # noqa: E402
+                                        GenerateRequest, decode_frame, encode_frame, encode_output,
                                         prompt_token_ids_of)
 from flotilla.engine.arg_utils import EngineArgs  # noqa: E402
 from flotilla.engine.output_processor import OutputKind  # noqa: E402
@@ -48,15 +51,17 @@ class FakeReplica:
         return self.queue_len
 
 
-def pending(prefix) -> SimpleNamespace:
+def pending(prefix, exclude=()) -> SimpleNamespace:
     """A pending ``ModelServer.generate`` call: its one argument is the bytes of a GenerateRequest."""
-    request = GENERATE_REQUEST.encode(GenerateRequest("r", None, list(prefix), SamplingParams()))
+    request = GENERATE_REQUEST.encode(GenerateRequest("r", None, list(prefix), SamplingParams(),
+                                                      exclude_replicas=list(exclude)))
     return SimpleNamespace(args=[request], kwargs={}, routing_context=SimpleNamespace(should_backoff=False))
 
 
 def make_router(replicas, **state) -> FlotillaRequestRouter:
     router = FlotillaRequestRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
     router.initialize_state(**{"policy": "prefix_aware", "seed": 0, "max_num_seqs": 4, **state})
+    router.failed = FailedReplicas()  # not the process's registry
     router.update_replicas(replicas)
     return router
 
@@ -132,6 +137,42 @@ def test_router_probes_replicas_missing_from_the_cache_and_leaves_out_the_silent
         assert router.replica_queue_len_cache.get(silent.replica_id) is None
         assert set(router.curr_replicas) == {ok.replica_id, silent.replica_id}  # dead: dropped
         assert uids(await router.choose_replicas([silent], pending([5]))) == [["silent"]]  # none known: all
+    asyncio.run(scenario())
+
+
+def test_router_never_offers_a_request_the_replicas_it_failed_on():
+    """A request's ``exclude_replicas`` are never in its ranks, however loaded the others are; with no other
+    replica the ranks are empty (Serve backs off and asks again) until a new replica appears."""
+    async def scenario():
+        a, b = FakeReplica("a", 0), FakeReplica("b", 3)
+        router = make_router([a, b], policy="power_of_two")
+        for _ in range(10):
+            assert uids(await router.choose_replicas([a, b], pending([5], exclude=["a"]))) == [["b"]]
+        req = pending([5], exclude=["a", "b"])
+        assert await router.choose_replicas([a, b], req) == [] and req.routing_context.should_backoff
+        c = FakeReplica("c", 9)
+        router.update_replicas([a, b, c])  # the failed replica's replacement
+        assert uids(await router.choose_replicas([a, b, c], req)) == [["c"]]
+    asyncio.run(scenario())
+
+
+def test_router_keeps_other_requests_off_replicas_marked_failed():
+    """A replica this process saw fail (``FailedReplicas``) is left out while others remain, used again
+    when it is the only one, and forgotten when it leaves the deployment or its mark expires."""
+    async def scenario():
+        a, b = FakeReplica("a", 0), FakeReplica("b", 3)
+        router = make_router([a, b], policy="power_of_two")
+        now = [0.0]
+        router.failed = FailedReplicas(ttl_s=10.0, clock=lambda: now[0])
+        router.failed.mark("a")
+        for _ in range(5):
+            assert uids(await router.choose_replicas([a, b], pending([5]))) == [["b"]]
+        assert uids(await router.choose_replicas([a], pending([5]))) == [["a"]]  # nothing else: still route
+        now[0] = 11.0
+        assert uids(await router.choose_replicas([a, b], pending([5])))[0] == ["a"]  # expired: least loaded
+        router.failed.mark("a")
+        router.update_replicas([b])  # a left the deployment
+        assert router.failed.failed() == set()
     asyncio.run(scenario())
 
 
@@ -234,8 +275,12 @@ def test_deployment_options_from_the_deployment_file():
 
 
 # ---- RemoteEngine over a fake deployment handle -------------------------------------------------------------
+HANG = object()  # a FakeStream item that never arrives
+
+
 class FakeStream:
-    """A DeploymentResponseGenerator stand-in: yields (or raises) its script's items; ``cancel()`` ends it."""
+    """A DeploymentResponseGenerator stand-in: yields (or raises) its script's items (``HANG``: waits
+    forever); ``cancel()`` ends it."""
 
     def __init__(self, items):
         self.items, self.cancelled = list(items), False
@@ -251,6 +296,11 @@ class FakeStream:
         if not self.items:
             raise StopAsyncIteration
         item = self.items.pop(0)
+        while item is HANG and not self.cancelled:
+            await asyncio.sleep(0.01)
+        if item is HANG:
+            from ray.serve.exceptions import RequestCancelledError
+            raise RequestCancelledError("r")
         if isinstance(item, BaseException):
             raise item
         return item
@@ -281,18 +331,38 @@ def output(finished: bool) -> bytes:
                                        metrics={"arrival_time": 1.0, "first_token_time": None}))
 
 
-def remote_engine(path: str, *scripts):
+def accepted(replica: str) -> bytes:
+    return encode_frame(Accepted(replica))
+
+
+def failure(replica: str, started: bool = False) -> bytes:
+    return encode_frame(GenerateFailure(ENGINE_DEAD, f"model 'tiny': the engine of replica {replica} stopped",
+                                        replica, started))
+
+
+def remote_engine(path: str, *scripts, **kw):
     from flotilla.deploy.remote_engine import RemoteEngine
     handle = FakeHandle(*scripts)
-    return RemoteEngine("tiny", handle, EngineArgs(model=path, max_model_len=64)), handle
+    return RemoteEngine("tiny", handle, EngineArgs(model=path, max_model_len=64), failed_replicas=FailedReplicas(),
+                        **kw), handle
 
 
-async def collect(engine, request_id="r", prompt=(1, 2, 3)):
+async def collect(engine, request_id="r", prompt=(1, 2, 3), output_kind=OutputKind.CUMULATIVE):
     return [o async for o in engine.generate({"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=4),
-                                             request_id)]
+                                             request_id, output_kind)]
 
 
-def test_remote_engine_retries_once_before_the_first_output(tiny_llama):
+def ray_actor_died():
+    """An ActorDiedError as Ray words it (with its advice about the OOM killer and ``ray stop``)."""
+    from ray.exceptions import ActorDiedError
+    e = ActorDiedError()
+    e.error_msg = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ServeReplica:a:m\n"
+                   "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR\n"
+                   "It may have been killed by the OOM killer; see `ray logs raylet.out`, or run `ray stop`")
+    return e
+
+
+def test_remote_engine_retries_a_failure_before_the_first_output(tiny_llama):
     from ray.exceptions import ActorDiedError
 
     from flotilla.engine.protocol import EngineClient
@@ -304,20 +374,80 @@ def test_remote_engine_retries_once_before_the_first_output(tiny_llama):
     assert engine.num_queued_requests == 0 and engine.num_unfinished_requests == 0
 
 
-def test_remote_engine_failures_after_output_or_twice_reach_the_caller(tiny_llama):
-    from ray.exceptions import ActorDiedError
+def test_remote_engine_retries_elsewhere_excluding_every_replica_it_failed_on(tiny_llama):
+    """An engine-dead failure frame on a, an actor death on b, success on c: each retry carries the replicas
+    already failed in ``exclude_replicas``, the attempt log names each replica, and a and b are marked failed
+    for the router."""
+    engine, handle = remote_engine(tiny_llama[0], [accepted("a"), failure("a")],
+                                   [accepted("b"), ray_actor_died()], [accepted("c"), output(False), output(True)])
+    outs = asyncio.run(collect(engine))
+    assert [o.finished for o in outs] == [False, True] and engine.num_retries == 2
+    sent = [GENERATE_REQUEST.decode(r).exclude_replicas for r in handle.requests]
+    assert sent == [[], ["a"], ["a", "b"]]
+    assert list(engine.attempts) == [("r", "a", "failed"), ("r", "b", "failed"), ("r", "c", "ok")]
+    assert engine.failed_replicas.failed() == {"a", "b"}
+    assert engine.num_queued_requests == 0 and engine.num_unfinished_requests == 0
 
+
+def test_remote_engine_failures_after_output_or_on_every_attempt_reach_the_caller(tiny_llama):
+    """Plain messages, no Ray internals: a failure after output started is not retried; a request that
+    failed on ``MAX_ATTEMPTS`` replicas fails; a retry that finds no other replica in time fails."""
+    from flotilla.deploy.remote_engine import MAX_ATTEMPTS
     from flotilla.errors import EngineDeadError, InvalidRequestError
-    engine, _ = remote_engine(tiny_llama[0], [output(False), ActorDiedError()])
-    with pytest.raises(EngineDeadError, match="failed"):
+    engine, handle = remote_engine(tiny_llama[0], [accepted("a"), output(False), ray_actor_died()])
+    with pytest.raises(EngineDeadError, match="after it had started streaming") as info:
         asyncio.run(collect(engine))
-    engine, _ = remote_engine(tiny_llama[0], [ActorDiedError()], [ActorDiedError()])
-    with pytest.raises(EngineDeadError):
+    assert len(handle.requests) == 1 and list(engine.attempts) == [("r", "a", "failed")]
+    engine, handle = remote_engine(tiny_llama[0], [accepted("a"), output(False), failure("a", started=True)])
+    with pytest.raises(EngineDeadError, match="its engine died"):
         asyncio.run(collect(engine))
+    engine, handle = remote_engine(tiny_llama[0], *[[accepted(x), ray_actor_died()] for x in "abc"])
+    with pytest.raises(EngineDeadError, match=f"failed on {MAX_ATTEMPTS} replicas") as info:
+        asyncio.run(collect(engine))
+    for text in ("ray", "oom", "actor", "worker"):
+        assert text not in str(info.value).lower(), info.value
+    assert len(handle.requests) == MAX_ATTEMPTS
+    engine, _ = remote_engine(tiny_llama[0], [accepted("a"), failure("a")], [HANG], retry_routing_timeout_s=0.2)
+    with pytest.raises(EngineDeadError, match="no other replica took request r"):
+        asyncio.run(collect(engine))
+    assert engine.num_unfinished_requests == 0
     engine, handle = remote_engine(tiny_llama[0])
     with pytest.raises(InvalidRequestError):  # validated here: nothing is sent
         asyncio.run(collect(engine, prompt=range(1, 70)))
     assert handle.requests == []
+
+
+def test_remote_engine_final_only_leaves_the_queue_when_a_replica_accepts(tiny_llama):
+    """A final-only request counts as queued until a replica accepts it; a replica dying before the end
+    costs a retry and no output; the final output keeps the replica's first-token time (rebased)."""
+    engine, handle = remote_engine(tiny_llama[0], [accepted("a"), HANG])
+
+    async def queued_until_accepted():
+        task = asyncio.ensure_future(collect(engine, "f", output_kind=OutputKind.FINAL_ONLY))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert engine.num_queued_requests == 0 and engine.num_unfinished_requests == 1  # a accepted it
+        engine.abort("f")
+        assert await task == [] and engine.num_unfinished_requests == 0
+    asyncio.run(queued_until_accepted())
+    engine, handle = remote_engine(tiny_llama[0], [ray_actor_died()], [accepted("b"), output(True)])
+    (out,) = asyncio.run(collect(engine, "f", output_kind=OutputKind.FINAL_ONLY))
+    assert out.finished and engine.num_retries == 1
+    assert GENERATE_REQUEST.decode(handle.requests[1]).output_kind is OutputKind.FINAL_ONLY
+
+
+def test_failure_frames_round_trip_and_bad_frames_are_refused():
+    from flotilla.wire import WireError
+    request = GenerateRequest("r", "hi", [1, 2], SamplingParams(), exclude_replicas=["x"])
+    assert GENERATE_REQUEST.decode(GENERATE_REQUEST.encode(request)).exclude_replicas == ["x"]
+    assert decode_frame(accepted("a"), request) == Accepted("a")
+    frame = decode_frame(failure("a", started=True), request)
+    assert frame == GenerateFailure(ENGINE_DEAD, "model 'tiny': the engine of replica a stopped", "a", True)
+    out = decode_frame(output(True), request)
+    assert isinstance(out, RequestOutput) and out.request_id == "r" and out.prompt == "hi" and out.finished
+    for bad in (GENERATE_REQUEST.encode(request), b"\x92\xa7unknown\xa1a", b"", b"\xc1"):
+        with pytest.raises(WireError, match="malformed Ray Serve generate frame"):
+            decode_frame(bad, request)
 
 
 def test_remote_engine_abort_cancels_the_stream(tiny_llama):

@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from flotilla.deploy import replica_failures
+from flotilla.deploy.replica_failures import FailedReplicas
 from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy, make_policy
-from flotilla.deploy.serve_wire import prompt_token_ids_of
+from flotilla.deploy.serve_wire import GenerateRequest, request_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,18 @@ ROUTER_CLASS_PATH = "flotilla.deploy.ray_router.FlotillaRequestRouter"
 UNSENT_CHOICE_TTL_S = 2.0
 
 
-def request_prefix(pending_request: PendingRequest | None) -> list[int] | None:
-    """The prompt token ids of a ``ModelServer.generate`` call (its first argument: the bytes of a
-    ``GenerateRequest``), else None."""
+def generate_request(pending_request: PendingRequest | None) -> GenerateRequest | None:
+    """The ``GenerateRequest`` of a ``ModelServer.generate`` call (its first argument: the request's bytes),
+    else None."""
     if pending_request is None or not pending_request.args:
         return None
-    return prompt_token_ids_of(pending_request.args[0])
+    return request_of(pending_request.args[0])
+
+
+def request_prefix(pending_request: PendingRequest | None) -> list[int] | None:
+    """The prompt token ids of a ``ModelServer.generate`` call, else None."""
+    request = generate_request(pending_request)
+    return None if request is None else request.prompt_token_ids
 
 
 class FlotillaRequestRouter(RequestRouter):
@@ -53,8 +61,11 @@ class FlotillaRequestRouter(RequestRouter):
     request_router_kwargs={...})``; ``initialize_state`` takes ``policy`` (a name for ``make_policy``),
     ``seed``, ``max_num_seqs`` (a replica's engine batch size: a replica with that many requests in flight
     counts as saturated) and ``policy_kwargs``. Each routing round ranks ``[[policy choice], [the others,
-    least loaded first]]``; replicas whose queue length cannot be learnt, or whose routing stats say their
-    engine is unhealthy, are left out while others remain. The policy forgets replicas that leave.
+    least loaded first]]``; replicas whose queue length cannot be learnt, whose routing stats say their
+    engine is unhealthy, or that this process saw fail a request recently (``FAILED_REPLICAS``), are left
+    out while others remain. A request's own ``exclude_replicas`` (those it already failed on) are never
+    offered: when no other replica exists the rank is empty and Serve backs off and asks again until one
+    appears (the failed replica's replacement). The policy forgets replicas that leave.
 
     A replica's load is ``max(Serve's cached queue length, requests this router sent it that have not
     completed) + choices of it not yet sent`` (a choice expires after ``UNSENT_CHOICE_TTL_S``), so a burst
@@ -69,6 +80,8 @@ class FlotillaRequestRouter(RequestRouter):
         self.clock = time.monotonic
         self._unsent: defaultdict[str, deque[float]] = defaultdict(deque)  # replica -> times of unsent choices
         self._outstanding: defaultdict[str, int] = defaultdict(int)       # replica -> sent, not completed
+        # this process's registry (through the module: Serve pickles this class by value, and a lock cannot be)
+        self.failed: FailedReplicas = replica_failures.FAILED_REPLICAS
 
     def _ensure_policy(self) -> None:
         if not hasattr(self, "policy"):  # initialize_state is always called by Serve; be safe in tests
@@ -79,15 +92,20 @@ class FlotillaRequestRouter(RequestRouter):
         self._ensure_policy()
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every rank tried: back off before retrying
-        if not candidate_replicas:
+        request = generate_request(pending_request)
+        excluded = set(request.exclude_replicas) if request is not None else set()
+        allowed = [r for r in candidate_replicas if _rid(r) not in excluded]
+        if not allowed:
             return []
-        healthy = [r for r in candidate_replicas if (r.routing_stats or {}).get("healthy", True)]
-        replicas = healthy or list(candidate_replicas)
+        usable = [r for r in allowed if (r.routing_stats or {}).get("healthy", True)
+                  and not self.failed.is_failed(_rid(r))]
+        replicas = usable or allowed
         loads = await self._loads(replicas)
         if not loads:
             return [list(replicas)]
         by_id = {_rid(r): r for r in replicas}
-        chosen = self.policy.choose([load for load, _ in loads], request_prefix(pending_request))
+        prefix = request.prompt_token_ids if request is not None else None
+        chosen = self.policy.choose([load for load, _ in loads], prefix)
         self._unsent[chosen].append(self.clock())
         rest = [r for load, r in sorted(loads, key=lambda x: (x[0].num_ongoing, x[0].replica_id))
                 if load.replica_id != chosen]
@@ -189,6 +207,7 @@ class FlotillaRequestRouter(RequestRouter):
         self._forget(replica_id.unique_id)
 
     def _forget(self, rid: str) -> None:
+        self.failed.forget(rid)
         self.policy.forget_replica(rid)
         self._unsent.pop(rid, None)
         self._outstanding.pop(rid, None)

@@ -28,6 +28,7 @@ import copy
 import logging
 import os
 import socket
+import threading
 import time
 
 import ray
@@ -36,9 +37,11 @@ from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
 from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
-from flotilla.deploy.serve_wire import GENERATE_REQUEST, encode_output
+from flotilla.deploy.serve_wire import (ENGINE_DEAD, GENERATE_REQUEST, Accepted, GenerateFailure, encode_frame,
+                                        encode_output)
 from flotilla.distributed.ray_compat import bind_replica_grpc_to_node_ip
 from flotilla.engine.arg_utils import EngineArgs
+from flotilla.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ DEFAULT_STALL_TIMEOUT_S = 120.0
 DEFAULT_HEALTH_CHECK_PERIOD_S = 5.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 DEFAULT_ROUTING_STATS_PERIOD_S = 2.0
+ENGINE_WATCH_PERIOD_S = 0.1  # how often a replica looks whether its engine died
+EXIT_GRACE_S = 5.0  # a replica whose engine died waits this long for its streams to send their failure frames
 INGRESS_MAX_ONGOING = 4096
 
 
@@ -81,14 +86,20 @@ class ModelServer:
 
     Contract (methods are called by Serve handles):
     - ``generate(request)`` takes the bytes of a ``GenerateRequest`` and is an async generator of the bytes
-      of ``GenerateOutput``s, one per ``RequestOutput`` (deltas unless the request asks for another
-      ``output_kind``): ``flotilla.deploy.serve_wire``, never pickled flotilla objects. A malformed request
-      raises ``WireError``. If the caller cancels the stream (or stops iterating), the engine request is
-      aborted and its blocks freed.
+      of frames (``flotilla.deploy.serve_wire``, never pickled flotilla objects): ``Accepted`` (this
+      replica's id) first, then one ``GenerateOutput`` per ``RequestOutput`` (deltas unless the request asks
+      for another ``output_kind``). When the engine is dead, or dies before the request finishes, the last
+      frame is a ``GenerateFailure`` (``ENGINE_DEAD``, a plain message, this replica's id, whether outputs
+      had been sent) and the stream ends without raising. A malformed request raises ``WireError``. If the
+      caller cancels the stream (or stops iterating), the engine request is aborted and its blocks freed.
+    - When the engine dies, the replica (under Serve) leaves at once: its streams end with failure frames
+      (up to ``EXIT_GRACE_S``), then it kills its own actor, so Serve replaces it without waiting for
+      health checks and request routers drop it.
     - ``stats()`` -> dict: this replica's id, pid, engine core pid, node, ``num_blocks``, the scheduler
       snapshot (``num_running``, ``num_waiting``, ``kv_cache_usage``, ``prefix_cache_queries``,
-      ``prefix_cache_hits``, ``num_preemptions``), ``num_ongoing``, ``requests_total`` (generate calls)
-      and ``requests_unfinished`` (those that ended before their last output: cancelled or failed).
+      ``prefix_cache_hits``, ``num_preemptions``), ``num_ongoing`` and ``ongoing_request_ids``,
+      ``requests_total`` (generate calls) and ``requests_unfinished`` (those that ended before their last
+      output: cancelled or failed).
     - ``check_health()`` raises when the engine is dead or has made no progress (no step, no output) for
       ``stall_timeout_s`` while it had work; Serve then replaces the replica.
     - ``record_routing_stats()`` -> ``{"healthy", "num_running", "num_waiting", "kv_cache_usage"}`` for
@@ -104,11 +115,15 @@ class ModelServer:
         self.engine = AsyncLLM(self.args)
         self.replica_id = _replica_id()
         self._inflight = 0
+        self._ongoing: set[str] = set()
         self.requests_total = 0
         self.requests_unfinished = 0  # cancelled by the caller, or failed
         self._last_progress: float | None = None
         self._outputs_seen = 0
         self._marker = (None, 0)
+        self._closing = threading.Event()
+        if _in_serve_replica():
+            threading.Thread(target=self._watch_engine, name="flotilla-engine-watch", daemon=True).start()
         logger.info("model %s: replica %s ready (engine core pid %s, %d KV blocks)", model_name, self.replica_id,
                     self.core_pid(), self.engine.num_blocks)
 
@@ -116,19 +131,49 @@ class ModelServer:
         req = GENERATE_REQUEST.decode(request)
         prompt = {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids, "cache_salt": req.cache_salt}
         self._inflight += 1
+        self._ongoing.add(req.request_id)
         self.requests_total += 1
-        stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind)
-        finished = False
+        finished = started = False
+        stream = None
         try:
+            yield encode_frame(Accepted(self.replica_id))
+            stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind)
             async for out in stream:
                 self._outputs_seen += 1
                 finished = out.finished
+                started = True
                 yield encode_output(out)
+        except EngineDeadError:
+            yield encode_frame(self._failure(req.request_id, started))
         finally:
             self._inflight -= 1
+            self._ongoing.discard(req.request_id)
             if not finished:
                 self.requests_unfinished += 1
-            await stream.aclose()  # unfinished (cancelled by the caller): the engine aborts the request
+            if stream is not None:
+                await stream.aclose()  # unfinished (cancelled by the caller): the engine aborts the request
+
+    def _failure(self, request_id: str, started: bool) -> GenerateFailure:
+        reason = self.engine.dead_error if self.engine is not None else None
+        message = (f"model {self.model_name!r}: the engine of the replica serving request {request_id} "
+                   f"stopped ({reason or 'shut down'})")
+        return GenerateFailure(ENGINE_DEAD, message, self.replica_id, started)
+
+    def _watch_engine(self) -> None:
+        """Under Serve: once the engine is dead, let open streams send their failure frames, then kill this
+        replica's actor so Serve replaces it at once (health checks would take several periods)."""
+        while not self._closing.wait(ENGINE_WATCH_PERIOD_S):
+            engine = self.engine
+            if engine is None or not engine.is_dead:
+                continue
+            logger.error("model %s: replica %s: the engine died (%s); leaving", self.model_name,
+                         self.replica_id, engine.dead_error)
+            deadline = time.monotonic() + EXIT_GRACE_S
+            while self._inflight > 0 and time.monotonic() < deadline and not self._closing.is_set():
+                time.sleep(ENGINE_WATCH_PERIOD_S)
+            if not self._closing.is_set():
+                _exit_this_actor()
+            return
 
     def stats(self) -> dict:
         s = self.engine.latest_stats
@@ -137,7 +182,8 @@ class ModelServer:
                 "num_blocks": self.engine.num_blocks, "num_running": s.num_running, "num_waiting": s.num_waiting,
                 "kv_cache_usage": s.kv_cache_usage, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "num_preemptions": s.num_preemptions,
-                "num_ongoing": self._inflight, "requests_total": self.requests_total,
+                "num_ongoing": self._inflight, "ongoing_request_ids": sorted(self._ongoing),
+                "requests_total": self.requests_total,
                 "requests_unfinished": self.requests_unfinished,
                 "healthy": not self.engine.is_dead}
 
@@ -164,9 +210,26 @@ class ModelServer:
         return getattr(getattr(client, "proc", None), "pid", None)
 
     def __del__(self):  # Serve calls it when it stops the replica; Python may call it again
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
+
+
+def _in_serve_replica() -> bool:
+    try:
+        serve.get_replica_context()
+        return True
+    except Exception:  # noqa: BLE001 - outside Serve (tests constructing the class directly)
+        return False
+
+
+def _exit_this_actor() -> None:
+    """Kill this replica's actor (public ``ray.kill`` on ``current_actor``): Serve sees the actor die and
+    replaces the replica; callers with open requests get ``ActorDiedError``."""
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 def _replica_id() -> str:

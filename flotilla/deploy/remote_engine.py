@@ -15,9 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from flotilla.deploy.serve_wire import GENERATE_REQUEST, GenerateRequest, decode_output
+from flotilla.deploy.replica_failures import FAILED_REPLICAS, FailedReplicas
+from flotilla.deploy.serve_wire import (ENGINE_DEAD, GENERATE_REQUEST, Accepted, GenerateFailure,
+                                        GenerateRequest, decode_frame)
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.input_processor import InputProcessor, PromptType
 from flotilla.engine.llm_engine import load_tokenizer
@@ -31,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 2.0
 STATS_TIMEOUT_S = 10.0
+MAX_ATTEMPTS = 3  # replicas a request that has produced no output is sent to, each failed one excluded
+RETRY_ROUTING_TIMEOUT_S = 60.0  # how long a re-sent request may wait for a replica other than the failed ones
+ATTEMPT_LOG_SIZE = 4096
 _ZERO_STATS = SchedulerStats(0, 0, 0.0, 0, 0, 0)
 
 
@@ -43,19 +50,34 @@ class RemoteEngine:
       True)``; the replica is chosen by the deployment's request router. Outputs are deltas unless another
       ``output_kind`` is asked for. Their ``metrics`` times are rebased onto this process's
       ``time.monotonic()`` (arrival = when ``generate`` was called here, first token = when it arrived here).
-    - A replica that fails (actor died, engine dead) before the request's first output: the request is sent
-      once more (the router then avoids the dead replica). A failure after output started, or a second one,
-      raises ``EngineDeadError`` to the caller (HTTP 503 / an error event in a stream).
+    - A replica that fails (its actor died, or its engine did: a ``GenerateFailure`` frame) before the
+      request's first output here: the request is sent again, up to ``MAX_ATTEMPTS`` replicas in all, with
+      every replica it failed on in ``exclude_replicas`` (the router never sends it back there; a re-sent
+      request waits up to ``retry_routing_timeout_s`` for another replica, e.g. the failed one's
+      replacement). The failed replica is also marked in ``FAILED_REPLICAS`` so this process's router keeps
+      other requests away from it. With ``OutputKind.FINAL_ONLY`` nothing arrives before the end, so a
+      replica dying mid-generation costs only time. A failure after output started here, the last attempt's
+      failure, or any other error raises ``EngineDeadError`` with a plain message (no Ray internals; HTTP
+      503 / an error event in a stream).
+    - ``reruns_unstarted_requests`` is True: the OpenAI layer asks for ``FINAL_ONLY`` outputs when the client
+      does not stream, so such a request is re-run on another replica if its replica dies.
+    - ``attempts`` logs the latest attempts: ``(request_id, replica_id or None, outcome)``, outcome one of
+      ``ok``, ``failed`` (the replica failed), ``aborted``, ``error``.
     - ``abort(ids)`` cancels those requests' streams (the replica aborts them in its engine, freeing their KV
       blocks); their ``generate`` ends without error. Leaving the ``async for`` early does the same.
     - ``latest_stats`` sums the replicas' scheduler stats (KV usage: their mean), refreshed every
       ``stats_period_s`` while the event loop runs; zero until the first refresh. ``num_queued_requests``
-      counts this ingress's requests that have no output yet. ``num_blocks`` is one replica's KV cache size.
+      counts this ingress's requests that have no output yet (``FINAL_ONLY`` ones: not yet accepted by a
+      replica). ``num_blocks`` is one replica's KV cache size.
     - ``is_dead`` is False unless the deployment is gone: a stats refresh found it unavailable after an
       earlier one had reached it (a later successful refresh clears it).
     """
 
-    def __init__(self, name: str, handle, engine_args: EngineArgs, *, stats_period_s: float = STATS_PERIOD_S):
+    reruns_unstarted_requests = True
+
+    def __init__(self, name: str, handle, engine_args: EngineArgs, *, stats_period_s: float = STATS_PERIOD_S,
+                 failed_replicas: FailedReplicas = FAILED_REPLICAS,
+                 retry_routing_timeout_s: float = RETRY_ROUTING_TIMEOUT_S):
         self.name = name
         self.config = engine_args.create_engine_config()
         self.model_config = self.config.model
@@ -67,6 +89,9 @@ class RemoteEngine:
         self.replica_stats: list[dict] = []
         self.dead_error: BaseException | None = None
         self.num_retries = 0  # requests re-sent after their replica failed before the first output
+        self.attempts: deque[tuple[str, str | None, str]] = deque(maxlen=ATTEMPT_LOG_SIZE)
+        self.failed_replicas = failed_replicas
+        self.retry_routing_timeout_s = retry_routing_timeout_s
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
         self._streams: dict[str, object] = {}  # request id -> DeploymentResponseGenerator
@@ -100,43 +125,84 @@ class RemoteEngine:
         self.ensure_stats_task()
         request = GenerateRequest(request_id, processed.prompt, processed.prompt_token_ids, processed.params,
                                   output_kind, processed.cache_salt)
-        data = GENERATE_REQUEST.encode(request)
-        arrival = time.monotonic()
-        clock = _Rebase(arrival)
+        clock = _Rebase(time.monotonic(), keep_first_token_time=output_kind == OutputKind.FINAL_ONLY)
         self._queued.add(request_id)
-        started = done = False
+        state = _Attempt(request_id)
         try:
-            for attempt in (0, 1):
-                stream = self._stream_handle.generate.remote(data)
+            for attempt in range(MAX_ATTEMPTS):
+                state.replica_id = None
+                request.exclude_replicas = list(state.excluded)
+                stream = self._stream_handle.generate.remote(GENERATE_REQUEST.encode(request))
                 self._streams[request_id] = stream
                 try:
-                    async for item in stream:
-                        out = decode_output(item, request)
-                        if not started:
-                            started = True
-                            self._queued.discard(request_id)
-                        clock.apply(out)
-                        yield out
-                    done = True
+                    timeout = self.retry_routing_timeout_s if attempt else None
+                    async for item in _frames(stream, timeout):
+                        out = self._on_frame(decode_frame(item, request), state, output_kind)
+                        if out is not None:
+                            clock.apply(out)
+                            yield out
+                    state.done = True
+                    self.attempts.append((request_id, state.replica_id, "ok"))
                     return
                 except Exception as e:  # noqa: BLE001 - classified below
                     if request_id in self._aborted:
+                        self.attempts.append((request_id, state.replica_id, "aborted"))
                         return
                     if isinstance(_cause(e), InvalidRequestError):
+                        self.attempts.append((request_id, state.replica_id, "error"))
                         raise _cause(e) from None
-                    if not started and attempt == 0 and _is_replica_failure(e):
-                        self.num_retries += 1
-                        logger.warning("model %s: request %s failed on its replica before any output (%s); "
-                                       "sending it once more", self.name, request_id, _describe(e))
-                        continue
-                    raise EngineDeadError(f"model {self.name!r}: the replica serving request {request_id} "
-                                          f"failed: {_describe(e)}") from e
+                    error = self._on_failure(e, state, attempt)
+                    if error is not None:
+                        raise error from None
         finally:
             stream = self._streams.pop(request_id, None)
             self._queued.discard(request_id)
             self._aborted.discard(request_id)
-            if stream is not None and not done:  # left early, aborted or failed: the replica aborts it
+            if stream is not None and not state.done:  # left early, aborted or failed: the replica aborts it
                 _cancel(stream)
+
+    def _on_frame(self, frame, state: "_Attempt", output_kind: OutputKind) -> RequestOutput | None:
+        """Bookkeeping of one frame; returns the output to hand on (None for the other frames)."""
+        if isinstance(frame, Accepted):
+            state.replica_id = frame.replica_id
+            if output_kind == OutputKind.FINAL_ONLY:
+                self._queued.discard(state.request_id)
+            return None
+        if isinstance(frame, GenerateFailure):
+            raise _ReplicaFailed(frame)
+        if not state.started:
+            state.started = True
+            self._queued.discard(state.request_id)
+        return frame
+
+    def _on_failure(self, e: BaseException, state: "_Attempt", attempt: int) -> EngineDeadError | None:
+        """After attempt ``attempt`` failed with ``e``: None to send the request again, else the error for the
+        caller (plain words; the detail goes to the log)."""
+        rid, name = state.request_id, self.name
+        if isinstance(e, _ReplicaFailed):
+            state.replica_id = e.frame.replica_id
+        replica_failed = isinstance(e, _ReplicaFailed) or _is_replica_failure(e)
+        self.attempts.append((rid, state.replica_id, "failed" if replica_failed else "error"))
+        if isinstance(e, TimeoutError) and attempt:
+            return EngineDeadError(f"model {name!r}: no other replica took request {rid} within "
+                                   f"{self.retry_routing_timeout_s:.0f} s after its replica failed")
+        if not replica_failed:
+            logger.error("model %s: request %s failed: %s", name, rid, _describe(e))
+            return EngineDeadError(f"model {name!r}: request {rid} failed on its replica")
+        what = "its engine died" if isinstance(e, _ReplicaFailed) and e.frame.kind == ENGINE_DEAD else "it died"
+        if state.replica_id is not None:
+            state.excluded.append(state.replica_id)
+            self.failed_replicas.mark(state.replica_id)
+        if state.started:
+            return EngineDeadError(f"model {name!r}: the replica serving request {rid} failed ({what}) after "
+                                   f"it had started streaming; the request was not completed")
+        if attempt + 1 >= MAX_ATTEMPTS:
+            return EngineDeadError(f"model {name!r}: request {rid} failed on {MAX_ATTEMPTS} replicas in turn "
+                                   f"(the last one: {what}); the request was not completed")
+        self.num_retries += 1
+        logger.warning("model %s: request %s failed on replica %s before any output (%s: %s); sending it to "
+                       "another replica", name, rid, state.replica_id, what, _describe(e))
+        return None
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -202,13 +268,49 @@ def sum_stats(stats: list[dict]) -> SchedulerStats:
                           prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"))
 
 
-class _Rebase:
-    """Moves a replica's ``time.monotonic()`` stamps in output metrics onto this process's clock."""
+@dataclass
+class _Attempt:
+    """One request's retry state: the replica of the current attempt, those it failed on, whether output
+    reached the caller, whether it finished."""
 
-    def __init__(self, local_arrival: float):
+    request_id: str
+    replica_id: str | None = None
+    excluded: list[str] = field(default_factory=list)
+    started: bool = False
+    done: bool = False
+
+
+class _ReplicaFailed(Exception):
+    """A replica's ``GenerateFailure`` frame."""
+
+    def __init__(self, frame: GenerateFailure):
+        super().__init__(frame.message)
+        self.frame = frame
+
+
+async def _frames(stream, first_timeout_s: float | None) -> AsyncIterator:
+    """The items of ``stream``; the first must arrive within ``first_timeout_s`` (None: no limit), else
+    ``TimeoutError``."""
+    it = stream.__aiter__()
+    if first_timeout_s is not None:
+        try:
+            first = await asyncio.wait_for(it.__anext__(), first_timeout_s)
+        except StopAsyncIteration:
+            return
+        yield first
+    async for item in it:
+        yield item
+
+
+class _Rebase:
+    """Moves a replica's ``time.monotonic()`` stamps in output metrics onto this process's clock. The first
+    output's ``first_token_time`` becomes the time it arrived here, unless ``keep_first_token_time`` (a
+    final-only output arrives long after its first token: the replica's stamp, rebased, is kept)."""
+
+    def __init__(self, local_arrival: float, keep_first_token_time: bool = False):
         self.local_arrival = local_arrival
         self.offset: float | None = None
-        self.first = True
+        self.first = not keep_first_token_time
 
     def apply(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -246,6 +348,7 @@ def _is_unavailable(e: BaseException) -> bool:
 
 
 def _describe(e: BaseException) -> str:
+    """For the log only (Ray's text may carry internals clients must not see)."""
     c = _cause(e)
     lines = str(c).strip().splitlines()
     return f"{type(c).__name__}: {lines[-1] if lines else ''}"

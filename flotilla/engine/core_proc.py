@@ -1,10 +1,12 @@
 """The engine core in its own process, so a busy model never starves the HTTP event loop.
 
 The frontend binds two ZMQ IPC sockets in a private temporary directory (local only, never a network
-port) and starts ``python -m flotilla.engine.core_proc``; the core connects, loads the model and answers
+port), named ``flotilla-core-<frontend pid>-<random>`` so its owner is known, and starts ``python -m flotilla.engine.core_proc``; the core connects, loads the model and answers
 ``Ready`` (or ``Failed`` with the reason). The engine arguments arrive on stdin and every message on the
 sockets is a wire type of ``flotilla.engine.messages`` (msgpack via ``flotilla.wire``), never pickle. The
-core exits when told to, when its parent dies, or after reporting a failure.
+core exits when told to, when its parent dies, or after reporting a failure. The folder goes with its owner:
+the frontend removes it on ``close()``; a core whose frontend died (e.g. SIGKILL) removes it before exiting;
+and every frontend start removes the folders of frontends that are gone (``remove_stale_ipc_dirs``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from flotilla.engine.core import EngineCore, EngineCoreOutputs
 from flotilla.engine.messages import (FROM_CORE, TO_CORE, AbortRequests, AddRequest, Failed, FromCore, Outputs,
                                       Ready, Shutdown, ToCore)
 from flotilla.errors import EngineDeadError, FlotillaError, ModelLoadError
-from flotilla.procutil import exit_with_parent
+from flotilla.procutil import exit_with_parent, pid_alive
 from flotilla.request import RequestStatus
 from flotilla.wire import Codec
 
 logger = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
+IPC_DIR_PREFIX = "flotilla-core-"
 # The frontend writes its EngineArgs to the core's stdin, then closes it.
 ENGINE_ARGS: Codec[EngineArgs] = Codec(EngineArgs, "engine arguments")
 
@@ -81,7 +84,8 @@ def core_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--parent-pid", type=int, required=True)
     ns = ap.parse_args(argv)
-    exit_with_parent(ns.parent_pid, PARENT_CHECK_S)
+    ipc_dir = _ipc_dir(ns.input)
+    exit_with_parent(ns.parent_pid, PARENT_CHECK_S, on_exit=lambda: shutil.rmtree(ipc_dir, ignore_errors=True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s [core]: %(message)s")
     args = ENGINE_ARGS.decode(sys.stdin.buffer.read())
@@ -100,6 +104,8 @@ def core_main(argv: list[str] | None = None) -> int:
     push.send(FROM_CORE.encode(Ready(core.num_blocks)))
     try:
         CoreServer(core, pull, push, ns.parent_pid).run()
+        if os.getppid() != ns.parent_pid:  # the frontend died and cannot remove its socket folder
+            shutil.rmtree(ipc_dir, ignore_errors=True)
     except Exception as e:  # noqa: BLE001 - the detail is logged here; clients see a plain message
         logger.exception("engine core failed")
         public = str(e) if isinstance(e, EngineDeadError) else "the engine core failed unexpectedly"
@@ -109,6 +115,42 @@ def core_main(argv: list[str] | None = None) -> int:
     finally:
         core.shutdown()
     return 0
+
+
+def _ipc_dir(address: str) -> str:
+    """The folder of an ``ipc://<folder>/<name>.sock`` address."""
+    return os.path.dirname(address.removeprefix("ipc://"))
+
+
+def ipc_dir_owner(name: str) -> int | None:
+    """The frontend pid in a socket folder's name (``flotilla-core-<pid>-<random>``), else None."""
+    if not name.startswith(IPC_DIR_PREFIX):
+        return None
+    pid, sep, _ = name[len(IPC_DIR_PREFIX):].partition("-")
+    return int(pid) if sep and pid.isdigit() else None
+
+
+def remove_stale_ipc_dirs(parent: str | None = None) -> list[str]:
+    """Remove the socket folders under ``parent`` (default: the temporary directory) whose frontend process
+    is gone (killed before it could clean up); returns the paths removed. Folders of living processes, and
+    those this user may not remove, stay."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        owner = ipc_dir_owner(name)
+        if owner is None or owner == os.getpid() or pid_alive(owner):
+            continue
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    if removed:
+        logger.info("removed %d engine socket folder(s) left by processes that are gone", len(removed))
+    return removed
 
 
 def _error_class(name: str) -> type[Exception]:
@@ -125,7 +167,8 @@ class CoreProcessClient:
     """
 
     def __init__(self, args: EngineArgs, startup_timeout_s: float = 900.0):
-        self._dir = tempfile.mkdtemp(prefix="flotilla-")
+        remove_stale_ipc_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-")
         self._ctx = zmq.Context()
         self._push, self._pull = self._ctx.socket(zmq.PUSH), self._ctx.socket(zmq.PULL)
         in_addr, out_addr = f"ipc://{self._dir}/in.sock", f"ipc://{self._dir}/out.sock"

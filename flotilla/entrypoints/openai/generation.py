@@ -13,8 +13,12 @@ the small lane and the engine's own input processor; larger ones use the large l
 on first use, so a big request never queues small ones behind it. After each large-lane job the memory it
 freed is handed back to the operating system.
 
-Contract of ``EngineRun``: one engine request per prompt (ids ``<base>-<i>``), outputs are deltas (one per
-generated token per sample); ``close()`` (or cancelling the task iterating it, then ``close()``) aborts
+Contract of ``EngineRun``: one engine request per prompt (ids ``<base>-<i>``); a streaming run's outputs are
+deltas (one per generated token per sample); a non-streaming run on an engine that can run a request again
+elsewhere until its first output (``engine.reruns_unstarted_requests``: ``RemoteEngine``) asks for
+``OutputKind.FINAL_ONLY`` (one output per prompt, when it is finished: all samples, full text, tokens and
+logprobs), so losing a replica mid-generation costs it only time (its inter-token latency is then not
+observed); ``close()`` (or cancelling the task iterating it, then ``close()``) aborts
 every unfinished engine request (the engine frees its blocks; a request still queued is never prefilled);
 metrics and the waiting count are settled exactly once per engine request, whether it finished, was
 aborted or failed.
@@ -107,10 +111,13 @@ class ServingContext:
             raise APIError(decision.status, decision.message, headers=headers)
         self.waiting.add_waiting(num_requests)
 
-    def start(self, base_id: str, prepared: list[ProcessedPrompt], params: SamplingParams) -> "EngineRun":
-        """Admit (APIError 429/503 otherwise) and set up the engine requests of one HTTP request."""
+    def start(self, base_id: str, prepared: list[ProcessedPrompt], params: SamplingParams,
+              stream: bool = True) -> "EngineRun":
+        """Admit (APIError 429/503 otherwise) and set up the engine requests of one HTTP request (``stream``:
+        the client streams; see the module contract for the output kind)."""
         self.admit(len(prepared))
-        return EngineRun(self, base_id, prepared, params)
+        final_only = not stream and getattr(self.engine, "reruns_unstarted_requests", False)
+        return EngineRun(self, base_id, prepared, params, OutputKind.FINAL_ONLY if final_only else OutputKind.DELTA)
 
 
 class EngineRun:
@@ -118,12 +125,12 @@ class EngineRun:
     iterate ``outputs()`` at most once; always ``await close()`` (idempotent), even if never iterated."""
 
     def __init__(self, ctx: ServingContext, base_id: str, prepared: list[ProcessedPrompt],
-                 params: SamplingParams):
-        self.ctx, self.base_id, self.prepared = ctx, base_id, prepared
+                 params: SamplingParams, output_kind: OutputKind = OutputKind.DELTA):
+        self.ctx, self.base_id, self.prepared, self.output_kind = ctx, base_id, prepared, output_kind
         self.waiting = [True] * len(prepared)
         self.recorders = [RequestMetrics(ctx.metrics, len(p.prompt_token_ids)) for p in prepared]
         self.streams = [ctx.engine.generate({"prompt": p.prompt, "prompt_token_ids": p.prompt_token_ids,
-                                             "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", OutputKind.DELTA)
+                                             "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", output_kind)
                         for i, p in enumerate(prepared)]
         self._merged = _single(self.streams[0]) if len(self.streams) == 1 else merge_streams(self.streams)
         self._outputs = self._iterate()
@@ -131,10 +138,13 @@ class EngineRun:
         ctx.active_runs.add(self)
 
     def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``(prompt_index, delta output)`` in arrival order, until every prompt is finished."""
+        """``(prompt_index, output)`` in arrival order, until every prompt is finished: deltas, or one final
+        output per prompt (``FINAL_ONLY``)."""
         return self._outputs
 
     async def _iterate(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if self.output_kind == OutputKind.FINAL_ONLY:  # no output until the end: from here on the engine's
+            self._release_waiting()                       # own queue count covers these requests
         async for index, out in self._merged:
             self._on_output(index, out)
             yield index, out
@@ -163,10 +173,14 @@ class EngineRun:
             for s in self.streams:
                 await s.aclose()
         finally:
-            self.ctx.waiting.done_waiting(sum(self.waiting))
-            self.waiting = [False] * len(self.waiting)
+            self._release_waiting()
             for rec in self.recorders:
                 rec.finish(completed=False)  # a no-op for the finished ones
+
+
+    def _release_waiting(self) -> None:
+        self.ctx.waiting.done_waiting(sum(self.waiting))
+        self.waiting = [False] * len(self.waiting)
 
 
 class TokenizerLanes:

@@ -78,7 +78,7 @@ async def create_chat_completion(served: ServedModels, request: Request) -> Resp
     ctx = served.resolve(req.model, req.user)
     params = req.to_sampling_params()
     prepared = await prepare_chat(ctx, req, params)
-    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params)
+    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream))
     job = _ChatJob(ctx, req, prepared, run)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

@@ -60,7 +60,7 @@ async def create_completion(served: ServedModels, request: Request) -> Response:
     prompts = req.prompts()
     params = req.to_sampling_params()
     prepared = await ctx.prepare(prompts, params, req.cache_salt)
-    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params)
+    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream))
     job = _Job(ctx, req, prepared, run)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

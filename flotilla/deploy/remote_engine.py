@@ -53,6 +53,9 @@ class RemoteEngine:
       counts this ingress's requests that have no output yet. ``num_blocks`` is one replica's KV cache size.
     - ``is_dead`` is False unless the deployment is gone: a stats refresh found it unavailable after an
       earlier one had reached it (a later successful refresh clears it).
+    - ``is_ready`` is True when the last stats refresh reached at least one replica whose engine is alive
+      (a RUNNING replica has loaded its model); False before the first refresh, while every replica is
+      starting, dead or being replaced, and after a failed refresh. It is cached (no call per read).
     """
 
     def __init__(self, name: str, handle, engine_args: EngineArgs, *, stats_period_s: float = STATS_PERIOD_S):
@@ -75,11 +78,16 @@ class RemoteEngine:
         self._stats_period_s = stats_period_s
         self._stats_task: asyncio.Task | None = None
         self._was_available = False
+        self._ready = False
 
     # ---- AsyncLLM's read-only surface ---------------------------------------------------------------
     @property
     def is_dead(self) -> bool:
         return self.dead_error is not None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready
 
     @property
     def num_queued_requests(self) -> int:
@@ -170,11 +178,13 @@ class RemoteEngine:
             results = await self._handle.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
                                                                          return_exceptions=True)
         except Exception as e:  # noqa: BLE001
+            self._ready = False
             if _is_unavailable(e) and self._was_available:  # it was there and now it is gone
                 self.dead_error = e
             raise
         self._was_available, self.dead_error = True, None
         stats = [r for r in results if isinstance(r, dict)]
+        self._ready = any(s.get("healthy", True) for s in stats)
         self.replica_stats = stats
         self.latest_stats = sum_stats(stats)
         if stats and stats[0].get("num_blocks"):

@@ -49,8 +49,8 @@ def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address
     Without ``ray_address`` a local Ray instance is started (loopback only, no dashboard) and stopped at the
     end; with one, that cluster is joined and only the ``flotilla`` application is deleted at the end.
     ``api_key`` overrides ``config.api_key_env``; ``server_config`` (a ``ServerConfig``) supplies the other
-    HTTP settings (queue bound, body limit, ``shutdown_timeout``: the drain limit). A port in use or a model that fails to deploy returns 1 with a
-    message on stderr; 0 after a signal.
+    HTTP settings (queue bound, body limit, ``shutdown_timeout``: the drain limit). A port in use or a model
+    that fails to deploy returns 1 with a message on stderr; 0 after a signal (see the module's Shutdown).
     """
     http = server_config_for(config, api_key, host, port, server_config)  # a missing API key fails here
     if ray_address is None and not ray.is_initialized():  # the proxy will listen on this machine

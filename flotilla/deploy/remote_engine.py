@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 2.0
 STATS_TIMEOUT_S = 10.0
+NOT_READY_PERIOD_S = 0.5
 _ZERO_STATS = SchedulerStats(0, 0, 0.0, 0, 0, 0)
 
 
@@ -55,7 +56,8 @@ class RemoteEngine:
       earlier one had reached it (a later successful refresh clears it).
     - ``is_ready`` is True when the last stats refresh reached at least one replica whose engine is alive
       (a RUNNING replica has loaded its model); False before the first refresh, while every replica is
-      starting, dead or being replaced, and after a failed refresh. It is cached (no call per read).
+      starting, dead or being replaced, and after a failed refresh. It is cached (no call per read); while
+      it is False the refresh runs every ``NOT_READY_PERIOD_S``.
     """
 
     def __init__(self, name: str, handle, engine_args: EngineArgs, *, stats_period_s: float = STATS_PERIOD_S):
@@ -170,7 +172,8 @@ class RemoteEngine:
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_stats()
-            await asyncio.sleep(self._stats_period_s)
+            # Not ready: look again soon, so /health turns 200 shortly after a replica is up.
+            await asyncio.sleep(self._stats_period_s if self._ready else min(self._stats_period_s, NOT_READY_PERIOD_S))
 
     async def refresh_stats(self) -> list[dict]:
         """Ask every replica for ``stats()`` now; update ``latest_stats`` and ``num_blocks``; return them."""

@@ -28,6 +28,7 @@ models:
 routes:
   chat: {chat-v1: 90, chat-v2: 10}
 routing: prefix_aware
+ingress: {replicas: 2}
 """
 
 
@@ -43,6 +44,7 @@ def test_valid_file_parses(tmp_path):
     assert cfg.model_names == ["chat-v1", "chat-v2", "tiny"]
     assert cfg.routes == {"chat": {"chat-v1": 90.0, "chat-v2": 10.0}}
     assert cfg.routing == "prefix_aware" and cfg.seed == 7 and cfg.api_key_env == "FLOTILLA_TEST_DEPLOY_KEY"
+    assert cfg.ingress_replicas == 2
     v1, v2, tiny = cfg.models
     assert v1 == ModelSpec(name="chat-v1", model="smollm2-135m-instruct", replicas=2,
                            engine={"max_num_seqs": 32, "kv_cache_memory": 1.0}, ray={"placement_strategy": "PACK"})
@@ -57,6 +59,7 @@ def test_relative_model_path_that_does_not_exist_next_to_the_file_is_kept(tmp_pa
     cfg = load_deployment_config(write(tmp_path, "models: [{name: m, model: ./nowhere}]"))
     assert cfg.models[0].model == "./nowhere"
     assert cfg.routing == "power_of_two" and cfg.routes == {} and cfg.api_key_env is None and cfg.seed is None
+    assert cfg.ingress_replicas == 1
 
 
 def test_error_names_the_file_and_the_key_exactly(tmp_path, monkeypatch):
@@ -121,6 +124,10 @@ BAD = [
     (M + "routing: fastest", "routing", "prefix_aware, power_of_two, round_robin"),
     (M + "api_key_env: 3", "api_key_env", "environment variable"),
     (M + "seed: -1", "seed", ">= 0"),
+    (M + "ingress: {replicas: 0}", "ingress.replicas", ">= 1"),
+    (M + "ingress: {replicas: '2'}", "ingress.replicas", "expected an integer"),
+    (M + "ingress: {replica: 2}", "ingress.replica", "unknown key (expected one of: replicas)"),
+    (M + "ingress: 2", "ingress", "expected a mapping"),
 ]
 
 

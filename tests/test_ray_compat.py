@@ -3,7 +3,9 @@
 These fail when Ray changes what flotilla relies on: a local instance started by flotilla must listen on
 loopback only (every socket of every Ray process, listed with psutil), and a Serve replica must still bind
 its inter-deployment gRPC server through ``ray.serve._private.replica.add_port_to_grpc_server`` with
-``"[::]:0"``, which flotilla turns into the node IP.
+``"[::]:0"``, which flotilla turns into the node IP; Serve's proxy must still apply the middleware named by
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, so a replica that dies mid-request gives an OpenAI JSON error
+(Ray alone answers uvicorn's text/plain 500).
 """
 
 from __future__ import annotations
@@ -131,3 +133,64 @@ def test_serve_replica_grpc_server_binds_the_node_ip(local_ray):
     assert bound == "127.0.0.1:0" and port > 0
     assert any(ip in LOOPBACK and p == port for _, ip, p in found), (port, sorted(found))
     assert not [x for x in found if x[1] not in LOOPBACK], sorted(found)
+
+
+# ---- Serve's proxy with flotilla's middleware (``proxy_callback_env``) ---------------------------------------
+def _dying_probe():
+    """A Serve ingress whose replica process dies mid-request: ``/die`` before answering, ``/stream`` after
+    its first server-sent event."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from starlette.responses import StreamingResponse
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class DyingProbe:
+        @api.get("/die")
+        def die(self):
+            os._exit(1)
+
+        @api.get("/stream")
+        def stream(self):
+            async def events():
+                yield b'data: {"n": 1}\n\n'
+                await asyncio.sleep(0.5)
+                os._exit(1)
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+    return DyingProbe
+
+
+def test_serve_proxy_applies_the_callback_so_its_own_errors_are_openai_json(local_ray):
+    import json
+
+    import httpx
+
+    from flotilla.deploy.ray_serve import free_port
+    from flotilla.entrypoints.openai import ray_proxy
+    from flotilla.entrypoints.openai.ray_server import start_serve
+    assert ray_compat.proxy_callback_env("x.y") == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "x.y"}, \
+        "Ray Serve no longer has its proxy callback setting"
+    serve.shutdown()  # controller options apply when the controller starts
+    port = free_port()
+    start_serve("127.0.0.1", port)
+    serve.run(_dying_probe().bind(), name="ray-compat-proxy", route_prefix="/probe")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        r = httpx.get(url + "/probe/die", timeout=120)  # Ray alone: uvicorn's text/plain 500
+        assert r.headers["content-type"] == "application/json", (r.status_code, r.headers, r.text)
+        assert r.status_code == 500 and r.json()["error"] == {"message": ray_proxy.FAILED,
+                                                             "type": "InternalServerError", "param": None,
+                                                             "code": 500}
+        r = httpx.get(url + "/probe/stream", timeout=120)  # Ray alone: a stream cut short
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[0] == '{"n": 1}' and events[-1] == "[DONE]", r.text
+        assert json.loads(events[-2])["error"]["message"] == ray_proxy.CUT
+        r = httpx.get(url + "/-/healthz", timeout=30)  # Serve's own routes are left alone
+        assert r.status_code == 200 and not r.headers["content-type"].startswith("application/json")
+        r = httpx.get(url + "/nowhere", timeout=30)  # Serve's text/plain 404
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    finally:
+        serve.delete("ray-compat-proxy")

@@ -17,6 +17,7 @@ dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
     routes:                              # aliases with weighted traffic (A/B, canary)
       chat: {chat-v1: 90, chat-v2: 10}
     routing: prefix_aware                # replica choice: prefix_aware | power_of_two | round_robin
+    ingress: {replicas: 2}               # Ray Serve only: OpenAI ingress replicas (default 1)
 
 Contract: ``load_deployment_config`` / ``parse_deployment_config`` return a validated, frozen
 ``DeploymentConfig`` or raise ``DeploymentConfigError`` whose message starts with the file and the key path
@@ -93,7 +94,8 @@ def parse_deployment_config(data: Any, source: str = "<deployment>", base_dir: s
         raise _config_error(e, source) from None
     models = tuple(_model_spec(entry, base_dir) for entry in doc.models)
     return DeploymentConfig(models=models, routes={alias: dict(w) for alias, w in doc.routes.items()},
-                            routing=doc.routing, api_key_env=doc.api_key_env, seed=doc.seed, source=source)
+                            routing=doc.routing, api_key_env=doc.api_key_env, seed=doc.seed,
+                            ingress_replicas=doc.ingress.replicas, source=source)
 
 
 def _model_spec(entry, base_dir: str | None) -> ModelSpec:

@@ -7,9 +7,10 @@ Layout of the Serve application ``flotilla`` (route prefix ``/``):
   ``num_replicas``, ``autoscaling`` Serve's ``autoscaling_config`` (driven by ongoing requests); replicas
   are chosen by ``FlotillaRequestRouter`` with the file's ``routing`` policy (``prefix_aware``: the replica
   that has the prompt's prefix cached unless it is overloaded, else power of two choices).
-- one ingress deployment (``INGRESS_NAME``), passed to ``build_ray_app`` by the layer above: flotilla's
-  OpenAI ingress (``flotilla.entrypoints.openai.ray_ingress``, which also holds ``build_openai_ray_app``);
-  ``flotilla serve --ray`` is ``flotilla.entrypoints.openai.ray_server.run_on_ray``.
+- one ingress deployment (``INGRESS_NAME``, the file's ``ingress.replicas`` replicas), passed to
+  ``build_ray_app`` by the layer above: flotilla's OpenAI ingress (``flotilla.entrypoints.openai.ray_ingress``,
+  which also holds ``build_openai_ray_app``); ``flotilla serve --ray`` is
+  ``flotilla.entrypoints.openai.ray_server.run_on_ray``.
 
 Security: replicas' internal gRPC servers bind the node IP, not every interface; a Ray instance that
 ``connect_ray`` starts listens on loopback only, without a dashboard (both through the private Ray APIs
@@ -318,13 +319,16 @@ def model_deployment_options(spec, routing: str = "prefix_aware", seed: int | No
     return options
 
 
-def build_ray_app(config, ingress, **ingress_kwargs):
+def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None = None, **ingress_kwargs):
     """The Serve application for a deployment: a ``ModelServer`` deployment per model behind ``ingress``.
 
     ``ingress`` is the application's HTTP entry, a class made with ``serve.ingress`` (flotilla's OpenAI one
-    is ``flotilla.entrypoints.openai.ray_ingress.OpenAIIngress``); it runs as the one-replica deployment
-    ``INGRESS_NAME`` and is constructed with ``models`` (model name -> deployment handle), ``engine_args``
-    (model name -> EngineArgs), ``routes`` (the aliases' traffic splits), ``seed`` and ``ingress_kwargs``.
+    is ``flotilla.entrypoints.openai.ray_ingress.OpenAIIngress``); it runs as the deployment ``INGRESS_NAME``
+    with ``config.ingress_replicas`` replicas (no CPU reserved: Serve's proxy spreads requests over them and
+    routes around a dead one) and is constructed with ``models`` (model name -> deployment handle),
+    ``engine_args`` (model name -> EngineArgs), ``routes`` (the aliases' traffic splits), ``seed`` and
+    ``ingress_kwargs``. ``graceful_shutdown_timeout_s`` (None: Serve's default) is how long Serve lets an
+    ingress replica it stops finish its requests: the server's drain limit, so Serve never cuts a drain short.
     """
     handles, engine_args = {}, {}
     for spec in config.models:
@@ -333,9 +337,11 @@ def build_ray_app(config, ingress, **ingress_kwargs):
         stall = _ray_setting(spec, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
         handles[spec.name] = model_deployment(spec, config.routing, config.seed).bind(
             spec.name, args, stall)
-    deployment = serve.deployment(ingress).options(name=INGRESS_NAME, num_replicas=1,
-                                                   max_ongoing_requests=INGRESS_MAX_ONGOING,
-                                                   ray_actor_options={"num_cpus": 0})
+    options = dict(name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+                   ray_actor_options={"num_cpus": 0})
+    if graceful_shutdown_timeout_s is not None:
+        options["graceful_shutdown_timeout_s"] = graceful_shutdown_timeout_s
+    deployment = serve.deployment(ingress).options(**options)
     return deployment.bind(models=handles, engine_args=engine_args, routes=dict(config.routes or {}),
                            seed=config.seed, **ingress_kwargs)
 

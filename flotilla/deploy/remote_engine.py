@@ -38,6 +38,7 @@ STATS_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 3  # replicas a request that has produced no output is sent to, each failed one excluded
 RETRY_ROUTING_TIMEOUT_S = 60.0  # how long a re-sent request may wait for a replica other than the failed ones
 ATTEMPT_LOG_SIZE = 4096
+NOT_READY_PERIOD_S = 0.5
 _ZERO_STATS = SchedulerStats(0, 0, 0.0, 0, 0, 0)
 
 
@@ -71,6 +72,10 @@ class RemoteEngine:
       replica). ``num_blocks`` is one replica's KV cache size.
     - ``is_dead`` is False unless the deployment is gone: a stats refresh found it unavailable after an
       earlier one had reached it (a later successful refresh clears it).
+    - ``is_ready`` is True when the last stats refresh reached at least one replica whose engine is alive
+      (a RUNNING replica has loaded its model); False before the first refresh, while every replica is
+      starting, dead or being replaced, and after a failed refresh. It is cached (no call per read); while
+      it is False the refresh runs every ``NOT_READY_PERIOD_S``.
     """
 
     reruns_unstarted_requests = True
@@ -100,11 +105,16 @@ class RemoteEngine:
         self._stats_period_s = stats_period_s
         self._stats_task: asyncio.Task | None = None
         self._was_available = False
+        self._ready = False
 
     # ---- AsyncLLM's read-only surface ---------------------------------------------------------------
     @property
     def is_dead(self) -> bool:
         return self.dead_error is not None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready
 
     @property
     def num_queued_requests(self) -> int:
@@ -228,7 +238,8 @@ class RemoteEngine:
         while True:
             with contextlib.suppress(Exception):
                 await self.refresh_stats()
-            await asyncio.sleep(self._stats_period_s)
+            # Not ready: look again soon, so /health turns 200 shortly after a replica is up.
+            await asyncio.sleep(self._stats_period_s if self._ready else min(self._stats_period_s, NOT_READY_PERIOD_S))
 
     async def refresh_stats(self) -> list[dict]:
         """Ask every replica for ``stats()`` now; update ``latest_stats`` and ``num_blocks``; return them."""
@@ -236,11 +247,13 @@ class RemoteEngine:
             results = await self._handle.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
                                                                          return_exceptions=True)
         except Exception as e:  # noqa: BLE001
+            self._ready = False
             if _is_unavailable(e) and self._was_available:  # it was there and now it is gone
                 self.dead_error = e
             raise
         self._was_available, self.dead_error = True, None
         stats = [r for r in results if isinstance(r, dict)]
+        self._ready = any(s.get("healthy", True) for s in stats)
         self.replica_stats = stats
         self.latest_stats = sum_stats(stats)
         if stats and stats[0].get("num_blocks"):

@@ -206,10 +206,18 @@ class ModelEntry(Section):
         return data
 
 
+class Ingress(Section):
+    """The Ray Serve ingress (the OpenAI app in front of the models): ``replicas`` copies behind Serve's
+    proxy. Embedded mode has one HTTP server and ignores it."""
+
+    replicas: PositiveInt = 1
+
+
 class Document(Section):
     """The whole deployment file (see ``flotilla.deploy.config``)."""
 
     models: list[ModelEntry]
+    ingress: Ingress = Ingress()
     routes: dict[Annotated[str, AfterValidator(_route_name)], dict[str, NonNegative]] = {}
     routing: Annotated[str, AfterValidator(_routing)] = DEFAULT_ROUTING
     api_key_env: Optional[str] = None

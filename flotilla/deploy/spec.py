@@ -66,13 +66,15 @@ class DeploymentConfig:
     """A validated deployment: ``models`` (unique names, in file order), ``routes`` (alias -> {model name:
     weight}, weights >= 0 with a positive sum; aliases never shadow a model), ``routing`` (one of
     ``ROUTING_POLICIES``), ``api_key_env`` (name of the env var holding the API key, or None), ``seed`` (for
-    traffic splits and routing; None: nondeterministic). ``source`` (the file) is not part of equality."""
+    traffic splits and routing; None: nondeterministic), ``ingress_replicas`` (replicas of the Ray Serve
+    ingress, >= 1; embedded mode ignores it). ``source`` (the file) is not part of equality."""
 
     models: tuple[ModelSpec, ...]
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
     routing: str = DEFAULT_ROUTING
     api_key_env: str | None = None
     seed: int | None = None
+    ingress_replicas: int = 1
     source: str = field(default="<deployment>", compare=False)
 
     @property

@@ -11,6 +11,9 @@ changes. Ray is imported only inside the functions, so this module is importable
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` that sets it when Ray is imported).
 - ``bind_replica_grpc_to_node_ip()``: a Serve replica's inter-deployment gRPC server listens on the
   node IP instead of every interface. Private: ``ray.serve._private.replica.add_port_to_grpc_server``.
+- ``proxy_callback_env(import_path)``: Serve's HTTP proxy wraps its ASGI app in the middlewares a callback
+  returns. Private: the setting ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
+  (``ray.serve._private.constants``), applied by ``ray.serve._private.http_util.configure_http_middlewares``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flotilla import envs
 logger = logging.getLogger(__name__)
 
 RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's env var behind ENABLE_RAY_CLUSTER
+PROXY_CALLBACK_SETTING = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # read by Serve's proxy at start-up
 _WILDCARD_HOSTS = ("[::]", "0.0.0.0", "::", "")  # hosts that mean "every interface" in a gRPC address
 
 
@@ -128,3 +132,29 @@ def replica_grpc_binds() -> list[tuple[str, str, int]]:
     except ImportError:
         return []
     return list(getattr(replica_module.add_port_to_grpc_server, "flotilla_binds", None) or [])
+
+
+def proxy_callback_env(import_path: str) -> dict[str, str]:
+    """Environment variables that make Ray Serve's HTTP proxy call ``import_path()`` when it starts and wrap
+    its ASGI app in the Starlette ``Middleware`` list it returns; pass them as the Serve controller's
+    ``runtime_env`` ``env_vars`` (``serve.start(controller_options=...)``), which the proxy actor inherits.
+    Empty (and a warning) when this Ray no longer has the setting.
+
+    Why private: Ray Serve 2.60 removed ``HTTPOptions.middlewares``; what is left is the setting
+    ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, read into ``ray.serve._private.constants`` when the proxy
+    process imports Serve and applied by ``http_util.configure_http_middlewares`` in ``ProxyActor.__init__``.
+    The controller options are applied only when the controller is created: on a cluster whose Serve
+    instance is already running, the proxy keeps whatever it started with.
+
+    If Ray no longer reads it: a warning, and the proxy answers its own errors as Ray does (text/plain).
+    """
+    try:
+        from ray.serve._private import constants, http_util
+        known = hasattr(constants, PROXY_CALLBACK_SETTING) and hasattr(http_util, "configure_http_middlewares")
+    except ImportError:
+        known = False
+    if not known:
+        logger.warning("Ray Serve no longer has the proxy callback setting %s: errors that Serve's proxy answers "
+                       "itself (a replica that died mid-request) stay text/plain", PROXY_CALLBACK_SETTING)
+        return {}
+    return {PROXY_CALLBACK_SETTING: import_path}

@@ -7,7 +7,8 @@ proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: w
 metrics registry (so several apps can live in one process) and never shuts the engines down. Routes:
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` picks the model or alias),
 ``GET /v1/models[/{id}]`` (models, then aliases with their ``flotilla_route``), ``GET /health`` (200 while
-every engine is alive and the server admits requests, else 503), ``GET /version``, ``POST /tokenize``,
+every engine is alive and ready and the server admits requests, else 503; from cached state, never a call
+to an engine), ``GET /version``, ``POST /tokenize``,
 ``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /metrics``. No CORS headers.
 """
 
@@ -59,6 +60,10 @@ def _add_info_routes(app: FastAPI, served: ServedModels) -> None:
             return error_response(503, f"an engine is not running ({served.dead_error})")
         if served.tracker.draining:
             return error_response(503, "the server is shutting down")
+        waiting = served.not_ready
+        if waiting:
+            return error_response(503, f"no ready replica (starting or being replaced) for model(s): "
+                                       f"{', '.join(waiting)}")
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

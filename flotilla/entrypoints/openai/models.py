@@ -30,7 +30,9 @@ class ServedModels:
     user always gets the same target); ``name`` None is allowed only when exactly one model is served
     (else 400); an unknown name is a 404 naming it, ``param`` "model". The app shares one ``tracker``
     (in-flight count, draining), one pair of tokenizer lanes, one metrics registry (``model_name`` label per
-    model) and one set of active runs. ``is_dead`` is True when any engine is dead. Event-loop thread only.
+    model) and one set of active runs. ``is_dead`` is True when any engine is dead; ``not_ready`` names the
+    models whose engine reports ``is_ready`` False (an optional member: remote engines before a replica is
+    up; engines without it are ready once built). Event-loop thread only.
     """
 
     def __init__(self, engines, config: ServerConfig, routes: Mapping[str, Mapping[str, float]] | None = None,
@@ -101,6 +103,11 @@ class ServedModels:
     @property
     def is_dead(self) -> bool:
         return any(ctx.engine.is_dead for ctx in self.contexts.values())
+
+    @property
+    def not_ready(self) -> list[str]:
+        """Models whose engine says it cannot serve yet (``is_ready`` False), in file order."""
+        return [name for name, ctx in self.contexts.items() if not getattr(ctx.engine, "is_ready", True)]
 
     @property
     def dead_error(self) -> str | None:

@@ -29,6 +29,11 @@ class OpenAIIngress:
     its EngineArgs (tokenizer and limits are built here from config files, no weights); ``routes`` are the
     aliases' traffic splits (drawn with ``seed``); ``server_config`` the HTTP settings (API key, queue bound,
     body limit). Model names and aliases are resolved exactly as in embedded mode (unknown: 404).
+
+    Drain (``run_on_ray`` broadcasts these on SIGTERM): ``drain()`` makes this replica answer new requests
+    and ``/health`` with a JSON 503, as embedded mode does after SIGTERM, and returns its HTTP requests in
+    flight; ``abort_all()`` aborts its engine requests (their responses end with ``finish_reason: "abort"``).
+    Both run on the app's event loop.
     """
 
     def __init__(self, models: dict, engine_args: dict, routes: dict, server_config, seed: int | None = None):
@@ -47,6 +52,13 @@ class OpenAIIngress:
         app, self.served = build_openai_app(self.engines, self._routes, self._server_config, self._seed)
         return app
 
+    async def drain(self) -> int:
+        self.served.tracker.draining = True
+        return self.served.tracker.in_flight
+
+    async def abort_all(self) -> int:
+        return self.served.abort_all()
+
     def __del__(self):
         for engine in getattr(self, "engines", {}).values():
             engine.shutdown()
@@ -63,6 +75,9 @@ def server_config_for(config, api_key: str | None, host: str = "127.0.0.1", port
 
 def build_openai_ray_app(config, *, api_key: str | None = None, server_config=None):
     """The Serve application for a deployment file: a ``ModelServer`` deployment per model behind the
-    ``OpenAIIngress``. ``api_key`` (else the variable ``config.api_key_env`` names) protects the API."""
+    ``OpenAIIngress`` (``config.ingress_replicas`` replicas). ``api_key`` (else the variable
+    ``config.api_key_env`` names) protects the API. Serve gives an ingress replica it stops the server's
+    ``shutdown_timeout`` to finish its requests."""
     server_config = server_config or server_config_for(config, api_key)
-    return build_ray_app(config, OpenAIIngress, server_config=server_config)
+    return build_ray_app(config, OpenAIIngress, server_config=server_config,
+                         graceful_shutdown_timeout_s=server_config.shutdown_timeout)

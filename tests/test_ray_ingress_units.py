@@ -5,6 +5,7 @@ OpenAI JSON, the SIGTERM drain loop over a fake deployment handle (fake clock), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 
@@ -186,9 +187,16 @@ def test_health_is_503_until_a_replica_is_ready_and_after_all_are_gone(tiny_llam
             except DeploymentUnavailableError:
                 pass
             seen.append(await health())
-        return seen
+        dead_before = engine.is_dead  # no replica just now (being replaced?): not ready, not dead
+        engine.gone_after_s = 0.0  # ... until it has had none for gone_after_s: then the deployment is gone
+        with contextlib.suppress(DeploymentUnavailableError):
+            await engine.refresh_stats()
+        seen.append(await health())
+        return seen, dead_before
 
-    seen = asyncio.run(scenario())
-    assert [s for s, _ in seen] == [503, 503, 200, 503, 503]
+    seen, dead_before = asyncio.run(scenario())
+    assert [s for s, _ in seen] == [503, 503, 200, 503, 503, 503]
     assert "no ready replica" in seen[0][1]["error"]["message"] and "tiny" in seen[0][1]["error"]["message"]
-    assert "an engine is not running" in seen[-1][1]["error"]["message"]  # gone after it was there: dead
+    assert not dead_before and "no ready replica" in seen[-2][1]["error"]["message"]
+    assert engine.is_dead and "an engine is not running" in seen[-1][1]["error"]["message"]
+    assert "has had no replica" in seen[-1][1]["error"]["message"]  # plain words, no Ray repr

@@ -76,6 +76,9 @@ def app(serve_url, tiny_llama):
                                       model_spec("tiny-tp2", tiny_llama[0], tensor_parallel_size=2)),
                               routes={"tiny-alias": {"tiny": 1.0}}, routing="prefix_aware", seed=0)
     serve.run(build_openai_ray_app(config, api_key=KEY), name=APP_NAME, route_prefix="/")
+    # /health turns 200 once the ingress's first stats refresh has seen a ready replica of every model
+    assert wait_until(lambda: httpx.get(serve_url + "/health", timeout=5).status_code == 200, 60), \
+        httpx.get(serve_url + "/health", timeout=5).text
     yield serve_url
     serve.delete(APP_NAME)
 

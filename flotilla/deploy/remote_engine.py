@@ -39,6 +39,9 @@ MAX_ATTEMPTS = 3  # replicas a request that has produced no output is sent to, e
 RETRY_ROUTING_TIMEOUT_S = 60.0  # how long a re-sent request may wait for a replica other than the failed ones
 ATTEMPT_LOG_SIZE = 4096
 NOT_READY_PERIOD_S = 0.5
+# A deployment without any replica for this long counts as gone (its engine "dead": new requests get 503).
+# Shorter gaps (a replica being replaced) are not: requests wait in Serve's queue for the replacement.
+GONE_AFTER_S = 60.0
 _ZERO_STATS = SchedulerStats(0, 0, 0.0, 0, 0, 0)
 
 
@@ -70,8 +73,10 @@ class RemoteEngine:
       ``stats_period_s`` while the event loop runs; zero until the first refresh. ``num_queued_requests``
       counts this ingress's requests that have no output yet (``FINAL_ONLY`` ones: not yet accepted by a
       replica). ``num_blocks`` is one replica's KV cache size.
-    - ``is_dead`` is False unless the deployment is gone: a stats refresh found it unavailable after an
-      earlier one had reached it (a later successful refresh clears it).
+    - ``is_dead`` is False unless the deployment is gone: stats refreshes have found it without any replica
+      for ``gone_after_s`` (``GONE_AFTER_S``) after an earlier one had reached it (a later successful refresh
+      clears it). While a replica is being replaced the model is not ready (``is_ready``) but not dead:
+      requests wait in Serve's queue for the replacement.
     - ``is_ready`` is True when the last stats refresh reached at least one replica whose engine is alive
       (a RUNNING replica has loaded its model); False before the first refresh, while every replica is
       starting, dead or being replaced, and after a failed refresh. It is cached (no call per read); while
@@ -82,7 +87,7 @@ class RemoteEngine:
 
     def __init__(self, name: str, handle, engine_args: EngineArgs, *, stats_period_s: float = STATS_PERIOD_S,
                  failed_replicas: FailedReplicas = FAILED_REPLICAS,
-                 retry_routing_timeout_s: float = RETRY_ROUTING_TIMEOUT_S):
+                 retry_routing_timeout_s: float = RETRY_ROUTING_TIMEOUT_S, gone_after_s: float = GONE_AFTER_S):
         self.name = name
         self.config = engine_args.create_engine_config()
         self.model_config = self.config.model
@@ -106,6 +111,8 @@ class RemoteEngine:
         self._stats_task: asyncio.Task | None = None
         self._was_available = False
         self._ready = False
+        self._unavailable_since: float | None = None
+        self.gone_after_s = gone_after_s
 
     # ---- AsyncLLM's read-only surface ---------------------------------------------------------------
     @property
@@ -128,7 +135,7 @@ class RemoteEngine:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
-            raise EngineDeadError(f"model {self.name!r} is unavailable: {self.dead_error}")
+            raise EngineDeadError(str(self.dead_error))
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
@@ -248,10 +255,16 @@ class RemoteEngine:
                                                                          return_exceptions=True)
         except Exception as e:  # noqa: BLE001
             self._ready = False
-            if _is_unavailable(e) and self._was_available:  # it was there and now it is gone
-                self.dead_error = e
+            if _is_unavailable(e) and self._was_available:  # it was there and now has no replica
+                now = time.monotonic()
+                if self._unavailable_since is None:
+                    self._unavailable_since = now
+                gone_for = now - self._unavailable_since
+                if gone_for >= self.gone_after_s:
+                    self.dead_error = EngineDeadError(f"model {self.name!r} has had no replica for "
+                                                      f"{gone_for:.0f} s")
             raise
-        self._was_available, self.dead_error = True, None
+        self._was_available, self.dead_error, self._unavailable_since = True, None, None
         stats = [r for r in results if isinstance(r, dict)]
         self._ready = any(s.get("healthy", True) for s in stats)
         self.replica_stats = stats

@@ -200,3 +200,10 @@ def test_health_is_503_until_a_replica_is_ready_and_after_all_are_gone(tiny_llam
     assert not dead_before and "no ready replica" in seen[-2][1]["error"]["message"]
     assert engine.is_dead and "an engine is not running" in seen[-1][1]["error"]["message"]
     assert "has had no replica" in seen[-1][1]["error"]["message"]  # plain words, no Ray repr
+
+
+def test_drain_budget_leaves_time_to_stop_serve_and_ray_within_the_shutdown_timeout():
+    from flotilla.entrypoints.openai.ray_server import STOP_RESERVE_S, drain_budget
+    assert drain_budget(90.0) == 90.0 - STOP_RESERVE_S
+    assert drain_budget(30.0) == 20.0  # a third of a short timeout goes to stopping
+    assert drain_budget(0.0) == 0.0

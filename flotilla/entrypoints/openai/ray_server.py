@@ -3,9 +3,10 @@ deployments behind the OpenAI ingress) until SIGTERM/SIGINT.
 
 Shutdown, as embedded mode: the first SIGTERM or SIGINT drains (``drain_ingress``): every ingress replica
 answers new requests and ``/health`` with a JSON 503 while Serve's proxy stays up, until no request is in
-flight or ``--shutdown-timeout`` has passed; then the engine requests still running are aborted (their
-responses end with ``finish_reason: "abort"``) and given ``ABORT_GRACE_S``; then Serve (and a Ray instance
-we started) shut down and the exit code is 0. A second signal skips the rest of the drain.
+flight or the drain budget (``drain_budget``: ``--shutdown-timeout`` less what stopping Serve and Ray
+takes) has passed; then the engine requests still running are aborted (their responses end with
+``finish_reason: "abort"``) and given ``ABORT_GRACE_S``; then Serve (and a Ray instance we started) shut
+down and the exit code is 0. A second signal skips the rest of the drain.
 
 Serve's proxy is started with ``flotilla.entrypoints.openai.ray_proxy``'s middleware, so the errors it
 answers itself (an ingress replica that died mid-request) are OpenAI JSON too; on a cluster whose Serve
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 ABORT_GRACE_S = 2.0  # after the drain limit: how long aborted requests get to end (uvicorn's grace, embedded)
 DRAIN_POLL_S = 0.5
 BROADCAST_TIMEOUT_S = 5.0
+STOP_RESERVE_S = 15.0  # of --shutdown-timeout, kept for serve.shutdown and ray.shutdown (~10 s measured)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -79,15 +81,22 @@ def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address
         print(f"flotilla on Ray Serve: models {names}; OpenAI API on http://{shown}:{port}/v1", flush=True)
         while not stop.wait(1.0):
             pass
-        logger.info("signal received: draining in-flight requests (up to %.0f s)", http.shutdown_timeout)
-        left = drain_ingress(serve.get_deployment_handle(INGRESS_NAME, app_name=APP_NAME), http.shutdown_timeout,
-                             interrupted)
+        drain_s = drain_budget(http.shutdown_timeout)
+        logger.info("signal received: draining in-flight requests (up to %.0f s)", drain_s)
+        left = drain_ingress(serve.get_deployment_handle(INGRESS_NAME, app_name=APP_NAME), drain_s, interrupted)
         logger.info("drained" if left == 0 else "shutting down with %d request(s) still in flight", left)
         return 0
     finally:
         _shutdown(owns_ray)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def drain_budget(shutdown_timeout_s: float) -> float:
+    """The part of ``--shutdown-timeout`` the drain gets: all but ``STOP_RESERVE_S`` (a third of it when it
+    is shorter than 3 x that), which is left for stopping Serve and Ray, so the process exits within the
+    timeout (a Kubernetes pod's grace period is the hard bound)."""
+    return shutdown_timeout_s - min(STOP_RESERVE_S, shutdown_timeout_s / 3)
 
 
 def start_serve(host: str, port: int) -> None:

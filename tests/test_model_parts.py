@@ -17,7 +17,7 @@ import threading
 import pytest
 
 from flotilla.errors import ModelLoadError, ModelNotFoundError
-from flotilla.models.loader import resolve
+from flotilla.models.loader import get_alias, list_aliases
 from flotilla.models.loader.assemble import TMP_PREFIX, assemble_parts
 from flotilla.models.loader.resolve import ModelAlias, PackagedFile
 
@@ -57,7 +57,7 @@ def fake(tmp_path, monkeypatch):
 
 def test_assembles_once_into_the_cache(fake):
     alias, site, cache = fake
-    info = resolve._alias_info(alias)
+    info = alias.info()
     assert info.installed and "on first use" in info.state and info.path == alias.assembled_path()
     assert alias.locate() is None
     path = alias.prepare()
@@ -67,7 +67,7 @@ def test_assembles_once_into_the_cache(fake):
     with open(os.path.join(os.path.dirname(path), "generation_config.json")) as f:
         assert json.load(f) == {"eos_token_id": [7, 9]}
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)
-    assert resolve._alias_info(alias).state == f"installed at {path}"
+    assert alias.info().state == f"installed at {path}"
     # Once assembled, the parts are not read again (even gone, the cached file serves).
     (site / "flotilla_fake_part2" / "data" / "part02.bin").unlink()
     assert alias.prepare() == path and alias.locate() == path
@@ -80,7 +80,7 @@ def test_missing_part_names_the_install_command(fake):
     with pytest.raises(ModelNotFoundError, match="fake-part3==1.0, which are not installed") as e:
         alias.prepare()
     assert command in str(e.value)
-    info = resolve._alias_info(alias)
+    info = alias.info()
     assert not info.installed and info.path is None and info.state == f"not installed: {command}"
 
 
@@ -182,8 +182,8 @@ def test_alias_definitions_are_checked():
 
 
 def test_the_qwen_alias_is_listed():
-    (row,) = [r for r in resolve.list_aliases() if r.alias == "qwen2.5-coder-0.5b-instruct"]
-    qwen = resolve._ALIASES[row.alias]
+    (row,) = [r for r in list_aliases() if r.alias == "qwen2.5-coder-0.5b-instruct"]
+    qwen = get_alias(row.alias.upper())
     assert len(qwen.parts) == 6 and qwen.size == 491_400_064
     assert [p.filename for p in qwen.parts] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
     if row.installed:

@@ -1,8 +1,9 @@
 """qwen2.5-coder-0.5b-instruct (Qwen2, GGUF Q4_K_M from six packages) against transformers on the same file.
 
-Greedy tokens (float32) must be identical, with the chosen tokens' logprobs within 1e-3; per DESIGN.md, where a near-tie makes the two diverge, both tokens
-must be in the other side's top-5 and comparison stops there. Weights are compared tensor by tensor for one
-tensor of each kind the file holds (Q4_K, Q6_K, Q5_0, Q8_0, F32 biases, the untied lm_head).
+Greedy tokens (float32) must be identical, with the chosen tokens' logprobs within 1e-3; per DESIGN.md, where
+a near-tie makes the two diverge, both tokens must be in the other side's top-5 and comparison stops there.
+Weights are compared tensor by tensor for one tensor of each kind the file holds (Q4_K, Q6_K, Q5_0, Q8_0, F32
+biases, the untied lm_head).
 
 flotilla dequantizes with the ``gguf`` package's own ``gguf.quants.dequantize`` (it has no dequantization of
 its own), so the weight checks here test the name mapping, shapes and layout of the dequantized tensors, not a
@@ -20,10 +21,9 @@ import pytest
 import torch
 
 from flotilla import LLM, SamplingParams
-from flotilla.models.loader import gguf_to_hf_name, resolve_model
+from flotilla.models.loader import get_alias, gguf_to_hf_name, resolve_model
 from flotilla.models.loader.gguf_file import field_value, open_gguf
 from flotilla.models.loader.gguf_loader import iterate_gguf
-from flotilla.models.loader.resolve import _ALIASES
 
 ALIAS = "qwen2.5-coder-0.5b-instruct"
 MAX_NEW = 16
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def resolved():
-    alias = _ALIASES[ALIAS]
+    alias = get_alias(ALIAS)
     if alias.locate() is None and alias.missing_parts():
         pytest.skip(f"{ALIAS} is not installed (run ./scripts/setup.sh, or: {alias.install_command})")
     return resolve_model(ALIAS)

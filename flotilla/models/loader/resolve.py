@@ -111,6 +111,17 @@ class ModelAlias:
             return self.parts[0].locate()
         return self.assembled_path() if self.is_assembled() else None
 
+    def info(self) -> "AliasInfo":
+        """This alias's row of ``list_aliases()`` (install state; does not assemble anything)."""
+        path = self.locate()
+        if path is not None:
+            return AliasInfo(self.name, self.description, True, path, f"installed at {path}")
+        if not self.missing_parts():  # several parts, all installed, not assembled yet
+            path = self.assembled_path()
+            return AliasInfo(self.name, self.description, True, path,
+                             f"installed ({len(self.parts)} parts); assembled into {path} on first use")
+        return AliasInfo(self.name, self.description, False, None, f"not installed: {self.install_command}")
+
     def prepare(self) -> str:
         """The path of the file ready to load, assembling it first when needed (several parts).
 
@@ -192,19 +203,12 @@ class ResolvedModel:
 
 def list_aliases() -> list[AliasInfo]:
     """All known aliases with their install state, for ``flotilla models``."""
-    return [_alias_info(alias) for alias in _ALIASES.values()]
+    return [alias.info() for alias in _ALIASES.values()]
 
 
-def _alias_info(alias: ModelAlias) -> AliasInfo:
-    path = alias.locate()
-    if path is not None:
-        return AliasInfo(alias.name, alias.description, True, path, f"installed at {path}")
-    missing = alias.missing_parts()
-    if not missing:  # several parts, all installed, not assembled yet
-        path = alias.assembled_path()
-        return AliasInfo(alias.name, alias.description, True, path,
-                         f"installed ({len(alias.parts)} parts); assembled into {path} on first use")
-    return AliasInfo(alias.name, alias.description, False, None, f"not installed: {alias.install_command}")
+def get_alias(name: str) -> ModelAlias | None:
+    """The alias table's entry for ``name`` (case-insensitive), or None."""
+    return _ALIASES.get(name.strip().lower())
 
 
 def resolve_model(model: str | None) -> ResolvedModel:
@@ -215,9 +219,9 @@ def resolve_model(model: str | None) -> ResolvedModel:
     """
     if model is None:
         model = DEFAULT_ALIAS
-    key = model.strip().lower()
-    if key in _ALIASES:
-        return _resolve_alias(_ALIASES[key])
+    alias = get_alias(model)
+    if alias is not None:
+        return _resolve_alias(alias)
     path = os.path.abspath(os.path.expanduser(model))
     if os.path.isdir(path):
         return _resolve_dir(model, path)

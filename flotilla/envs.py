@@ -44,7 +44,8 @@ def cpu_kernels_enabled() -> bool:
 
 
 def cache_dir() -> str:
-    """FLOTILLA_CACHE_DIR: where flotilla caches compiled kernels (default ~/.cache/flotilla)."""
+    """FLOTILLA_CACHE_DIR: where flotilla caches compiled kernels and model files assembled from several
+    packages (default ~/.cache/flotilla)."""
     return os.environ.get("FLOTILLA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flotilla")
 
 

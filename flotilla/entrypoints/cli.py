@@ -48,9 +48,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_models(ns: argparse.Namespace) -> int:
     from flotilla.models.loader import list_aliases
-    for alias, description, installed, path in list_aliases():
-        state = f"installed at {path}" if installed else "not installed"
-        print(f"{alias:28s} {description}  [{state}]")
+    for info in list_aliases():
+        print(f"{info.alias:28s} {info.description}  [{info.state}]")
     return 0
 
 

@@ -7,9 +7,10 @@
 
 Pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused and repository code is never run.
 
-Modules: ``resolve`` (aliases, paths, pickle refusal), ``hf_config`` (AutoConfig / GGUF metadata ->
-config), ``safetensors_loader`` and ``gguf_loader`` (tensor iteration per format), ``gguf_file`` (opening
-and validating GGUF files), ``checkpoint`` (the format-independent entry points and completeness check).
+Modules: ``resolve`` (aliases, paths, pickle refusal), ``assemble`` (an alias shipped in several packages,
+assembled once into the cache), ``hf_config`` (AutoConfig / GGUF metadata -> config), ``safetensors_loader``
+and ``gguf_loader`` (tensor iteration per format), ``gguf_file`` (opening and validating GGUF files),
+``checkpoint`` (the format-independent entry points and completeness check).
 """
 
 from flotilla.models.loader.checkpoint import (
@@ -23,7 +24,9 @@ from flotilla.models.loader.resolve import (
     DEFAULT_ALIAS,
     AliasInfo,
     ModelAlias,
+    PackagedFile,
     ResolvedModel,
+    get_alias,
     list_aliases,
     resolve_model,
 )
@@ -32,8 +35,10 @@ __all__ = [
     "DEFAULT_ALIAS",
     "AliasInfo",
     "ModelAlias",
+    "PackagedFile",
     "ResolvedModel",
     "expected_weight_names",
+    "get_alias",
     "get_rope_theta",
     "gguf_to_hf_name",
     "iterate_weights",

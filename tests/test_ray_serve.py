@@ -134,6 +134,8 @@ def test_models_and_unknown_model(client, app):
     assert httpx.get(app + "/health").status_code == 200
     metrics = httpx.get(app + "/metrics")  # engine gauges: the replicas' stats, summed by the ingress
     assert metrics.status_code == 200 and 'flotilla:num_requests_running{model_name="tiny"}' in metrics.text
+    for name in ("vllm:num_requests_running", "vllm:iteration_tokens_total_count", "vllm:cache_config_info"):
+        assert f"{name}{{" in metrics.text, name  # vLLM's names through the Ray ingress too
 
 
 def test_completion_and_stream(client):

@@ -183,6 +183,7 @@ class ModelServer:
                 "num_blocks": self.engine.num_blocks, "num_running": s.num_running, "num_waiting": s.num_waiting,
                 "kv_cache_usage": s.kv_cache_usage, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "num_preemptions": s.num_preemptions,
+                "iteration_tokens": list(s.iteration_tokens), "iteration_tokens_sum": s.iteration_tokens_sum,
                 "num_ongoing": self._inflight, "ongoing_request_ids": sorted(self._ongoing),
                 "requests_total": self.requests_total,
                 "requests_unfinished": self.requests_unfinished,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -29,7 +30,7 @@ from flotilla.engine.output_processor import OutputKind
 from flotilla.errors import EngineDeadError, InvalidRequestError
 from flotilla.outputs import RequestOutput
 from flotilla.sampling_params import SamplingParams
-from flotilla.scheduler.scheduler import SchedulerStats
+from flotilla.scheduler.scheduler import SchedulerStats, add_step_counts
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +292,10 @@ def sum_stats(stats: list[dict]) -> SchedulerStats:
     return SchedulerStats(num_running=total("num_running"), num_waiting=total("num_waiting"),
                           kv_cache_usage=total("kv_cache_usage") / len(stats),
                           prefix_cache_queries=total("prefix_cache_queries"),
-                          prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"))
+                          prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"),
+                          iteration_tokens=functools.reduce(add_step_counts, (tuple(s.get("iteration_tokens", ()))
+                                                                              for s in stats), ()),
+                          iteration_tokens_sum=total("iteration_tokens_sum"))
 
 
 @dataclass

@@ -6,13 +6,14 @@ or its text when no ids are given); aborts go to the replica holding the request
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 from flotilla.deploy.routing import ReplicaLoad, RoutingPolicy
 from flotilla.engine.output_processor import OutputKind
 from flotilla.errors import EngineDeadError, InvalidRequestError
-from flotilla.scheduler.scheduler import SchedulerStats
+from flotilla.scheduler.scheduler import SchedulerStats, add_step_counts
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,10 @@ class ReplicaSet:
                               num_waiting=sum(s.num_waiting for s in stats), kv_cache_usage=usage,
                               prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
                               prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
-                              num_preemptions=sum(s.num_preemptions for s in stats))
+                              num_preemptions=sum(s.num_preemptions for s in stats),
+                              iteration_tokens=functools.reduce(add_step_counts,
+                                                                (s.iteration_tokens for s in stats), ()),
+                              iteration_tokens_sum=sum(s.iteration_tokens_sum for s in stats))
 
     async def generate(self, prompt, sampling_params, request_id: str,
                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator:

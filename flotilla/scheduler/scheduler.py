@@ -5,6 +5,8 @@ Pure Python, no torch. One engine step is ``schedule()`` -> workers -> ``update_
 
 from __future__ import annotations
 
+import bisect
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -17,9 +19,16 @@ from flotilla.scheduler.output import (CachedRequestData, EngineCoreOutput, Mode
                                        SchedulerOutput)
 
 
+# Upper bounds of vLLM's ``iteration_tokens_total`` histogram (tokens scheduled in one engine step).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclass
 class SchedulerStats:
-    """A snapshot for metrics. Prefix-cache counters (tokens) and preemptions are cumulative."""
+    """A snapshot for metrics. Prefix-cache counters (tokens), preemptions and the step histogram are
+    cumulative. ``iteration_tokens``: how many steps scheduled a number of tokens in each bucket of
+    ``ITERATION_TOKENS_BUCKETS`` (``<=`` its bound, above the previous one; one more entry for larger steps;
+    empty before the first step); ``iteration_tokens_sum``: the tokens of all those steps."""
 
     num_running: int
     num_waiting: int
@@ -27,6 +36,15 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    iteration_tokens: tuple[int, ...] = ()
+    iteration_tokens_sum: int = 0
+
+
+def add_step_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two ``SchedulerStats.iteration_tokens`` summed (either may be empty)."""
+    if not a or not b:
+        return tuple(a or b)
+    return tuple(x + y for x, y in zip(a, b))
 
 
 @dataclass
@@ -77,6 +95,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._step_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see SchedulerStats.iteration_tokens
+        self._step_tokens = 0
         self._finished_req_ids: set[str] = set()
         self._num_tokens_sent: dict[str, int] = {}  # how many of a request's tokens the workers hold
 
@@ -151,6 +171,9 @@ class Scheduler:
             request.num_computed_tokens += num_tokens
         out.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
+        if out.total_num_scheduled_tokens:
+            self._step_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, out.total_num_scheduled_tokens)] += 1
+            self._step_tokens += out.total_num_scheduled_tokens
         return out
 
     def _schedule_running(self, step: _Step) -> None:
@@ -276,4 +299,5 @@ class Scheduler:
         stats = self.kv_cache_manager.prefix_cache_stats
         return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
                               kv_cache_usage=self.kv_cache_manager.usage, prefix_cache_queries=stats.queries,
-                              prefix_cache_hits=stats.hits, num_preemptions=self.num_preemptions)
+                              prefix_cache_hits=stats.hits, num_preemptions=self.num_preemptions,
+                              iteration_tokens=tuple(self._step_counts), iteration_tokens_sum=self._step_tokens)

@@ -84,14 +84,22 @@ def _path_to(value, marker: _NonFinite, path: list) -> list | None:
 
 def validation_error(exc: ValidationError) -> APIError:
     """APIError(400) naming the first invalid field (``param`` is its top-level name) and, for a short
-    scalar, the value given."""
-    first = exc.errors()[0]
+    scalar, the value given; an unknown field is named as such."""
+    errors = exc.errors()
+    # In a union (e.g. content: str | list[part]) an unknown field is the informative error, not "not a str".
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
     loc = [x for x in first.get("loc", ()) if not _is_union_tag(x)]
     path = ".".join(str(x) for x in loc)
     param = str(loc[0]) if loc else None
     msg = first.get("msg", "invalid value")
-    if first.get("type") == "missing":
+    kind, ctx = first.get("type"), first.get("ctx") or {}
+    if kind == "missing":
         return APIError(400, f"{path} is required", param)
+    if kind == "extra_forbidden":
+        return APIError(400, f"{path}: unknown field; flotilla rejects fields it does not implement (see the "
+                             "README's 'Request fields')", param)
+    if "param" in ctx:  # a custom error that names its own field (request_fields)
+        return APIError(400, msg, ctx["param"])
     given = first.get("input")
     if isinstance(given, (str, int, float)) and len(repr(given)) <= 80:
         msg = f"{msg}, got {given!r}"

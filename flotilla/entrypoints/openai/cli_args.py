@@ -11,13 +11,25 @@ from dataclasses import dataclass
 from flotilla.deploy.engine_args import finite_float
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+METRICS_PREFIXES = ("flotilla", "vllm")
+
+
+def check_prefixes(prefixes) -> tuple[str, ...]:
+    """The metric prefixes, validated (ValueError naming the unknown one)."""
+    prefixes = tuple(dict.fromkeys(p.strip() for p in prefixes if p.strip()))
+    unknown = [p for p in prefixes if p not in METRICS_PREFIXES]
+    if unknown or not prefixes:
+        raise ValueError(f"--metrics-prefixes must be some of {','.join(METRICS_PREFIXES)}, got "
+                         f"{','.join(prefixes) or 'none'}")
+    return prefixes
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds each
     model's requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain
-    limit; ``served_model_name`` names the engine when the app serves a single one given without a name."""
+    limit; ``served_model_name`` names the engine when the app serves a single one given without a name;
+    ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -28,6 +40,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retry_after_s: int = 1
     log_level: str = "info"
+    metrics_prefixes: tuple[str, ...] = METRICS_PREFIXES
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +66,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to drain in-flight requests after SIGTERM")
     p.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413")
+    p.add_argument("--metrics-prefixes", default="flotilla,vllm", metavar="PREFIXES",
+                   help="comma-separated prefixes /metrics exports every metric under, from flotilla,vllm "
+                        "(same values under each; vllm: matches dashboards written for vLLM)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -65,6 +81,8 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
         raise ValueError("--shutdown-timeout must be >= 0")
     if ns.max_request_body_bytes <= 0:
         raise ValueError("--max-request-body-bytes must be positive")
+    prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
                         api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
-                        shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level)
+                        shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
+                        metrics_prefixes=prefixes)

@@ -128,7 +128,9 @@ class EngineRun:
                  params: SamplingParams, output_kind: OutputKind = OutputKind.DELTA):
         self.ctx, self.base_id, self.prepared, self.output_kind = ctx, base_id, prepared, output_kind
         self.waiting = [True] * len(prepared)
-        self.recorders = [RequestMetrics(ctx.metrics, len(p.prompt_token_ids)) for p in prepared]
+        self.recorders = [RequestMetrics(ctx.metrics, len(p.prompt_token_ids), params.n,
+                                         params.max_tokens or ctx.max_model_len - len(p.prompt_token_ids))
+                          for p in prepared]
         self.streams = [ctx.engine.generate({"prompt": p.prompt, "prompt_token_ids": p.prompt_token_ids,
                                              "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", output_kind)
                         for i, p in enumerate(prepared)]

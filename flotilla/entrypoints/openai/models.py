@@ -43,7 +43,8 @@ class ServedModels:
             raise ValueError("no models to serve")
         self.config = config
         self.tracker = RequestTracker()
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(config.metrics_prefixes,
+                                     max(e.model_config.max_model_len for e in engines.values()))
         self.lanes = TokenizerLanes()
         self.active_runs: set = set()
         self.created = int(time.time())

@@ -1,7 +1,9 @@
 """Request models of the OpenAI API (plus vLLM's sampling extras) and their translation to SamplingParams.
 
 Contract: the models are strict (``max_tokens: "10"`` or ``temperature: true`` are type errors, as in
-OpenAI's API) and ignore unknown fields. Range checks are left to ``SamplingParams.validate`` and the engine's
+OpenAI's API) and reject unknown fields, nested ones included (a 400 naming the field); the fields listed in
+``request_fields`` (not supported yet, not implemented, or harmless extras) are checked there first, so a
+listed field is a 400 unless its value changes nothing. Range checks are left to ``SamplingParams.validate`` and the engine's
 input processor, which name the field; the few checks that only make sense at the API level (``echo`` with
 ``logprobs``, ``top_logprobs`` without ``logprobs``, non-text chat content) raise ``InvalidRequestError``.
 """
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
 from typing_extensions import NotRequired, TypedDict
 
+from flotilla.entrypoints.openai.request_fields import check_fields
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -25,14 +28,23 @@ Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Request(_Strict):
+    """A request body: its listed extra fields are checked (and no-op ones dropped) before validation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_listed_fields(cls, data):
+        return check_fields(data, frozenset(cls.model_fields))
 
 
 class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -102,7 +114,7 @@ class CompletionRequest(_SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo together with logprobs is not supported", "echo")
+            raise InvalidRequestError("echo together with logprobs is not supported yet", "echo")
         return self.sampling_params(self.max_tokens, self.logprobs)
 
 
@@ -110,13 +122,20 @@ class CompletionRequest(_SamplingFields):
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-@with_config(ConfigDict(strict=True, extra="ignore"))
+@with_config(ConfigDict(strict=True, extra="forbid"))
 class ContentPart(TypedDict):
+    """A content part. Only text parts are supported; the other OpenAI part types are declared so that
+    ``template_messages`` can name the type it rejects."""
+
     type: str
     text: NotRequired[str | None]
+    image_url: NotRequired[object]
+    input_audio: NotRequired[object]
+    file: NotRequired[object]
+    refusal: NotRequired[object]
 
 
-@with_config(ConfigDict(strict=True, extra="ignore"))
+@with_config(ConfigDict(strict=True, extra="forbid"))
 class ChatMessage(TypedDict):
     """A chat message, validated into a plain dict (a TypedDict validates ~20x faster than a model, which
     matters for a body with hundreds of thousands of messages)."""
@@ -146,6 +165,10 @@ def _template_dict(message: ChatMessage) -> dict:
             if part["type"] != "text" or part.get("text") is None:
                 raise InvalidRequestError(f"content part type {part['type']!r} is not supported "
                                           "(only 'text')", "messages")
+            if len(part) > 2:
+                extra = sorted(set(part) - {"type", "text"})
+                raise InvalidRequestError(f"a text content part takes only 'type' and 'text', not {extra}",
+                                          "messages")
             texts.append(part["text"])
         content = "\n".join(texts)
     out = {"role": message["role"], "content": content if content is not None else ""}
@@ -184,7 +207,7 @@ def check_num_choices(num_prompts: int, n: int | None) -> None:
         raise InvalidRequestError(f"{num_prompts} prompts x n={n} exceeds {MAX_CHOICES_PER_REQUEST} choices", "n")
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Request):
     """POST /tokenize: ``prompt`` text, or chat ``messages`` rendered with the chat template."""
 
     model: str | None = None
@@ -194,7 +217,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool | None = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Request):
     """POST /detokenize."""
 
     model: str | None = None

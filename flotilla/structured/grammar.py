@@ -49,8 +49,9 @@ def _choice_regex(choices: list[str]) -> str:
     return "(" + "|".join(re.escape(c) for c in choices) + ")"
 
 
-def build_grammar(params: StructuredOutputsParams):
-    """The tokenizer-independent ``xgrammar.Grammar`` of a spec; ``InvalidRequestError`` if xgrammar rejects it."""
+def build_grammar(params: StructuredOutputsParams, field: str = _FIELD):
+    """The tokenizer-independent ``xgrammar.Grammar`` of a spec; ``InvalidRequestError`` (naming ``field``) if
+    xgrammar rejects it."""
     xgr = _xgr()
     kind = params.kind()
     ws = {"any_whitespace": not params.disable_any_whitespace}
@@ -70,7 +71,7 @@ def build_grammar(params: StructuredOutputsParams):
     except InvalidRequestError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses for bad input
-        raise InvalidRequestError(f"invalid {_FIELD}.{kind}: {_first_line(e)}", _FIELD) from e
+        raise InvalidRequestError(f"invalid {field} ({kind}): {_first_line(e)}", field) from e
 
 
 def _first_line(e: Exception) -> str:
@@ -78,13 +79,13 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:500]
 
 
-def validate_structured(params: StructuredOutputsParams) -> None:
-    """Raise InvalidRequestError unless the spec is well formed and xgrammar accepts it."""
-    params.validate()
+def validate_structured(params: StructuredOutputsParams, field: str = _FIELD) -> None:
+    """Raise InvalidRequestError (naming ``field``) unless the spec is well formed and xgrammar accepts it."""
+    params.validate(field)
     if params.whitespace_pattern is not None:
-        raise InvalidRequestError(f"{_FIELD}.whitespace_pattern is not supported by the xgrammar backend; use "
-                                  "disable_any_whitespace", _FIELD)
-    build_grammar(params)
+        raise InvalidRequestError(f"{field}.whitespace_pattern is not supported by the xgrammar backend; use "
+                                  "disable_any_whitespace", field)
+    build_grammar(params, field)
 
 
 class GrammarCache:

@@ -220,7 +220,7 @@ class Sampler:
             and metadata.grammar_rows is None
         logits = logits.to(torch.float32, copy=not (read_only or owned))  # (B, V), ours to modify in place
         apply_grammar_bitmask(logits, metadata.grammar_rows, metadata.grammar_bitmask)
-        apply_min_tokens(logits, metadata)
+        apply_min_tokens_under_grammar(logits, metadata)
         apply_penalties(logits, metadata)
         sampled = self.sample(logits, metadata)  # (B,)
         logprobs = None
@@ -280,6 +280,21 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitma
         return
     allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])  # (C, V)
     logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))  # (C, V)
+
+
+def apply_min_tokens_under_grammar(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """``apply_min_tokens``, except that a grammar wins: a constrained row whose grammar allows only tokens
+    min_tokens forbids (the document is complete: only EOS is left) keeps its grammar-masked logits, so it
+    ends rather than sampling from nothing. logits (B, V), grammar mask already applied."""
+    rows = metadata.grammar_rows
+    if rows is None or metadata.min_tokens_rows is None:
+        apply_min_tokens(logits, metadata)
+        return
+    masked = logits.index_select(0, rows)  # (C, V): grammar-masked, before min_tokens
+    apply_min_tokens(logits, metadata)
+    nothing_left = torch.isneginf(logits.index_select(0, rows)).all(dim=-1)  # (C,)
+    if bool(nothing_left.any()):
+        logits[rows[nothing_left]] = masked[nothing_left]
 
 
 def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

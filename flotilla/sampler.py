@@ -61,7 +61,8 @@ class SamplingMetadata:
     ``min_tokens_rows/ids`` list the (row, token id) pairs whose logits are set to -inf this step: the
     EOS ids (unless ``ignore_eos``) and ``stop_token_ids`` of rows with fewer than ``min_tokens`` outputs.
     ``generators`` maps a random row to its own generator; ``num_unseeded_random`` counts the random rows
-    without one (they share one batched noise draw). ``max_num_logprobs`` is None when no row wants
+    without one (they share one batched noise draw). ``grammar_rows``/``grammar_bitmask`` (structured output)
+    allow, on each constrained row, only the tokens whose bit is set. ``max_num_logprobs`` is None when no row wants
     logprobs, else the largest N requested (0 = only the sampled token).
     """
 
@@ -83,6 +84,8 @@ class SamplingMetadata:
     output_token_ids: torch.Tensor | None = None  # (B, max_output_len) long, -1 padded
     min_tokens_rows: torch.Tensor | None = None  # (M,) long
     min_tokens_ids: torch.Tensor | None = None  # (M,) long
+    grammar_rows: torch.Tensor | None = None  # (C,) long: rows constrained by a grammar
+    grammar_bitmask: torch.Tensor | None = None  # (C, ceil(V / 32)) int32: bit j of word w allows token 32w + j
     _penalty_cache: tuple | None = field(default=None, repr=False)
 
     @property
@@ -195,8 +198,9 @@ class Sampler:
     """Logits (B, V) + SamplingMetadata -> SamplerOutput.
 
     Contract: logprobs are of the raw model distribution (``log_softmax`` of the logits before any
-    processing). Then: min_tokens suppression, repetition penalty (HF: over prompt+output tokens, positive
-    logits divided, negative multiplied), frequency and presence penalties (OpenAI: over output tokens).
+    processing). Then: the grammar bitmask (structured output), min_tokens suppression, repetition penalty
+    (HF: over prompt+output tokens, positive logits divided, negative multiplied), frequency and presence
+    penalties (OpenAI: over output tokens).
     Greedy rows take the argmax (exactly the raw argmax when nothing above changed the logits); random rows
     are divided by temperature, filtered by top-k, top-p (one sort per row) and min-p (relative to the max
     probability), and sampled by the exponential race ``argmax(probs / Exponential(1))`` over the random
@@ -212,9 +216,11 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-        read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None
+        read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None \
+            and metadata.grammar_rows is None
         logits = logits.to(torch.float32, copy=not (read_only or owned))  # (B, V), ours to modify in place
-        apply_min_tokens(logits, metadata)
+        apply_grammar_bitmask(logits, metadata.grammar_rows, metadata.grammar_bitmask)
+        apply_min_tokens_under_grammar(logits, metadata)
         apply_penalties(logits, metadata)
         sampled = self.sample(logits, metadata)  # (B,)
         logprobs = None
@@ -254,6 +260,41 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.long)
     ops.argmax_rows(out, logits)
     return out
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(C, W) int32 bitmask -> (C, vocab_size) bool, True where the token is allowed (bit j of word w is
+    token 32 * w + j; tokens beyond 32 * W are not allowed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # (32,)
+    bits = (bitmask.unsqueeze(-1) >> shifts).bitwise_and_(1).bool()  # (C, W, 32)
+    allowed = bits.reshape(bitmask.shape[0], -1)  # (C, 32 W)
+    if allowed.shape[1] >= vocab_size:
+        return allowed[:, :vocab_size]
+    pad = torch.zeros(bitmask.shape[0], vocab_size - allowed.shape[1], dtype=torch.bool, device=bitmask.device)
+    return torch.cat([allowed, pad], dim=1)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor | None) -> None:
+    """Set the logits of tokens a grammar forbids to -inf in place. logits (B, V); rows (C,); bitmask (C, W)."""
+    if rows is None:
+        return
+    allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])  # (C, V)
+    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))  # (C, V)
+
+
+def apply_min_tokens_under_grammar(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """``apply_min_tokens``, except that a grammar wins: a constrained row whose grammar allows only tokens
+    min_tokens forbids (the document is complete: only EOS is left) keeps its grammar-masked logits, so it
+    ends rather than sampling from nothing. logits (B, V), grammar mask already applied."""
+    rows = metadata.grammar_rows
+    if rows is None or metadata.min_tokens_rows is None:
+        apply_min_tokens(logits, metadata)
+        return
+    masked = logits.index_select(0, rows)  # (C, V): grammar-masked, before min_tokens
+    apply_min_tokens(logits, metadata)
+    nothing_left = torch.isneginf(logits.index_select(0, rows)).all(dim=-1)  # (C,)
+    if bool(nothing_left.any()):
+        logits[rows[nothing_left]] = masked[nothing_left]
 
 
 def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

@@ -13,7 +13,58 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_INT32 = 2**31 - 1
+MAX_CHOICES = 256
 _EPS = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams``: constrain the output to a JSON schema, a regex, one of a list of
+    strings, an EBNF/Lark grammar, or any JSON object. Exactly one of them must be set.
+
+    ``json``: a JSON schema (dict or JSON text); ``regex``: a regular expression the whole output matches;
+    ``choice``: the output is exactly one of these strings; ``grammar``: an EBNF (GBNF/xgrammar) grammar with a
+    ``root`` rule; ``json_object``: any JSON object. ``disable_any_whitespace``: JSON without free whitespace
+    (compact: ``{"a":1}``); ``whitespace_pattern``: a regex for the whitespace JSON may contain (vLLM's field).
+    ``validate()`` checks the form only; the grammar is parsed by ``flotilla.structured`` (a bad schema,
+    regex or grammar is an ``InvalidRequestError`` naming the field).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+    def kind(self) -> str:
+        """The one constraint set: "json" | "regex" | "choice" | "grammar" | "json_object"."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def validate(self, field_name: str = "structured_outputs") -> None:
+        kinds = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise InvalidRequestError(
+                f"{field_name} needs exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
+                f"{', '.join(kinds) if kinds else 'none'}", field_name)
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError(f"{field_name}.json must be a JSON schema (object or string)", field_name)
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequestError(f"{field_name}.{name} must be a non-empty string", field_name)
+        if self.choice is not None:
+            ok = isinstance(self.choice, list) and 0 < len(self.choice) <= MAX_CHOICES and all(
+                isinstance(c, str) and c for c in self.choice)
+            if not ok:
+                raise InvalidRequestError(f"{field_name}.choice must be a list of 1 to {MAX_CHOICES} non-empty "
+                                          "strings", field_name)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise InvalidRequestError(f"{field_name}.json_object must be a boolean", field_name)
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclass
@@ -26,6 +77,8 @@ class SamplingParams:
     the request's samples depend only on the seed and its own logits, whatever else is batched with it.
     ``logprobs=N`` returns the sampled token's logprob and the top-N (raw model distribution).
     Stop strings are removed from the output text unless ``include_stop_str_in_output``.
+    ``structured_outputs`` constrains every sampled token to a grammar (see ``StructuredOutputsParams``);
+    the request ends with EOS when the grammar is complete.
     """
 
     n: int = 1
@@ -45,6 +98,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the model's EOS ids, so the scheduler can stop without a tokenizer.
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -56,6 +110,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +143,14 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         self._validate_stops()
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams",
+                                          "structured_outputs")
+            self.structured_outputs.validate()
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos cannot be combined with structured_outputs (the grammar "
+                                          "ends the output with EOS)", "ignore_eos")
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

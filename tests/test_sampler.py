@@ -201,6 +201,20 @@ def test_min_tokens_suppresses_eos_and_stop_ids():
     assert out == [7, 3, 3, 7]
 
 
+def test_a_complete_grammar_ends_the_row_despite_min_tokens():
+    """min_tokens forbids EOS, but the grammar of row 0 allows only EOS (its document is complete): the grammar
+    wins and the row ends; row 1's grammar allows more, so min_tokens still applies there."""
+    logits = torch.zeros(2, 40)
+    logits[:, 3] = 10.0  # EOS
+    params = [SamplingParams(temperature=0.0, min_tokens=5, eos_token_ids=(3,))] * 2
+    md = _md(params, outputs=[[1], [1]])
+    md.grammar_rows = torch.tensor([0, 1])
+    md.grammar_bitmask = torch.zeros(2, 2, dtype=torch.int32)  # (C, ceil(40 / 32))
+    md.grammar_bitmask[0, 0] = 1 << 3  # row 0: only EOS
+    md.grammar_bitmask[1, 0] = (1 << 3) | (1 << 7)  # row 1: EOS or token 7
+    assert sampler(logits, md).sampled_token_ids.tolist() == [3, 7]
+
+
 def test_logprobs_raw_distribution_sorted_with_ranks():
     torch.manual_seed(7)
     logits = torch.randn(4, 30) * 2  # (B, V)

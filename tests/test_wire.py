@@ -34,7 +34,7 @@ from flotilla.engine.messages import (FROM_CORE, TO_CORE, AbortRequests, AddRequ
                                       Ready, Shutdown, ToCore)
 from flotilla.engine.output_processor import OutputKind
 from flotilla.outputs import CompletionOutput, Logprob, RequestOutput
-from flotilla.sampling_params import SamplingParams
+from flotilla.sampling_params import SamplingParams, StructuredOutputsParams
 from flotilla.scheduler import wire as worker_wire
 from flotilla.scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                        SchedulerOutput)
@@ -68,6 +68,9 @@ def every_field_params() -> SamplingParams:
                             include_stop_str_in_output=True, logprobs=20, skip_special_tokens=False,
                             eos_token_ids=(2, 49152 - 1))
     params.validate()
+    # Set after validate(): ignore_eos cannot be combined with a grammar (the wire does not care).
+    params.structured_outputs = StructuredOutputsParams(
+        json={"type": "object", "properties": {"é": {"enum": [1, "x"]}}}, disable_any_whitespace=True)
     defaults = SamplingParams()
     unset = [f.name for f in dataclasses.fields(SamplingParams)
              if getattr(params, f.name) == getattr(defaults, f.name)]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import SamplingParams
+from flotilla.structured.grammar import validate_structured
 from flotilla.tokenizer import Tokenizer
 
 PromptType = str | list[int] | dict
@@ -30,7 +31,7 @@ class InputProcessor:
     first) validates the params and rejects a prompt that provably cannot fit (token ids by their count,
     text by ``Tokenizer.min_num_tokens``) without tokenizing it, so the text ``process`` tokenizes is at
     most about ``max_model_len`` times the tokenizer's longest token; it never rejects a prompt that would
-    fit. ``clone()`` is an equivalent processor with its own tokenizer copy (for another thread). A prompt
+    fit; a ``structured_outputs`` spec xgrammar cannot parse is an ``InvalidRequestError`` too. ``clone()`` is an equivalent processor with its own tokenizer copy (for another thread). A prompt
     dict may carry ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only
     with requests of the same salt (or, unsalted, with unsalted ones).
     """
@@ -78,6 +79,8 @@ class InputProcessor:
     def precheck(self, prompt: PromptType, params: SamplingParams, param: str = "prompt") -> None:
         """Validate ``params`` and reject ``prompt`` if it provably cannot fit (see the contract)."""
         params.validate()
+        if params.structured_outputs is not None:
+            validate_structured(params.structured_outputs)
         if isinstance(prompt, dict):
             salt = prompt.get("cache_salt")
             if salt is not None and (not isinstance(salt, str) or not salt):

@@ -17,6 +17,7 @@ from flotilla.layers.pipeline import IntermediateTensors
 from flotilla.sampler import Sampler, SamplingMetadata
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from flotilla.structured.decoding import StructuredDecoding
 
 
 @dataclass
@@ -50,10 +51,13 @@ class ModelRunner:
 
     Contract: ``execute_model`` must see every SchedulerOutput in order; it writes K/V for every scheduled
     token and samples one token for each request whose computation reaches its last known token.
+    Structured output: on the sampling rank (TP rank 0 of the last stage) ``structured`` holds a grammar
+    matcher per constrained request; the next-token bitmasks are filled on its thread while the model's
+    forward pass runs, applied in the sampler, and the sampled tokens accepted into the matchers.
     """
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches: list[torch.Tensor],
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, structured: StructuredDecoding | None = None):
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
@@ -61,26 +65,35 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        self.structured = structured
         # Generators outlive preemption (the request comes back as "new") so seeded output stays reproducible.
         self._generators: dict[str, torch.Generator] = {}
 
     # ---- state --------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
-        for req_id in so.finished_req_ids:
+        for req_id in so.finished_req_ids | so.preempted_req_ids:
             self.requests.pop(req_id, None)
             if req_id not in so.preempted_req_ids:
                 self._generators.pop(req_id, None)
-        for req_id in so.preempted_req_ids:
-            self.requests.pop(req_id, None)
+            if self.structured is not None:
+                self.structured.remove(req_id)  # a preempted request's matcher is rebuilt when it resumes
+        samples_here = self._is_sampling_rank()
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.all_token_ids), len(new.prompt_token_ids), new.sampling_params,
                 list(new.block_ids), new.num_computed_tokens, self._generator_for(new.req_id, new.sampling_params))
+            if samples_here and self.structured is not None and new.sampling_params.structured_outputs:
+                self.structured.add(new.req_id, new.sampling_params,
+                                    list(new.all_token_ids[len(new.prompt_token_ids):]))
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    @staticmethod
+    def _is_sampling_rank() -> bool:
+        return get_pp_group().is_last_rank and get_tp_group().rank_in_group == 0
 
     def _generator_for(self, req_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:
@@ -133,6 +146,8 @@ class ModelRunner:
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput()
         inputs = self._prepare_inputs(so)
+        # The grammar bitmasks of this step's samples, filled while the model runs.
+        masks = self.structured.start_fill(inputs.sample_req_ids) if self.structured is not None else None
         metadata = self.backend.build_metadata(inputs.common)
         ctx = AttentionContext(self.backend, metadata, self.kv_caches)
         pp = get_pp_group()
@@ -148,16 +163,23 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab); every TP rank joins
         if get_tp_group().rank_in_group != 0:
             return ModelRunnerOutput()  # TP rank 0 of the last stage samples for the group
-        return self._sample(inputs.sample_req_ids, logits)
+        return self._sample(inputs.sample_req_ids, logits, self.structured.collect(masks) if masks else None)
 
-    def _sample(self, req_ids: list[str], logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(self, req_ids: list[str], logits: torch.Tensor,
+                masks: tuple[list[int], torch.Tensor] | None = None) -> ModelRunnerOutput:
         states = [self.requests[r] for r in req_ids]
         md = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.generator for s in states],
             [s.token_ids[:s.num_prompt_tokens] for s in states],
             [s.token_ids[s.num_prompt_tokens:] for s in states], self.device)
+        if masks is not None:
+            md.grammar_rows = torch.tensor(masks[0], dtype=torch.long, device=self.device)  # (C,)
+            md.grammar_bitmask = masks[1]  # (C, W) int32
         result = self.sampler(logits, md, owned=True)  # compute_logits made them fresh
         sampled = result.sampled_token_ids.tolist()
+        if masks is not None:
+            for row in masks[0]:
+                self.structured.accept(req_ids[row], sampled[row])
         out = ModelRunnerOutput(sampled_token_ids=dict(zip(req_ids, sampled)))
         if result.logprobs is not None:
             ids, lps, ranks = (t.tolist() for t in result.logprobs)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
 from typing_extensions import NotRequired, TypedDict
 
 from flotilla.entrypoints.openai.request_fields import check_fields
+from flotilla.entrypoints.openai.structured import StructuredFields
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -44,7 +45,7 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(StructuredFields, _Request):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -85,7 +86,8 @@ class _SamplingFields(_Request):
             repetition_penalty=pick(self.repetition_penalty, 1.0), seed=self.seed, max_tokens=max_tokens,
             min_tokens=pick(self.min_tokens, 0), stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=bool(self.ignore_eos), include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            logprobs=logprobs, skip_special_tokens=pick(self.skip_special_tokens, True))
+            logprobs=logprobs, skip_special_tokens=pick(self.skip_special_tokens, True),
+            structured_outputs=self.structured_params())
 
 
 class CompletionRequest(_SamplingFields):

@@ -54,15 +54,6 @@ def _best_of_is_n(value, body) -> bool:  # vLLM: best_of defaults to n; best_of 
 
 
 UNSUPPORTED_FIELDS: dict[str, NoOp] = {
-    # structured output (issue 13 item 2)
-    "response_format": lambda v, b: v is None or v == {"type": "text"},
-    "structured_outputs": _absent,
-    "guided_json": _absent,
-    "guided_regex": _absent,
-    "guided_choice": _absent,
-    "guided_grammar": _absent,
-    "guided_decoding_backend": _absent,
-    "guided_whitespace_pattern": _absent,
     # tool calling (item 3)
     "tools": _empty,
     "tool_choice": lambda v, b: v is None or v == "none" or (v == "auto" and _no_tools(b)),
@@ -113,6 +104,7 @@ UNIMPLEMENTED_FIELDS: dict[str, NoOp] = {
     "request_id": _absent,
     "kv_transfer_params": _absent,
     "vllm_xargs": _absent,
+    "guided_whitespace_pattern": _absent,  # structured output runs xgrammar's own whitespace rules
     "echo": _false,  # chat's vLLM ``echo`` (completions declare their own)
     "messages[].reasoning_content": _absent,
 }

@@ -168,5 +168,5 @@ def test_openai_sdk_calls_still_work(client):
                                      best_of=1, user="u", stream=False)
     assert len(comp.choices) == 2 and comp.choices[0].logprobs is not None
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=M, max_tokens=2, response_format={"type": "json_object"})
-    assert info.value.body["param"] == "response_format"
+        client.chat.completions.create(model="tiny", messages=M, max_tokens=2, store=True)
+    assert info.value.body["param"] == "store" and "not supported" in info.value.body["message"]

@@ -16,6 +16,9 @@ class Logprob:
 
 # One dict per generated position: token id -> Logprob (the sampled token plus the top-N).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing precedes it), then token id -> Logprob (the prompt
+# token itself plus the top-K of the model's distribution at that position).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -36,7 +39,8 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """The state of one request: its prompt and every sample so far. ``finished`` once all samples are."""
+    """The state of one request: its prompt and every sample so far. ``finished`` once all samples are.
+    ``prompt_logprobs`` is set when the request asked for them (in a stream of deltas: in its first output)."""
 
     request_id: str
     prompt: str | None
@@ -45,3 +49,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs | None = None

@@ -76,6 +76,10 @@ class SamplingParams:
     ``top_k <= 0`` (or -1) disables top-k, ``top_p == 1`` and ``min_p == 0`` disable theirs. ``seed`` makes
     the request's samples depend only on the seed and its own logits, whatever else is batched with it.
     ``logprobs=N`` returns the sampled token's logprob and the top-N (raw model distribution).
+    ``prompt_logprobs=K`` returns, for every prompt token after the first, its logprob and the top-K
+    (``RequestOutput.prompt_logprobs``, ``None`` for the first token); such a request does not read the prefix
+    cache (its prompt is computed in full, as in vLLM). ``max_tokens=0`` generates nothing (finish reason
+    "length"): only the prompt is computed, e.g. to score it with ``prompt_logprobs``.
     Stop strings are removed from the output text unless ``include_stop_str_in_output``.
     ``structured_outputs`` constrains every sampled token to a grammar (see ``StructuredOutputsParams``);
     the request ends with EOS when the grammar is complete.
@@ -97,6 +101,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the model's EOS ids, so the scheduler can stop without a tokenizer.
@@ -135,13 +140,15 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, -(2**63), 2**64 - 1)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1, MAX_INT32)
+            _check_int("max_tokens", self.max_tokens, 0, MAX_INT32)
         _check_int("min_tokens", self.min_tokens, 0, MAX_INT32)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         self._validate_stops()
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):

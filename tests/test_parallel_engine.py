@@ -56,6 +56,27 @@ def test_parallel_with_chunked_prefill_and_preemption(tiny_llama, reference, tp,
         llm.engine.shutdown()
 
 
+def test_prompt_logprobs_with_tp_pp_chunked_prefill_and_preemption(tiny_llama, tiny_llama_engine):
+    """Every TP rank joins the chunked logits of the last stage; the numbers equal the single-process run's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=3)
+    expected = tiny_llama_engine.generate(PROMPTS, params)
+    llm = make(tiny_llama[0], tensor_parallel_size=2, pipeline_parallel_size=2, block_size=4,
+               num_kv_blocks=16, max_model_len=64, max_num_batched_tokens=8)
+    try:
+        outs = llm.generate(PROMPTS, params)
+        assert llm.engine.scheduler.num_preemptions > 0
+    finally:
+        llm.engine.shutdown()
+    for out, ref in zip(outs, expected):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert len(out.prompt_logprobs) == len(ref.prompt_logprobs) == len(ref.prompt_token_ids)
+        for got, want in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert got.keys() == want.keys()
+            for t in want:  # far down the vocabulary near-ties (1e-6 apart) may swap places
+                assert got[t].logprob == pytest.approx(want[t].logprob, abs=1e-4)
+                assert got[t].rank == want[t].rank if want[t].rank <= 3 else abs(got[t].rank - want[t].rank) <= 10
+
+
 def test_pipeline_keeps_several_batches_in_flight(tiny_llama, reference):
     llm = make(tiny_llama[0], pipeline_parallel_size=2, max_num_seqs=2)
     try:

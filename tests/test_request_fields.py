@@ -108,18 +108,13 @@ def test_every_listed_field_with_a_meaningful_value_is_400(server):
                 assert "yet" not in err["message"], err
 
 
-def test_echo_with_logprobs_is_400_not_supported_yet(server):
-    err = error_of(post(server, "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}))
-    assert err["param"] == "echo" and "not supported yet" in err["message"]
-
-
 NOOP_VALUES = [
     {"tool_choice": "none"}, {"tools": [], "tool_choice": "auto", "parallel_tool_calls": True},
     {"tools": None, "tool_choice": None, "parallel_tool_calls": None}, {"logit_bias": {}}, {"logit_bias": None},
     {"response_format": {"type": "text"}}, {"best_of": 1}, {"n": 2, "best_of": 2}, {"bad_words": []},
     {"chat_template_kwargs": {}}, {"continue_final_message": False}, {"store": False},
     {"service_tier": "auto"}, {"modalities": ["text"]}, {"use_beam_search": False}, {"priority": 0},
-    {"spaces_between_special_tokens": True}, {"echo": False}, {"prompt_logprobs": None},
+    {"spaces_between_special_tokens": True}, {"echo": False},
     {"metadata": {"team": "a"}, "prompt_cache_key": "k", "safety_identifier": "u1", "user": "u1"},
 ]
 

@@ -330,6 +330,40 @@ def test_prefix_hits_across_requests_and_same_step_sharing():
     d.assert_drained()
 
 
+def test_prompt_logprobs_requests_read_no_prefix_hits_but_fill_the_cache():
+    """A request wanting prompt logprobs computes its whole prompt (as vLLM); its blocks still serve others."""
+    sched = make_scheduler(block_size=4)
+    d = Driver(sched)
+    prompt = list(range(10))
+    sched.add_request(make_request("a", prompt, max_tokens=2))
+    d.run()
+    sched.add_request(make_request("scored", prompt + [42], max_tokens=2, prompt_logprobs=1))
+    so = d.step()
+    (nr,) = so.scheduled_new_reqs
+    assert nr.num_computed_tokens == 0 and so.num_scheduled_tokens == {"scored": 11}
+    d.run()
+    sched.add_request(make_request("b", list(range(200, 213)), max_tokens=1, prompt_logprobs=0))
+    d.run()
+    sched.add_request(make_request("c", list(range(200, 213)), max_tokens=1))
+    so = d.step()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 12
+    d.run()
+    d.assert_drained()
+
+
+def test_max_tokens_zero_finishes_after_the_prompt_without_a_token():
+    sched = make_scheduler(budget=4)
+    d = Driver(sched, FakeRunner(64, 4, logprobs=True))
+    sched.add_request(make_request("z", list(range(10)), max_tokens=0, logprobs=1))
+    sched.add_request(make_request("x", list(range(5)), max_tokens=1))
+    d.run()
+    assert d.tokens["z"] == [] and d.finish["z"] == ("length", None)
+    (out,) = [o for o in d.outputs if o.req_id == "z"]
+    assert out.new_token_ids == [] and out.new_logprobs == []
+    assert len(d.steps) >= 3 and d.tokens["x"] == reference_tokens(list(range(5)), 1)
+    d.assert_drained()
+
+
 def test_prefix_caching_disabled_and_salt():
     sched = make_scheduler(caching=False)
     d = Driver(sched)

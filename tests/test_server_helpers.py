@@ -192,5 +192,10 @@ def test_sampling_params_from_requests():
     assert cp.max_tokens == 7 and cp.logprobs == 3
     with pytest.raises(InvalidRequestError):
         ChatCompletionRequest.model_validate({"messages": [], "top_logprobs": 2}).to_sampling_params()
-    with pytest.raises(InvalidRequestError):
-        CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 1}).to_sampling_params()
+    echo = CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert echo.to_sampling_params().prompt_logprobs == 2 and echo.to_sampling_params().max_tokens == 0
+    both = CompletionRequest.model_validate({"prompt": "a", "echo": True, "logprobs": 2, "prompt_logprobs": 4})
+    assert both.to_sampling_params().prompt_logprobs == 4
+    assert CompletionRequest.model_validate({"prompt": "a", "logprobs": 2}).to_sampling_params().prompt_logprobs is None
+    with pytest.raises(InvalidRequestError, match="only with echo"):
+        CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0}).to_sampling_params()

@@ -25,6 +25,7 @@ def server(request, tiny_llama, tiny_llama_h6):
     path = tiny_llama[0] if tp == 1 else tiny_llama_h6[0]
     srv = ServerProcess(path, "--max-model-len", "512", "--num-kv-blocks", "256", "--served-model-name", "tiny",
                         "--tensor-parallel-size", str(tp), api_key=KEY)
+    srv.hf_model = tiny_llama[1] if tp == 1 else tiny_llama_h6[1]  # the oracle for prompt logprobs
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -223,6 +224,101 @@ def test_echo(client):
     assert out.choices[0].text == PROMPT + plain.choices[0].text
     streamed = list(greedy_completion(client, max_tokens=4, echo=True, stream=True))
     assert len(streamed) == 4 and "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def _hf_logprobs(server, ids: list[int]):
+    import torch
+    with torch.no_grad():
+        logits = server.hf_model(torch.tensor([ids])).logits[0].float()  # (P, V)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _lm_eval_parse(choice: dict, ctxlen: int) -> tuple[float, bool]:
+    """lm-evaluation-harness's ``LocalCompletionsAPI.parse_logprobs`` for one choice (its exact reading)."""
+    lp = choice["logprobs"]
+    tokens_logprobs = lp["token_logprobs"][ctxlen:-1]
+    is_greedy = all(tok == max(top.values()) for tok, top in zip(tokens_logprobs, lp["top_logprobs"][ctxlen:-1]))
+    return sum(tokens_logprobs), is_greedy
+
+
+def test_echo_logprobs_score_the_prompt_as_lm_eval_reads_it(server):
+    """lm-eval's loglikelihood request (token-id prompts, echo, logprobs 1, max_tokens 1) and the
+    max_tokens 0 form: the prompt's logprobs equal transformers', the first token's are null."""
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "Question: 2 + 2 = ? Answer: four"},
+                     headers=server.headers).json()["tokens"]
+    ctx = httpx.post(server.url + "/tokenize", json={"prompt": "Question: 2 + 2 = ? Answer:"},
+                     headers=server.headers).json()["tokens"]
+    ctxlen = len(ctx)
+    assert ids[:ctxlen] == ctx and len(ids) > ctxlen
+    other = ids[:ctxlen] + [ids[-1] + 1]
+    body = {"model": "tiny", "prompt": [ids, other], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    r = httpx.post(server.base_url + "/completions", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    for prompt, choice in zip((ids, other), choices):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(prompt) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = _hf_logprobs(server, prompt)
+        for i in range(1, len(prompt)):
+            assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+            assert max(lp["top_logprobs"][i].values()) == pytest.approx(ref[i - 1].max().item(), abs=1e-4)
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+        assert choice["text"].startswith("Question: 2 + 2 = ? Answer:")
+        total, greedy = _lm_eval_parse(choice, ctxlen)
+        expected = sum(ref[i - 1, prompt[i]].item() for i in range(ctxlen, len(prompt)))
+        assert total == pytest.approx(expected, abs=1e-3)
+        assert greedy == all(ref[i - 1].argmax().item() == prompt[i] for i in range(ctxlen, len(prompt)))
+    # max_tokens 0: the prompt alone, nothing generated.
+    zero = httpx.post(server.base_url + "/completions", headers=server.headers, timeout=60,
+                      json={**body, "prompt": "Question: 2 + 2 = ? Answer: four", "max_tokens": 0}).json()
+    (choice,) = zero["choices"]
+    assert choice["text"] == "Question: 2 + 2 = ? Answer: four" and choice["finish_reason"] == "length"
+    assert zero["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(choices[0]["logprobs"]["token_logprobs"][1:-1],
+                                                                     abs=1e-4)  # batched with another: not bitwise
+    assert choice["logprobs"]["tokens"] == choices[0]["logprobs"]["tokens"][:-1]
+    bad = httpx.post(server.base_url + "/completions", headers=server.headers,
+                     json={"model": "tiny", "prompt": "a", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_streamed_echo_logprobs_equal_non_streamed(server):
+    body = {"model": "tiny", "prompt": PROMPT, "temperature": 0, "max_tokens": 3, "logprobs": 2, "echo": True}
+    full = httpx.post(server.base_url + "/completions", json=body, headers=server.headers, timeout=60).json()
+    with httpx.stream("POST", server.base_url + "/completions", json={**body, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        events = sse_events(r.iter_lines())
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert chunks[0]["text"].startswith(PROMPT) and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == full["choices"][0]["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in c["logprobs"][key]] == full["choices"][0]["logprobs"][key]
+
+
+def test_vllm_prompt_logprobs_field(server, client):
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}, headers=server.headers).json()["tokens"]
+    ref = _hf_logprobs(server, ids)
+    out = greedy_completion(client, max_tokens=2, extra_body={"prompt_logprobs": 3}).model_dump()
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert out["choices"][0]["logprobs"] is None and len(plp) == len(ids) and plp[0] is None
+    for i in range(1, len(ids)):
+        entry = plp[i]
+        assert str(ids[i]) in entry and len(entry) in (3, 4)
+        assert entry[str(ids[i])]["logprob"] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert {int(t) for t, e in entry.items() if e["rank"] <= 3} == set(ref[i - 1].topk(3).indices.tolist())
+        assert all(isinstance(e["decoded_token"], str) for e in entry.values())
+    assert "prompt_logprobs" not in greedy_completion(client, max_tokens=1).model_dump()["choices"][0]
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 1}).model_dump()
+    ctok = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=server.headers).json()
+    assert len(chat["prompt_logprobs"]) == ctok["count"] and chat["prompt_logprobs"][0] is None
+    assert all(len(e) in (1, 2) for e in chat["prompt_logprobs"][1:])
+    r = httpx.post(server.base_url + "/chat/completions", headers=server.headers,
+                   json={"model": "tiny", "messages": MESSAGES, "prompt_logprobs": 1, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_vllm_extras(client):

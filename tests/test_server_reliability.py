@@ -185,7 +185,10 @@ BAD_FIELDS = [
     ({"prompt": "a", "stop": [f"s{i}" for i in range(17)]}, "stop"),
     ({"prompt": "a", "stop": [1]}, "stop"),
     ({"prompt": "a", "logprobs": 21}, "logprobs"),
-    ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "a", "echo": True, "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "echo": True, "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "a", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "a", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt": "a", "top_k": -5}, "top_k"),
     ({"prompt": "a", "top_k": 10**19}, "top_k"),  # past int64: once killed the engine core
     ({"prompt": "a", "seed": 2**64}, "seed"),
@@ -208,6 +211,9 @@ BAD_FIELDS = [
     ({"messages": M, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"messages": M, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": M, "temperature": -1}, "temperature"),
+    ({"messages": M, "max_tokens": 0}, "max_tokens"),
+    ({"messages": M, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": M, "prompt_logprobs": -1}, "prompt_logprobs"),
     ({"messages": M, "n": 0}, "n"),
 ]
 
@@ -229,7 +235,8 @@ EXTREME_BUT_VALID = [{"top_k": 2**63 - 1}, {"top_k": 100000}, {"temperature": 1e
                      {"repetition_penalty": 1e308}, {"repetition_penalty": 1e-5}, {"min_p": 1.0}, {"top_p": 1e-5},
                      {"seed": 2**63 - 1, "n": 3}, {"seed": -(2**63), "n": 2}, {"n": 128, "logprobs": 20},
                      {"frequency_penalty": 2, "presence_penalty": -2}, {"logprobs": 0}, {"min_tokens": 3},
-                     {"stop": [chr(97 + i) for i in range(16)]}]
+                     {"stop": [chr(97 + i) for i in range(16)]}, {"echo": True, "logprobs": 20, "max_tokens": 0, "n": 8},
+                     {"prompt_logprobs": 20, "echo": True}]
 
 
 def test_extreme_but_valid_values_are_served(server):

@@ -65,7 +65,7 @@ def every_field_params() -> SamplingParams:
     params = SamplingParams(n=3, temperature=0.7, top_p=0.85, top_k=20, min_p=0.05, presence_penalty=-0.5,
                             frequency_penalty=1.5, repetition_penalty=1.3, seed=2**64 - 1, max_tokens=77,
                             min_tokens=5, stop=["\n\n", "END", "é✓"], stop_token_ids=[0, 7, 49151], ignore_eos=True,
-                            include_stop_str_in_output=True, logprobs=20, skip_special_tokens=False,
+                            include_stop_str_in_output=True, logprobs=20, prompt_logprobs=3, skip_special_tokens=False,
                             eos_token_ids=(2, 49152 - 1))
     params.validate()
     # Set after validate(): ignore_eos cannot be combined with a grammar (the wire does not care).
@@ -101,7 +101,9 @@ def core_outputs() -> EngineCoreOutputs:
                                               ([6, 2, 3], [-0.125, -0.5, -4.0], [2, 1, 3])], None, None, 16),
                  EngineCoreOutput("0_b", [2], [], "stop", 2, 0),
                  EngineCoreOutput("1_b", [], [], "stop", "END", 0),
-                 EngineCoreOutput("c", [49151], [], "length", None, 32)],
+                 EngineCoreOutput("c", [49151], [], "length", None, 32),
+                 EngineCoreOutput("d", [], [], "length", None, 0, [([7, 7], [-0.5, -0.5], [1, 1]),
+                                                                   ([3, 9], [-3.0, -0.25], [4, 1])])],
         scheduled_ids=["0_b", "1_b"],
         stats=SchedulerStats(num_running=3, num_waiting=1, kv_cache_usage=0.375, prefix_cache_queries=120,
                              prefix_cache_hits=64, num_preemptions=2),
@@ -134,7 +136,8 @@ def scheduler_output() -> SchedulerOutput:
 
 def test_every_worker_message_roundtrips():
     w = worker_wire
-    outputs = ModelRunnerOutput({"a": 5, "b": 49151}, {"a": ([5, 1], [-0.5, -1.25], [1, 2])})
+    outputs = ModelRunnerOutput({"a": 5, "b": 49151}, {"a": ([5, 1], [-0.5, -1.25], [1, 2])},
+                                {"b": [([8], [-2.5], [3]), ([1], [-0.75], [1])]})
     to_worker = [w.Step(scheduler_output()), w.Step(SchedulerOutput()), w.Rpc("initialize_cache", [128]),
                  w.Shutdown()]
     from_worker = [w.StepResult(outputs), w.StepResult(ModelRunnerOutput()), w.RpcResult(2, 1234),
@@ -181,6 +184,10 @@ def test_serve_request_and_output_roundtrip():
     data = encode_output(out)
     assert _plain(msgspec.msgpack.decode(data))
     assert decode_output(data, request) == out
+    scored = RequestOutput("cmpl-1", None, [1, 17, 49151], samples[1:2], True,
+                           prompt_logprobs=[None, {17: Logprob(-3.5, 40, "é"), 4: Logprob(-0.25, 1, " a")},
+                                            {49151: Logprob(-0.125, 1, "")}])
+    assert decode_output(encode_output(scored), request).prompt_logprobs == scored.prompt_logprobs
     with pytest.raises(WireError, match="malformed Ray Serve generate output"):
         decode_output(GENERATE_REQUEST.encode(request), request)
     with pytest.raises(WireError, match=r"Expected `int`, got `str` - at `\$\[2\]\[0\]`"):

@@ -11,7 +11,7 @@ raises ``WireError``.
 from __future__ import annotations
 
 from flotilla.engine.output_processor import OutputKind
-from flotilla.outputs import CompletionOutput, RequestOutput
+from flotilla.outputs import CompletionOutput, Logprob, RequestOutput
 from flotilla.sampling_params import SamplingParams
 from flotilla.wire import Codec, WireError, WireStruct
 
@@ -49,13 +49,14 @@ class GenerateOutput(WireStruct, tag="output"):
     ``outputs``: the samples that changed (deltas) or all of them, as ``RequestOutput.outputs``;
     ``finished``: every sample is done; ``num_cached_tokens``: prompt tokens served from the prefix cache;
     ``metrics``: the replica's ``time.monotonic()`` stamps (``arrival_time``, ``first_scheduled_time``,
-    ``first_token_time``; None until they happen).
+    ``first_token_time``; None until they happen); ``prompt_logprobs``: ``RequestOutput.prompt_logprobs``.
     """
 
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int
     metrics: dict[str, float | None]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class GenerateFailure(WireStruct, tag="failure"):
@@ -82,7 +83,8 @@ REPLICA_FRAME: Codec[ReplicaFrame] = Codec(ReplicaFrame, "Ray Serve generate fra
 
 
 def encode_output(out: RequestOutput) -> bytes:
-    return GENERATE_OUTPUT.encode(GenerateOutput(out.outputs, out.finished, out.num_cached_tokens, out.metrics))
+    return GENERATE_OUTPUT.encode(GenerateOutput(out.outputs, out.finished, out.num_cached_tokens, out.metrics,
+                                                 out.prompt_logprobs))
 
 
 def encode_frame(frame: Accepted | GenerateFailure) -> bytes:
@@ -105,7 +107,8 @@ def decode_output(data: bytes, request: GenerateRequest) -> RequestOutput:
 
 def _request_output(out: GenerateOutput, request: GenerateRequest) -> RequestOutput:
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, out.outputs, out.finished,
-                         num_cached_tokens=out.num_cached_tokens, metrics=out.metrics)
+                         num_cached_tokens=out.num_cached_tokens, metrics=out.metrics,
+                         prompt_logprobs=out.prompt_logprobs)
 
 
 def request_of(data) -> GenerateRequest | None:

@@ -10,7 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from flotilla.outputs import CompletionOutput, Logprob, RequestOutput
+from flotilla.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.output import EngineCoreOutput
 from flotilla.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -49,6 +49,8 @@ class RequestState:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # from the first sample whose prompt completed
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -145,6 +147,8 @@ class OutputProcessor:
         if state.first_token_time is None and out.new_token_ids:
             state.first_token_time = time.monotonic()
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+            state.prompt_logprobs = self._prompt_logprobs(out.prompt_logprobs)
         child.token_ids.extend(out.new_token_ids)
         if child.logprobs is not None:
             for ids, lps, ranks in out.new_logprobs:
@@ -172,11 +176,22 @@ class OutputProcessor:
             outputs.append(self._completion(c, delta))
         if delta and not outputs:
             return None
+        prompt_logprobs = state.prompt_logprobs
+        if delta and state.prompt_logprobs_sent:
+            prompt_logprobs = None
+        state.prompt_logprobs_sent = state.prompt_logprobs_sent or prompt_logprobs is not None
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished,
                              num_cached_tokens=state.num_cached_tokens,
                              metrics={"arrival_time": state.arrival_time,
                                       "first_scheduled_time": state.first_scheduled_time,
-                                      "first_token_time": state.first_token_time})
+                                      "first_token_time": state.first_token_time},
+                             prompt_logprobs=prompt_logprobs)
+
+    def _prompt_logprobs(self, positions) -> PromptLogprobs:
+        """The engine's per-position tuples as ``PromptLogprobs``: None for the first prompt token."""
+        decode = self.tokenizer.decode_token
+        return [None] + [{t: Logprob(lp, r, decode(t)) for t, lp, r in zip(ids, lps, ranks)}
+                         for ids, lps, ranks in positions]
 
     @staticmethod
     def _completion(c: ChildState, delta: bool) -> CompletionOutput:

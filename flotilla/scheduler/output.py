@@ -74,10 +74,13 @@ class ModelRunnerOutput(WireStruct):
     ``sampled_token_ids[req_id]`` is set only for requests whose computation reached their last known
     token this step (a prefill chunk in the middle of a prompt samples nothing).
     ``logprobs[req_id]`` (when the request asked for them) is the sampled position's ``PositionLogprobs``.
+    ``prompt_logprobs[req_id]`` (when the request asked for them) is set in the step its prompt completes:
+    one ``PositionLogprobs`` per prompt token after the first (index 0 is that prompt token, then the top-K).
     """
 
     sampled_token_ids: dict[str, int] = msgspec.field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = msgspec.field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = msgspec.field(default_factory=dict)
 
 
 class EngineCoreOutput(WireStruct):
@@ -86,7 +89,9 @@ class EngineCoreOutput(WireStruct):
     ``req_id``: the sequence; ``new_token_ids``: tokens sampled this step; ``new_logprobs``: one
     ``PositionLogprobs`` per new token when the request asked for logprobs, else empty; ``finish_reason``:
     "stop" | "length" | "abort" once finished, else None; ``stop_reason``: the stop token id that ended it
-    (or a stop string, set by the frontend); ``num_cached_tokens``: prompt tokens served from the prefix cache.
+    (or a stop string, set by the frontend); ``num_cached_tokens``: prompt tokens served from the prefix cache;
+    ``prompt_logprobs``: with the request's first output when it asked for them, one ``PositionLogprobs`` per
+    prompt token after the first. ``new_token_ids`` is empty only for a request with ``max_tokens=0``.
     """
 
     req_id: str
@@ -95,3 +100,4 @@ class EngineCoreOutput(WireStruct):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PositionLogprobs] | None = None

@@ -73,12 +73,14 @@ class Scheduler:
       requests is advanced inside ``schedule()``.
     - When the KV cache is full, the newest running request not yet scheduled this step is preempted by
       recompute (blocks freed, back to the front of the waiting queue); no waiting request is admitted in a
-      step with a preemption.
+      step with a preemption. A request asking for prompt logprobs reads no prefix-cache hits until it has
+      output (its whole prompt is computed); the blocks it computes are cached for others as usual.
     - ``SchedulerOutput`` carries diffs: first scheduling (and resume after preemption) in
       ``scheduled_new_reqs``, later steps in ``scheduled_cached_reqs`` with only the new tokens and blocks.
       ``finished_req_ids`` lists requests finished, aborted or preempted since the previous ``schedule()``
       (a preempted id is also in ``preempted_req_ids`` and comes back as a new request).
-    - ``update_from_output`` appends sampled tokens, applies stop conditions and frees finished requests;
+    - ``update_from_output`` appends sampled tokens, applies stop conditions and frees finished requests
+      (a request with ``max_tokens=0`` finishes with "length" once its prompt is computed, without a token);
       ``finish_requests`` aborts/stops requests at any time. Requests gone in between are skipped.
     - Sequences are capped at ``min(max_model_len, num_blocks * block_size)`` tokens, so a lone request
       always fits in the cache and the scheduler never spins on a request that cannot fit.
@@ -219,7 +221,7 @@ class Scheduler:
         while (self.waiting and step.budget > 0 and len(self.running) < max_num_seqs
                and len(step.scheduled) < step.max_reqs):
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            hits, num_hit_tokens = self._cache_hits(request)
             num_new = request.num_tokens - num_hit_tokens
             if not chunked and num_new > step.budget:
                 break
@@ -235,6 +237,13 @@ class Scheduler:
             self.running.append(request)
             step.add(request, num_new, block_ids)
 
+    def _cache_hits(self, request: Request):
+        """The prefix-cache hits ``request`` may use. A request that wants prompt logprobs and has no output
+        yet uses none (as vLLM): its prompt logprobs need every prompt position computed."""
+        if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 0:
+            return [], 0
+        return self.kv_cache_manager.get_computed_blocks(request)
+
     # ----------------------------------------------------------------- results
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -248,13 +257,19 @@ class Scheduler:
             if (token_id is None or request is None or request.status != RequestStatus.RUNNING
                     or request.num_computed_tokens != request.num_tokens):
                 continue
-            request.append_output_token(token_id)
-            self._check_stop(request)
             logprobs = model_runner_output.logprobs.get(req_id)
+            if request.sampling_params.max_tokens == 0:  # prompt only: the sampled token is dropped
+                request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+                new_token_ids, logprobs = [], None
+            else:
+                request.append_output_token(token_id)
+                self._check_stop(request)
+                new_token_ids = [token_id]
             outputs.append(EngineCoreOutput(
-                req_id=req_id, new_token_ids=[token_id], new_logprobs=[logprobs] if logprobs is not None else [],
+                req_id=req_id, new_token_ids=new_token_ids, new_logprobs=[logprobs] if logprobs is not None else [],
                 finish_reason=request.get_finish_reason(), stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0)))
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                prompt_logprobs=model_runner_output.prompt_logprobs.get(req_id)))
             if request.is_finished():
                 self._release(request)
                 any_finished = True

@@ -16,14 +16,16 @@ from flotilla.layers.attention import AttentionBackend, AttentionContext, Common
 from flotilla.layers.pipeline import IntermediateTensors
 from flotilla.sampler import Sampler, SamplingMetadata
 from flotilla.sampling_params import SamplingParams
-from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from flotilla.scheduler.output import ModelRunnerOutput, PositionLogprobs, SchedulerOutput
 from flotilla.structured.decoding import StructuredDecoding
+from flotilla.worker.prompt_logprobs import PromptLogprobsJob, compute_prompt_logprobs
 
 
 @dataclass
 class CachedRequestState:
     """A request as the worker knows it: all tokens so far (prompt + output), its block table, how many
-    tokens already have KV, and its own generator when the request is seeded."""
+    tokens already have KV, and its own generator when the request is seeded. ``prompt_logprobs`` collects
+    the prompt's logprobs while its prefill runs (None when not wanted, or once they were sent)."""
 
     req_id: str
     token_ids: list[int]
@@ -32,6 +34,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None
+    prompt_logprobs: list[PositionLogprobs] | None = None
 
 
 @dataclass
@@ -44,13 +47,17 @@ class StepInputs:
     common: CommonAttentionMetadata
     sample_req_ids: list[str]  # requests that reach their last known token this step
     sample_rows: torch.Tensor  # (B,) row of each sampling request's last token in the flat batch
+    prompt_logprobs: PromptLogprobsJob  # rows whose next token is a prompt token of a request that wants them
 
 
 class ModelRunner:
     """Runs one model on one device for the requests the scheduler hands it.
 
     Contract: ``execute_model`` must see every SchedulerOutput in order; it writes K/V for every scheduled
-    token and samples one token for each request whose computation reaches its last known token.
+    token and samples one token for each request whose computation reaches its last known token. For a
+    request with ``prompt_logprobs`` it computes them chunk by chunk as its prefill runs (chunked prefill
+    included) and returns them all in the step that samples its first token; such a request must arrive
+    without prefix-cache hits (the scheduler skips them), else ``RuntimeError``.
     Structured output: on the sampling rank (TP rank 0 of the last stage) ``structured`` holds a grammar
     matcher per constrained request; the next-token bitmasks are filled on its thread while the model's
     forward pass runs, applied in the sampler, and the sampled tokens accepted into the matchers.
@@ -81,7 +88,8 @@ class ModelRunner:
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.all_token_ids), len(new.prompt_token_ids), new.sampling_params,
-                list(new.block_ids), new.num_computed_tokens, self._generator_for(new.req_id, new.sampling_params))
+                list(new.block_ids), new.num_computed_tokens, self._generator_for(new.req_id, new.sampling_params),
+                self._prompt_logprobs_for(new))
             if samples_here and self.structured is not None and new.sampling_params.structured_outputs:
                 self.structured.add(new.req_id, new.sampling_params,
                                     list(new.all_token_ids[len(new.prompt_token_ids):]))
@@ -105,6 +113,17 @@ class ModelRunner:
             self._generators[req_id] = gen
         return gen
 
+    @staticmethod
+    def _prompt_logprobs_for(new) -> list[PositionLogprobs] | None:
+        """An empty collector when ``new`` wants prompt logprobs and has no output yet (one that resumes
+        after preemption with output already sent them)."""
+        if new.sampling_params.prompt_logprobs is None or len(new.all_token_ids) > len(new.prompt_token_ids):
+            return None
+        if new.num_computed_tokens != 0:
+            raise RuntimeError(f"request {new.req_id} wants prompt logprobs but arrived with "
+                               f"{new.num_computed_tokens} tokens from the prefix cache")
+        return []
+
     # ---- inputs -------------------------------------------------------------------------------------
     def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         counts = so.num_scheduled_tokens
@@ -127,6 +146,12 @@ class ModelRunner:
             + positions % self.block_size  # (T,)
         samples = [i for i, s in enumerate(states) if context_lens[i] + query_lens[i] >= len(s.token_ids)]
         num_decodes = int(np.count_nonzero(query_lens == 1))
+        prompt_job = PromptLogprobsJob()
+        for s, first_row, start, n in zip(states, (ends - query_lens).tolist(), context_lens.tolist(),
+                                          query_lens.tolist()):
+            if s.prompt_logprobs is not None:
+                prompt_job.add(s.req_id, s.token_ids, s.num_prompt_tokens, first_row, start, n,
+                               s.sampling_params.prompt_logprobs)
         seq_lens = context_lens + query_lens
         common = CommonAttentionMetadata(
             query_lens=torch.from_numpy(query_lens), context_lens=torch.from_numpy(context_lens),
@@ -137,7 +162,7 @@ class ModelRunner:
             req_ids=req_ids, input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device),
             positions=torch.from_numpy(positions).to(self.device), common=common,
             sample_req_ids=[req_ids[i] for i in samples],
-            sample_rows=torch.from_numpy(ends[samples] - 1).to(self.device))
+            sample_rows=torch.from_numpy(ends[samples] - 1).to(self.device), prompt_logprobs=prompt_job)
 
     # ---- step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -158,11 +183,17 @@ class ModelRunner:
         if not pp.is_last_rank:
             pp.send_tensors(hidden.to_dict())  # hidden is IntermediateTensors on non-last stages
             return ModelRunnerOutput()
+        samples_here = get_tp_group().rank_in_group == 0  # TP rank 0 of the last stage samples for the group
+        if inputs.prompt_logprobs:
+            chunks = compute_prompt_logprobs(hidden, inputs.prompt_logprobs, self.model.compute_logits,
+                                             keep=samples_here)
+            for req_id, entries in chunks.items():
+                self.requests[req_id].prompt_logprobs.extend(entries)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab); every TP rank joins
-        if get_tp_group().rank_in_group != 0:
-            return ModelRunnerOutput()  # TP rank 0 of the last stage samples for the group
+        if not samples_here:
+            return ModelRunnerOutput()
         return self._sample(inputs.sample_req_ids, logits, self.structured.collect(masks) if masks else None)
 
     def _sample(self, req_ids: list[str], logits: torch.Tensor,
@@ -187,4 +218,7 @@ class ModelRunner:
                 n = s.sampling_params.logprobs
                 if n is not None:
                     out.logprobs[s.req_id] = (ids[i][:1 + n], lps[i][:1 + n], ranks[i][:1 + n])
+        for s in states:
+            if s.prompt_logprobs is not None:  # the prompt is complete: send them once
+                out.prompt_logprobs[s.req_id], s.prompt_logprobs = s.prompt_logprobs, None
         return out

@@ -3,9 +3,10 @@
 Contract: the models are strict (``max_tokens: "10"`` or ``temperature: true`` are type errors, as in
 OpenAI's API) and reject unknown fields, nested ones included (a 400 naming the field); the fields listed in
 ``request_fields`` (not supported yet, not implemented, or harmless extras) are checked there first, so a
-listed field is a 400 unless its value changes nothing. Range checks are left to ``SamplingParams.validate`` and the engine's
-input processor, which name the field; the few checks that only make sense at the API level (``echo`` with
-``logprobs``, ``top_logprobs`` without ``logprobs``, non-text chat content) raise ``InvalidRequestError``.
+listed field is a 400 unless its value changes nothing. Range checks are left to ``SamplingParams.validate``
+and the engine's input processor, which name the field; the few checks that only make sense at the API level
+(``max_tokens: 0`` without ``echo``, ``prompt_logprobs`` with ``stream``, ``top_logprobs`` without
+``logprobs``, non-text chat content) raise ``InvalidRequestError``.
 """
 
 from __future__ import annotations
@@ -69,15 +70,20 @@ class _SamplingFields(StructuredFields, _Request):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     cache_salt: Annotated[str, Field(min_length=1)] | None = None  # separates tenants' prefix caches
+    prompt_logprobs: Int64 | None = None  # vLLM: the prompt tokens' logprobs + top-K in the response
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams with OpenAI's defaults for the fields left out (not yet validated)."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """SamplingParams with OpenAI's defaults for the fields left out (not yet validated);
+        ``prompt_logprobs`` defaults to the request's own."""
         def pick(value, default):
             return default if value is None else value
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
         return SamplingParams(
             n=pick(self.n, 1), temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
             top_k=pick(self.top_k, -1), min_p=pick(self.min_p, 0.0),
@@ -86,8 +92,8 @@ class _SamplingFields(StructuredFields, _Request):
             repetition_penalty=pick(self.repetition_penalty, 1.0), seed=self.seed, max_tokens=max_tokens,
             min_tokens=pick(self.min_tokens, 0), stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=bool(self.ignore_eos), include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            logprobs=logprobs, skip_special_tokens=pick(self.skip_special_tokens, True),
-            structured_outputs=self.structured_params())
+            logprobs=logprobs, prompt_logprobs=pick(prompt_logprobs, self.prompt_logprobs),
+            skip_special_tokens=pick(self.skip_special_tokens, True), structured_outputs=self.structured_params())
 
 
 class CompletionRequest(_SamplingFields):
@@ -115,9 +121,14 @@ class CompletionRequest(_SamplingFields):
         return prompts
 
     def to_sampling_params(self) -> SamplingParams:
+        """``echo`` with ``logprobs: k`` scores the prompt too (the engine's prompt logprobs, top-k); only then
+        may ``max_tokens`` be 0 (score the prompt, generate nothing), as in OpenAI's legacy API and vLLM."""
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
+        prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo together with logprobs is not supported yet", "echo")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
+        return self.sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
 # OpenAI's message roles; anything else is a 400 naming ``messages`` (as OpenAI answers).
@@ -199,6 +210,9 @@ class ChatCompletionRequest(_SamplingFields):
             if isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                                           "top_logprobs")
+        if max_tokens == 0:
+            param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise InvalidRequestError(f"{param} must be at least 1", param)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs)
 

@@ -60,8 +60,6 @@ UNSUPPORTED_FIELDS: dict[str, NoOp] = {
     "parallel_tool_calls": _true,  # OpenAI's default
     "messages[].tool_calls": _empty,
     "messages[].tool_call_id": _absent,
-    # prompt logprobs (item 5); ``echo`` with ``logprobs`` is rejected by CompletionRequest
-    "prompt_logprobs": _absent,
     # sampling extras and chat templates (item 6)
     "logit_bias": _empty,
     "best_of": _best_of_is_n,

@@ -4,14 +4,18 @@ Contract: ``ChoiceAccumulator`` folds delta ``CompletionOutput``s of one choice 
 token ids, logprobs and finish reason. ``completion_logprobs`` builds OpenAI's legacy completions format
 (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``); ``chat_logprobs`` builds the chat format
 (``content``: token, logprob, bytes, top_logprobs). Both take one ``dict[token_id, Logprob]`` per token
-whose entries are the sampled token plus the top-N (the engine's ``SampleLogprobs``).
+whose entries are the sampled token plus the top-N (the engine's ``SampleLogprobs``). ``echo_logprobs``
+builds the legacy object for an echoed prompt from the engine's ``PromptLogprobs`` (the first token's
+``token_logprobs`` and ``top_logprobs`` entries are null, as OpenAI and vLLM answer; lm-evaluation-harness
+reads this); ``concat_logprobs`` joins it with the completion's. ``prompt_logprobs_json`` is vLLM's
+``prompt_logprobs`` field: per prompt token null or ``{token_id: {logprob, rank, decoded_token}}``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flotilla.outputs import CompletionOutput, Logprob
+from flotilla.outputs import CompletionOutput, Logprob, PromptLogprobs
 
 
 @dataclass
@@ -67,6 +71,35 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}, offset
+
+
+def _top(entries: dict[int, Logprob], token_id: int, top_n: int) -> dict[int, Logprob]:
+    """``token_id``'s entry plus the entries ranked ``top_n`` or better (the engine may hold more)."""
+    return {t: lp for t, lp in entries.items() if t == token_id or (lp.rank is not None and lp.rank <= top_n)}
+
+
+def echo_logprobs(prompt_token_ids: list[int], prompt_logprobs: PromptLogprobs, tokenizer,
+                  top_n: int) -> tuple[dict, int]:
+    """The legacy ``logprobs`` object of an echoed prompt (top-``top_n`` per token) and the text offset
+    after it."""
+    first = tokenizer.decode_token(prompt_token_ids[0])
+    head = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    rest = [_top(e, t, top_n) for t, e in zip(prompt_token_ids[1:], prompt_logprobs[1:])]
+    tail, offset = completion_logprobs(prompt_token_ids[1:], rest, tokenizer, len(first))
+    return concat_logprobs(head, tail), offset
+
+
+def concat_logprobs(a: dict, b: dict) -> dict:
+    """Two legacy ``logprobs`` objects, one after the other."""
+    return {key: a[key] + b[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def prompt_logprobs_json(prompt_token_ids: list[int], prompt_logprobs: PromptLogprobs, top_n: int) -> list:
+    """vLLM's ``prompt_logprobs`` response field (top-``top_n`` plus the prompt token at each position)."""
+    return [None if e is None else {t: {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                                        "decoded_token": lp.decoded_token}
+                                    for t, lp in _top(e, tok, top_n).items()}
+            for tok, e in zip(prompt_token_ids, prompt_logprobs)]
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], tokenizer, top_n: int) -> dict:

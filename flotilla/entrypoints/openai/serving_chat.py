@@ -6,8 +6,9 @@ tokenizer's chat template (rendered, then tokenized without adding special token
 ``chat.completion.chunk`` per generated token per choice; the first chunk of each choice carries ``delta.role
 = "assistant"`` together with that token's text (``content`` may be ""), the last carries ``finish_reason``;
 then a usage chunk when ``stream_options.include_usage``, then ``[DONE]``. Errors after the stream started are
-an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` + ``top_logprobs`` use OpenAI's chat format. A
-client that disconnects aborts the engine request.
+an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` + ``top_logprobs`` use OpenAI's chat format; vLLM's
+``prompt_logprobs: k`` adds a top-level ``prompt_logprobs`` (non-streaming only). A client that disconnects
+aborts the engine request.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import ChatCompletionRequest, template_messages
-from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, usage
+from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, prompt_logprobs_json, usage
 from flotilla.entrypoints.openai.serving_completion import respond
 from flotilla.entrypoints.openai.sse import SSE_DONE, sse_data
 from flotilla.sampling_params import SamplingParams
@@ -85,8 +86,10 @@ async def create_chat_completion(served: ServedModels, request: Request) -> Resp
 
 async def _collect(job: _ChatJob) -> dict:
     choices = [ChoiceAccumulator(i) for i in range(job.n)]
+    prompt_logprobs = None
     try:
         async for _, out in job.run.outputs():
+            prompt_logprobs = prompt_logprobs or out.prompt_logprobs
             for c in out.outputs:
                 choices[c.index].add(c)
     finally:
@@ -95,7 +98,11 @@ async def _collect(job: _ChatJob) -> dict:
              "logprobs": job.logprobs(ch.token_ids, ch.logprobs), "finish_reason": ch.finish_reason or "abort",
              "stop_reason": ch.stop_reason} for ch in choices]
     completion_tokens = sum(len(ch.token_ids) for ch in choices)
-    return job.envelope("chat.completion", body, usage=usage(job.num_prompt_tokens, completion_tokens))
+    extra = {}
+    if job.req.prompt_logprobs is not None:
+        extra["prompt_logprobs"] = None if prompt_logprobs is None else prompt_logprobs_json(
+            job.prepared[0].prompt_token_ids, prompt_logprobs, job.req.prompt_logprobs)
+    return job.envelope("chat.completion", body, usage=usage(job.num_prompt_tokens, completion_tokens), **extra)
 
 
 async def _stream(job: _ChatJob) -> AsyncIterator[bytes]:

@@ -7,8 +7,11 @@ numbered ``prompt_index * n + sample_index``. Streaming sends one chunk per gene
 chunk carries ``finish_reason``, then a usage chunk (``choices: []``) if
 ``stream_options.include_usage``, then ``data: [DONE]``; an error after the stream started is sent as an
 ``{"error": ...}`` event followed by ``[DONE]``. ``echo`` prepends the prompt text to the choice's text (to
-its first chunk when streaming). Non-streaming responses carry ``usage``. A client that disconnects aborts
-the engine requests.
+its first chunk when streaming); with ``logprobs: k`` the legacy logprobs object then covers the prompt tokens
+(the first one's logprob and top_logprobs null) before the generated ones, and ``max_tokens: 0`` returns the
+prompt alone (finish_reason "length"), which is how lm-evaluation-harness scores text. vLLM's
+``prompt_logprobs: k`` adds each choice's ``prompt_logprobs`` (non-streaming only). Non-streaming responses carry
+``usage``. A client that disconnects aborts the engine requests.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import CompletionRequest
-from flotilla.entrypoints.openai.responses import ChoiceAccumulator, completion_logprobs, usage
+from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, completion_logprobs, concat_logprobs,
+                                                   echo_logprobs, prompt_logprobs_json, usage)
+from flotilla.outputs import RequestOutput
 from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
@@ -41,9 +46,45 @@ class _Job:
         self.created = int(time.time())
         self.n = req.n or 1
         self.echo_texts = [self._prompt_text(p) for p in prepared] if req.echo else None
+        self.echo_logprobs = bool(req.echo) and req.logprobs is not None
+        self.prompt_logprobs: dict[int, list] = {}  # prompt index -> the engine's PromptLogprobs
 
     def _prompt_text(self, p) -> str:
         return p.prompt if p.prompt is not None else self.ctx.engine.tokenizer.decode(p.prompt_token_ids)
+
+    def seen(self, prompt_index: int, out: RequestOutput) -> None:
+        """Keep a prompt's logprobs (they come with the first output of its engine request)."""
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs.setdefault(prompt_index, out.prompt_logprobs)
+
+    def echo_part(self, prompt_index: int) -> tuple[dict | None, int]:
+        """The legacy logprobs of the echoed prompt and the text offset after it; (None, 0) without echo
+        and logprobs, or for a request aborted before its prompt was computed."""
+        if not self.echo_logprobs or prompt_index not in self.prompt_logprobs:
+            return None, 0
+        ids = self.prepared[prompt_index].prompt_token_ids
+        return echo_logprobs(ids, self.prompt_logprobs[prompt_index], self.ctx.engine.tokenizer, self.req.logprobs)
+
+    def logprobs(self, prompt_index: int, first: bool, token_ids, logprobs, offset: int) -> tuple[dict | None, int]:
+        """A choice's legacy logprobs for these generated tokens (after the echoed prompt's when ``first``)
+        and the offset after them."""
+        head = None
+        if first:
+            head, offset = self.echo_part(prompt_index)
+        if logprobs is None:
+            return head, offset
+        body, offset = completion_logprobs(token_ids, logprobs, self.ctx.engine.tokenizer, offset)
+        return (body if head is None else concat_logprobs(head, body)), offset
+
+    def prompt_logprobs_field(self, prompt_index: int) -> dict:
+        """``{"prompt_logprobs": [...]}`` when the request asked for vLLM's field, else {}."""
+        if self.req.prompt_logprobs is None:
+            return {}
+        if prompt_index not in self.prompt_logprobs:  # aborted before its prompt was computed
+            return {"prompt_logprobs": None}
+        ids = self.prepared[prompt_index].prompt_token_ids
+        return {"prompt_logprobs": prompt_logprobs_json(ids, self.prompt_logprobs[prompt_index],
+                                                        self.req.prompt_logprobs)}
 
     def envelope(self, choices: list, **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -80,6 +121,7 @@ async def _collect(job: _Job) -> dict:
     choices = [ChoiceAccumulator(i) for i in range(len(job.prepared) * job.n)]
     try:
         async for prompt_index, out in job.run.outputs():
+            job.seen(prompt_index, out)
             for c in out.outputs:
                 choices[prompt_index * job.n + c.index].add(c)
     finally:
@@ -91,13 +133,12 @@ async def _collect(job: _Job) -> dict:
 
 def _final_choice(job: _Job, ch: ChoiceAccumulator) -> dict:
     text = ch.text
+    prompt_index = ch.index // job.n
     if job.echo_texts is not None:
-        text = job.echo_texts[ch.index // job.n] + text
-    logprobs = None
-    if ch.logprobs is not None:
-        logprobs, _ = completion_logprobs(ch.token_ids, ch.logprobs, job.ctx.engine.tokenizer)
+        text = job.echo_texts[prompt_index] + text
+    logprobs, _ = job.logprobs(prompt_index, True, ch.token_ids, ch.logprobs, 0)
     return {"index": ch.index, "text": text, "logprobs": logprobs, "finish_reason": ch.finish_reason or "abort",
-            "stop_reason": ch.stop_reason}
+            "stop_reason": ch.stop_reason, **job.prompt_logprobs_field(prompt_index)}
 
 
 async def _stream(job: _Job) -> AsyncIterator[bytes]:
@@ -107,17 +148,17 @@ async def _stream(job: _Job) -> AsyncIterator[bytes]:
     completion_tokens = 0
     try:
         async for prompt_index, out in job.run.outputs():
+            job.seen(prompt_index, out)
             for c in out.outputs:
                 index = prompt_index * job.n + c.index
                 text = c.text
-                if index not in started:
+                first = index not in started
+                if first:
                     started.add(index)
                     if job.echo_texts is not None:
                         text = job.echo_texts[prompt_index] + text
-                logprobs = None
-                if c.logprobs is not None:
-                    logprobs, offsets[index] = completion_logprobs(c.token_ids, c.logprobs,
-                                                                   job.ctx.engine.tokenizer, offsets.get(index, 0))
+                logprobs, offsets[index] = job.logprobs(prompt_index, first, c.token_ids, c.logprobs,
+                                                        offsets.get(index, 0))
                 completion_tokens += len(c.token_ids)
                 if c.finish_reason is not None:
                     finished.add(index)

@@ -103,7 +103,7 @@ def test_prompt_of_wrong_type(llm):
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", -1.0),
     ("top_k", -2), ("min_p", 1.5),
     ("n", 0), ("n", -1), ("n", 10_000), ("n", 2.0),
-    ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", "ten"),
+    ("max_tokens", -1), ("max_tokens", -5), ("max_tokens", "ten"),
     ("min_tokens", -1),
     ("logprobs", MAX_LOGPROBS + 1), ("logprobs", -1),
     ("stop", [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]), ("stop", [""]), ("stop", [5]),

@@ -59,7 +59,7 @@ def test_generate_unknown_model_fails_cleanly():
 def test_generate_bad_request_fails_cleanly(tiny_llama):
     path, _ = tiny_llama
     proc = flotilla("generate", "--model", path, "--max-model-len", "256", "--num-kv-blocks", "32",
-                    "--prompt", "x", "--max-tokens", "0")
+                    "--prompt", "x", "--max-tokens", "-1")
     assert_clean_failure(proc, "max_tokens")
     proc = flotilla("generate", "--model", path, "--max-model-len", "256", "--num-kv-blocks", "2",
                     "--prompt", "x")

@@ -241,3 +241,26 @@ def test_serve_flags_resolve_the_template(template_file):
     assert config.chat_template == SERVER_TEMPLATE and not config.trust_request_chat_template
     with pytest.raises(ValueError, match="--chat-template"):
         server_config_from(p.parse_args(["--chat-template", "no/such/file.jinja"]), "m")
+
+
+# ---- the offline LLM API (the engine end to end, no server) ----------------------------------------------------
+def test_engine_applies_the_token_extras(tiny_llama_engine, tok):
+    from flotilla import SamplingParams
+    llm = tiny_llama_engine
+    red, blue = single_token(tok, " red"), single_token(tok, " blue")
+
+    def text(**extras) -> str:
+        (out,) = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, **extras))
+        return out.outputs[0].text
+    assert text(logit_bias={blue: 100.0}) == " blue" * 4
+    assert text(allowed_token_ids=[red, blue], logit_bias={blue: 100.0}) == " blue" * 4
+    # "blue blue" tokenizes to [" blue", " blue"] (with its leading space): after " blue", " blue" is banned
+    assert text(allowed_token_ids=[red, blue], logit_bias={blue: 100.0}, bad_words=["blue blue"]) == \
+        " blue red blue red"
+    assert text(allowed_token_ids=[red, blue], logit_bias={blue: 100.0}, bad_words=["blue"]) == " red" * 4
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(PROMPT, SamplingParams(allowed_token_ids=[tok.vocab_size + 5]))
+    assert e.value.param == "allowed_token_ids"
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(PROMPT, SamplingParams(logit_bias={3: float("nan")}))
+    assert e.value.param == "logit_bias"

@@ -1,8 +1,8 @@
 """Batched sampling: logits of the B requests that sample this step -> one token each (+ logprobs).
 
 ``SamplingMetadata.build`` turns the requests' ``SamplingParams`` into tensors once per step; ``Sampler``
-applies allowed_token_ids, bad_words, min_tokens suppression, logit_bias, penalties, greedy/temperature/top-k/top-p/min-p and draws with the
-exponential race.
+applies allowed_token_ids, bad_words, min_tokens suppression, logit_bias, penalties,
+greedy/temperature/top-k/top-p/min-p and draws with the exponential race.
 
 The random stream (one definition, computed by the CPU kernel ``sample_rows`` or, bit for bit, by
 ``race_sample`` in PyTorch ops, so a seed gives the same tokens with and without the kernels):

@@ -6,7 +6,8 @@ OpenAI's API) and reject unknown fields, nested ones included (a 400 naming the 
 listed field is a 400 unless its value changes nothing. Range checks are left to ``SamplingParams.validate``
 and the engine's input processor, which name the field; the few checks that only make sense at the API level
 (``max_tokens: 0`` without ``echo``, ``prompt_logprobs`` with ``stream``, ``top_logprobs`` without
-``logprobs``, non-text chat content) raise ``InvalidRequestError``.
+``logprobs``, non-text chat content, ``logit_bias`` keys that are not token ids, ``best_of`` below ``n`` or
+above it with ``stream``) raise ``InvalidRequestError``. Chat-template fields: ``chat_templates``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Batched sampling: logits of the B requests that sample this step -> one token each (+ logprobs).
 
 ``SamplingMetadata.build`` turns the requests' ``SamplingParams`` into tensors once per step; ``Sampler``
-applies min_tokens suppression, penalties, greedy/temperature/top-k/top-p/min-p and draws with the
-exponential race.
+applies allowed_token_ids, bad_words, min_tokens suppression, logit_bias, penalties,
+greedy/temperature/top-k/top-p/min-p and draws with the exponential race.
 
 The random stream (one definition, computed by the CPU kernel ``sample_rows`` or, bit for bit, by
 ``race_sample`` in PyTorch ops, so a seed gives the same tokens with and without the kernels):
@@ -61,7 +61,11 @@ class SamplingMetadata:
     ``min_tokens_rows/ids`` list the (row, token id) pairs whose logits are set to -inf this step: the
     EOS ids (unless ``ignore_eos``) and ``stop_token_ids`` of rows with fewer than ``min_tokens`` outputs.
     ``generators`` maps a random row to its own generator; ``num_unseeded_random`` counts the random rows
-    without one (they share one batched noise draw). ``grammar_rows``/``grammar_bitmask`` (structured output)
+    without one (they share one batched noise draw). ``allowed_rows`` lists the rows with ``allowed_token_ids``
+    and ``allowed_index/allowed_ids`` the (index into allowed_rows, token id) pairs they allow;
+    ``bad_words_rows/ids`` the (row, token id) pairs that ``bad_words`` ban this step (the last token of a
+    bad word whose other tokens end the output); ``logit_bias_rows/ids/values`` the (row, token id, bias)
+    triples of ``logit_bias``. ``grammar_rows``/``grammar_bitmask`` (structured output)
     allow, on each constrained row, only the tokens whose bit is set. ``max_num_logprobs`` is None when no row wants
     logprobs, else the largest N requested (0 = only the sampled token).
     """
@@ -86,7 +90,20 @@ class SamplingMetadata:
     min_tokens_ids: torch.Tensor | None = None  # (M,) long
     grammar_rows: torch.Tensor | None = None  # (C,) long: rows constrained by a grammar
     grammar_bitmask: torch.Tensor | None = None  # (C, ceil(V / 32)) int32: bit j of word w allows token 32w + j
+    allowed_rows: torch.Tensor | None = None  # (A,) long
+    allowed_index: torch.Tensor | None = None  # (P,) long: index into allowed_rows
+    allowed_ids: torch.Tensor | None = None  # (P,) long
+    bad_words_rows: torch.Tensor | None = None  # (Q,) long
+    bad_words_ids: torch.Tensor | None = None  # (Q,) long
+    logit_bias_rows: torch.Tensor | None = None  # (K,) long
+    logit_bias_ids: torch.Tensor | None = None  # (K,) long
+    logit_bias_values: torch.Tensor | None = None  # (K,) float32
     _penalty_cache: tuple | None = field(default=None, repr=False)
+
+    @property
+    def no_token_extras(self) -> bool:
+        """No row uses allowed_token_ids, bad_words or logit_bias this step."""
+        return self.allowed_rows is None and self.bad_words_rows is None and self.logit_bias_rows is None
 
     @property
     def no_penalties(self) -> bool:
@@ -113,6 +130,8 @@ class SamplingMetadata:
         md.max_num_logprobs = max(wanted) if wanted else None
         _build_penalties(md, params, prompt_token_ids, output_token_ids, device)
         _build_min_tokens(md, params, output_token_ids, device)
+        if any(p.allowed_token_ids or p.bad_words_token_ids or p.logit_bias for p in params):
+            _build_token_extras(md, params, output_token_ids, device)
         if vocab_size is not None and not md.no_penalties:
             md.penalty_tensors(vocab_size)
         return md
@@ -178,6 +197,37 @@ def _build_min_tokens(md: SamplingMetadata, params: list[SamplingParams], output
         md.min_tokens_ids = torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def _build_token_extras(md: SamplingMetadata, params: list[SamplingParams], output_token_ids: list[list[int]],
+                        device) -> None:
+    """The sparse tensors of allowed_token_ids, bad_words (banned this step) and logit_bias."""
+    def ids(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+    allowed_rows, allowed_index, allowed_ids = [], [], []
+    bad_rows, bad_ids = [], []
+    bias_rows, bias_ids, bias_values = [], [], []
+    for i, (p, out) in enumerate(zip(params, output_token_ids)):
+        if p.allowed_token_ids:
+            allowed_index.extend([len(allowed_rows)] * len(p.allowed_token_ids))
+            allowed_rows.append(i)
+            allowed_ids.extend(p.allowed_token_ids)
+        for word in p.bad_words_token_ids or ():
+            prefix = len(word) - 1
+            if prefix <= len(out) and (prefix == 0 or list(out[-prefix:]) == list(word[:-1])):
+                bad_rows.append(i)
+                bad_ids.append(word[-1])
+        if p.logit_bias:
+            bias_rows.extend([i] * len(p.logit_bias))
+            bias_ids.extend(p.logit_bias.keys())
+            bias_values.extend(p.logit_bias.values())
+    if allowed_rows:
+        md.allowed_rows, md.allowed_index, md.allowed_ids = ids(allowed_rows), ids(allowed_index), ids(allowed_ids)
+    if bad_rows:
+        md.bad_words_rows, md.bad_words_ids = ids(bad_rows), ids(bad_ids)
+    if bias_rows:
+        md.logit_bias_rows, md.logit_bias_ids = ids(bias_rows), ids(bias_ids)
+        md.logit_bias_values = _f32(bias_values, device)
+
+
 def _pad_ids(rows: list[list[int]], device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [list(r) + [_PAD] * (width - len(r)) for r in rows]
@@ -198,7 +248,8 @@ class Sampler:
     """Logits (B, V) + SamplingMetadata -> SamplerOutput.
 
     Contract: logprobs are of the raw model distribution (``log_softmax`` of the logits before any
-    processing). Then: the grammar bitmask (structured output), min_tokens suppression, repetition penalty
+    processing). Then: the grammar bitmask (structured output), allowed_token_ids (every other token -inf),
+    bad_words (banned tokens -inf), min_tokens suppression, logit_bias (added), repetition penalty
     (HF: over prompt+output tokens, positive logits divided, negative multiplied), frequency and presence
     penalties (OpenAI: over output tokens).
     Greedy rows take the argmax (exactly the raw argmax when nothing above changed the logits); random rows
@@ -217,10 +268,15 @@ class Sampler:
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None \
-            and metadata.grammar_rows is None
+            and metadata.grammar_rows is None and metadata.no_token_extras
         logits = logits.to(torch.float32, copy=not (read_only or owned))  # (B, V), ours to modify in place
         apply_grammar_bitmask(logits, metadata.grammar_rows, metadata.grammar_bitmask)
+        if not metadata.no_token_extras:
+            apply_allowed_and_bad_words(logits, metadata)
         apply_min_tokens_under_grammar(logits, metadata)
+        if metadata.logit_bias_rows is not None:
+            logits.index_put_((metadata.logit_bias_rows, metadata.logit_bias_ids), metadata.logit_bias_values,
+                              accumulate=True)
         apply_penalties(logits, metadata)
         sampled = self.sample(logits, metadata)  # (B,)
         logprobs = None
@@ -280,6 +336,18 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitma
         return
     allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])  # (C, V)
     logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))  # (C, V)
+
+
+def apply_allowed_and_bad_words(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """In place: on rows with allowed_token_ids every other token -inf; the banned bad-word tokens -inf.
+    logits (B, V); token ids are in the vocabulary (the input processor checked them)."""
+    rows = metadata.allowed_rows
+    if rows is not None:
+        banned = torch.ones(rows.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)  # (A, V)
+        banned[metadata.allowed_index, metadata.allowed_ids] = False
+        logits[rows] = logits[rows].masked_fill_(banned, float("-inf"))  # (A, V)
+    if metadata.bad_words_rows is not None:
+        logits[metadata.bad_words_rows, metadata.bad_words_ids] = float("-inf")
 
 
 def apply_min_tokens_under_grammar(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

@@ -14,6 +14,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_INT32 = 2**31 - 1
 MAX_CHOICES = 256
+MAX_BAD_WORDS = 128
+MAX_LOGIT_BIAS = 100.0
 _EPS = 1e-5
 
 
@@ -83,6 +85,12 @@ class SamplingParams:
     Stop strings are removed from the output text unless ``include_stop_str_in_output``.
     ``structured_outputs`` constrains every sampled token to a grammar (see ``StructuredOutputsParams``);
     the request ends with EOS when the grammar is complete.
+    ``logit_bias`` (OpenAI): token id -> bias in [-100, 100] added to that token's logit before sampling
+    (greedy rows too). ``allowed_token_ids`` (vLLM): only these tokens may be sampled. ``bad_words`` (vLLM):
+    words never generated: the engine tokenizes each (as is, and with one leading space when that gives a
+    different first token and as many tokens) into ``bad_words_token_ids``; the last token of a sequence is
+    banned whenever the output ends with the tokens before it. Token ids outside the vocabulary are an
+    ``InvalidRequestError`` from the engine's input processor.
     """
 
     n: int = 1
@@ -104,8 +112,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Filled by the engine: the model's EOS ids, so the scheduler can stop without a tokenizer.
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # Filled by the engine from ``bad_words`` (the sampler needs no tokenizer).
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -150,6 +163,7 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         self._validate_stops()
+        self._validate_token_extras()
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams",
@@ -158,6 +172,28 @@ class SamplingParams:
             if self.ignore_eos:
                 raise InvalidRequestError("ignore_eos cannot be combined with structured_outputs (the grammar "
                                           "ends the output with EOS)", "ignore_eos")
+
+    def _validate_token_extras(self) -> None:
+        """logit_bias, allowed_token_ids, bad_words (the vocabulary bound is the input processor's)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidRequestError("logit_bias must map token ids to biases", "logit_bias")
+            for token, bias in self.logit_bias.items():
+                _check_token_id("logit_bias", token)
+                _check_number("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS,
+                              f"values must be in [-100, 100] (token {token})")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise InvalidRequestError("allowed_token_ids must be a non-empty list of token ids",
+                                          "allowed_token_ids")
+            for t in self.allowed_token_ids:
+                _check_token_id("allowed_token_ids", t)
+        if self.bad_words is not None:
+            ok = isinstance(self.bad_words, list) and len(self.bad_words) <= MAX_BAD_WORDS and all(
+                isinstance(w, str) and w.strip() for w in self.bad_words)
+            if not ok:
+                raise InvalidRequestError(f"bad_words must be a list of at most {MAX_BAD_WORDS} non-blank strings",
+                                          "bad_words")
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -172,6 +208,11 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {t!r}",
                                           "stop_token_ids")
+
+
+def _check_token_id(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{name} must hold token ids (non-negative integers), got {value!r}", name)
 
 
 def _check_int(name: str, value, lo, hi) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from jinja2 import TemplateSyntaxError
 from tokenizers.decoders import DecodeStream
 
 from flotilla.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
@@ -146,6 +147,9 @@ class Tokenizer:
             rendered = self.hf_tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
                 tokenize=False, **kwargs)
+        except TemplateSyntaxError as e:
+            raise InvalidRequestError(f"the chat template is not a valid jinja2 template: {e}",
+                                      "chat_template") from e
         except Exception as e:  # jinja2 errors (raise_exception in templates), malformed messages
             raise InvalidRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
         if isinstance(rendered, list):  # a batch of one conversation

@@ -264,3 +264,73 @@ def test_half_precision_logits(dtype):
     out = sampler(logits, _md(params))
     assert out.sampled_token_ids.dtype == torch.long
     assert out.logprobs.logprobs.dtype == torch.float32
+
+
+# ---- logit_bias, allowed_token_ids, bad_words (issue 13 item 6) ------------------------------------------------
+def test_logit_bias_forces_and_removes_tokens_and_leaves_other_rows_alone():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50)  # (B, V)
+    top = logits.argmax(dim=-1)  # (B,)
+    params = [SamplingParams(temperature=0.0, logit_bias={7: 100.0}),  # +100 forces token 7
+              SamplingParams(temperature=0.0, logit_bias={int(top[1]): -100.0}),  # the greedy token is gone
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.8, seed=3, logit_bias={11: 100, 12: 100.0, 13: -5.5})]
+    before = logits.clone()
+    out = sampler(logits, _md(params)).sampled_token_ids
+    assert torch.equal(logits, before), "the input logits are not modified"
+    assert out[0] == 7
+    second = before[1].clone()
+    second[top[1]] -= 100.0
+    assert out[1] == second.argmax() != top[1]
+    assert out[2] == top[2]
+    assert int(out[3]) in (11, 12)  # +100 on two tokens: one of them, with overwhelming probability
+    for _ in range(30):  # a random row also only ever draws the boosted tokens
+        assert int(sampler(before, _md(params)).sampled_token_ids[3]) in (11, 12)
+
+
+def test_logit_bias_is_added_before_temperature_and_logprobs_stay_raw():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # (1, V)
+    params = SamplingParams(temperature=0.0, logprobs=1, logit_bias={0: 4.0})
+    md = _md([params])
+    out = sampler(logits, md)
+    assert out.sampled_token_ids.tolist() == [0]  # 0 + 4 > 3
+    raw = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(out.logprobs.logprobs[0, 0], raw[0, 0])  # the raw model distribution
+    assert out.logprobs.token_ids[0, 1] == 3
+
+
+def test_allowed_token_ids_restrict_sampling():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 40)  # (B, V)
+    allowed = [5, 9, 33]
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=1.0, allowed_token_ids=[2]),
+              SamplingParams(temperature=1.0, seed=5)]  # unrestricted: shares the batch
+    for _ in range(20):
+        out = sampler(logits, _md(params)).sampled_token_ids
+        assert int(out[0]) == allowed[int(logits[0, allowed].argmax())]
+        assert int(out[1]) == 2
+    greedy_free = sampler(logits[:2], _md([params[0], SamplingParams(temperature=0.0)])).sampled_token_ids
+    assert int(greedy_free[1]) == int(logits[1].argmax())
+
+
+def test_bad_words_ban_the_last_token_after_their_prefix():
+    logits = torch.zeros(3, 10)  # (B, V)
+    logits[:, 4] = 5.0  # token 4 is the greedy pick everywhere
+    logits[:, 6] = 4.0  # then 6
+    one_token = SamplingParams(temperature=0.0, bad_words_token_ids=[[4]])
+    two_tokens = SamplingParams(temperature=0.0, bad_words_token_ids=[[8, 4], [1, 2, 6]])
+    md = _md([one_token, two_tokens, two_tokens], outputs=[[], [3, 8], [3, 9]])
+    assert sampler(logits, md).sampled_token_ids.tolist() == [6, 6, 4]  # banned / banned / prefix not matched
+    md = _md([two_tokens], outputs=[[1, 2]])  # [1, 2, 6]: 6 is banned after 1, 2; 4 is not
+    assert sampler(logits[:1], md).sampled_token_ids.tolist() == [4]
+    logits[0, 4] = 0.0
+    assert sampler(logits[:1], md).sampled_token_ids.tolist() != [6]
+
+
+def test_no_extras_keeps_the_read_only_fast_path():
+    md = _md([SamplingParams(temperature=0.0)] * 2)
+    assert md.no_token_extras and md.logit_bias_rows is None and md.allowed_rows is None
+    md = _md([SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={1: 1.0})])
+    assert not md.no_token_extras
+    assert md.logit_bias_rows.tolist() == [1] and md.logit_bias_ids.tolist() == [1]

@@ -66,6 +66,8 @@ def every_field_params() -> SamplingParams:
                             frequency_penalty=1.5, repetition_penalty=1.3, seed=2**64 - 1, max_tokens=77,
                             min_tokens=5, stop=["\n\n", "END", "é✓"], stop_token_ids=[0, 7, 49151], ignore_eos=True,
                             include_stop_str_in_output=True, logprobs=20, prompt_logprobs=3, skip_special_tokens=False,
+                            logit_bias={5: -100.0, 49151: 2.5}, allowed_token_ids=[0, 5, 49151],
+                            bad_words=["é✓", "red"], bad_words_token_ids=[[17, 4], [9]],
                             eos_token_ids=(2, 49152 - 1))
     params.validate()
     # Set after validate(): ignore_eos cannot be combined with a grammar (the wire does not care).

@@ -123,6 +123,27 @@ class InputProcessor:
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise InvalidRequestError(f"stop token id {t} is outside the vocabulary", "stop_token_ids")
+        for name in ("logit_bias", "allowed_token_ids"):
+            for t in getattr(params, name) or ():
+                if t >= self.vocab_size:
+                    raise InvalidRequestError(f"{name}: token id {t} is outside the vocabulary [0, "
+                                              f"{self.vocab_size})", name)
         eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos), salt)
+        bad = self.bad_words_token_ids(params.bad_words) if params.bad_words else None
+        return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos,
+                                                       bad_words_token_ids=bad), salt)
+
+    def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of ``bad_words``: each word stripped of leading spaces, as is and, when that
+        gives a different first token and as many tokens, with one leading space."""
+        out: list[list[int]] = []
+        for word in bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for seq in (plain, spaced) if spaced[:1] != plain[:1] and len(spaced) == len(plain) else (plain,):
+                if any(t >= self.vocab_size for t in seq):
+                    raise InvalidRequestError(f"bad word {word!r} has tokens outside the model's vocabulary",
+                                              "bad_words")
+                out.append(seq)
+        return out

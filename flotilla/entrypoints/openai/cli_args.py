@@ -29,7 +29,9 @@ class ServerConfig:
     """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds each
     model's requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain
     limit; ``served_model_name`` names the engine when the app serves a single one given without a name;
-    ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``)."""
+    ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``);
+    ``chat_template`` the template text every chat request uses unless it brings its own (which it may only
+    with ``trust_request_chat_template``)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -41,6 +43,8 @@ class ServerConfig:
     retry_after_s: int = 1
     log_level: str = "info"
     metrics_prefixes: tuple[str, ...] = METRICS_PREFIXES
+    chat_template: str | None = None  # --chat-template's text (None: the tokenizer's own)
+    trust_request_chat_template: bool = False  # accept a request's chat_template
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +73,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-prefixes", default="flotilla,vllm", metavar="PREFIXES",
                    help="comma-separated prefixes /metrics exports every metric under, from flotilla,vllm "
                         "(same values under each; vllm: matches dashboards written for vLLM)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the jinja2 chat template for chat requests and /tokenize, instead of the tokenizer's: a "
+                        "file, or the template text itself (vLLM's flag)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a request's own chat_template (a template is code the server runs; vLLM's flag)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -82,7 +91,10 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     if ns.max_request_body_bytes <= 0:
         raise ValueError("--max-request-body-bytes must be positive")
     prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
+    from flotilla.entrypoints.openai.chat_templates import load_chat_template
+    chat_template = load_chat_template(getattr(ns, "chat_template", None))
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
                         api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
                         shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
-                        metrics_prefixes=prefixes)
+                        metrics_prefixes=prefixes, chat_template=chat_template,
+                        trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)))

@@ -6,7 +6,8 @@ OpenAI's API) and reject unknown fields, nested ones included (a 400 naming the 
 listed field is a 400 unless its value changes nothing. Range checks are left to ``SamplingParams.validate``
 and the engine's input processor, which name the field; the few checks that only make sense at the API level
 (``max_tokens: 0`` without ``echo``, ``prompt_logprobs`` with ``stream``, ``top_logprobs`` without
-``logprobs``, non-text chat content) raise ``InvalidRequestError``.
+``logprobs``, non-text chat content, ``logit_bias`` keys that are not token ids, ``best_of`` below ``n`` or
+above it with ``stream``) raise ``InvalidRequestError``. Chat-template fields: ``chat_templates``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
 from typing_extensions import NotRequired, TypedDict
 
+from flotilla.entrypoints.openai.chat_templates import ChatTemplateFields
 from flotilla.entrypoints.openai.request_fields import check_fields
 from flotilla.entrypoints.openai.structured import StructuredFields
 from flotilla.errors import InvalidRequestError
-from flotilla.sampling_params import MAX_LOGPROBS, SamplingParams
+from flotilla.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 MAX_PROMPTS_PER_REQUEST = 1024
 MAX_CHOICES_PER_REQUEST = 1024
@@ -71,6 +73,10 @@ class _SamplingFields(StructuredFields, _Request):
     include_stop_str_in_output: bool | None = False
     cache_salt: Annotated[str, Field(min_length=1)] | None = None  # separates tenants' prefix caches
     prompt_logprobs: Int64 | None = None  # vLLM: the prompt tokens' logprobs + top-K in the response
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (a string key) -> bias in [-100, 100]
+    allowed_token_ids: list[Int64] | None = None  # vLLM: only these tokens may be sampled
+    bad_words: list[str] | None = None  # vLLM: words never generated
+    best_of: Int64 | None = None  # vLLM: sample best_of, return the n with the highest cumulative logprob
 
     @property
     def include_usage(self) -> bool:
@@ -84,8 +90,11 @@ class _SamplingFields(StructuredFields, _Request):
             return default if value is None else value
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("prompt_logprobs is not available with stream=true", "prompt_logprobs")
+        samples = self.num_samples
+        if samples != pick(self.n, 1):  # best_of: the engine samples them all, with their logprobs
+            logprobs = 0 if logprobs is None else logprobs
         return SamplingParams(
-            n=pick(self.n, 1), temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
+            n=samples, temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
             top_k=pick(self.top_k, -1), min_p=pick(self.min_p, 0.0),
             presence_penalty=pick(self.presence_penalty, 0.0),
             frequency_penalty=pick(self.frequency_penalty, 0.0),
@@ -93,7 +102,36 @@ class _SamplingFields(StructuredFields, _Request):
             min_tokens=pick(self.min_tokens, 0), stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=bool(self.ignore_eos), include_stop_str_in_output=bool(self.include_stop_str_in_output),
             logprobs=logprobs, prompt_logprobs=pick(prompt_logprobs, self.prompt_logprobs),
-            skip_special_tokens=pick(self.skip_special_tokens, True), structured_outputs=self.structured_params())
+            skip_special_tokens=pick(self.skip_special_tokens, True), structured_outputs=self.structured_params(),
+            logit_bias=self.logit_bias_ids(), allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or None)
+
+    @property
+    def num_samples(self) -> int:
+        """The samples the engine generates per prompt: ``best_of`` (vLLM: default ``n``; at least ``n``; not
+        with ``stream`` unless equal to ``n``), of which the response returns the ``n`` most likely."""
+        n = 1 if self.n is None else self.n
+        if self.best_of is None or self.best_of == n:
+            return n
+        if self.best_of < n or self.best_of < 1:
+            raise InvalidRequestError(f"best_of ({self.best_of}) must be at least n ({n})", "best_of")
+        if self.best_of > MAX_N:
+            raise InvalidRequestError(f"best_of must be at most {MAX_N}, got {self.best_of}", "best_of")
+        if self.stream:
+            raise InvalidRequestError("best_of > n is not available with stream=true", "best_of")
+        return self.best_of
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer keys (JSON keys are strings); InvalidRequestError naming it for a key
+        that is not a token id. Ranges are checked by ``SamplingParams.validate`` and the input processor."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            out[int(key)] = bias
+        return out
 
 
 class CompletionRequest(_SamplingFields):
@@ -118,6 +156,7 @@ class CompletionRequest(_SamplingFields):
         if len(prompts) > MAX_PROMPTS_PER_REQUEST:
             raise InvalidRequestError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", "prompt")
         check_num_choices(len(prompts), self.n)
+        check_num_choices(len(prompts), self.best_of, "best_of")
         return prompts
 
     def to_sampling_params(self) -> SamplingParams:
@@ -190,7 +229,7 @@ def _template_dict(message: ChatMessage) -> dict:
     return out
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
     """POST /v1/chat/completions. ``max_completion_tokens`` wins over ``max_tokens``; neither means the
     rest of the context."""
 
@@ -217,13 +256,14 @@ class ChatCompletionRequest(_SamplingFields):
         return self.sampling_params(max_tokens, logprobs)
 
 
-def check_num_choices(num_prompts: int, n: int | None) -> None:
+def check_num_choices(num_prompts: int, n: int | None, param: str = "n") -> None:
     """Bound the choices of one response (the engine bounds ``n`` itself)."""
     if n is not None and n > 0 and num_prompts * n > MAX_CHOICES_PER_REQUEST:
-        raise InvalidRequestError(f"{num_prompts} prompts x n={n} exceeds {MAX_CHOICES_PER_REQUEST} choices", "n")
+        raise InvalidRequestError(f"{num_prompts} prompts x {param}={n} exceeds {MAX_CHOICES_PER_REQUEST} choices",
+                                  param)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(ChatTemplateFields, _Request):
     """POST /tokenize: ``prompt`` text, or chat ``messages`` rendered with the chat template."""
 
     model: str | None = None

@@ -48,11 +48,6 @@ def _one_of(*values) -> NoOp:
     return lambda value, body: value is None or any(type(value) is type(v) and value == v for v in values)
 
 
-def _best_of_is_n(value, body) -> bool:  # vLLM: best_of defaults to n; best_of == n samples nothing more
-    n = body.get("n")
-    return value is None or (type(value) is int and value == (1 if n is None else n))
-
-
 UNSUPPORTED_FIELDS: dict[str, NoOp] = {
     # tool calling (item 3)
     "tools": _empty,
@@ -61,13 +56,6 @@ UNSUPPORTED_FIELDS: dict[str, NoOp] = {
     "messages[].tool_calls": _empty,
     "messages[].tool_call_id": _absent,
     # sampling extras and chat templates (item 6)
-    "logit_bias": _empty,
-    "best_of": _best_of_is_n,
-    "allowed_token_ids": _absent,
-    "bad_words": _empty,
-    "chat_template": _absent,
-    "chat_template_kwargs": _empty,
-    "continue_final_message": _false,
 }
 
 UNIMPLEMENTED_FIELDS: dict[str, NoOp] = {

@@ -28,9 +28,12 @@ class ChoiceAccumulator:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
 
     def add(self, delta: CompletionOutput) -> None:
         self.text_parts.append(delta.text)
+        if delta.cumulative_logprob is not None:  # a running total, also in deltas
+            self.cumulative_logprob = delta.cumulative_logprob
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             if self.logprobs is None:
@@ -42,6 +45,27 @@ class ChoiceAccumulator:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+
+def best_of(choices: list[ChoiceAccumulator], samples: int, n: int, keep_logprobs: bool) -> list[ChoiceAccumulator]:
+    """vLLM's ``best_of``: ``choices`` hold ``samples`` consecutive samples per prompt; of each prompt's, the
+    ``n`` with the highest cumulative logprob (ties: the earlier sample), renumbered ``prompt * n + j`` in that
+    order; their ``logprobs`` are dropped unless ``keep_logprobs`` (the request asked for them)."""
+    if samples == n:
+        return choices
+    picked = []
+    for start in range(0, len(choices), samples):
+        group = sorted(choices[start:start + samples], key=_likelihood, reverse=True)
+        for j, ch in enumerate(group[:n]):
+            ch.index = start // samples * n + j
+            if not keep_logprobs:
+                ch.logprobs = None
+            picked.append(ch)
+    return picked
+
+
+def _likelihood(choice: ChoiceAccumulator) -> float:
+    return float("-inf") if choice.cumulative_logprob is None else choice.cumulative_logprob
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

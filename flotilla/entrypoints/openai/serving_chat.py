@@ -2,7 +2,9 @@
 
 Contract: ``model`` (a model name or route alias; optional when one model is served) picks the model through
 ``ServedModels.resolve``; the response's ``model`` is the model that served it. ``messages`` go through the
-tokenizer's chat template (rendered, then tokenized without adding special tokens). Streaming sends one
+chat template (the request's ``chat_template``, else ``--chat-template``'s, else the tokenizer's; see
+``chat_templates``), rendered, then tokenized without adding special tokens. ``best_of`` > ``n``: the engine
+samples ``best_of``, the response holds the ``n`` most likely (usage counts them all). Streaming sends one
 ``chat.completion.chunk`` per generated token per choice; the first chunk of each choice carries ``delta.role
 = "assistant"`` together with that token's text (``content`` may be ""), the last carries ``finish_reason``;
 then a usage chunk when ``stream_options.include_usage``, then ``[DONE]``. Errors after the stream started are
@@ -25,7 +27,8 @@ from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import ChatCompletionRequest, template_messages
-from flotilla.entrypoints.openai.responses import ChoiceAccumulator, chat_logprobs, prompt_logprobs_json, usage
+from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, best_of, chat_logprobs, prompt_logprobs_json,
+                                                   usage)
 from flotilla.entrypoints.openai.serving_completion import respond
 from flotilla.entrypoints.openai.sse import SSE_DONE, sse_data
 from flotilla.sampling_params import SamplingParams
@@ -57,11 +60,12 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, params: 
     """The chat prompt rendered, tokenized and validated on a tokenizer lane; a rendered prompt that
     provably cannot fit is rejected before it is tokenized (errors name ``messages``)."""
     messages = template_messages(req.messages, ctx.max_model_len)
-    add_generation_prompt = req.add_generation_prompt is not False
+    options = req.template_options(req.add_generation_prompt, ctx.config.chat_template,
+                                   ctx.config.trust_request_chat_template)
 
     def build(processor):
         tokenizer = processor.tokenizer
-        text = tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.render_chat_template(messages, **options)
         processor.precheck(text, params, "messages")
         ids = tokenizer.encode(text, add_special_tokens=False)
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
@@ -85,7 +89,8 @@ async def create_chat_completion(served: ServedModels, request: Request) -> Resp
 
 
 async def _collect(job: _ChatJob) -> dict:
-    choices = [ChoiceAccumulator(i) for i in range(job.n)]
+    samples = job.req.num_samples  # best_of (default n)
+    choices = [ChoiceAccumulator(i) for i in range(samples)]
     prompt_logprobs = None
     try:
         async for _, out in job.run.outputs():
@@ -94,10 +99,11 @@ async def _collect(job: _ChatJob) -> dict:
                 choices[c.index].add(c)
     finally:
         await job.run.close()
+    completion_tokens = sum(len(ch.token_ids) for ch in choices)  # best_of: every sample generated
+    choices = best_of(choices, samples, job.n, bool(job.req.logprobs))
     body = [{"index": ch.index, "message": {"role": "assistant", "content": ch.text},
              "logprobs": job.logprobs(ch.token_ids, ch.logprobs), "finish_reason": ch.finish_reason or "abort",
              "stop_reason": ch.stop_reason} for ch in choices]
-    completion_tokens = sum(len(ch.token_ids) for ch in choices)
     extra = {}
     if job.req.prompt_logprobs is not None:
         extra["prompt_logprobs"] = None if prompt_logprobs is None else prompt_logprobs_json(

@@ -29,8 +29,8 @@ from flotilla.entrypoints.openai.errors import error_body, to_api_error
 from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import CompletionRequest
-from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, completion_logprobs, concat_logprobs,
-                                                   echo_logprobs, prompt_logprobs_json, usage)
+from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, best_of, completion_logprobs,
+                                                   concat_logprobs, echo_logprobs, prompt_logprobs_json, usage)
 from flotilla.outputs import RequestOutput
 from flotilla.entrypoints.openai.sse import SSE_DONE, SSEResponse, sse_data
 
@@ -118,16 +118,18 @@ async def respond(request: Request, run, stream: bool, make_stream, make_collect
 
 
 async def _collect(job: _Job) -> dict:
-    choices = [ChoiceAccumulator(i) for i in range(len(job.prepared) * job.n)]
+    samples = job.req.num_samples  # best_of (default n)
+    choices = [ChoiceAccumulator(i) for i in range(len(job.prepared) * samples)]
     try:
         async for prompt_index, out in job.run.outputs():
             job.seen(prompt_index, out)
             for c in out.outputs:
-                choices[prompt_index * job.n + c.index].add(c)
+                choices[prompt_index * samples + c.index].add(c)
     finally:
         await job.run.close()
+    completion_tokens = sum(len(ch.token_ids) for ch in choices)  # best_of: every sample generated
+    choices = best_of(choices, samples, job.n, job.req.logprobs is not None)
     body = [_final_choice(job, ch) for ch in choices]
-    completion_tokens = sum(len(ch.token_ids) for ch in choices)
     return job.envelope(body, usage=usage(job.num_prompt_tokens, completion_tokens))
 
 

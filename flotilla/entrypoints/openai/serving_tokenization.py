@@ -1,8 +1,9 @@
 """POST /tokenize and POST /detokenize.
 
 Contract: ``/tokenize`` takes exactly one of ``prompt`` (text, ``add_special_tokens`` default true) or chat
-``messages`` (rendered with the model's chat template, ``add_generation_prompt`` default true, tokenized
-without adding special tokens) and answers ``{tokens, count, max_model_len}``. It answers for prompts of at
+``messages`` (rendered with the chat template as chat completions render it, ``add_generation_prompt`` default
+true, ``chat_template``, ``chat_template_kwargs``, ``continue_final_message``; tokenized without adding
+special tokens) and answers ``{tokens, count, max_model_len}``. It answers for prompts of at
 most ``max_model_len`` tokens; a longer one is a 400 naming the field and the limit, and a text that
 provably cannot fit is rejected before it is tokenized (so one request's work stays bounded).
 ``/detokenize`` takes ``tokens`` (each in the vocabulary, else 400) and answers ``{prompt}``. Both take
@@ -32,14 +33,15 @@ async def tokenize(served: ServedModels, request: Request) -> Response:
     else:
         messages = template_messages(req.messages, limit)
         text, param, size = None, "messages", chat_size(messages)
+        options = req.template_options(req.add_generation_prompt, ctx.config.chat_template,
+                                       ctx.config.trust_request_chat_template)
     special = req.prompt is not None and req.add_special_tokens is not False
-    add_generation_prompt = req.add_generation_prompt is not False
 
     def build(processor) -> list[int]:
         tokenizer = processor.tokenizer
         rendered = text
         if rendered is None:
-            rendered = tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            rendered = tokenizer.render_chat_template(messages, **options)
         _check_count(tokenizer.min_num_tokens(rendered), limit, param, at_least=True)
         tokens = tokenizer.encode(rendered, add_special_tokens=special)
         _check_count(len(tokens), limit, param)

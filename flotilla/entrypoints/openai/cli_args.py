@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from flotilla.deploy.engine_args import finite_float
+from flotilla.entrypoints.openai.tool_parsers import TOOL_PARSERS, check_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 METRICS_PREFIXES = ("flotilla", "vllm")
@@ -29,7 +30,8 @@ class ServerConfig:
     """HTTP-side settings. ``api_key`` None means no authentication; ``max_queued_requests`` bounds each
     model's requests admitted but not yet running (past it: 429); ``shutdown_timeout`` is the SIGTERM drain
     limit; ``served_model_name`` names the engine when the app serves a single one given without a name;
-    ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``)."""
+    ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``);
+    ``enable_auto_tool_choice`` with ``tool_call_parser`` (vLLM's flags) enables ``tool_choice: auto``."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -41,6 +43,8 @@ class ServerConfig:
     retry_after_s: int = 1
     log_level: str = "info"
     metrics_prefixes: tuple[str, ...] = METRICS_PREFIXES
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +73,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-prefixes", default="flotilla,vllm", metavar="PREFIXES",
                    help="comma-separated prefixes /metrics exports every metric under, from flotilla,vllm "
                         "(same values under each; vllm: matches dashboards written for vLLM)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model call tools on its own (tool_choice auto, the default with tools); needs "
+                        "--tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="how tool calls are parsed out of the model's text (vLLM's names): hermes "
+                        "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -82,7 +92,12 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     if ns.max_request_body_bytes <= 0:
         raise ValueError("--max-request-body-bytes must be positive")
     prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
+    parser = check_tool_parser(getattr(ns, "tool_call_parser", None))
+    auto_tools = bool(getattr(ns, "enable_auto_tool_choice", False))
+    if auto_tools and parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (available: "
+                         f"{', '.join(sorted(TOOL_PARSERS))})")
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
                         api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
                         shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
-                        metrics_prefixes=prefixes)
+                        metrics_prefixes=prefixes, enable_auto_tool_choice=auto_tools, tool_call_parser=parser)

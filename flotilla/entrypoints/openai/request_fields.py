@@ -40,10 +40,6 @@ def _true(value, body) -> bool:
     return value is None or value is True
 
 
-def _no_tools(body) -> bool:
-    return not body.get("tools")
-
-
 def _one_of(*values) -> NoOp:
     return lambda value, body: value is None or any(type(value) is type(v) and value == v for v in values)
 
@@ -54,12 +50,6 @@ def _best_of_is_n(value, body) -> bool:  # vLLM: best_of defaults to n; best_of 
 
 
 UNSUPPORTED_FIELDS: dict[str, NoOp] = {
-    # tool calling (item 3)
-    "tools": _empty,
-    "tool_choice": lambda v, b: v is None or v == "none" or (v == "auto" and _no_tools(b)),
-    "parallel_tool_calls": _true,  # OpenAI's default
-    "messages[].tool_calls": _empty,
-    "messages[].tool_call_id": _absent,
     # sampling extras and chat templates (item 6)
     "logit_bias": _empty,
     "best_of": _best_of_is_n,
@@ -124,7 +114,7 @@ ACCEPTED_EXTRAS: dict[str, NoOp] = {
 
 _TABLES = ((UNSUPPORTED_FIELDS, "is not supported yet"), (UNIMPLEMENTED_FIELDS, "is not supported"),
            (ACCEPTED_EXTRAS, ""))
-MESSAGE_KEYS = frozenset({"role", "content", "name"})
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 def _lookup(field: str) -> tuple[NoOp, str] | None:

@@ -8,7 +8,9 @@ tokenizer's chat template (rendered, then tokenized without adding special token
 then a usage chunk when ``stream_options.include_usage``, then ``[DONE]``. Errors after the stream started are
 an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` + ``top_logprobs`` use OpenAI's chat format; vLLM's
 ``prompt_logprobs: k`` adds a top-level ``prompt_logprobs`` (non-streaming only). A client that disconnects
-aborts the engine request.
+aborts the engine request. ``tools`` / ``tool_choice`` (``tool_calling``): the plan constrains the sampling
+(required, named) and each choice's text becomes ``tool_calls``; streamed, a choice's deltas are what its
+``ChoiceTools`` makes of the generated text (a chunk with nothing to say yet is skipped).
 """
 
 from __future__ import annotations

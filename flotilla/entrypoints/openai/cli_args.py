@@ -100,4 +100,5 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
                         api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
                         shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
-                        metrics_prefixes=prefixes, enable_auto_tool_choice=auto_tools, tool_call_parser=parser)
+                        metrics_prefixes=prefixes, enable_auto_tool_choice=auto_tools,
+                        tool_call_parser=parser)

@@ -18,6 +18,8 @@ Module map (one job each):
 | ``cancellation`` | races a non-streaming handler against the client's disconnect |
 | ``serving_completion`` | ``/v1/completions`` |
 | ``serving_chat`` | ``/v1/chat/completions`` |
+| ``tool_calling`` | ``tools`` / ``tool_choice``: the plan (structured-output constraint, template tools), each choice's tool calls |
+| ``tool_parsers/`` | ``--tool-call-parser`` parsers (``hermes``) and the incremental JSON call scanner they share |
 | ``serving_tokenization`` | ``/tokenize`` and ``/detokenize`` |
 | ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |

@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from flotilla.deploy.engine_args import finite_float
+from flotilla.entrypoints.openai.tool_parsers import TOOL_PARSERS, check_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 METRICS_PREFIXES = ("flotilla", "vllm")
@@ -31,7 +32,8 @@ class ServerConfig:
     limit; ``served_model_name`` names the engine when the app serves a single one given without a name;
     ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``);
     ``chat_template`` the template text every chat request uses unless it brings its own (which it may only
-    with ``trust_request_chat_template``)."""
+    with ``trust_request_chat_template``);
+    ``enable_auto_tool_choice`` with ``tool_call_parser`` (vLLM's flags) enables ``tool_choice: auto``."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -45,6 +47,8 @@ class ServerConfig:
     metrics_prefixes: tuple[str, ...] = METRICS_PREFIXES
     chat_template: str | None = None  # --chat-template's text (None: the tokenizer's own)
     trust_request_chat_template: bool = False  # accept a request's chat_template
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +82,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "file, or the template text itself (vLLM's flag)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a request's own chat_template (a template is code the server runs; vLLM's flag)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model call tools on its own (tool_choice auto, the default with tools); needs "
+                        "--tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="how tool calls are parsed out of the model's text (vLLM's names): hermes "
+                        "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -93,8 +103,14 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
     from flotilla.entrypoints.openai.chat_templates import load_chat_template
     chat_template = load_chat_template(getattr(ns, "chat_template", None))
+    parser = check_tool_parser(getattr(ns, "tool_call_parser", None))
+    auto_tools = bool(getattr(ns, "enable_auto_tool_choice", False))
+    if auto_tools and parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (available: "
+                         f"{', '.join(sorted(TOOL_PARSERS))})")
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
                         api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
                         shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
                         metrics_prefixes=prefixes, chat_template=chat_template,
-                        trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)))
+                        trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)),
+                        enable_auto_tool_choice=auto_tools, tool_call_parser=parser)

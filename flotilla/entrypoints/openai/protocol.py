@@ -12,6 +12,7 @@ above it with ``stream``) raise ``InvalidRequestError``. Chat-template fields: `
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
@@ -20,6 +21,7 @@ from typing_extensions import NotRequired, TypedDict
 from flotilla.entrypoints.openai.chat_templates import ChatTemplateFields
 from flotilla.entrypoints.openai.request_fields import check_fields
 from flotilla.entrypoints.openai.structured import StructuredFields
+from flotilla.entrypoints.openai.tool_calling import ToolFields
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
@@ -188,6 +190,21 @@ class ContentPart(TypedDict):
 
 
 @with_config(ConfigDict(strict=True, extra="forbid"))
+class FunctionCallParam(TypedDict):
+    name: str
+    arguments: str
+
+
+@with_config(ConfigDict(strict=True, extra="forbid"))
+class ToolCallParam(TypedDict):
+    """A tool call of an earlier assistant message (as the SDKs send a previous response back)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
+@with_config(ConfigDict(strict=True, extra="forbid"))
 class ChatMessage(TypedDict):
     """A chat message, validated into a plain dict (a TypedDict validates ~20x faster than a model, which
     matters for a body with hundreds of thousands of messages)."""
@@ -195,6 +212,8 @@ class ChatMessage(TypedDict):
     role: ChatRole
     content: NotRequired[str | list[ContentPart] | None]
     name: NotRequired[str | None]
+    tool_calls: NotRequired[list[ToolCallParam] | None]  # assistant messages
+    tool_call_id: NotRequired[str | None]  # tool messages
 
 
 def template_messages(messages: list[ChatMessage], max_model_len: int) -> list[dict]:
@@ -226,10 +245,25 @@ def _template_dict(message: ChatMessage) -> dict:
     out = {"role": message["role"], "content": content if content is not None else ""}
     if message.get("name") is not None:
         out["name"] = message["name"]
+    if message.get("tool_call_id") is not None:
+        out["tool_call_id"] = message["tool_call_id"]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_template_tool_call(c) for c in message["tool_calls"]]
     return out
 
 
-class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
+def _template_tool_call(call: dict) -> dict:
+    """A tool call as chat templates take it: ``arguments`` a dict, not JSON text (transformers' convention;
+    vLLM converts the same way)."""
+    fn = call["function"]
+    try:
+        arguments = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+    except ValueError as e:
+        raise InvalidRequestError(f"tool call {call['id']!r}: function.arguments is not JSON: {e}", "messages") from e
+    return {"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+
+
+class ChatCompletionRequest(ChatTemplateFields, ToolFields, _SamplingFields):
     """POST /v1/chat/completions. ``max_completion_tokens`` wins over ``max_tokens``; neither means the
     rest of the context."""
 

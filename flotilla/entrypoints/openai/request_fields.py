@@ -40,23 +40,12 @@ def _true(value, body) -> bool:
     return value is None or value is True
 
 
-def _no_tools(body) -> bool:
-    return not body.get("tools")
-
-
 def _one_of(*values) -> NoOp:
     return lambda value, body: value is None or any(type(value) is type(v) and value == v for v in values)
 
 
-UNSUPPORTED_FIELDS: dict[str, NoOp] = {
-    # tool calling (item 3)
-    "tools": _empty,
-    "tool_choice": lambda v, b: v is None or v == "none" or (v == "auto" and _no_tools(b)),
-    "parallel_tool_calls": _true,  # OpenAI's default
-    "messages[].tool_calls": _empty,
-    "messages[].tool_call_id": _absent,
-    # sampling extras and chat templates (item 6)
-}
+UNSUPPORTED_FIELDS: dict[str, NoOp] = {}  # none left: structured output, tools, prompt logprobs and the
+# sampling extras have landed
 
 UNIMPLEMENTED_FIELDS: dict[str, NoOp] = {
     # OpenAI
@@ -112,7 +101,7 @@ ACCEPTED_EXTRAS: dict[str, NoOp] = {
 
 _TABLES = ((UNSUPPORTED_FIELDS, "is not supported yet"), (UNIMPLEMENTED_FIELDS, "is not supported"),
            (ACCEPTED_EXTRAS, ""))
-MESSAGE_KEYS = frozenset({"role", "content", "name"})
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 def _lookup(field: str) -> tuple[NoOp, str] | None:

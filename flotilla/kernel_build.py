@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from flotilla.file_lock import lock_or_result
+
 CSRC = Path(__file__).parent / "csrc"
 LIB_STEM = "libflotilla_cpu_ops"
 TMP_PREFIX = "tmp-"
@@ -159,28 +161,11 @@ def ensure_library(timeout: float, cxx: str, march_setting: str, cache_root: Pat
 
 
 def _acquire_lock(path: Path, library: Path, deadline: float) -> int | None:
-    """An fd holding an exclusive flock on ``path``, or None when ``library`` appeared while waiting.
-
-    Polls with a non-blocking flock so the wait is bounded by ``deadline`` (BuildTimeout past it)."""
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                pass
-            if library.exists():
-                os.close(fd)
-                return None
-            if time.monotonic() >= deadline:
-                raise BuildTimeout(f"another process has held the kernel build lock {path} past the deadline "
-                                   "(FLOTILLA_KERNEL_BUILD_TIMEOUT)")
-            time.sleep(_POLL_S)
-    except BaseException:
-        os.close(fd)
-        raise
+    """An fd holding an exclusive flock on ``path``, or None when ``library`` appeared while waiting
+    (BuildTimeout past ``deadline``)."""
+    return lock_or_result(str(path), library.exists, deadline, lambda: BuildTimeout(
+        f"another process has held the kernel build lock {path} past the deadline (FLOTILLA_KERNEL_BUILD_TIMEOUT)"),
+        poll_s=_POLL_S)
 
 
 def _remove_leftovers(folder: Path) -> None:

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("outputs",),                            # value types: RequestOutput, CompletionOutput, Logprob
     ("sampling_params",),                    # value types: SamplingParams
     ("config",),                             # frozen config dataclasses
-    ("envs", "errors", "procutil", "wire"),  # environment, exceptions, process helpers, the wire codec
+    ("envs", "errors", "file_lock", "procutil", "wire"),  # environment, exceptions, a bounded file lock, process helpers, the wire codec
 ]
 
 PACKAGE_DIR = Path(flotilla.__file__).resolve().parent

@@ -15,7 +15,6 @@ Contract (``assemble_parts``):
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -23,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from flotilla.errors import ModelLoadError
+from flotilla.file_lock import lock_or_result
 
 TMP_PREFIX = ".tmp-"
 _CHUNK = 8 << 20
@@ -64,24 +64,9 @@ def _is_whole(path: str, size: int) -> bool:
 
 def _lock(path: str, target: str, size: int, deadline: float) -> int | None:
     """An fd holding an exclusive flock on ``path``, or None when ``target`` appeared whole while waiting."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                pass
-            if _is_whole(target, size):
-                os.close(fd)
-                return None
-            if time.monotonic() >= deadline:
-                raise ModelLoadError(f"another process has held {path} past the deadline while assembling "
-                                     f"{target}; if no flotilla process is running, delete the lock file")
-            time.sleep(_POLL_S)
-    except BaseException:
-        os.close(fd)
-        raise
+    return lock_or_result(path, lambda: _is_whole(target, size), deadline, lambda: ModelLoadError(
+        f"another process has held {path} past the deadline while assembling {target}; if no flotilla process "
+        "is running, delete the lock file"), poll_s=_POLL_S)
 
 
 def _remove_leftovers(folder: str) -> None:

@@ -1,0 +1,34 @@
+"""Triton-style model repository (DESIGN.md layer ``repository/``: below deploy/ and entrypoints/, above engine/).
+
+Modules, one job each:
+- ``config``: config.pbtxt / config.yaml -> a validated, normalised ``ModelConfig`` (tritonclient's message).
+- ``control``: version discovery and version policies; model control modes none / poll / explicit over
+  repository scans (what should be loaded).
+- ``tensors``: dtypes, request checks with Triton's messages, concatenation / padding / splitting of batches.
+- ``batch_policy``: the dynamic batcher as a pure policy (queue + clock -> next batch, timeouts, waits).
+- ``dynamic_batcher``: the asyncio runner that executes batches on N model instances in worker threads.
+- ``errors``: ``InferError`` (Triton status code + message), ``ModelConfigError``, ``ModelControlError``.
+"""
+
+from flotilla.repository.batch_policy import BatcherSettings, BatchQueue, Decision, OrderedRelease, QueuePolicy
+from flotilla.repository.config import (
+    ModelConfig, instance_count, load_model_config, parse_model_config, read_model_config, validate_model_config,
+)
+from flotilla.repository.control import (
+    ModelChange, ModelControl, ModelControlMode, ModelSnapshot, ModelTarget, RepositoryScan, diff_scans,
+    resolve_target, scan_repositories, versions_to_load,
+)
+from flotilla.repository.dynamic_batcher import (
+    BatchExecutor, BatcherStats, DynamicBatcher, InferRequest, TensorExecutor,
+)
+from flotilla.repository.errors import InferError, ModelConfigError, ModelControlError
+from flotilla.repository.tensors import ModelIO, TensorSpec, concat_inputs, numpy_dtype, protocol_dtype, split_outputs
+
+__all__ = [
+    "BatchExecutor", "BatchQueue", "BatcherSettings", "BatcherStats", "Decision", "DynamicBatcher", "InferError",
+    "InferRequest", "ModelChange", "ModelConfig", "ModelConfigError", "ModelControl", "ModelControlError",
+    "ModelControlMode", "ModelIO", "ModelSnapshot", "ModelTarget", "OrderedRelease", "QueuePolicy",
+    "RepositoryScan", "TensorExecutor", "TensorSpec", "concat_inputs", "diff_scans", "instance_count",
+    "load_model_config", "numpy_dtype", "parse_model_config", "protocol_dtype", "read_model_config",
+    "resolve_target", "scan_repositories", "split_outputs", "validate_model_config", "versions_to_load",
+]

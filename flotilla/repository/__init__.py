@@ -8,6 +8,8 @@ Modules, one job each:
 - ``batch_policy``: the dynamic batcher as a pure policy (queue + clock -> next batch, timeouts, waits).
 - ``dynamic_batcher``: the asyncio runner that executes batches on N model instances in worker threads.
 - ``errors``: ``InferError`` (Triton status code + message), ``ModelConfigError``, ``ModelControlError``.
+- ``dtypes``: Triton's TYPE_* / v2 datatype names <-> numpy (BYTES as object arrays of bytes).
+- ``backends``: one model version's instances (onnxruntime, PyTorch programs, Python models via pb_utils).
 """
 
 from flotilla.repository.batch_policy import BatcherSettings, BatchQueue, Decision, OrderedRelease, QueuePolicy

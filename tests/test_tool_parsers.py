@@ -1,5 +1,6 @@
-"""Unit tests of tool calling's pure parts: the hermes parser (whole and streamed), the JSON call scanners,
-the request plan (tool_choice -> constraint, errors) and the server flags. Fast; no model."""
+"""Unit tests of tool calling's pure parts: the hermes, llama3_json and pythonic parsers (whole and streamed),
+the JSON call scanners, the request plan (tool_choice -> constraint, errors) and the server flags. Fast; no
+model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from flotilla.entrypoints.openai.tool_calling import ToolPlan
 from flotilla.entrypoints.openai.tool_parsers import check_tool_parser
 from flotilla.entrypoints.openai.tool_parsers.hermes import HermesToolParser
 from flotilla.entrypoints.openai.tool_parsers.json_calls import CallArrayScanner
+from flotilla.entrypoints.openai.tool_parsers.llama3_json import Llama3JsonToolParser
+from flotilla.entrypoints.openai.tool_parsers.pythonic import PythonicToolParser
 from flotilla.errors import InvalidRequestError
 
 NAMES = ["get_weather", "a", "b", "f"]
@@ -154,6 +157,215 @@ def test_server_flags():
     assert cfg.enable_auto_tool_choice and cfg.tool_call_parser == "hermes"
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         server_config_from(serve_ns("--enable-auto-tool-choice"), "m")
-    for name in ("pythonic", "llama3_json", "what"):
-        with pytest.raises(ValueError, match="available: hermes"):
-            check_tool_parser(name)
+    for name in ("pythonic", "llama3_json", "llama4_json"):
+        assert server_config_from(serve_ns("--enable-auto-tool-choice", "--tool-call-parser", name),
+                                  "m").tool_call_parser == name
+    with pytest.raises(ValueError, match="'mistral' is not implemented.*available: hermes, llama3_json"):
+        check_tool_parser("mistral")
+    with pytest.raises(ValueError, match="'what' is unknown.*pythonic"):
+        check_tool_parser("what")
+
+
+# llama3_json and pythonic (the ``text_calls`` driver): whole, streamed at every split point, malformed.
+
+LLAMA = Llama3JsonToolParser(None, NAMES)
+PYTHONIC = PythonicToolParser(None, NAMES)
+NESTED = '{"city": "Paris", "when": {"days": [1, 2], "note": "a } b ]"}, "units": null}'
+
+LLAMA_CASES = [  # (model text, content, [(name, arguments)])
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", '{"city": "Paris"}')]),
+    ('<|python_tag|>{"name": "get_weather", "arguments": ' + NESTED + '}', None, [("get_weather", NESTED)]),
+    ('Let me check.\n<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}',
+     "Let me check.", [("a", '{"x": 1}'), ("b", "{}")]),
+    ('{"name": "a", "parameters": {"x": [1, {"y": "}\\""}]}}\n{"name": "f", "arguments": "{\\"q\\": 1}"} ok',
+     " ok", [("a", '{"x": [1, {"y": "}\\""}]}'), ("f", '{"q": 1}')]),
+    ('{"name": "f"}', None, [("f", "{}")]),
+    ('{"name": "a", "parameters": {}} ;; then {"name": "Bob", "age": 3}', ' ;; then {"name": "Bob", "age": 3}',
+     [("a", "{}")]),
+    ('Use JSON: {"name": "Bob", "age": 3}', 'Use JSON: {"name": "Bob", "age": 3}', []),  # not a tool's name
+    ('{"user": {"name": "a", "parameters": {}}}', '{"user": {"name": "a", "parameters": {}}}', []),  # nested
+    ('function() { return {a: 1}; } <|python', 'function() { return {a: 1}; } <|python', []),
+    ('<|python_tag|>brave_search.call(query="x")', '<|python_tag|>brave_search.call(query="x")', []),
+    ("Hello there ", "Hello there ", []),
+]
+
+PY_NESTED = 'city="Paris", when={"days": [1, -2.5e3], "note": \'a ) b ], c\'}, flags=(True, False, None)'
+PY_NESTED_JSON = '{"city": "Paris", "when": {"days": [1, -2500.0], "note": "a ) b ], c"}, "flags": [true, false, null]}'
+PYTHONIC_CASES = [
+    ('[get_weather(city="Paris")]', None, [("get_weather", '{"city": "Paris"}')]),
+    (f"[get_weather({PY_NESTED})]", None, [("get_weather", PY_NESTED_JSON)]),
+    ('I will call two.\n[a(x=1, y="""two\nlines"""), b()]\n', "I will call two.",
+     [("a", '{"x": 1, "y": "two\\nlines"}'), ("b", "{}")]),
+    ('[a( x = "é ✓" , ) ,\n b(q=[]),]  then [f(z={})]', "  then",
+     [("a", '{"x": "é ✓"}'), ("b", '{"q": []}'), ("f", '{"z": {}}')]),
+    ("see [1] and [the docs](x) or [a]", "see [1] and [the docs](x) or [a]", []),
+    ('[nope(x=1)] [get_weather ]', '[nope(x=1)] [get_weather ]', []),  # not a tool; not a call
+    ("", "", []),
+]
+
+# Malformed after a call's name: not a call when parsed whole; streamed, the call was sent before the break
+# and stays one (pythonic closes its arguments), the text after the break is content.
+BROKEN = [  # (parser, model text, streamed content, streamed calls)
+    (LLAMA, '{"name": "a", "parameters": {"x": 1}', None, [("a", '{"x": 1}')]),  # cut short
+    (LLAMA, '{"name": "a", "parameters": {"x": 1}, oops}', "ops}", [("a", '{"x": 1}')]),
+    (PYTHONIC, "[a(1)]", "]", [("a", "{}")]),  # positional
+    (PYTHONIC, "[a(x=y)]", "]", [("a", "{}")]),  # a name, not a literal
+    (PYTHONIC, "[a(x=1, x=2)]", "]", [("a", '{"x": 1}')]),
+    (PYTHONIC, "[a(x=1)", None, [("a", '{"x": 1}')]),  # cut short
+    (PYTHONIC, '[a(x=1, y="unterminated)]', None, [("a", '{"x": 1}')]),
+    (PYTHONIC, '[a(x=float("nan"))] [b(**k)] [f(x={1: 2})] [f(x=1e999)]', "] ] ] ]",
+     [("a", "{}"), ("b", "{}"), ("f", "{}"), ("f", "{}")]),
+]
+
+PARSERS = [(LLAMA, case) for case in LLAMA_CASES] + [(PYTHONIC, case) for case in PYTHONIC_CASES]
+PARSER_IDS = [f"{p.name}-{i}" for i, (p, _) in enumerate(PARSERS)]
+
+
+def calls_of(calls: list[dict]) -> list[tuple[str, str]]:
+    for c in calls:
+        assert c["id"].startswith("chatcmpl-tool-") and c["type"] == "function"
+        assert isinstance(json.loads(c["function"]["arguments"]), dict)
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+@pytest.mark.parametrize("parser,case", PARSERS, ids=PARSER_IDS)
+def test_inline_parsers_extract(parser, case):
+    text, content, calls = case
+    got_content, got_calls = parser.extract(text)
+    assert (got_content, calls_of(got_calls)) == (content, calls)
+    if parser is PYTHONIC:  # arguments are json.dumps of the keyword arguments
+        assert all(json.dumps(json.loads(a), ensure_ascii=False) == a for _, a in calls)
+
+
+def split_stream(parser, pieces: list[str]) -> tuple[str | None, list[tuple[str, str]], list[dict]]:
+    s = parser.stream()
+    content, calls, deltas = "", {}, []
+    for d in [s.feed(p) for p in pieces] + [s.finish()]:
+        assert set(d) <= {"content", "tool_calls"}
+        content += d.get("content", "")
+        for tc in d.get("tool_calls", []):
+            deltas.append(tc)
+            if "id" in tc:
+                assert tc["index"] == len(calls) and tc["type"] == "function" and tc["function"]["name"]
+                calls[tc["index"]] = [tc["function"]["name"], ""]
+            else:
+                assert tc["index"] in calls and set(tc["function"]) == {"arguments"}
+            calls[tc["index"]][1] += tc["function"]["arguments"]
+    return (content or None) if calls else content, [tuple(calls[i]) for i in sorted(calls)], deltas
+
+
+@pytest.mark.parametrize("parser,case", PARSERS, ids=PARSER_IDS)
+def test_inline_parsers_stream_equals_extract_at_every_split_point(parser, case):
+    text, content, calls = case
+    for i in range(len(text) + 1):
+        assert split_stream(parser, [text[:i], text[i:]])[:2] == (content, calls), i
+    for step in (1, 3, 7):
+        pieces = [text[i:i + step] for i in range(0, len(text), step)]
+        assert split_stream(parser, pieces)[:2] == (content, calls), step
+
+
+@pytest.mark.parametrize("parser,text", [(LLAMA, LLAMA_CASES[2][0]), (PYTHONIC, PYTHONIC_CASES[2][0])])
+def test_inline_parsers_stream_equals_extract_for_every_pair_of_split_points(parser, text):
+    content, calls = parser.extract(text)
+    want = (content, calls_of(calls))
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert split_stream(parser, [text[:i], text[i:j], text[j:]])[:2] == want, (i, j)
+
+
+@pytest.mark.parametrize("parser,text", [
+    (LLAMA, '<|python_tag|>{"name": "get_weather", "parameters": ' + NESTED + "}"),
+    (PYTHONIC, f"[get_weather({PY_NESTED})]")])
+def test_inline_parsers_send_id_and_name_first_then_argument_pieces(parser, text):
+    _, [(name, arguments)], deltas = split_stream(parser, list(text))
+    assert deltas[0]["id"].startswith("chatcmpl-tool-") and deltas[0]["function"]["name"] == name
+    assert len(deltas) >= 4 and all("id" not in d for d in deltas[1:])
+    assert json.loads(arguments)["when"]["days"][0] == 1
+
+
+@pytest.mark.parametrize("parser,text,content,calls", BROKEN)
+def test_inline_parsers_malformed_output_is_content_and_streams_valid_json(parser, text, content, calls):
+    assert parser.extract(text) == (text, [])
+    for i in range(len(text) + 1):
+        got_content, got_calls, _ = split_stream(parser, [text[:i], text[i:]])
+        assert got_content == content and [n for n, _ in got_calls] == [n for n, _ in calls], i
+        if parser is PYTHONIC:
+            assert got_calls == calls, i
+
+
+@pytest.mark.parametrize("parser,case", PARSERS + [(p, (text, None, None)) for p, text, _, _ in BROKEN],
+                         ids=PARSER_IDS + [f"broken-{p.name}-{i}" for i, (p, *_) in enumerate(BROKEN)])
+def test_inline_parsers_never_raise_on_truncated_or_mangled_output(parser, case):
+    """Every prefix (a max_tokens stop) and every one-character deletion: content or calls, never an error;
+    text without calls comes back unchanged."""
+    text = case[0]
+    variants = [text[:i] for i in range(len(text))] + [text[:i] + text[i + 1:] for i in range(len(text))]
+    for variant in variants:
+        content, calls = parser.extract(variant)
+        if not calls:
+            assert content == variant
+        split_stream(parser, [variant[:len(variant) // 2], variant[len(variant) // 2:]])
+
+
+def test_inline_parsers_at_most_one_call_without_parallel_calls():
+    for parser, text in [(Llama3JsonToolParser, '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {}}'),
+                         (PythonicToolParser, "[a(), b()]")]:
+        _, calls = parser(1, NAMES).extract(text)
+        assert [c["function"]["name"] for c in calls] == ["a"]
+        assert split_stream(parser(1, NAMES), list(text))[1] == [("a", "{}")]
+
+
+def test_pythonic_never_evaluates():
+    """Calls that would have effects if evaluated are not calls (a name, an attribute, a call, a lambda)."""
+    for arg in ("__import__('os').system('true')", "open('/etc/passwd').read()", "(lambda: 1)()", "x.y", "f'{x}'"):
+        text = f"[a(x={arg})]"
+        assert PYTHONIC.extract(text) == (text, [])
+
+
+ORACLE_LISTS = [  # pythonic lists whose strings, comments and brackets the lexer must see through
+    "[a(x='', y='''it's \"q\", ok''', z=\"\\\"),\", w=r'\\'', v=\"\"\"\"\"\")]",
+    "[a(x=[('(', ')'), {'k': '#,]'}], # a comment, with ) and ]\n y=-1_000, z=0x1F, t=\"\\u00e9\\n\", u='a' 'b')]",
+    "[b(q={'a': {'b': [[], {}]}}), f(), a(x=.5e-3, y=+7,)]",
+]
+
+
+@pytest.mark.parametrize("text", ORACLE_LISTS)
+def test_pythonic_arguments_equal_pythons_own_reading(text):
+    """The oracle: Python's parser on the whole list, values by ``ast.literal_eval`` (which evaluates nothing)."""
+    import ast
+    want = [(call.func.id, json.dumps({k.arg: ast.literal_eval(k.value) for k in call.keywords}, ensure_ascii=False))
+            for call in ast.parse(text, mode="eval").body.elts]
+    content, calls = PYTHONIC.extract(text)
+    assert (content, calls_of(calls)) == (None, want)
+    assert split_stream(PYTHONIC, list(text))[:2] == (None, want)
+
+
+def test_inline_parsers_stay_linear_on_long_and_deep_output():
+    """A long argument full of commas and deeply nested unfinished or broken JSON parse once, not again
+    from every brace (the stream is fed one character at a time, as the slowest client would get it)."""
+    long_arg = "a, (b)] " * 4000
+    text = f'[get_weather(city="{long_arg}")]'
+    assert calls_of(PYTHONIC.extract(text)[1]) == [("get_weather", json.dumps({"city": long_arg}))]
+    assert split_stream(PYTHONIC, list(text))[1] == [("get_weather", json.dumps({"city": long_arg}))]
+    for deep in ('{"a": ' * 3000 + "1" + "}" * 2999 + " x", "[a(x=" + "[" * 3000, "{" * 5000):
+        assert LLAMA.extract(deep) == (deep, []) and PYTHONIC.extract(deep) == (deep, [])
+        assert split_stream(LLAMA, [deep])[:2] == (deep, [])
+
+
+@pytest.mark.parametrize("parser,text", [("pythonic", 'Checking. [get_weather(city="Paris")]'),
+                                         ("llama3_json", 'Checking. {"name": "get_weather", "parameters": '
+                                                         '{"city": "Paris"}}')])
+def test_auto_plan_uses_the_servers_parser(parser, text):
+    """``ChoiceTools`` (what chat completions run per choice) with the server's parser, whole and streamed."""
+    tools = plan(parser=parser, tools=[TOOL])
+    assert tools.parser == parser
+    whole = tools.choice()
+    message = whole.message(text)
+    assert message["content"] == "Checking." and whole.finish_reason("stop") == "tool_calls"
+    assert calls_of(message["tool_calls"]) == [("get_weather", '{"city": "Paris"}')]
+    streamed = tools.choice()
+    deltas = [streamed.feed(ch) for ch in text] + [streamed.finish()]
+    assert "".join(d.get("content", "") for d in deltas) == "Checking."
+    assert "".join(tc["function"]["arguments"] for d in deltas for tc in d.get("tool_calls", [])) == \
+        '{"city": "Paris"}'
+    assert streamed.finish_reason("stop") == "tool_calls" and streamed.finish_reason("length") == "length"

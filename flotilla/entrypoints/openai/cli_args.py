@@ -87,7 +87,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "--tool-call-parser")
     p.add_argument("--tool-call-parser", default=None, metavar="NAME",
                    help="how tool calls are parsed out of the model's text (vLLM's names): hermes "
-                        "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models)")
+                        "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models), llama3_json "
+                        "({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), pythonic ([f(a=1), g()], "
+                        "Llama 3.2/4, ToolACE)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 

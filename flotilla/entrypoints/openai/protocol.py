@@ -21,7 +21,7 @@ from typing_extensions import NotRequired, TypedDict
 from flotilla.entrypoints.openai.chat_templates import ChatTemplateFields
 from flotilla.entrypoints.openai.request_fields import check_fields
 from flotilla.entrypoints.openai.structured import StructuredFields
-from flotilla.entrypoints.openai.tool_calling import ToolFields
+from flotilla.entrypoints.openai.tool_calling import ChatTool, ToolFields
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
@@ -298,11 +298,12 @@ def check_num_choices(num_prompts: int, n: int | None, param: str = "n") -> None
 
 
 class TokenizeRequest(ChatTemplateFields, _Request):
-    """POST /tokenize: ``prompt`` text, or chat ``messages`` rendered with the chat template."""
+    """POST /tokenize: ``prompt`` text, or chat ``messages`` (and ``tools``) rendered with the chat template."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 

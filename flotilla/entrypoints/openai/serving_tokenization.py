@@ -1,9 +1,11 @@
 """POST /tokenize and POST /detokenize.
 
 Contract: ``/tokenize`` takes exactly one of ``prompt`` (text, ``add_special_tokens`` default true) or chat
-``messages`` (rendered with the chat template as chat completions render it, ``add_generation_prompt`` default
-true, ``chat_template``, ``chat_template_kwargs``, ``continue_final_message``; tokenized without adding
-special tokens) and answers ``{tokens, count, max_model_len}``. It answers for prompts of at
+``messages`` (rendered with the chat template as chat completions render it, ``tools`` included (vLLM's chat
+tokenize request), ``add_generation_prompt`` default true, ``chat_template``, ``chat_template_kwargs``,
+``continue_final_message``; tokenized without adding special tokens, so the count is a chat completion's
+``usage.prompt_tokens`` for the same messages and tools) and answers ``{tokens, count, max_model_len}``;
+``tools`` with ``prompt`` is a 400. It answers for prompts of at
 most ``max_model_len`` tokens; a longer one is a 400 naming the field and the limit, and a text that
 provably cannot fit is rejected before it is tokenized (so one request's work stays bounded).
 ``/detokenize`` takes ``tokens`` (each in the vocabulary, else 400) and answers ``{prompt}``. Both take
@@ -20,6 +22,7 @@ from flotilla.entrypoints.openai.errors import APIError
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest, template_messages
 from flotilla.entrypoints.openai.serving_chat import chat_size
+from flotilla.entrypoints.openai.tool_calling import template_tools
 
 
 async def tokenize(served: ServedModels, request: Request) -> Response:
@@ -27,6 +30,8 @@ async def tokenize(served: ServedModels, request: Request) -> Response:
     ctx = served.resolve(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt")
+    if req.prompt is not None and req.tools is not None:
+        raise APIError(400, "tools go with messages (the chat template renders them), not with prompt", "tools")
     limit = ctx.max_model_len
     if req.prompt is not None:
         text, param, size = req.prompt, "prompt", len(req.prompt)
@@ -35,6 +40,9 @@ async def tokenize(served: ServedModels, request: Request) -> Response:
         text, param, size = None, "messages", chat_size(messages)
         options = req.template_options(req.add_generation_prompt, ctx.config.chat_template,
                                        ctx.config.trust_request_chat_template)
+        tools = template_tools(req.tools)
+        if tools:
+            options["tools"] = tools
     special = req.prompt is not None and req.add_special_tokens is not False
 
     def build(processor) -> list[int]:

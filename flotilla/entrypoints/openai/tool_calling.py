@@ -94,8 +94,7 @@ class ToolFields(BaseModel):
         for i, tool in enumerate(tools):
             _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
         max_calls = 1 if self.parallel_tool_calls is False else None
-        template_tools = [t.model_dump(exclude_none=True) for t in tools] or None
-        plan = dict(template_tools=template_tools, max_calls=max_calls)
+        plan = dict(template_tools=template_tools(tools), max_calls=max_calls)
         if isinstance(choice, NamedToolChoice):
             tool = next((t for t in tools if t.function.name == choice.function.name), None)
             if tool is None:
@@ -110,6 +109,11 @@ class ToolFields(BaseModel):
                                           "--tool-call-parser to be set", "tool_choice")
             return ToolPlan("auto", parser=parser, tool_names=tuple(names), **plan)
         return ToolPlan("none", **plan)
+
+
+def template_tools(tools: list[ChatTool] | None) -> list[dict] | None:
+    """``tools`` as the chat template gets them (chat completions and ``/tokenize`` alike); None for none."""
+    return [t.model_dump(exclude_none=True) for t in tools or []] or None
 
 
 def _parameters(fn: FunctionDefinition) -> dict:

@@ -4,16 +4,22 @@ NAME``): each turns a model's free text into ``(content, tool_calls)`` and strea
 | module | what |
 | ``json_calls`` | incremental JSON call scanning and OpenAI tool-call deltas (shared) |
 | ``hermes`` | ``<tool_call>{...}</tool_call>`` blocks (Hermes, Qwen2.5) |
+| ``text_calls`` | the driver of the parsers below: call regions inline in the text, the rest content |
+| ``llama3_json`` | ``{"name": ..., "parameters": {...}}`` objects, ``;``-separated, after ``<|python_tag|>`` or not |
+| ``pythonic`` | ``[fn(a=1), g()]`` Python call lists, read with ``ast`` |
 """
 
 from __future__ import annotations
 
 from flotilla.entrypoints.openai.tool_parsers.hermes import HermesToolParser
+from flotilla.entrypoints.openai.tool_parsers.llama3_json import Llama3JsonToolParser
+from flotilla.entrypoints.openai.tool_parsers.pythonic import PythonicToolParser
 
-TOOL_PARSERS = {"hermes": HermesToolParser}
+# vLLM's names (``llama4_json`` is vLLM's second name for ``llama3_json``)
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser,
+                "llama4_json": Llama3JsonToolParser, "pythonic": PythonicToolParser}
 # vLLM parser names flotilla does not implement (a clear error instead of "unknown")
-NOT_IMPLEMENTED = ("llama3_json", "pythonic", "mistral", "granite", "internlm", "jamba", "llama4_json",
-                   "llama4_pythonic")
+NOT_IMPLEMENTED = ("mistral", "granite", "internlm", "jamba", "llama4_pythonic")
 
 
 def check_tool_parser(name: str | None) -> str | None:

@@ -60,7 +60,7 @@ TOKYO = [{"role": "user", "content": "What time is it in Tokyo?"}]
 def server(tmp_path_factory):
     template = tmp_path_factory.mktemp("templates") / "pythonic.jinja"
     template.write_text(TEMPLATE)
-    srv = ServerProcess(None, "--max-model-len", "1024", "--num-kv-blocks", "128", "--served-model-name", "smol",
+    srv = ServerProcess(None, "--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "128", "--served-model-name", "smol",
                         "--chat-template", str(template), "--enable-auto-tool-choice", "--tool-call-parser",
                         "pythonic")
     yield srv

@@ -186,6 +186,18 @@ def test_a_constrained_parser_reads_only_the_calls_the_grammar_constrains():
         assert stream_parse(text, 2, constrained)[:2] == (None, [("get_weather", '{"city": "paris", "days": 2}')])
 
 
+def test_strict_tools_need_a_parser_with_a_structural_tag(monkeypatch):
+    from flotilla.entrypoints.openai import tool_calling
+
+    class Plain(HermesToolParser):
+        structural_tag = None
+    monkeypatch.setitem(tool_calling.TOOL_PARSERS, "plain", Plain)
+    assert plan(parser="plain", tools=[TOOL]).mode == "auto"
+    with pytest.raises(InvalidRequestError) as info:
+        plan(parser="plain", tools=[STRICT])
+    assert info.value.param == "tools" and "--tool-call-parser plain" in info.value.message
+
+
 def test_strict_tools_with_another_constraint_are_400():
     from flotilla.entrypoints.openai.serving_chat import with_tool_constraint
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": [STRICT],

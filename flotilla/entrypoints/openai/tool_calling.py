@@ -121,8 +121,12 @@ def _strict_tag(tools: list[ChatTool], parser: str, max_calls: int | None) -> St
     """The structural tag that enforces the tools' schemas under ``auto`` when any tool is strict, else None."""
     if not any(t.function.strict for t in tools):
         return None
+    build = getattr(TOOL_PARSERS[parser], "structural_tag", None)
+    if build is None:
+        raise InvalidRequestError(f"strict tools are not supported with --tool-call-parser {parser} (it has no "
+                                  "structural tag); leave strict out or use tool_choice required", "tools")
     functions = [(t.function.name, _parameters(t.function) if t.function.strict else True) for t in tools]
-    tag = TOOL_PARSERS[parser].structural_tag(functions, max_calls)
+    tag = build(functions, max_calls)
     params = StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False))
     validate_structured(params, "tools")
     return params

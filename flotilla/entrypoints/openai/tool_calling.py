@@ -177,8 +177,10 @@ class ChoiceTools:
         self.plan = plan
         self.emitter = CallEmitter(plan.max_calls)
         self.array = CallArrayScanner() if plan.mode == "required" else None
-        self.parser = TOOL_PARSERS[plan.parser](plan.max_calls, plan.tool_names, constrained=plan.constraint is not None) \
-            if plan.mode == "auto" else None
+        self.parser = None
+        if plan.mode == "auto":  # a constraint under auto: strict tools' structural tag
+            parser = TOOL_PARSERS[plan.parser]
+            self.parser = parser(plan.max_calls, plan.tool_names, constrained=plan.constraint is not None)
         self.stream = self.parser.stream() if self.parser is not None else None
         self.named_id: str | None = None
         self.extracted = False  # message() found calls

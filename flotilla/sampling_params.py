@@ -26,7 +26,9 @@ class StructuredOutputsParams:
 
     ``json``: a JSON schema (dict or JSON text); ``regex``: a regular expression the whole output matches;
     ``choice``: the output is exactly one of these strings; ``grammar``: an EBNF (GBNF/xgrammar) grammar with a
-    ``root`` rule; ``json_object``: any JSON object. ``disable_any_whitespace``: JSON without free whitespace
+    ``root`` rule; ``json_object``: any JSON object; ``structural_tag``: an xgrammar structural tag (JSON text,
+    ``{"type": "structural_tag", "format": {...}}``; e.g. free text in which tool-call blocks follow their
+    schemas). ``disable_any_whitespace``: JSON without free whitespace
     (compact: ``{"a":1}``); ``whitespace_pattern``: a regex for the whitespace JSON may contain (vLLM's field).
     ``validate()`` checks the form only; the grammar is parsed by ``flotilla.structured`` (a bad schema,
     regex or grammar is an ``InvalidRequestError`` naming the field).
@@ -37,11 +39,12 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
     disable_any_whitespace: bool = False
     whitespace_pattern: str | None = None
 
     def kind(self) -> str:
-        """The one constraint set: "json" | "regex" | "choice" | "grammar" | "json_object"."""
+        """The one constraint set: "json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag"."""
         return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
     def validate(self, field_name: str = "structured_outputs") -> None:
@@ -52,7 +55,7 @@ class StructuredOutputsParams:
                 f"{', '.join(kinds) if kinds else 'none'}", field_name)
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise InvalidRequestError(f"{field_name}.json must be a JSON schema (object or string)", field_name)
-        for name in ("regex", "grammar", "whitespace_pattern"):
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidRequestError(f"{field_name}.{name} must be a non-empty string", field_name)
@@ -62,11 +65,14 @@ class StructuredOutputsParams:
             if not ok:
                 raise InvalidRequestError(f"{field_name}.choice must be a list of 1 to {MAX_CHOICES} non-empty "
                                           "strings", field_name)
+        if self.structural_tag is not None and self.disable_any_whitespace:
+            raise InvalidRequestError(f"{field_name}.disable_any_whitespace does not apply to a structural_tag",
+                                      field_name)
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise InvalidRequestError(f"{field_name}.json_object must be a boolean", field_name)
 
 
-_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass

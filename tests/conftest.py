@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random Llama-family models saved as real HF directories, and the embedded model.
 
+The Qwen2.5-Coder-0.5B server (``qwen_server``, ``qwen_client``; ``qwen_server.py``) is session-scoped: the
+tool-calling and real-client modules share one ``flotilla serve``.
+
 Both kernel paths: a module marked ``pytest.mark.both_kernel_paths`` runs every test twice, once with the fused
 CPU kernels (``[kernels]``) and once with plain PyTorch ops (``[eager]``), through the module-scoped
 ``cpu_kernels`` fixture (autouse: in-process ``ops.set_kernels_enabled`` plus ``FLOTILLA_CPU_KERNELS`` for child
@@ -13,6 +16,8 @@ import os
 
 import pytest
 import torch
+
+from qwen_server import qwen_client, qwen_server  # noqa: F401 (session fixtures for every module)
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KERNEL_PATHS = ("kernels", "eager")

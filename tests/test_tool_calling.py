@@ -5,7 +5,8 @@ template renders ``tools``, assistant ``tool_calls`` and ``role: tool`` messages
 Named and ``required`` calls are constrained by structured output, so their arguments always parse and match
 the tool's schema; ``auto`` relies on the model emitting ``<tool_call>`` blocks, which it does for a prompt
 that plainly asks for the weather. Streaming must reassemble to the non-streamed call (same name, same
-argument text). Skipped when the model's packages are not installed (``./scripts/setup.sh`` installs them).
+argument text). The server is the session's ``qwen_server`` (``qwen_server.py``), skipped when the model's
+packages are not installed (``./scripts/setup.sh`` installs them).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
-from flotilla.models.loader import get_alias
-from test_server_helpers import ServerProcess
-
 pytestmark = pytest.mark.slow
-ALIAS = "qwen2.5-coder-0.5b-instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
@@ -34,19 +30,13 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris right now?
 
 
 @pytest.fixture(scope="module")
-def server():
-    alias = get_alias(ALIAS)
-    if alias.locate() is None and alias.missing_parts():
-        pytest.skip(f"{ALIAS} is not installed (run ./scripts/setup.sh, or: {alias.install_command})")
-    srv = ServerProcess(ALIAS, "--max-model-len", "1024", "--served-model-name", "qwen",
-                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", startup_timeout=300)
-    yield srv
-    assert srv.stop() == 0, srv.output()
+def server(qwen_server):
+    return qwen_server  # one server per session, shared with test_real_clients.py (qwen_server.py)
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=300)
+def client(qwen_client):
+    return qwen_client
 
 
 def create(client, **kw):

@@ -1,6 +1,6 @@
 """Unit tests of tool calling's pure parts: the hermes, llama3_json and pythonic parsers (whole and streamed),
-the JSON call scanners, the request plan (tool_choice -> constraint, errors) and the server flags. Fast; no
-model."""
+the JSON call scanners, the request plan (tool_choice -> constraint, errors; strict tools -> the hermes structural
+tag, checked with xgrammar's own matcher on strings) and the server flags. Fast; no model."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from flotilla.entrypoints.openai.tool_parsers.json_calls import CallArrayScanner
 from flotilla.entrypoints.openai.tool_parsers.llama3_json import Llama3JsonToolParser
 from flotilla.entrypoints.openai.tool_parsers.pythonic import PythonicToolParser
 from flotilla.errors import InvalidRequestError
+from flotilla.structured.grammar import build_grammar
 
 NAMES = ["get_weather", "a", "b", "f"]
 PARSER = HermesToolParser(None, NAMES)
@@ -133,6 +134,79 @@ def test_plan_errors(kw, param, words):
     with pytest.raises(InvalidRequestError) as info:
         plan(**kw)
     assert info.value.param == param and words in info.value.message
+
+
+STRICT = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["paris", "rome"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+LOOSE = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+
+
+def grammar_accepts(params, text: str) -> bool:
+    """Whether the whole of ``text`` is an output the constraint allows (xgrammar's matcher, on characters)."""
+    import xgrammar
+    compiled = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo([])).compile_grammar(build_grammar(params))
+    matcher = xgrammar.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+def test_strict_tools_constrain_auto_calls():
+    assert plan(tools=[TOOL]).constraint is None  # no strict tool: free text, the parser reads what comes
+    p = plan(tools=[STRICT, LOOSE])
+    assert p.mode == "auto" and p.constraint.kind() == "structural_tag"
+    call = '{"name": "get_weather", "arguments": {"city": "paris", "days": 2}}'
+    allowed = ["Hello there", "", call, call + "\nok", f"Sure. <tool_call>\n{call}\n</tool_call> and more",
+               '<tool_call>\n{"name": "f", "arguments": {"y": [1]}}\n</tool_call>']  # f is not strict
+    refused = ['{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}',  # not in the enum
+               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome", "days": 9}}\n</tool_call>',
+               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome"}}\n</tool_call>',
+               '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
+               '<tool_call>{"name": "f", "arguments": {}}</tool_call>']  # a block opens as the template says
+    assert [t for t in allowed if not grammar_accepts(p.constraint, t)] == []
+    assert [t for t in refused if grammar_accepts(p.constraint, t)] == []
+    one = plan(tools=[STRICT], parallel_tool_calls=False).constraint
+    assert grammar_accepts(one, call) and not grammar_accepts(one, call + call)
+
+
+def test_a_constrained_parser_reads_only_the_calls_the_grammar_constrains():
+    """A bare object that does not open as the grammar's trigger was not constrained: it stays content."""
+    names = ["get_weather", "f"]
+    free = '{"name":"get_weather","arguments":{"city":"Paris"}}'
+    assert grammar_accepts(plan(tools=[STRICT, LOOSE]).constraint, free)  # the grammar leaves it free ...
+    constrained = HermesToolParser(None, names, constrained=True)
+    assert constrained.extract(free) == (free, [])  # ... so it is no call
+    assert HermesToolParser(None, names).extract(free)[1]  # (the unconstrained parser reads it)
+    for step in (1, 3, 10_000):
+        assert stream_parse(free, step, constrained)[:2] == (free, [])
+    call = '{"name": "get_weather", "arguments": {"city": "paris", "days": 2}}'
+    for text in (call, f"<tool_call>\n{call}\n</tool_call>"):
+        content, calls = constrained.extract(text)
+        assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+            [("get_weather", '{"city": "paris", "days": 2}')]
+        assert stream_parse(text, 2, constrained)[:2] == (None, [("get_weather", '{"city": "paris", "days": 2}')])
+
+
+def test_strict_tools_need_a_parser_with_a_structural_tag(monkeypatch):
+    from flotilla.entrypoints.openai import tool_calling
+
+    class Plain(HermesToolParser):
+        structural_tag = None
+    monkeypatch.setitem(tool_calling.TOOL_PARSERS, "plain", Plain)
+    assert plan(parser="plain", tools=[TOOL]).mode == "auto"
+    with pytest.raises(InvalidRequestError) as info:
+        plan(parser="plain", tools=[STRICT])
+    assert info.value.param == "tools" and "--tool-call-parser plain" in info.value.message
+
+
+def test_strict_tools_with_another_constraint_are_400():
+    from flotilla.entrypoints.openai.serving_chat import with_tool_constraint
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": [STRICT],
+                                                "response_format": {"type": "json_object"}})
+    with pytest.raises(InvalidRequestError) as info:
+        with_tool_constraint(req.to_sampling_params(), req.tool_plan(True, "hermes"))
+    assert info.value.param == "tool_choice" and "strict tools" in info.value.message
 
 
 def test_assistant_tool_calls_reach_the_template_with_dict_arguments():

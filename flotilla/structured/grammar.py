@@ -67,6 +67,8 @@ def build_grammar(params: StructuredOutputsParams, field: str = _FIELD):
             return xgr.Grammar.from_regex(params.regex)
         if kind == "choice":
             return xgr.Grammar.from_regex(_choice_regex(params.choice))
+        if kind == "structural_tag":
+            return xgr.Grammar.from_structural_tag(params.structural_tag)
         return xgr.Grammar.from_ebnf(params.grammar)
     except InvalidRequestError:
         raise

@@ -100,13 +100,14 @@ async def create_chat_completion(served: ServedModels, request: Request) -> Resp
 
 
 def with_tool_constraint(params: SamplingParams, tools: ToolPlan) -> SamplingParams:
-    """``params`` constrained to the tool calls ``tool_choice`` requires (required, named); a request that
-    also asks for another structured output is a 400."""
+    """``params`` constrained to the tool calls ``tool_choice`` requires (required, named, auto with strict
+    tools); a request that also asks for another structured output is a 400."""
     if tools.constraint is None:
         return params
     if params.structured_outputs is not None:
-        raise InvalidRequestError(f"tool_choice {tools.mode!r} constrains the output itself; leave out "
-                                  "response_format and structured_outputs", "tool_choice")
+        what = "strict tools constrain" if tools.mode == "auto" else f"tool_choice {tools.mode!r} constrains"
+        raise InvalidRequestError(f"{what} the output itself; leave out response_format and structured_outputs",
+                                  "tool_choice")
     return dataclasses.replace(params, structured_outputs=tools.constraint)
 
 

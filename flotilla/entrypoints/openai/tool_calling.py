@@ -5,13 +5,17 @@ naming the field):
 - ``tool_choice`` left out means ``auto`` when ``tools`` are given, else ``none``; ``none`` (or no tools)
   generates plain text (the tools still reach the chat template, as in vLLM).
 - ``auto`` with tools needs ``--enable-auto-tool-choice`` and ``--tool-call-parser`` (else 400, as vLLM); the
-  parser extracts calls from free text.
+  parser extracts calls from free text. When a tool has ``strict: true`` (OpenAI's structured outputs for
+  function calling; vLLM enforces it the same way) the output is constrained by the parser's structural tag:
+  text stays free, and every call the parser reads names a tool and has arguments that follow the schema of
+  a strict tool (any JSON for the other tools).
 - ``required`` constrains the output (structured output) to vLLM's schema: a JSON array (``minItems`` 1;
   ``maxItems`` 1 with ``parallel_tool_calls: false``) of ``{"name": <one tool's name>, "parameters": <its
   parameters schema>}`` (``anyOf`` over the tools); with ``tools: []`` it means ``none`` (OpenAI, vLLM).
 - ``{"type": "function", "function": {"name": N}}`` constrains the output to N's parameters schema; N must
   be one of ``tools``.
-- Every tool's ``parameters`` must be a JSON schema xgrammar accepts (400 naming ``tools``).
+- Every tool's ``parameters`` must be a JSON schema xgrammar accepts (400 naming ``tools``). ``strict`` changes
+  nothing for ``required`` and named choices: they are always constrained.
 The response (``ChoiceTools``): calls as ``tool_calls`` with ids ``chatcmpl-tool-<hex>``, ``arguments`` the
 JSON text generated; ``content`` None for ``required`` and named (the text outside the calls for ``auto``);
 ``finish_reason`` ``tool_calls`` when ``required`` or ``auto`` produced calls and generation stopped
@@ -64,7 +68,7 @@ class ToolPlan:
     function; ``constraint`` the structured output that enforces it; ``template_tools`` for the chat
     template; ``max_calls`` 1 with ``parallel_tool_calls: false``."""
 
-    mode: str = "none"
+    mode: str = "none"  # "auto" with ``constraint``: strict tools
     name: str | None = None
     constraint: StructuredOutputsParams | None = None
     template_tools: list[dict] | None = None
@@ -107,13 +111,29 @@ class ToolFields(BaseModel):
             if not enable_auto or parser not in TOOL_PARSERS:
                 raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and '
                                           "--tool-call-parser to be set", "tool_choice")
-            return ToolPlan("auto", parser=parser, tool_names=tuple(names), **plan)
+            return ToolPlan("auto", None, _strict_tag(tools, parser, max_calls), parser=parser,
+                            tool_names=tuple(names), **plan)
         return ToolPlan("none", **plan)
 
 
 def template_tools(tools: list[ChatTool] | None) -> list[dict] | None:
     """``tools`` as the chat template gets them (chat completions and ``/tokenize`` alike); None for none."""
     return [t.model_dump(exclude_none=True) for t in tools or []] or None
+
+
+def _strict_tag(tools: list[ChatTool], parser: str, max_calls: int | None) -> StructuredOutputsParams | None:
+    """The structural tag that enforces the tools' schemas under ``auto`` when any tool is strict, else None."""
+    if not any(t.function.strict for t in tools):
+        return None
+    build = getattr(TOOL_PARSERS[parser], "structural_tag", None)
+    if build is None:
+        raise InvalidRequestError(f"strict tools are not supported with --tool-call-parser {parser} (it has no "
+                                  "structural tag); leave strict out or use tool_choice required", "tools")
+    functions = [(t.function.name, _parameters(t.function) if t.function.strict else True) for t in tools]
+    tag = build(functions, max_calls)
+    params = StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False))
+    validate_structured(params, "tools")
+    return params
 
 
 def _parameters(fn: FunctionDefinition) -> dict:
@@ -161,7 +181,13 @@ class ChoiceTools:
         self.plan = plan
         self.emitter = CallEmitter(plan.max_calls)
         self.array = CallArrayScanner() if plan.mode == "required" else None
-        self.parser = TOOL_PARSERS[plan.parser](plan.max_calls, plan.tool_names) if plan.mode == "auto" else None
+        self.parser = None
+        if plan.mode == "auto":  # a constraint under auto: strict tools' structural tag
+            parser = TOOL_PARSERS[plan.parser]
+            # Only parsers with a structural tag can be constrained (strict tools with another parser are a
+            # 400 in the plan), and only they take ``constrained``.
+            constrained = {"constrained": True} if plan.constraint is not None else {}
+            self.parser = parser(plan.max_calls, plan.tool_names, **constrained)
         self.stream = self.parser.stream() if self.parser is not None else None
         self.named_id: str | None = None
         self.extracted = False  # message() found calls

@@ -9,30 +9,52 @@ nothing else is left. ``HermesStream`` does the same incrementally (``feed`` del
 ``content`` and/or ``tool_calls``; ``finish()`` flushes): on well-formed output the streamed content and
 calls reassemble to ``extract``'s. A call is streamed as soon as its name is known, so a block whose JSON
 breaks after its name stays a (truncated) call when streamed.
+
+Strict tools (``structural_tag``, used by ``tool_choice: auto`` when a tool has ``strict: true``): an xgrammar
+structural tag over the output that leaves free text free and makes every call the parser reads, a
+``<tool_call>`` block (triggered by ``<tool_call>``) or a bare call object (triggered by ``{"name": ``), name
+one of the tools and carry arguments that follow its schema. A parser made with ``constrained=True`` reads a
+bare call only when it starts with exactly that trigger, so every call it returns was constrained.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from flotilla.entrypoints.openai.tool_parsers.json_calls import CallEmitter, CallScanner
 
 START, END = "<tool_call>", "</tool_call>"
+BARE_START = '{"name": '  # a bare call object as Qwen2.5 writes it (the structural tag's second trigger)
 _BLOCK = re.compile(re.escape(START) + r"(.*?)(?:" + re.escape(END) + r"|\Z)", re.DOTALL)
 
 
 class HermesToolParser:
     name = "hermes"
 
-    def __init__(self, max_calls: int | None = None, tool_names=()):
+    def __init__(self, max_calls: int | None = None, tool_names=(), constrained: bool = False):
         self.max_calls = max_calls
         self.tool_names = frozenset(tool_names)
+        self.constrained = constrained  # the output follows structural_tag: read only the calls it constrains
+
+    @staticmethod
+    def structural_tag(functions: list[tuple[str, Any]], max_calls: int | None) -> dict:
+        """The structural tag (see the module contract) for ``functions``: (name, arguments schema) pairs, a
+        schema ``True`` for any JSON; at most one call when ``max_calls`` is 1."""
+        tags = []
+        for name, schema in functions:
+            opening = BARE_START + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+            content = {"type": "json_schema", "json_schema": schema}
+            tags.append({"type": "tag", "begin": START + "\n" + opening, "content": content, "end": "}\n" + END})
+            tags.append({"type": "tag", "begin": opening, "content": content, "end": "}"})
+        return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": [START, BARE_START],
+                                                     "tags": tags, "stop_after_first": max_calls == 1}}
 
     def extract(self, text: str) -> tuple[str | None, list[dict]]:
         emitter = CallEmitter(self.max_calls)
         scanners, content, pos = [], [], 0
-        bare = _bare_call(text, self.tool_names)
+        bare = _bare_call(text, self.tool_names, self.constrained)
         if bare is not None:
             scanners.append(bare[0])
             content.append(text[:bare[1]])
@@ -52,13 +74,14 @@ class HermesToolParser:
         return rest or None, emitter.tool_calls()
 
     def stream(self) -> "HermesStream":
-        return HermesStream(self.max_calls, self.tool_names)
+        return HermesStream(self.max_calls, self.tool_names, self.constrained)
 
 
-def _bare_call(text: str, names: frozenset) -> tuple[CallScanner, int, int] | None:
-    """A call object the text starts with (its scanner, start and end), if its name is a tool's."""
+def _bare_call(text: str, names: frozenset, constrained: bool = False) -> tuple[CallScanner, int, int] | None:
+    """A call object the text starts with (its scanner, start and end), if its name is a tool's (and, when
+    ``constrained``, it opens with ``BARE_START``)."""
     start = len(text) - len(text.lstrip())
-    if not text.startswith("{", start):
+    if not text.startswith(BARE_START if constrained else "{", start):
         return None
     scanner = CallScanner()
     end = start + scanner.feed(text[start:])
@@ -86,8 +109,9 @@ def _partial_suffix(text: str, tag: str) -> int:
 class HermesStream:
     """Incremental ``hermes`` parsing of one choice (see the module contract)."""
 
-    def __init__(self, max_calls: int | None = None, tool_names=frozenset()):
+    def __init__(self, max_calls: int | None = None, tool_names=frozenset(), constrained: bool = False):
         self.tool_names = tool_names
+        self.constrained = constrained
         self.bare_possible = True  # the output may start with a bare call object
         self.tag = START  # of the current block ("" for a bare call)
         self.emitter = CallEmitter(max_calls)
@@ -137,6 +161,10 @@ class HermesStream:
             self.block += self.buf[:used]
             self.buf = self.buf[used:]
         bare = not self.tag
+        if bare and self.constrained and not (self.block.startswith(BARE_START) or
+                                              BARE_START.startswith(self.block)):
+            self._give_back(content)  # not the opening the grammar constrains: content
+            return True
         if bare and scanner.name is not None and scanner.name not in self.tool_names or (
                 scanner.finished and scanner.name is None):  # no call: the block is content
             self._give_back(content)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from flotilla.errors import InvalidRequestError
 from flotilla.repository import (
     DynamicBatcher, InferError, ModelIO, TensorExecutor, concat_inputs, parse_model_config, split_outputs,
 )
@@ -338,8 +339,10 @@ def test_request_checks_use_triton_s_messages(inputs, message):
     with pytest.raises(InferError, match=message) as info:
         io.check_request(inputs)
     assert info.value.code == "INVALID_ARG"
+    assert isinstance(info.value, InvalidRequestError)      # the same check the backends run
     with pytest.raises(InferError, match="unexpected inference output 'nope' for model 'doubler'"):
-        io.check_requested_outputs(["Y", "nope"])
+        io.select_outputs(["Y", "nope"])
+    assert io.select_outputs([]) == ["Y"] and io.select_outputs(["Y", "Y"]) == ["Y"]
 
 
 def test_bytes_inputs_pad_with_empty_bytes_and_models_without_batching_pass_through():

@@ -4,7 +4,8 @@ Modules, one job each:
 - ``config``: config.pbtxt / config.yaml -> a validated, normalised ``ModelConfig`` (tritonclient's message).
 - ``control``: version discovery and version policies; model control modes none / poll / explicit over
   repository scans (what should be loaded).
-- ``tensors``: dtypes, request checks with Triton's messages, concatenation / padding / splitting of batches.
+- ``tensors``: per-model tensor specs, the request check with Triton's messages, concatenation / padding /
+  splitting of batches.
 - ``batch_policy``: the dynamic batcher as a pure policy (queue + clock -> next batch, timeouts, waits).
 - ``dynamic_batcher``: the asyncio runner that executes batches on N model instances in worker threads.
 - ``errors``: ``InferError`` (Triton status code + message), ``ModelConfigError``, ``ModelControlError``.
@@ -24,13 +25,13 @@ from flotilla.repository.dynamic_batcher import (
     BatchExecutor, BatcherStats, DynamicBatcher, InferRequest, TensorExecutor,
 )
 from flotilla.repository.errors import InferError, ModelConfigError, ModelControlError
-from flotilla.repository.tensors import ModelIO, TensorSpec, concat_inputs, numpy_dtype, protocol_dtype, split_outputs
+from flotilla.repository.tensors import CheckedRequest, ModelIO, TensorSpec, concat_inputs, split_outputs
 
 __all__ = [
-    "BatchExecutor", "BatchQueue", "BatcherSettings", "BatcherStats", "Decision", "DynamicBatcher", "InferError",
+    "BatchExecutor", "BatchQueue", "CheckedRequest", "BatcherSettings", "BatcherStats", "Decision", "DynamicBatcher", "InferError",
     "InferRequest", "ModelChange", "ModelConfig", "ModelConfigError", "ModelControl", "ModelControlError",
     "ModelControlMode", "ModelIO", "ModelSnapshot", "ModelTarget", "OrderedRelease", "QueuePolicy",
     "RepositoryScan", "TensorExecutor", "TensorSpec", "concat_inputs", "diff_scans", "instance_count",
-    "load_model_config", "numpy_dtype", "parse_model_config", "protocol_dtype", "read_model_config",
+    "load_model_config", "parse_model_config", "read_model_config",
     "resolve_target", "scan_repositories", "split_outputs", "validate_model_config", "versions_to_load",
 ]

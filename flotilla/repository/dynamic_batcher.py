@@ -115,6 +115,7 @@ class BatcherStats:
     rejected_timeout: int = 0              # timed out in the queue under REJECT
     inference_count: int = 0               # sum of successful requests' batch sizes
     execution_count: int = 0               # batches executed
+    executed_count: int = 0                # requests that ran in a batch (the count of the queue / compute times)
     queue_s: float = 0.0                   # total time executed requests waited in the queue
     compute_s: float = 0.0                 # total execution time, counted per request
     compute_input_s: float = 0.0           # of which gathering inputs (per request, when the executor splits it)
@@ -200,7 +201,7 @@ class DynamicBatcher:
     def stats(self) -> BatcherStats:
         s = self._stats
         return BatcherStats(s.success_count, s.fail_count, s.rejected_queue_full, s.rejected_timeout,
-                            s.inference_count, s.execution_count, s.queue_s, s.compute_s, s.compute_input_s,
+                            s.inference_count, s.execution_count, s.executed_count, s.queue_s, s.compute_s, s.compute_input_s,
                             s.compute_infer_s, s.compute_output_s, dict(s.batch_sizes), dict(s.batch_compute_s),
                             len(self._queue), len(self._running))
 
@@ -344,6 +345,7 @@ class DynamicBatcher:
                  else (0.0, end - start, 0.0))
         before = s.batch_compute_s.get(size, (0.0, 0.0, 0.0))
         s.batch_compute_s[size] = tuple(a + b for a, b in zip(before, times))
+        s.executed_count += len(batch)
         for pending, result in zip(batch, results):
             queue_s = start - pending.enqueued
             s.queue_s += queue_s

@@ -124,6 +124,10 @@ class ModelRepository:
             for m in order:
                 await self._unload(m, UNLOADED)
 
+    async def stop(self) -> None:
+        """``close()`` (the name the server's lifecycle hooks call)."""
+        await self.close()
+
     async def poll(self, force: bool = False) -> list[str]:
         """Poll mode: when the poll interval has passed on ``clock`` (or ``force``), rescan and apply the
         changes; returns the names of the models that changed (empty when it was not time yet)."""

@@ -114,8 +114,8 @@ class ModelRepository:
         if self._closed:
             return
         self._closed = True
-        if self._poll_task is not None:
-            self._poll_task.cancel()
+        if self._poll_task is not None:     # a poll in progress finishes (a cancelled load would leak instances)
+            self.wakeup()
             await asyncio.gather(self._poll_task, return_exceptions=True)
         if self._lock is None:
             return
@@ -192,7 +192,11 @@ class ModelRepository:
         m = self._want(target, explicit)
         if target.error is not None:
             raise ModelControlError(target.error, code="INVALID_ARG")
-        snapshot = snapshot_model(target.path)      # a changed label file (or directory) reloads every version
+        try:
+            snapshot = snapshot_model(target.path)  # a changed label file (or directory) reloads every version
+        except OSError as e:                        # the directory went away since the scan
+            m.reason = f"failed to load '{m.name}': cannot read model directory: {e}"
+            raise ModelControlError(m.reason, code="INVALID_ARG") from None
         digests = snapshot.versions
         key = b"\0".join((str(target.path).encode(), snapshot.other_digest.encode(),
                           target.config.SerializeToString(deterministic=True)))

@@ -10,9 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from flotilla.errors import InvalidRequestError
 from flotilla.repository import (
-    DynamicBatcher, InferError, ModelIO, TensorExecutor, concat_inputs, parse_model_config, split_outputs,
+    DynamicBatcher, InferError, InferRequest, ModelIO, TensorExecutor, concat_inputs, parse_model_config,
+    split_outputs,
 )
+from flotilla.repository.dynamic_batcher import Executed
 from flotilla.repository.config import normalize, validate_model_config
 
 WAIT_S = 10.0   # generous bound for every condition a test waits on
@@ -250,6 +253,50 @@ def test_an_executor_can_fail_single_requests():
     run(main())
 
 
+def test_results_carry_response_parameters_times_and_the_backend_s_error_code():
+    class ModelError(RuntimeError):        # as the backends' ModelExecutionError: a Triton code and a message
+        def __init__(self, message, code):
+            super().__init__(message)
+            self.message, self.code = message, code
+
+    class Split:
+        def execute(self, requests):
+            out = []
+            for r in requests:
+                v = float(r.inputs["X"][0, 0])
+                if v == 13:
+                    out.append(ModelError("unlucky", "UNAVAILABLE"))
+                elif v == 7:
+                    out.append(ModelError("unknown code", "UNKNOWN"))
+                else:
+                    out.append(Executed({"Y": r.inputs["X"] * 2}, {"seen": v}, 0.001, 0.002, 0.003))
+            return out
+
+    async def main():
+        clock = FakeClock()
+        config = doubler_config("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 1000000")
+        batcher = DynamicBatcher.from_config(config, [Split()], clock=clock)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.infer_result(x(v))) for v in (1, 13, 7, 2)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert results[0].parameters == {"seen": 1.0} and results[0].outputs["Y"][0, 0] == 2
+        assert (results[0].compute_input_s, results[0].compute_infer_s, results[0].compute_output_s) == (
+            0.001, 0.002, 0.003)
+        assert results[1].code == "UNAVAILABLE" and results[1].message == "unlucky"
+        assert results[2].code == "INTERNAL" and "unknown code" in results[2].message
+        stats = batcher.stats()
+        assert stats.executed_count == 4 and stats.batch_compute_s == {4: (0.001, 0.002, 0.003)}
+        assert stats.compute_infer_s == pytest.approx(4 * 0.002)
+        # The tensor path splits its own time: gather the inputs, run the model, scatter the outputs.
+        io = ModelIO.from_config(config)
+        executed = TensorExecutor(io, lambda b: {"Y": b["X"] * 2}).execute(
+            [InferRequest(0, x(1.0), 1), InferRequest(1, x(2.0, rows=2), 2)])
+        assert [e.outputs["Y"].shape for e in executed] == [(1, 2), (2, 2)]
+        assert all(e.compute_input_s >= 0 and e.compute_infer_s > 0 and e.compute_output_s >= 0 for e in executed)
+        await batcher.stop()
+    run(main())
+
+
 def test_cancelled_requests_leave_the_queue_and_stop_drains_the_rest():
     async def main():
         clock = FakeClock()
@@ -338,8 +385,10 @@ def test_request_checks_use_triton_s_messages(inputs, message):
     with pytest.raises(InferError, match=message) as info:
         io.check_request(inputs)
     assert info.value.code == "INVALID_ARG"
+    assert isinstance(info.value, InvalidRequestError)      # the same check the backends run
     with pytest.raises(InferError, match="unexpected inference output 'nope' for model 'doubler'"):
-        io.check_requested_outputs(["Y", "nope"])
+        io.select_outputs(["Y", "nope"])
+    assert io.select_outputs([]) == ["Y"] and io.select_outputs(["Y", "Y"]) == ["Y"]
 
 
 def test_bytes_inputs_pad_with_empty_bytes_and_models_without_batching_pass_through():

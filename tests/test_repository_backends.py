@@ -229,7 +229,7 @@ def test_onnx_bad_requests_fail_alone(onnx_dir):
         ({"x": rows(2), "extra": rows(2)}, "unexpected inference input 'extra' for model 'tiny'"),
         ({"x": rows(2).astype(np.float64)}, "inference input 'x' data-type is 'FP64', but model 'tiny' expects 'FP32'"),
         ({"x": np.zeros((2, 5), np.float32)},
-         "unexpected shape for input 'x' for model 'tiny'. Expected \\[-1, 4\\], got \\[2, 5\\]"),
+         "unexpected shape for input 'x' for model 'tiny'. Expected \\[-1,4\\], got \\[2,5\\]"),
         ({"x": rows(9)}, "inference request batch-size must be <= 8 for 'tiny'"),
     ]
     for inputs, message in cases:

@@ -18,6 +18,12 @@ dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
       chat: {chat-v1: 90, chat-v2: 10}
     routing: prefix_aware                # replica choice: prefix_aware | power_of_two | round_robin
     ingress: {replicas: 2}               # Ray Serve only: OpenAI ingress replicas (default 1)
+    model_repository:                    # optional: a Triton-layout model repository (then models may be empty)
+      paths: [./triton_models]           # relative: to this file's directory
+      model_control_mode: explicit       # none (default) | poll | explicit
+      load_models: [embed]               # explicit mode: load these at startup ("*": all)
+      # repository_poll_secs: 15         # poll mode only
+      strict_readiness: true             # ready only when every model that should load did
 
 Contract: ``load_deployment_config`` / ``parse_deployment_config`` return a validated, frozen
 ``DeploymentConfig`` or raise ``DeploymentConfigError`` whose message starts with the file and the key path
@@ -38,10 +44,12 @@ import typing
 from typing import Any
 
 from flotilla.deploy.engine_args import deployment_from_cli
-from flotilla.deploy.spec import AutoscalingSpec, DeploymentConfig, DeploymentConfigError, ModelSpec
+from flotilla.deploy.spec import DEFAULT_REPOSITORY_POLL_SECS
+from flotilla.deploy.spec import (AutoscalingSpec, DeploymentConfig, DeploymentConfigError, ModelSpec,
+                                  RepositorySpec)
 
-__all__ = ["AutoscalingSpec", "DeploymentConfig", "DeploymentConfigError", "ModelSpec", "deployment_from_cli",
-           "load_deployment_config", "parse_deployment_config"]
+__all__ = ["AutoscalingSpec", "DeploymentConfig", "DeploymentConfigError", "ModelSpec", "RepositorySpec",
+           "deployment_from_cli", "load_deployment_config", "parse_deployment_config"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -95,7 +103,20 @@ def parse_deployment_config(data: Any, source: str = "<deployment>", base_dir: s
     models = tuple(_model_spec(entry, base_dir) for entry in doc.models)
     return DeploymentConfig(models=models, routes={alias: dict(w) for alias, w in doc.routes.items()},
                             routing=doc.routing, api_key_env=doc.api_key_env, seed=doc.seed,
-                            ingress_replicas=doc.ingress.replicas, source=source)
+                            ingress_replicas=doc.ingress.replicas,
+                            model_repository=_repository_spec(doc.model_repository, base_dir), source=source)
+
+
+def _repository_spec(section, base_dir: str | None) -> RepositorySpec | None:
+    if section is None:
+        return None
+    paths = tuple(p if base_dir is None or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+                  for p in section.paths)
+    poll = section.repository_poll_secs
+    return RepositorySpec(paths=paths, model_control_mode=section.model_control_mode,
+                          load_models=tuple(section.load_models),
+                          poll_secs=DEFAULT_REPOSITORY_POLL_SECS if poll is None else float(poll),
+                          strict_readiness=section.strict_readiness)
 
 
 def _model_spec(entry, base_dir: str | None) -> ModelSpec:

@@ -3,10 +3,10 @@
 - ``add_engine_args`` / ``engine_args_from``: the engine flags (vLLM's names) that ``flotilla serve``,
   ``flotilla generate`` and ``flotilla bench`` share, and the ``EngineArgs`` they stand for.
 - ``resolve_model_arg``: ``flotilla serve``'s positional MODEL merged into ``--model``.
-- ``flags_conflicting_with_config``: model and engine flags given next to ``--config`` (they belong in the
-  file).
+- ``flags_conflicting_with_config``: model, engine and repository flags given next to ``--config`` (they
+  belong in the file).
 - ``deployment_from_cli``: the one-model ``DeploymentConfig`` that ``flotilla serve MODEL --flags`` stands
-  for (the shorthand of the deployment file).
+  for (the shorthand of the deployment file), with the ``--model-repository`` flags' repository.
 - ``ENGINE_KEYS_SET_ELSEWHERE``: the ``EngineArgs`` fields a deployment file's model entry sets with its own
   keys (so they are not ``engine:`` overrides).
 - ``finite_float`` / ``rate_float``: the argparse types of every float flag (NaN and infinity are usage
@@ -107,15 +107,11 @@ def resolve_model_arg(ns: argparse.Namespace) -> None:
         ns.model = ns.model_tag
 
 
-def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
-    """The model and engine flags given together with ``--config`` (they belong in the file)."""
+def engine_flags_given(ns: argparse.Namespace) -> list[str]:
+    """The engine flags whose value differs from their default."""
     engine_parser = argparse.ArgumentParser(add_help=False)
     add_engine_args(engine_parser)
     given = []
-    if ns.model_tag is not None:
-        given.append("MODEL")
-    if ns.served_model_name is not None:
-        given.append("--served-model-name")
     for action in engine_parser._actions:  # noqa: SLF001 - the parser's own flag table
         if action.dest == "ray_address" and getattr(ns, "ray", False):
             continue  # with --ray it is the Serve cluster's address, not an engine setting
@@ -124,13 +120,36 @@ def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
     return given
 
 
+def flags_conflicting_with_config(ns: argparse.Namespace) -> list[str]:
+    """The model, engine and model repository flags given together with ``--config`` (they belong in the
+    file)."""
+    from flotilla.deploy.repository_args import repository_flags_given
+    given = []
+    if ns.model_tag is not None:
+        given.append("MODEL")
+    if ns.served_model_name is not None:
+        given.append("--served-model-name")
+    return given + engine_flags_given(ns) + repository_flags_given(ns)
+
+
 def deployment_from_cli(ns) -> DeploymentConfig:
-    """The deployment that ``flotilla serve [MODEL] [engine flags]`` stands for: one model named
-    ``--served-model-name`` (default: the model argument), one replica, ``engine`` holding the flags that
-    differ from ``EngineArgs``' defaults. Raises ValueError when MODEL and ``--model`` disagree."""
+    """The deployment that ``flotilla serve [MODEL] [engine flags] [--model-repository ...]`` stands for: one
+    model named ``--served-model-name`` (default: the model argument), one replica, ``engine`` holding the
+    flags that differ from ``EngineArgs``' defaults; with ``--model-repository`` also that repository
+    (``repository_args``), and then no LLM unless a MODEL is given. Raises ValueError when MODEL and
+    ``--model`` disagree, for repository flags that break a rule, and for model or engine flags with only a
+    repository (they would be ignored)."""
+    from flotilla.deploy.repository_args import repository_spec_from
     from flotilla.engine.arg_utils import EngineArgs
     from flotilla.models.loader.resolve import DEFAULT_ALIAS
     resolve_model_arg(ns)
+    repository = repository_spec_from(ns)
+    if repository is not None and ns.model is None:
+        stray = (["--served-model-name"] if getattr(ns, "served_model_name", None) else []) + engine_flags_given(ns)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} {'needs' if len(stray) == 1 else 'need'} a MODEL to serve "
+                             f"(with only --model-repository no LLM is loaded)")
+        return DeploymentConfig(models=(), model_repository=repository, source="the command line")
     args, defaults = engine_args_from(ns), EngineArgs()
     engine = {k: v for k, v in vars(args).items()
               if k not in ENGINE_KEYS_SET_ELSEWHERE and v != getattr(defaults, k)}
@@ -138,4 +157,4 @@ def deployment_from_cli(ns) -> DeploymentConfig:
     name = getattr(ns, "served_model_name", None) or model
     return DeploymentConfig(models=(ModelSpec(name=name, model=model, tensor_parallel_size=args.tensor_parallel_size,
                                               pipeline_parallel_size=args.pipeline_parallel_size, engine=engine),),
-                            source="the command line")
+                            model_repository=repository, source="the command line")

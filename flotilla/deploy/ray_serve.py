@@ -330,7 +330,11 @@ def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None 
     ``engine_args`` (model name -> EngineArgs), ``routes`` (the aliases' traffic splits), ``seed`` and
     ``ingress_kwargs``. ``graceful_shutdown_timeout_s`` (None: Serve's default) is how long Serve lets an
     ingress replica it stops finish its requests: the server's drain limit, so Serve never cuts a drain short.
+    A deployment with a ``model_repository`` is refused (ValueError): it is not served on Ray Serve yet.
     """
+    if config.model_repository is not None:
+        raise ValueError("a model repository (model_repository:) is not served on Ray Serve yet; serve it "
+                         "embedded (flotilla serve without --ray)")
     handles, engine_args = {}, {}
     for spec in config.models:
         args = spec.engine_args()

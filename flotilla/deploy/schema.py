@@ -22,7 +22,8 @@ from pydantic_core import PydanticCustomError
 
 from flotilla.deploy.engine_args import ENGINE_KEYS_SET_ELSEWHERE
 from flotilla.deploy.routing import ROUTING_POLICIES
-from flotilla.deploy.spec import DEFAULT_ROUTING, DEFAULT_TARGET_ONGOING_REQUESTS
+from flotilla.deploy.spec import (DEFAULT_ROUTING, DEFAULT_TARGET_ONGOING_REQUESTS, MODEL_CONTROL_MODES,
+                                  repository_problem)
 from flotilla.engine.arg_utils import EngineArgs
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
@@ -213,9 +214,37 @@ class Ingress(Section):
     replicas: PositiveInt = 1
 
 
-class Document(Section):
-    """The whole deployment file (see ``flotilla.deploy.config``)."""
+class ModelRepositorySection(Section):
+    """``model_repository:``: a Triton-layout model repository served next to the models (tritonserver's
+    --model-repository, --model-control-mode, --load-model, --repository-poll-secs, --strict-readiness)."""
 
+    paths: list[NonEmptyStr]
+    model_control_mode: Annotated[str, one_of(MODEL_CONTROL_MODES)] = "none"
+    load_models: list[NonEmptyStr] = []
+    repository_poll_secs: Optional[Positive] = None
+    strict_readiness: bool = True
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _some_paths(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise fail(f"expected a non-empty list of repository directories, got {kind(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self):
+        problem = repository_problem(self.model_control_mode, self.load_models, self.repository_poll_secs)
+        if problem is not None:
+            setting, reason = problem
+            raise fail(reason, ({"poll_secs": "repository_poll_secs"}.get(setting, setting),))
+        return self
+
+
+class Document(Section):
+    """The whole deployment file (see ``flotilla.deploy.config``). ``models`` may be empty (or left out) when
+    a ``model_repository`` is given."""
+
+    model_repository: Optional[ModelRepositorySection] = None
     models: list[ModelEntry]
     ingress: Ingress = Ingress()
     routes: dict[Annotated[str, AfterValidator(_route_name)], dict[str, NonNegative]] = {}
@@ -223,11 +252,19 @@ class Document(Section):
     api_key_env: Optional[str] = None
     seed: Optional[Annotated[int, Field(ge=0)]] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _models_optional_with_a_repository(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model_repository") is not None and data.get("models") is None:
+            return {**data, "models": []}
+        return data
+
     @field_validator("models", mode="before")
     @classmethod
-    def _non_empty_list(cls, value: Any) -> Any:
-        if not isinstance(value, list) or not value:
-            raise fail(f"expected a non-empty list of models, got {kind(value)}")
+    def _non_empty_list(cls, value: Any, info) -> Any:
+        with_repository = info.data.get("model_repository") is not None
+        if not isinstance(value, list) or not (value or with_repository):
+            raise fail(f"expected a non-empty list of models (or a model_repository), got {kind(value)}")
         return value
 
     @field_validator("api_key_env", mode="before")

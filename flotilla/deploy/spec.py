@@ -14,6 +14,8 @@ from flotilla.errors import FlotillaError
 
 DEFAULT_ROUTING = "power_of_two"
 DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Ray Serve's default
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")   # Triton's --model-control-mode
+DEFAULT_REPOSITORY_POLL_SECS = 15.0                  # Triton's --repository-poll-secs
 
 
 class DeploymentConfigError(FlotillaError, ValueError):
@@ -62,12 +64,45 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class RepositorySpec:
+    """A Triton-style model repository served next to the LLMs (tritonserver's flags): ``paths`` the repository
+    directories (``--model-repository``, absolute once resolved), ``model_control_mode`` none / poll /
+    explicit, ``load_models`` the models explicit mode loads at startup (``--load-model``; ``*``: all),
+    ``poll_secs`` the poll interval of poll mode (``--repository-poll-secs``), ``strict_readiness``
+    (``--strict-readiness``: ready only when every model that should be loaded is)."""
+
+    paths: tuple[str, ...]
+    model_control_mode: str = "none"
+    load_models: tuple[str, ...] = ()
+    poll_secs: float = DEFAULT_REPOSITORY_POLL_SECS
+    strict_readiness: bool = True
+
+
+def repository_problem(mode: str, load_models, poll_secs: float | None) -> tuple[str, str] | None:
+    """The first rule a repository setting breaks, as (setting, reason), for the CLI and the file alike:
+    ``setting`` is "model_control_mode", "load_models" or "poll_secs"; None when all hold."""
+    if mode not in MODEL_CONTROL_MODES:
+        return "model_control_mode", f"expected one of: {', '.join(MODEL_CONTROL_MODES)}, got {mode!r}"
+    if load_models and mode != "explicit":
+        return "load_models", "models to load at startup need model control mode 'explicit'"
+    if "*" in load_models and len(load_models) > 1:
+        return "load_models", "'*' (all models) must be the only model to load if given"
+    if poll_secs is not None and mode != "poll":
+        return "poll_secs", "a repository poll interval needs model control mode 'poll'"
+    if poll_secs is not None and not poll_secs > 0:
+        return "poll_secs", f"must be > 0, got {poll_secs:g}"
+    return None
+
+
+@dataclass(frozen=True)
 class DeploymentConfig:
     """A validated deployment: ``models`` (unique names, in file order), ``routes`` (alias -> {model name:
     weight}, weights >= 0 with a positive sum; aliases never shadow a model), ``routing`` (one of
     ``ROUTING_POLICIES``), ``api_key_env`` (name of the env var holding the API key, or None), ``seed`` (for
     traffic splits and routing; None: nondeterministic), ``ingress_replicas`` (replicas of the Ray Serve
-    ingress, >= 1; embedded mode ignores it). ``source`` (the file) is not part of equality."""
+    ingress, >= 1; embedded mode ignores it), ``model_repository`` (a ``RepositorySpec`` or None; with one,
+    ``models`` may be empty: a server of repository models only). ``source`` (the file) is not part of
+    equality."""
 
     models: tuple[ModelSpec, ...]
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -75,6 +110,7 @@ class DeploymentConfig:
     api_key_env: str | None = None
     seed: int | None = None
     ingress_replicas: int = 1
+    model_repository: RepositorySpec | None = None
     source: str = field(default="<deployment>", compare=False)
 
     @property

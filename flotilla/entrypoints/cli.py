@@ -1,4 +1,5 @@
-"""The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server), ``generate``, ``models`` and ``bench``.
+"""The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server, and a model repository with
+``--model-repository``), ``generate``, ``models`` and ``bench``.
 
 The engine flags and their resolution into ``EngineArgs`` live in ``flotilla.deploy.engine_args`` (shared
 with the deployment file and Ray Serve)."""
@@ -59,13 +60,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flotilla.deploy.repository_args import add_repository_args
     from flotilla.entrypoints.openai.cli_args import add_serve_args
     parser = argparse.ArgumentParser(prog="flotilla", description="Distributed LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model (or every model of a --config deployment file) over an "
-                                         "OpenAI-compatible HTTP API")
+                                         "OpenAI-compatible HTTP API, and a Triton-layout --model-repository")
     add_engine_args(serve)
     add_serve_args(serve)
+    add_repository_args(serve)
     serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     add_engine_args(gen)

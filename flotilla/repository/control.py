@@ -263,14 +263,15 @@ class ModelControl:
         """How long the manager may sleep before the next ``poll()`` is due (0 when due)."""
         return max(0.0, self._next_poll - self._clock())
 
-    def _check_explicit(self) -> None:
+    def check_explicit(self) -> None:
+        """Raise ModelControlError (Triton's message) unless the mode is explicit."""
         if self.mode is not ModelControlMode.EXPLICIT:
             raise ModelControlError(NOT_ALLOWED_MESSAGE, code="UNAVAILABLE")
 
     def load(self, name: str, config_override: ModelConfig | None = None) -> ModelTarget:
         """Explicit mode: re-read the model's directory (a reload picks up new versions and config) and
         return its target. Raises ModelControlError in other modes or when there is no such model."""
-        self._check_explicit()
+        self.check_explicit()
         if not name or "/" in name or name.startswith("."):
             raise ModelControlError(f"invalid model name '{name}'", code="INVALID_ARG")
         scan = scan_repositories(self.repositories)
@@ -282,7 +283,7 @@ class ModelControl:
 
     def unload(self, name: str) -> None:
         """Explicit mode: allow unloading ``name`` (the manager drains and unloads it). Raises otherwise."""
-        self._check_explicit()
+        self.check_explicit()
 
     def index(self) -> RepositoryScan:
         """A fresh scan of the repositories (the repository index lists every model, loaded or not)."""

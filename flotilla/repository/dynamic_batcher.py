@@ -3,11 +3,14 @@ N model instances (``instance_group`` count) in worker threads, then resolves ev
 
 Contracts (the KServe v2 layer and the embeddings endpoint call only ``infer``):
 - ``await batcher.infer(inputs, priority=, timeout_us=, requested_outputs=, parameters=)`` returns the
-  request's outputs as a dict of numpy arrays, or raises ``InferError`` with Triton's code and message:
+  request's outputs as a dict of numpy arrays (``infer_result``: a ``RequestResult`` with the response
+  parameters and the request's queue and compute times too), or raises ``InferError`` with Triton's code and
+  message:
   INVALID_ARG for a bad request (checked before queueing, so it fails alone), UNAVAILABLE for a full queue
   (at once), a queue timeout under REJECT, or a stopping batcher; INTERNAL when the model fails. A failing
   ``execute`` fails exactly the requests of its batch; an executor may also fail single requests by returning
-  an exception in their place (Triton's python backend error responses).
+  an exception in their place (Triton's python backend error responses), and may return an ``Executed``
+  (outputs, response parameters, and the batch's compute input / infer / output times) instead of a dict.
 - Cancelling the awaiting task (client gone) removes a queued request from the queue; a running one is
   computed and dropped. Nothing else is affected.
 - At most one batch runs per instance; batches on different instances run concurrently. With
@@ -32,7 +35,7 @@ import numpy as np
 
 from flotilla.repository.batch_policy import BatchQueue, BatcherSettings, OrderedRelease
 from flotilla.repository.config import ModelConfig
-from flotilla.repository.errors import STOPPING_MESSAGE, InferError, timed_out
+from flotilla.repository.errors import HTTP_STATUS, STOPPING_MESSAGE, InferError, timed_out
 from flotilla.repository.tensors import ModelIO, concat_inputs, split_outputs
 
 logger = logging.getLogger(__name__)
@@ -50,25 +53,57 @@ class InferRequest:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Executed:
+    """One request's result as an executor may return it: outputs, response parameters, and the compute
+    times (seconds) of the batch it ran in, split as Triton's statistics split them (gathering the inputs,
+    running the model, scattering the outputs)."""
+    outputs: Outputs
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    compute_input_s: float = 0.0
+    compute_infer_s: float = 0.0
+    compute_output_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What ``DynamicBatcher.infer_result`` returns: the outputs (the requested ones), the response parameters
+    and the request's times in the batcher (queue: admitted -> its batch started; compute split as in
+    ``Executed``, all of the batch's execution counted as compute_infer when the executor does not split it)."""
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+    queue_s: float
+    compute_input_s: float
+    compute_infer_s: float
+    compute_output_s: float
+
+
 class BatchExecutor(Protocol):
     """One model instance. ``execute`` runs in a worker thread, never concurrently with itself, and returns
-    one result per request, in order: a dict of outputs or an exception that fails that request alone."""
+    one result per request, in order: a dict of outputs, an ``Executed``, or an exception that fails that
+    request alone."""
 
-    def execute(self, requests: Sequence[InferRequest]) -> Sequence[Outputs | BaseException]: ...
+    def execute(self, requests: Sequence[InferRequest]) -> Sequence[Outputs | Executed | BaseException]: ...
 
 
 class TensorExecutor:
     """An instance of a tensor model (ONNX, torch program): concatenates the batch's inputs along the batch
-    dimension (padding ragged inputs), calls ``fn`` once and splits the outputs back per request."""
+    dimension (padding ragged inputs), calls ``fn`` once and splits the outputs back per request, timing the
+    three parts."""
 
     def __init__(self, io: ModelIO, fn: Callable[[dict[str, np.ndarray]], Outputs]):
         self.io = io
         self.fn = fn
 
-    def execute(self, requests: Sequence[InferRequest]) -> list[Outputs]:
+    def execute(self, requests: Sequence[InferRequest]) -> list[Executed]:
+        t0 = time.perf_counter()
         batch = concat_inputs(self.io, [r.inputs for r in requests])
+        t1 = time.perf_counter()
         outputs = self.fn(batch)
-        return split_outputs(self.io, outputs, [r.inputs for r in requests], [r.batch_size for r in requests])
+        t2 = time.perf_counter()
+        split = split_outputs(self.io, outputs, [r.inputs for r in requests], [r.batch_size for r in requests])
+        t3 = time.perf_counter()
+        return [Executed(out, {}, t1 - t0, t2 - t1, t3 - t2) for out in split]
 
 
 @dataclass
@@ -80,9 +115,15 @@ class BatcherStats:
     rejected_timeout: int = 0              # timed out in the queue under REJECT
     inference_count: int = 0               # sum of successful requests' batch sizes
     execution_count: int = 0               # batches executed
+    executed_count: int = 0                # requests that ran in a batch (the count of the queue / compute times)
     queue_s: float = 0.0                   # total time executed requests waited in the queue
     compute_s: float = 0.0                 # total execution time, counted per request
+    compute_input_s: float = 0.0           # of which gathering inputs (per request, when the executor splits it)
+    compute_infer_s: float = 0.0           # of which running the model
+    compute_output_s: float = 0.0          # of which scattering outputs
     batch_sizes: dict[int, int] = field(default_factory=dict)   # executed batch size -> number of batches
+    batch_compute_s: dict[int, tuple[float, float, float]] = field(default_factory=dict)   # size -> total
+                                           # (input, infer, output) seconds of the batches of that size
     queue_length: int = 0                  # requests queued now
     running: int = 0                       # batches executing now
 
@@ -160,8 +201,14 @@ class DynamicBatcher:
     def stats(self) -> BatcherStats:
         s = self._stats
         return BatcherStats(s.success_count, s.fail_count, s.rejected_queue_full, s.rejected_timeout,
-                            s.inference_count, s.execution_count, s.queue_s, s.compute_s, dict(s.batch_sizes),
+                            s.inference_count, s.execution_count, s.executed_count, s.queue_s, s.compute_s, s.compute_input_s,
+                            s.compute_infer_s, s.compute_output_s, dict(s.batch_sizes), dict(s.batch_compute_s),
                             len(self._queue), len(self._running))
+
+    @property
+    def accepting(self) -> bool:
+        """True while ``infer`` admits requests (started, not stopping, not broken)."""
+        return self._task is not None and not self._stopping and not self._broken
 
     # ------------------------------------------------------------------------------------------ infer
 
@@ -169,14 +216,22 @@ class DynamicBatcher:
                     requested_outputs: Sequence[str] = (), parameters: Mapping[str, Any] | None = None
                     ) -> dict[str, np.ndarray]:
         """Run one request; see the module docstring for the errors it raises."""
+        result = await self.infer_result(inputs, priority=priority, timeout_us=timeout_us,
+                                         requested_outputs=requested_outputs, parameters=parameters)
+        return result.outputs
+
+    async def infer_result(self, inputs: Mapping[str, np.ndarray], *, priority: int = 0, timeout_us: int = 0,
+                           requested_outputs: Sequence[str] = (), parameters: Mapping[str, Any] | None = None
+                           ) -> RequestResult:
+        """``infer``, returning the response parameters and the request's queue and compute times too."""
         if self._task is None or self._stopping or self._broken:
             raise InferError("UNAVAILABLE", self._broken or STOPPING_MESSAGE)
         if priority < 0 or timeout_us < 0:
             raise InferError("INVALID_ARG", f"'priority' and 'timeout' must be >= 0 for '{self.settings.model}'")
         if isinstance(requested_outputs, str):
             requested_outputs = (requested_outputs,)
-        self.io.check_requested_outputs(requested_outputs)
-        batch_size, key = self.io.check_request(inputs)
+        requested_outputs = self.io.select_outputs(requested_outputs) if requested_outputs else ()
+        batch_size, key, inputs = self.io.check_request(inputs)
         rid = next(self._ids)
         now = self._clock()
         try:
@@ -184,20 +239,26 @@ class DynamicBatcher:
         except InferError:
             self._stats.rejected_queue_full += 1
             raise
-        request = InferRequest(rid, dict(inputs), batch_size, tuple(requested_outputs), dict(parameters or {}))
+        request = InferRequest(rid, inputs, batch_size, tuple(requested_outputs), dict(parameters or {}))
         pending = _Pending(request, asyncio.get_running_loop().create_future(), now)
         self._pending[rid] = pending
         if self._ordered is not None:
             self._ordered.admit(rid)
         self.wakeup()
         try:
-            outputs = await pending.future
+            result: RequestResult = await pending.future
         except asyncio.CancelledError:
             self._abandon(rid)
             raise
         if requested_outputs:
-            outputs = {name: outputs[name] for name in requested_outputs if name in outputs}
-        return outputs
+            missing = [name for name in requested_outputs if name not in result.outputs]
+            if missing:
+                raise InferError("INTERNAL", f"model '{self.settings.model}' did not produce requested output "
+                                             f"'{missing[0]}'")
+            result = RequestResult({name: result.outputs[name] for name in requested_outputs}, result.parameters,
+                                   result.queue_s, result.compute_input_s, result.compute_infer_s,
+                                   result.compute_output_s)
+        return result
 
     def _abandon(self, rid: int) -> None:
         """The caller went away: forget the request (dequeue it if it is still queued)."""
@@ -279,17 +340,33 @@ class DynamicBatcher:
         s.execution_count += 1
         size = sum(p.request.batch_size for p in batch)
         s.batch_sizes[size] = s.batch_sizes.get(size, 0) + 1
+        split = next((r for r in results if isinstance(r, Executed)), None)
+        times = ((split.compute_input_s, split.compute_infer_s, split.compute_output_s) if split is not None
+                 else (0.0, end - start, 0.0))
+        before = s.batch_compute_s.get(size, (0.0, 0.0, 0.0))
+        s.batch_compute_s[size] = tuple(a + b for a, b in zip(before, times))
+        s.executed_count += len(batch)
         for pending, result in zip(batch, results):
-            s.queue_s += start - pending.enqueued
+            queue_s = start - pending.enqueued
+            s.queue_s += queue_s
             s.compute_s += end - start
-            if isinstance(result, BaseException):
-                result = _as_infer_error(result, self.settings.model)
-            elif not isinstance(result, Mapping):
-                result = InferError("INTERNAL", f"model '{self.settings.model}' returned a "
-                                                f"{type(result).__name__} instead of a dict of outputs")
-            self._finish(pending.request.id, result)
+            s.compute_input_s += times[0]
+            s.compute_infer_s += times[1]
+            s.compute_output_s += times[2]
+            self._finish(pending.request.id, self._result(result, queue_s, times))
 
-    def _finish(self, rid: int, result: Outputs | InferError) -> None:
+    def _result(self, result, queue_s: float, times: tuple[float, float, float]) -> RequestResult | InferError:
+        if isinstance(result, BaseException):
+            return _as_infer_error(result, self.settings.model)
+        parameters: Mapping[str, Any] = {}
+        if isinstance(result, Executed):
+            result, parameters = result.outputs, result.parameters
+        if not isinstance(result, Mapping):
+            return InferError("INTERNAL", f"model '{self.settings.model}' returned a {type(result).__name__} "
+                                          "instead of a dict of outputs")
+        return RequestResult(dict(result), dict(parameters), queue_s, *times)
+
+    def _finish(self, rid: int, result: RequestResult | InferError) -> None:
         """Deliver ``rid``'s result (in arrival order with preserve_ordering); forgotten requests are skipped."""
         pending = self._pending.get(rid)
         if pending is None:
@@ -303,18 +380,23 @@ class DynamicBatcher:
         for other, value in released:
             self._resolve(other, value)
 
-    def _resolve(self, rid: int, value: Outputs | InferError) -> None:
+    def _resolve(self, rid: int, value: RequestResult | InferError) -> None:
         pending = self._pending.pop(rid, None)
         if pending is None or pending.future.done():
             return
         if isinstance(value, InferError):
             pending.future.set_exception(value)
         else:
-            pending.future.set_result(dict(value))
+            pending.future.set_result(value)
 
 
 def _as_infer_error(e: BaseException, model: str) -> InferError:
+    """``e`` as the request's InferError: kept when it is one; an error carrying a Triton status code
+    (``code`` and ``message``, as the backends' ModelExecutionError) keeps its code and text; else INTERNAL."""
     if isinstance(e, InferError):
         return e
+    code, message = getattr(e, "code", None), getattr(e, "message", None)
+    if code in HTTP_STATUS and isinstance(message, str):
+        return InferError(code, message)
     logger.warning("model '%s' failed a batch: %s: %s", model, type(e).__name__, e)
     return InferError("INTERNAL", f"{type(e).__name__}: {e}")

@@ -7,7 +7,7 @@ message goes into ``{"error": message}``; gRPC uses the code name as its status 
 
 from __future__ import annotations
 
-from flotilla.errors import FlotillaError
+from flotilla.errors import FlotillaError, InvalidRequestError
 
 # Triton's status codes -> the HTTP status its HTTP endpoint answers with.
 HTTP_STATUS = {
@@ -61,8 +61,18 @@ class InferError(FlotillaError, RuntimeError):
         return f"InferError({self.code!r}, {self.message!r})"
 
 
-def invalid_arg(message: str) -> InferError:
-    return InferError("INVALID_ARG", message)
+class InvalidArgError(InferError, InvalidRequestError):
+    """A bad inference request (unknown, missing or ill-typed input, wrong shape or batch size): Triton's
+    INVALID_ARG for the v2 layer and flotilla's ``InvalidRequestError`` (``param`` names the tensor) for every
+    other caller, so one check serves the batcher, the backends and the protocol layers alike."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__("INVALID_ARG", message)
+        self.param = param
+
+
+def invalid_arg(message: str, param: str | None = None) -> InvalidArgError:
+    return InvalidArgError(message, param)
 
 
 def queue_full() -> InferError:

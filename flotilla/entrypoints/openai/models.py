@@ -32,19 +32,20 @@ class ServedModels:
     (in-flight count, draining), one pair of tokenizer lanes, one metrics registry (``model_name`` label per
     model) and one set of active runs. ``is_dead`` is True when any engine is dead; ``not_ready`` names the
     models whose engine reports ``is_ready`` False (an optional member: remote engines before a replica is
-    up; engines without it are ready once built). Event-loop thread only.
+    up; engines without it are ready once built). ``allow_empty``: no engines is allowed (a server of
+    model-repository models only, answering the KServe v2 routes). Event-loop thread only.
     """
 
     def __init__(self, engines, config: ServerConfig, routes: Mapping[str, Mapping[str, float]] | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, allow_empty: bool = False):
         if not isinstance(engines, Mapping):
             engines = {config.served_model_name: engines}
-        if not engines:
+        if not engines and not allow_empty:
             raise ValueError("no models to serve")
         self.config = config
         self.tracker = RequestTracker()
         self.metrics = ServerMetrics(config.metrics_prefixes,
-                                     max(e.model_config.max_model_len for e in engines.values()))
+                                     max((e.model_config.max_model_len for e in engines.values()), default=8192))
         self.lanes = TokenizerLanes()
         self.active_runs: set = set()
         self.created = int(time.time())

@@ -12,6 +12,12 @@ Shutdown (``DrainingServer``): the first SIGTERM or SIGINT stops admitting (new 
 503), waits until no request is in flight or ``shutdown_timeout`` has passed, then aborts what still runs
 in the engine (those responses end with ``finish_reason: "abort"``) and stops uvicorn, which cancels
 whatever has not ended 2 s later. A second signal exits at once.
+
+Model repository (``--model-repository`` & co., or the file's ``model_repository:``): its directories must
+exist (else exit code 2, before binding); the ``ModelRepository`` is built here, started on the serving loop
+before HTTP is served (it loads its models) and closed after uvicorn stopped (every batcher drains, every
+backend is finalized). Without a MODEL, ``--model-repository`` serves no LLM. ``--ray`` does not serve a model
+repository (exit code 2).
 """
 
 from __future__ import annotations
@@ -96,6 +102,12 @@ def run_server(ns: argparse.Namespace) -> int:
         deployment = deployment_from_args(ns)
         api_key = None if ns.api_key else deployment.api_key()
         server_config_from(ns, "check", api_key)  # validate the flags before the expensive load
+        if deployment.model_repository is not None:
+            from flotilla.deploy.model_repository import check_repository_paths
+            check_repository_paths(deployment.model_repository)
+            if getattr(ns, "ray", False):
+                raise ValueError("--ray does not serve a model repository (--model-repository / model_repository:) "
+                                 "yet; serve it without --ray")
     except ValueError as e:  # DeploymentConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,16 +148,43 @@ def deployment_from_args(ns: argparse.Namespace):
 
 def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socket, api_key: str | None) -> int:
     from flotilla.entrypoints.openai.api_server import build_app
-    config = server_config_from(ns, deployment.models[0].name, api_key)
-    app, served = build_app(engines, config, routes=deployment.routes, seed=deployment.seed)
+    config = server_config_from(ns, deployment.models[0].name if deployment.models else "model", api_key)
+    repository = None      # the KServe v2 InferenceService of the repository models
+    if deployment.model_repository is not None:
+        from flotilla.deploy.model_repository import build_model_repository
+        repository = build_model_repository(deployment.model_repository)
+    served = ServedModels(engines, config, deployment.routes, deployment.seed, allow_empty=repository is not None)
+    app, served = build_app(served, config)
     uv_config = uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=2, lifespan="off",
                                access_log=config.log_level in ("info", "debug", "trace"))
     server = DrainingServer(uv_config, served, config.shutdown_timeout)
     shown_url = url(ns.host, sock.getsockname()[1])
     print(format_banner(engines, config, shown_url, deployment.routes, deployment.routing), flush=True)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(_serve_with_repository(server, sock, repository))
     finally:
         served.close()
     logger.info("server stopped (exit code %d)", server.exit_code)
     return server.exit_code
+
+
+async def _serve_with_repository(server: DrainingServer, sock: socket.socket, repository) -> None:
+    """Load the repository's models, serve, then close the repository (drain, finalize) after uvicorn."""
+    if repository is not None:
+        await repository.start()
+        print(repository_banner(repository), flush=True)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if repository is not None:
+            await repository.close()
+
+
+def repository_banner(repository) -> str:
+    """One line per repository model: its ready versions, or why it is not available."""
+    lines = [f"flotilla serve: model repository ({repository.mode.value} model control)"]
+    for entry in repository.index():
+        state = entry.state or "not loaded"
+        detail = f"version {entry.version} {state}" if entry.version else state
+        lines.append(f"  {entry.name:24s}{detail}" + (f": {entry.reason}" if entry.reason else ""))
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """What every backend shares: the ``Backend`` base class, the request/response values of the request-list
-path, instance groups, the config's tensor specs and the input checks (Triton's messages).
+path, instance groups, and the config's tensor specs and request check, which are the repository's own
+(``flotilla.repository.tensors.ModelIO``: one check with Triton's messages for the batcher and the backends).
 
 The contract itself is documented in ``flotilla.repository.backends`` (the package docstring).
 """
@@ -16,7 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from flotilla.errors import FlotillaError, InvalidRequestError, ModelLoadError
-from flotilla.repository import dtypes
+from flotilla.repository.errors import ModelConfigError
+from flotilla.repository.tensors import (BATCHER_PARAMETER_PREFIXES, BATCHER_PARAMETERS, ModelIO, TensorSpec,
+                                         from_model_view, to_model_view)
 
 # Triton's --backend-config=default-max-batch-size: the max_batch_size auto-complete gives a model that can batch.
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -104,44 +107,19 @@ def resolve_device(model_name: str, instance: InstanceSpec, gpu_available: bool,
     return "GPU" if gpu_available else "CPU"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One config input/output: ``dims`` as clients see them (no batch dim), ``model_dims`` as the model sees
-    them (the config's ``reshape``, else ``dims``); -1 is a variable dim."""
-
-    name: str
-    type: dtypes.TritonType
-    dims: tuple[int, ...]
-    model_dims: tuple[int, ...]
-    optional: bool = False
-
-    @property
-    def reshaped(self) -> bool:
-        return self.model_dims != self.dims
-
-
 def io_specs(config, model_name: str) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """The config's inputs and outputs by name, in config order; ModelLoadError for an invalid data type, a
-    duplicate name or a field no backend here honours (shape tensors, non-linear formats)."""
-    result = []
-    for kind, entries in (("input", config.input), ("output", config.output)):
-        specs: dict[str, TensorSpec] = {}
-        for entry in entries:
-            if entry.name in specs:
-                raise ModelLoadError(f"model '{model_name}': {kind} '{entry.name}' appears twice in the config")
-            if entry.is_shape_tensor or entry.is_non_linear_format_io:
-                raise ModelLoadError(f"model '{model_name}': {kind} '{entry.name}' sets is_shape_tensor or "
-                                     f"is_non_linear_format_io (TensorRT only); not supported")
-            try:
-                triton_type = dtypes.from_config(entry.data_type)
-            except ValueError as e:
-                raise ModelLoadError(f"model '{model_name}': {kind} '{entry.name}': {e}") from None
-            dims = tuple(int(d) for d in entry.dims)
-            model_dims = tuple(int(d) for d in entry.reshape.shape) if entry.HasField("reshape") else dims
-            specs[entry.name] = TensorSpec(entry.name, triton_type, dims, model_dims,
-                                           bool(getattr(entry, "optional", False)))
-        result.append(specs)
-    return result[0], result[1]
+    """The config's inputs and outputs by name, in config order (``tensors.ModelIO``); ModelLoadError for an
+    invalid data type, a duplicate name or a field no backend here honours (shape tensors, non-linear formats)."""
+    io = model_io(config, model_name)
+    return dict(io.inputs), dict(io.outputs)
+
+
+def model_io(config, model_name: str) -> ModelIO:
+    """``tensors.ModelIO`` of the config (the one request check), its errors as ModelLoadError."""
+    try:
+        return ModelIO.from_config(config)
+    except ModelConfigError as e:
+        raise ModelLoadError(f"model '{model_name}': {e}") from None
 
 
 def config_parameters(config) -> dict[str, str]:
@@ -151,7 +129,10 @@ def config_parameters(config) -> dict[str, str]:
 
 def check_parameters(model_name: str, params: Mapping[str, str], supported: Sequence[str],
                      prefixes: Sequence[str] = ()) -> None:
-    """ModelLoadError naming every parameter key a backend does not implement (none is silently ignored)."""
+    """ModelLoadError naming every parameter key a backend does not implement (none is silently ignored).
+    The dynamic batcher's own parameters (``pad_value``, ``pad_value.<INPUT>``) are accepted everywhere."""
+    supported = (*supported, *BATCHER_PARAMETERS)
+    prefixes = (*prefixes, *BATCHER_PARAMETER_PREFIXES)
     unknown = sorted(k for k in params if k not in supported and not k.startswith(tuple(prefixes)))
     if unknown:
         allowed = ", ".join([*supported, *(f"{p}*" for p in prefixes)]) or "none"
@@ -164,76 +145,9 @@ def model_name_of(config, version_dir: str) -> str:
     return config.name or os.path.basename(os.path.dirname(os.path.abspath(version_dir)))
 
 
-def check_inputs(model_name: str, specs: Mapping[str, TensorSpec], inputs: Mapping[str, np.ndarray],
-                 max_batch_size: int) -> tuple[dict[str, np.ndarray], int | None]:
-    """Inputs checked against the config (names, data types, shapes, batch size) with Triton's messages as
-    InvalidRequestError; returns them normalised (BYTES as object arrays of bytes) and the batch size (None
-    when the model does not batch)."""
-    unknown = [n for n in inputs if n not in specs]
-    if unknown:
-        raise InvalidRequestError(f"unexpected inference input '{unknown[0]}' for model '{model_name}'",
-                                  param=unknown[0])
-    missing = [n for n, s in specs.items() if n not in inputs and not s.optional]
-    if missing:
-        raise InvalidRequestError(f"expected {len(specs)} inputs but got {len(inputs)} inputs for model "
-                                  f"'{model_name}'. Got input(s) {sorted(inputs)}, but missing required "
-                                  f"input(s) {missing}. Please provide all required input(s).", param=missing[0])
-    out, batch = {}, None
-    for name, array in inputs.items():
-        spec = specs[name]
-        try:
-            array = dtypes.as_type(array, spec.type)
-        except ValueError:
-            actual = _type_name(array)
-            raise InvalidRequestError(f"inference input '{name}' data-type is '{actual}', but model "
-                                      f"'{model_name}' expects '{spec.type.v2_name}'", param=name) from None
-        shape = tuple(array.shape)
-        if max_batch_size > 0:
-            if not shape:
-                raise InvalidRequestError(f"input '{name}' for model '{model_name}' has no batch dimension",
-                                          param=name)
-            if batch is not None and shape[0] != batch:
-                raise InvalidRequestError(f"inputs of model '{model_name}' have different batch sizes "
-                                          f"({batch} and {shape[0]} for '{name}')", param=name)
-            batch = shape[0]
-        if not _dims_match(shape[1:] if max_batch_size > 0 else shape, spec.dims):
-            expected = ([-1] if max_batch_size > 0 else []) + list(spec.dims)
-            raise InvalidRequestError(f"unexpected shape for input '{name}' for model '{model_name}'. "
-                                      f"Expected {expected}, got {list(shape)}", param=name)
-        out[name] = array
-    if batch is not None and batch > max_batch_size:
-        raise InvalidRequestError(f"inference request batch-size must be <= {max_batch_size} for "
-                                  f"'{model_name}'", param="inputs")
-    return out, batch
-
-
-def _type_name(array) -> str:
-    try:
-        return dtypes.from_numpy(np.asarray(array).dtype).v2_name
-    except ValueError:
-        return str(np.asarray(array).dtype)
-
-
-def _dims_match(shape: Sequence[int], dims: Sequence[int]) -> bool:
-    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
-
-
-def select_outputs(model_name: str, specs: Mapping[str, TensorSpec], requested: Sequence[str] | None) -> list[str]:
-    """The output names to compute: ``requested`` (checked to exist; InvalidRequestError otherwise) or all."""
-    if not requested:
-        return list(specs)
-    for name in requested:
-        if name not in specs:
-            raise InvalidRequestError(f"unexpected inference output '{name}' for model '{model_name}'",
-                                      param=name)
-    return list(dict.fromkeys(requested))
-
-
 def to_model_shape(array: np.ndarray, spec: TensorSpec, batch: int | None) -> np.ndarray:
     """An input in the shape the model takes (the config's ``reshape``); unchanged without one."""
-    if not spec.reshaped:
-        return array
-    return array.reshape(((batch,) if batch is not None else ()) + spec.model_dims)
+    return to_model_view(spec, array, batched=batch is not None)
 
 
 def from_model_shape(array: np.ndarray, spec: TensorSpec, batch: int | None, model_name: str) -> np.ndarray:
@@ -242,9 +156,7 @@ def from_model_shape(array: np.ndarray, spec: TensorSpec, batch: int | None, mod
     if batch is not None and (array.ndim == 0 or array.shape[0] != batch):
         raise ModelExecutionError(f"model '{model_name}' returned output '{spec.name}' with shape "
                                   f"{list(array.shape)} for a batch of {batch}; its first dim must be the batch")
-    if not spec.reshaped:
-        return array
-    return array.reshape(((batch,) if batch is not None else ()) + spec.dims)
+    return from_model_view(spec, array, batched=batch is not None)
 
 
 def naming_convention(names: Sequence[str], argument_names: Sequence[str] | None) -> str:
@@ -285,7 +197,17 @@ class Backend(abc.ABC):
         self.instance = specs[instance_index]
         self.instance_count = len(specs)
         self.max_batch_size = int(config.max_batch_size)
-        self.inputs, self.outputs = io_specs(config, self.name)
+        self.io = model_io(config, self.name)
+        self.inputs, self.outputs = dict(self.io.inputs), dict(self.io.outputs)
+
+    def check_request(self, inputs: Mapping[str, np.ndarray],
+                      output_names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], int | None, list[str]]:
+        """The repository's one request check (``tensors.ModelIO``): the inputs normalised, the batch size (None
+        when the model does not batch) and the output names to compute. Raises ``InvalidArgError`` (an
+        ``InvalidRequestError``) with Triton's message."""
+        checked = self.io.check_request(inputs)
+        names = self.io.select_outputs(output_names or ())
+        return checked.inputs, (checked.batch_size if self.io.batching else None), names
 
     @classmethod
     def auto_complete(cls, config, version_dir: str):

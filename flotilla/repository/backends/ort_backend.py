@@ -30,9 +30,9 @@ import numpy as np
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.repository import dtypes
 from flotilla.repository.backends.base import (DEFAULT_MAX_BATCH_SIZE, Backend, ModelExecutionError,
-                                               TensorSpec, check_inputs, check_parameters, config_parameters,
+                                               TensorSpec, check_parameters, config_parameters,
                                                from_model_shape, instance_specs, model_name_of,
-                                               resolve_device, select_outputs, to_model_shape)
+                                               resolve_device, to_model_shape)
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,7 @@ class OnnxRuntimeBackend(Backend):
         if self._session is None:
             raise ModelExecutionError(f"model '{self.name}' instance '{self.instance.name}' was finalized",
                                       "UNAVAILABLE")
-        arrays, batch = check_inputs(self.name, self.inputs, inputs, self.max_batch_size)
-        names = select_outputs(self.name, self.outputs, output_names)
+        arrays, batch, names = self.check_request(inputs, output_names)
         feed = {name: self._to_ort(self.inputs[name], array, batch) for name, array in arrays.items()}
         try:
             results = self._session.run(names, feed)

@@ -41,8 +41,7 @@ from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.repository import dtypes
 from flotilla.repository.backends import pb_utils
 from flotilla.repository.backends.base import (Backend, BackendRequest, BackendResponse, ModelExecutionError,
-                                               check_inputs, config_parameters, model_name_of, resolve_device,
-                                               select_outputs)
+                                               config_parameters, model_name_of, resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +243,7 @@ class PythonBackend(Backend):
                 responses[index] = BackendResponse(error=ModelExecutionError("request was cancelled", "CANCELLED"))
                 continue
             try:
-                arrays, _ = check_inputs(self.name, self.inputs, request.inputs, self.max_batch_size)
-                requested = select_outputs(self.name, self.outputs, request.requested_outputs)
+                arrays, _, requested = self.check_request(request.inputs, request.requested_outputs)
             except InvalidRequestError as e:
                 responses[index] = BackendResponse(error=e)
                 continue

@@ -31,10 +31,10 @@ import numpy as np
 from flotilla.errors import ModelLoadError
 from flotilla.repository import dtypes
 from flotilla.repository.backends import torch_archive
-from flotilla.repository.backends.base import (Backend, ModelExecutionError, TensorSpec, check_inputs,
+from flotilla.repository.backends.base import (Backend, ModelExecutionError, TensorSpec,
                                                check_parameters, config_parameters, from_model_shape,
                                                model_name_of, named_index, naming_convention, resolve_device,
-                                               select_outputs, to_model_shape)
+                                               to_model_shape)
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,7 @@ class PyTorchBackend(Backend):
         if self._module is None:
             raise ModelExecutionError(f"model '{self.name}' instance '{self.instance.name}' was finalized",
                                       "UNAVAILABLE")
-        arrays, batch = check_inputs(self.name, self.inputs, inputs, self.max_batch_size)
-        names = select_outputs(self.name, self.outputs, output_names)
+        arrays, batch, names = self.check_request(inputs, output_names)
         args = [None] * (max(self._input_pos.values()) + 1)
         for name, array in arrays.items():
             args[self._input_pos[name]] = self._to_torch(to_model_shape(array, self.inputs[name], batch))

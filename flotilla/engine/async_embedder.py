@@ -10,12 +10,14 @@ for a decoder.
 
 from __future__ import annotations
 
+import bisect
+
 from flotilla.config import EngineConfig
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.embed_batcher import EmbeddingBatcher
 from flotilla.engine.embedding import Embedder
 from flotilla.pooling_params import PoolingParams
-from flotilla.scheduler.scheduler import SchedulerStats
+from flotilla.scheduler.scheduler import ITERATION_TOKENS_BUCKETS, SchedulerStats
 
 
 class AsyncEmbedder:
@@ -25,7 +27,8 @@ class AsyncEmbedder:
     ``input_processor.process(input, param)`` tokenizes one input (call it on a tokenizer lane);
     ``await embed(token_ids, params)`` returns the float32 embedding tensor of one processed input, batched
     with whatever else is waiting; ``EngineDeadError`` after ``shutdown()``. ``num_blocks`` is 0 (no KV
-    cache); ``latest_stats`` reports the inputs running and waiting.
+    cache); ``latest_stats`` reports the inputs running and waiting and, as vLLM's ``iteration_tokens`` per
+    engine step, the tokens of each forward pass (real tokens, not padding).
     """
 
     runner = "pooling"
@@ -38,8 +41,10 @@ class AsyncEmbedder:
         self.input_processor = self.embedder.input_processor
         self.output_dim = self.embedder.output_dim
         self.num_blocks = 0
+        self._step_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see SchedulerStats.iteration_tokens
+        self._step_tokens = 0
         sched = config.scheduler
-        self.batcher = batcher_factory(self.embedder.run_batch, sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.batcher = batcher_factory(self._run_batch, sched.max_num_seqs, sched.max_num_batched_tokens)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncEmbedder":
@@ -63,7 +68,16 @@ class AsyncEmbedder:
 
     @property
     def latest_stats(self) -> SchedulerStats:
-        return SchedulerStats(self.batcher.num_running, self.batcher.num_waiting, 0.0, 0, 0, 0)
+        return SchedulerStats(self.batcher.num_running, self.batcher.num_waiting, 0.0, 0, 0, 0,
+                              iteration_tokens=tuple(self._step_counts), iteration_tokens_sum=self._step_tokens)
+
+    def _run_batch(self, token_ids: list[list[int]], params: list[PoolingParams]) -> list:
+        """One forward pass (on the batcher's worker thread), counted as one engine step."""
+        rows = self.embedder.run_batch(token_ids, params)
+        tokens = sum(len(ids) for ids in token_ids)
+        self._step_counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, tokens)] += 1
+        self._step_tokens += tokens
+        return rows
 
     def check_params(self, params: PoolingParams | None) -> PoolingParams:
         return self.embedder.check_params(params)

@@ -23,7 +23,7 @@ def pool(hidden: torch.Tensor, layout: PackedSequences, modes: tuple[str, ...]) 
         raise ValueError(f"pooling modes must be among {POOLING_MODES}, got {modes}")
     b, width = layout.num_seqs, hidden.shape[-1]
     x = hidden.float()  # (T, H)
-    seq_of_token = torch.repeat_interleave(torch.arange(b), layout.seq_lens)  # (T,)
+    seq_of_token = layout.seq_of_token  # (T,)
     lens = layout.seq_lens.to(torch.float32)[:, None]  # (B, 1)
     sums = None
     out = []

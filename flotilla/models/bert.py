@@ -59,14 +59,12 @@ class BertAttention(nn.Module):
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, heads, bias=True, dtype=dtype)
-        self.q_size = self.qkv_proj.num_heads * head_dim
         self.attn = EncoderAttention(self.qkv_proj.num_heads, head_dim, head_dim ** -0.5)
         self.output = BertOutput(config, config.hidden_size, dtype)
 
     def forward(self, x: torch.Tensor, layout: PackedSequences) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # (T, 3 * h * head_dim)
-        q, k, v = qkv.split([self.q_size] * 3, dim=-1)  # (T, h * head_dim) each
-        return self.output(self.attn(q, k, v, layout), x)  # (T, hidden)
+        qkv = self.qkv_proj(x)  # (T, 3 * h * head_dim) = [q | k | v]
+        return self.output(self.attn(qkv, layout), x)  # (T, hidden)
 
 
 class BertLayer(nn.Module):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 import uuid
 
 import numpy as np
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
@@ -51,10 +52,15 @@ async def create_embedding(served: ServedModels, request: Request) -> Response:
     _record(ctx, token_ids, time.monotonic() - start)
     num_tokens = sum(len(ids) for ids in token_ids)
     encode = _base64 if req.encoding_format == "base64" else _floats
-    return JSONResponse({
-        "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": ctx.model_name,
-        "data": [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(rows)],
-        "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+    def render() -> bytes:  # up to 2048 x D floats: 0.4 s of JSON for 384 dimensions, off the event loop
+        return json.dumps({
+            "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": ctx.model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(rows)],
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}},
+            ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    body = await asyncio.get_running_loop().run_in_executor(None, render)
+    return Response(body, media_type="application/json")
 
 
 def _tokenize_all(processor, inputs: list) -> list[list[int]]:

@@ -18,15 +18,19 @@ from torch import nn
 @dataclass(frozen=True)
 class PackedSequences:
     """The layout of a packed batch: ``seq_lens`` (B,) int64, ``starts`` (B,) the offset of each sequence
-    in the packed tokens, ``positions`` (T,) each token's index within its sequence, ``token_index`` (T,)
-    each token's slot in the padded ``(B * L)`` layout and ``key_mask`` (B, 1, 1, L) True for real keys."""
+    in the packed tokens, ``positions`` (T,) each token's index within its sequence, ``seq_of_token`` (T,),
+    ``gather_index`` (B * L,) the packed token that fills each slot of the padded layout (padding slots
+    repeat their sequence's first token: finite values that the mask hides) and ``key_mask`` (B, 1, 1, L)
+    True for real keys. ``uniform``: every sequence has length L, so packed and padded are the same memory."""
 
     seq_lens: torch.Tensor
     starts: torch.Tensor
     positions: torch.Tensor
-    token_index: torch.Tensor
+    seq_of_token: torch.Tensor
+    gather_index: torch.Tensor
     key_mask: torch.Tensor
     max_len: int
+    uniform: bool
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu") -> "PackedSequences":
@@ -38,9 +42,11 @@ class PackedSequences:
         max_len = max(lengths)
         seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device), seq_lens)  # (T,)
         positions = torch.arange(int(seq_lens.sum()), device=device) - starts[seq_of_token]  # (T,)
-        token_index = seq_of_token * max_len + positions  # (T,)
-        key_mask = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]  # (B, L)
-        return cls(seq_lens, starts, positions, token_index, key_mask[:, None, None, :], max_len)
+        slots = torch.arange(max_len, device=device)[None, :]  # (1, L)
+        key_mask = slots < seq_lens[:, None]  # (B, L)
+        gather_index = torch.where(key_mask, starts[:, None] + slots, starts[:, None]).reshape(-1)  # (B * L,)
+        return cls(seq_lens, starts, positions, seq_of_token, gather_index, key_mask[:, None, None, :], max_len,
+                   uniform=min(lengths) == max_len)
 
     @property
     def num_seqs(self) -> int:
@@ -54,26 +60,22 @@ class PackedSequences:
 class EncoderAttention(nn.Module):
     """Multi-head attention of every token over the tokens of its own sequence (no causal mask).
 
-    forward(q, k, v (T, h * d), layout) -> (T, h * d). Padded query rows are computed and dropped; every
-    row has at least one real key, so none is NaN.
+    forward(qkv (T, 3 * h * d) = [q | k | v], layout) -> (T, h * d). Padded query rows are computed and
+    dropped; padded keys are masked out.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedSequences) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, layout: PackedSequences) -> torch.Tensor:
         h, d = self.num_heads, self.head_dim
         b, length = layout.num_seqs, layout.max_len
-        qp, kp, vp = (self._pad(x, layout).view(b, length, h, d).transpose(1, 2) for x in (q, k, v))  # (B, h, L, d)
-        mask = layout.key_mask if b > 1 else None  # one sequence: nothing is padded
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)  # (B, h, L, d)
-        out = out.transpose(1, 2).reshape(b * length, h * d)  # (B * L, h * d)
-        return out.index_select(0, layout.token_index)  # (T, h * d)
-
-    @staticmethod
-    def _pad(x: torch.Tensor, layout: PackedSequences) -> torch.Tensor:
-        if layout.num_seqs == 1:
-            return x  # (T, h * d) is already (1 * L, h * d)
-        padded = x.new_zeros(layout.num_seqs * layout.max_len, x.shape[-1])  # (B * L, h * d)
-        return padded.index_copy_(0, layout.token_index, x)
+        padded = qkv if layout.uniform else qkv.index_select(0, layout.gather_index)  # (B * L, 3 * h * d)
+        q, k, v = padded.view(b, length, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d) each
+        mask = None if layout.uniform else layout.key_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, h, L, d)
+        out = out.transpose(1, 2)  # (B, L, h, d)
+        if layout.uniform:
+            return out.reshape(b * length, h * d)  # (T, h * d)
+        return out[layout.seq_of_token, layout.positions].reshape(-1, h * d)  # (T, h * d)

@@ -91,15 +91,16 @@ def test_packed_token_states_match_transformers(tmp_path, minilm_dir):
     ours = BertModel(config)
     ours.load_weights(iterate_weights(resolved, config, torch.float32))
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    texts = TEXTS[:3]
-    ids = [tok.encode(t) for t in texts]
-    layout = PackedSequences.from_lengths([len(i) for i in ids])
-    with torch.no_grad():
-        packed = ours(torch.tensor([t for i in ids for t in i]), layout)  # (T, hidden)
-        enc = tok(texts, padding=True, return_tensors="pt")
-        ref = hf(**enc).last_hidden_state  # (B, L, hidden)
-    expected = torch.cat([ref[b, :len(i)] for b, i in enumerate(ids)])
-    torch.testing.assert_close(packed, expected, atol=2e-5, rtol=1e-4)
+    for texts in (TEXTS[:3], ["one two three", "four five six"], ["alone"]):  # ragged, equal lengths, one
+        ids = [tok.encode(t) for t in texts]
+        layout = PackedSequences.from_lengths([len(i) for i in ids])
+        assert layout.uniform == (len({len(i) for i in ids}) == 1)
+        with torch.no_grad():
+            packed = ours(torch.tensor([t for i in ids for t in i]), layout)  # (T, hidden)
+            enc = tok(texts, padding=True, return_tensors="pt")
+            ref = hf(**enc).last_hidden_state  # (B, L, hidden)
+        expected = torch.cat([ref[b, :len(i)] for b, i in enumerate(ids)])
+        torch.testing.assert_close(packed, expected, atol=2e-5, rtol=1e-4)
 
 
 POOLINGS = [
@@ -142,6 +143,38 @@ def test_matryoshka_dimensions(tmp_path, minilm_dir):
         with pytest.raises(InvalidRequestError) as e:
             llm.embed(TEXTS[:1], PoolingParams(dimensions=bad))
         assert e.value.param == "dimensions"
+
+
+def test_dimensions_over_http(tmp_path, minilm_dir):
+    """/v1/embeddings in-process (the app over an AsyncEmbedder): Matryoshka ``dimensions`` and its 400s."""
+    import asyncio
+
+    import httpx
+
+    from flotilla.engine.arg_utils import EngineArgs
+    from flotilla.engine.async_embedder import AsyncEmbedder
+    from flotilla.entrypoints.openai.api_server import build_app
+    from flotilla.entrypoints.openai.cli_args import ServerConfig
+    path = str(tmp_path / "m")
+    write_tiny_bert(path, minilm_dir, {"pooling_mode": "mean"}, normalize=True, matryoshka=[8, 16, 32])
+    engine = AsyncEmbedder(EngineArgs(model=path).create_engine_config())
+    app, _ = build_app({"tiny-embed": engine}, ServerConfig())
+    full = sentence_transformers_embed(path, TEXTS)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            ok = await c.post("/v1/embeddings", json={"input": TEXTS, "dimensions": 16})
+            bad = [await c.post("/v1/embeddings", json={"input": "a", "dimensions": d}) for d in (12, 0, 64)]
+            return ok, bad
+    try:
+        ok, bad = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert ok.status_code == 200, ok.text
+    got = torch.tensor([d["embedding"] for d in ok.json()["data"]])
+    torch.testing.assert_close(got, F.normalize(full[:, :16], dim=-1), atol=2e-5, rtol=1e-4)
+    for r in bad:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions", r.text
 
 
 def test_pooling_runner_errors(tmp_path, minilm_dir, tiny_llama_engine):

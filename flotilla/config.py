@@ -30,6 +30,9 @@ class ModelConfig:
     ``quantization`` "int8" stores linear weights as int8 with per-row scales (activations stay ``dtype``).
     ``batch_invariant`` computes every token's activations, logits and logprobs with reductions whose order
     does not depend on the rest of the batch (layers/batch_invariant.py); it excludes ``quantization``.
+    ``runner`` is "generate" (a decoder on the engine) or "pooling" (an encoder serving embeddings; its
+    ``pooler`` is the ``PoolerConfig`` read from the sentence-transformers config, and ``max_model_len`` is
+    the length inputs are truncated to).
     """
 
     model: str
@@ -41,8 +44,14 @@ class ModelConfig:
     served_model_name: str | None = None
     quantization: str | None = None  # None or "int8" (weight-only, layers/quantization.py)
     batch_invariant: bool = False
+    runner: str = "generate"
+    pooler: Any = None
 
     def __post_init__(self) -> None:
+        if self.runner not in ("generate", "pooling"):
+            raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner!r}")
+        if (self.runner == "pooling") != (self.pooler is not None):
+            raise ValueError("a pooling model needs a pooler config, and only a pooling model has one")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if self.batch_invariant and self.quantization is not None:

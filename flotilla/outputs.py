@@ -1,4 +1,4 @@
-"""Public output types, shaped like vLLM's (RequestOutput, CompletionOutput, Logprob)."""
+"""Public output types, shaped like vLLM's (RequestOutput, CompletionOutput, Logprob, EmbeddingRequestOutput)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,25 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    """The embedding of one prompt (vLLM's ``EmbeddingOutput``)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The result of one embedding request (vLLM's ``EmbeddingRequestOutput``): ``outputs.embedding`` and the
+    prompt's token ids (after truncation to the model's ``max_seq_length``)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

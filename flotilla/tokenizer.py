@@ -114,8 +114,13 @@ class Tokenizer:
         twin._token_str_cache = {}
         return twin
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """Token ids of ``text``; with ``max_length``, truncated to that many tokens, special tokens included
+        (Hugging Face's ``truncation=True``: the end of the text is cut, the closing special tokens kept)."""
+        if max_length is None:
+            return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens, truncation=True,
+                                             max_length=max_length))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens,

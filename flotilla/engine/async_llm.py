@@ -18,7 +18,7 @@ from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.core import EngineCoreOutputs, make_child_requests
 from flotilla.engine.core_proc import CoreProcessClient
 from flotilla.engine.input_processor import InputProcessor, PromptType
-from flotilla.engine.llm_engine import load_tokenizer
+from flotilla.engine.llm_engine import load_tokenizer, require_generative
 from flotilla.engine.messages import AbortRequests, AddRequest, Failed, Outputs
 from flotilla.engine.output_processor import OutputKind, OutputProcessor
 from flotilla.errors import EngineDeadError, InvalidRequestError
@@ -46,6 +46,7 @@ class AsyncLLM:
 
     def __init__(self, args: EngineArgs):
         self.config = args.create_engine_config()
+        require_generative(self.config)
         self.model_config = self.config.model
         self.tokenizer = load_tokenizer(self.config)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size,

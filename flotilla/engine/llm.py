@@ -1,14 +1,19 @@
-"""LLM: the offline API (vLLM's ``LLM``): batch generate and chat."""
+"""LLM: the offline API (vLLM's ``LLM``): batch generate and chat, or embed with an embedding model."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from flotilla.engine.arg_utils import EngineArgs
+from flotilla.engine.embedding import Embedder
 from flotilla.engine.input_processor import PromptType
 from flotilla.engine.llm_engine import LLMEngine
 from flotilla.engine.output_processor import OutputKind
-from flotilla.outputs import RequestOutput
+from flotilla.errors import InvalidRequestError
+from flotilla.outputs import EmbeddingRequestOutput, RequestOutput
+from flotilla.pooling_params import PoolingParams
 from flotilla.sampling_params import SamplingParams
 
 ChatMessages = list[dict]
@@ -21,19 +26,36 @@ class LLM:
     or many (strings, token-id lists or ``{"prompt_token_ids": [...]}``) with one SamplingParams or one per
     prompt, and returns outputs in input order. Every prompt is validated before any is queued, so a bad
     one raises ``InvalidRequestError`` and leaves the engine idle and usable.
+
+    An embedding model (an encoder such as ``"all-minilm-l6-v2"``: ``runner="auto"`` detects it from its
+    architecture, as vLLM does; ``runner="pooling"`` insists) loads an ``Embedder`` instead: ``embed`` returns
+    ``EmbeddingRequestOutput``s (``.outputs.embedding``), and ``generate``/``chat`` raise
+    ``InvalidRequestError``, as ``embed`` does on a generative model.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  kv_cache_memory: float = 1.0, seed: int = 0, **kwargs):
         args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                           seed=seed, **kwargs)
-        self.engine = LLMEngine.from_engine_args(args)
+        self.engine = self._make_engine(args)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLM":
         llm = cls.__new__(cls)
-        llm.engine = LLMEngine.from_engine_args(args)
+        llm.engine = cls._make_engine(args)
         return llm
+
+    @staticmethod
+    def _make_engine(args: EngineArgs) -> LLMEngine | Embedder:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        config = args.create_engine_config()
+        return Embedder(config) if config.model.runner == "pooling" else LLMEngine(config)
+
+    @property
+    def runner(self) -> str:
+        """"generate", or "pooling" for an embedding model."""
+        return self.engine.config.model.runner
 
     @property
     def tokenizer(self):
@@ -45,6 +67,7 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
+        self._require("generate", "LLM.generate()")
         prompts = self._as_list(prompts)
         params = self._params_for(prompts, sampling_params)
         processed = [self.engine.input_processor.process(p, sp) for p, sp in zip(prompts, params)]
@@ -60,11 +83,34 @@ class LLM:
              chat_template: str | None = None, add_generation_prompt: bool = True,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or many, then generate."""
+        self._require("generate", "LLM.chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.engine.tokenizer.apply_chat_template(
             conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)}
             for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """The embedding of each prompt (a text, a token-id list, ``{"prompt": ...}`` or
+        ``{"prompt_token_ids": [...]}``), in input order, pooled and normalised as the model's
+        sentence-transformers config says; texts are truncated to ``max_model_len`` tokens (the model's
+        ``max_seq_length``). Every prompt is validated first: a bad one raises ``InvalidRequestError``."""
+        self._require("pooling", "LLM.embed()")
+        prompts = self._as_list(prompts)
+        params = list(pooling_params) if isinstance(pooling_params, (list, tuple)) else pooling_params
+        return self.engine.embed(prompts, params)
+
+    def _require(self, runner: str, what: str) -> None:
+        if self.runner == runner:
+            return
+        name = self.engine.config.model.name
+        if runner == "pooling":
+            raise InvalidRequestError(f"{what} is only supported for embedding models; {name} is a generative "
+                                      f"model", "model")
+        raise InvalidRequestError(f"{what} is only supported for generative models; {name} is an embedding model "
+                                  f"(use LLM.embed())", "model")
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

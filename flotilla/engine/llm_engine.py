@@ -22,6 +22,14 @@ from flotilla.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+def require_generative(config: EngineConfig) -> None:
+    """InvalidRequestError unless ``config`` is a generative model's (an embedding model has no decoder
+    engine: ``LLM`` runs it with an ``Embedder``, ``flotilla serve`` with an ``AsyncEmbedder``)."""
+    if config.model.runner != "generate":
+        raise InvalidRequestError(f"{config.model.name} is an embedding model: it runs on the pooling runner "
+                                  f"(LLM.embed, /v1/embeddings), not on the generation engine", "model")
+
+
 def load_tokenizer(config: EngineConfig) -> Tokenizer:
     mc = config.model
     if mc.source_kind == "gguf":
@@ -39,6 +47,7 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig):
+        require_generative(config)
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.core = EngineCore(config)

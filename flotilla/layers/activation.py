@@ -1,4 +1,4 @@
-"""Activations."""
+"""Activations: the SwiGLU gate of the decoders and the GELU family of the encoders."""
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +27,31 @@ class SiluAndMul(nn.Module):
         if self.batch_invariant and x.dim() == 2:
             return per_row(lambda row: F.silu(row[..., :d]) * row[..., d:], x)
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GELU(nn.Module):
+    """GELU, exact (``approximate="none"``, BERT's ``gelu``) or its tanh approximation (``gelu_new``)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)  # same shape as x
+
+
+# Hugging Face ``hidden_act`` names of the encoder MLPs flotilla runs -> their module.
+_ACTIVATIONS = {
+    "gelu": lambda: GELU("none"),
+    "gelu_new": lambda: GELU("tanh"),
+    "gelu_pytorch_tanh": lambda: GELU("tanh"),
+    "relu": nn.ReLU,
+}
+
+
+def get_act_fn(name: str) -> nn.Module:
+    """The activation module of a Hugging Face ``hidden_act`` name; ValueError naming the supported ones."""
+    make = _ACTIVATIONS.get(name) if isinstance(name, str) else None
+    if make is None:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}")
+    return make()

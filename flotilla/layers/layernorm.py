@@ -1,8 +1,9 @@
-"""RMSNorm, optionally fused with the residual add."""
+"""RMSNorm (optionally fused with the residual add) and LayerNorm."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flotilla.layers.batch_invariant import per_row
@@ -48,3 +49,19 @@ class RMSNorm(nn.Module):
             return norm(x)
         x = x + residual
         return norm(x), x
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * w + b over the last dimension (BERT-family encoders).
+
+    Computed in the input's dtype, as Hugging Face's ``nn.LayerNorm`` does; x (..., hidden) -> (..., hidden).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-12, dtype=torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

@@ -21,6 +21,7 @@ Module map (one job each):
 | ``tool_calling`` | ``tools`` / ``tool_choice``: the plan (structured-output constraint, template tools), each choice's tool calls |
 | ``tool_parsers/`` | ``--tool-call-parser`` parsers (``hermes``) and the incremental JSON call scanner they share |
 | ``serving_tokenization`` | ``/tokenize`` and ``/detokenize`` |
+| ``serving_embedding`` | ``/v1/embeddings``: inputs tokenized on a lane, each joined to the model's batcher, float or base64 |
 | ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |
 | ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM |

@@ -5,7 +5,8 @@ Contract: ``build_app(engines, config, routes=None, seed=None)`` returns ``(asgi
 ``config.served_model_name``), a mapping ``{model name: EngineClient}`` (AsyncLLM, ReplicaSet or a remote
 proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: weight}``. The app owns its
 metrics registry (so several apps can live in one process) and never shuts the engines down. Routes:
-``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` picks the model or alias),
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` picks the model or alias; generative
+models), ``POST /v1/embeddings`` (embedding models; ``serving_embedding``),
 ``GET /v1/models[/{id}]`` (models, then aliases with their ``flotilla_route``), ``GET /health`` (200 while
 every engine is alive and ready and the server admits requests, else 503; from cached state, never a call
 to an engine), ``GET /version``, ``POST /tokenize``,
@@ -25,6 +26,7 @@ from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLim
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.serving_chat import create_chat_completion
 from flotilla.entrypoints.openai.serving_completion import create_completion
+from flotilla.entrypoints.openai.serving_embedding import create_embedding
 from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize
 
 
@@ -51,6 +53,10 @@ def _add_generation_routes(app: FastAPI, served: ServedModels) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(served, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await create_embedding(served, request)
 
 
 def _add_info_routes(app: FastAPI, served: ServedModels) -> None:

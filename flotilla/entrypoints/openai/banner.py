@@ -9,6 +9,8 @@ from flotilla.entrypoints.openai.cli_args import ServerConfig
 
 def _model_rows(engine, routing: str | None) -> list[tuple[str, object]]:
     ec = engine.config
+    if getattr(ec.model, "runner", "generate") == "pooling":
+        return _embedding_rows(engine)
     replicas = getattr(engine, "replicas", None)
     count = len(replicas) if replicas is not None else 1
     per_replica = engine.num_blocks // count
@@ -28,6 +30,16 @@ def _model_rows(engine, routing: str | None) -> list[tuple[str, object]]:
     if ec.model.batch_invariant:
         rows.append(("batch invariant", True))
     return rows
+
+
+def _embedding_rows(engine) -> list[tuple[str, object]]:
+    ec = engine.config
+    return [("model", f"{ec.model.model} ({ec.model.source_kind}: {ec.model.source})"),
+            ("runner", f"pooling (embeddings, {engine.output_dim} dimensions)"),
+            ("pooling", ec.model.pooler.describe()), ("dtype", ec.model.dtype),
+            ("max_model_len", f"{ec.model.max_model_len} (longer texts are truncated)"),
+            ("max_num_seqs", ec.scheduler.max_num_seqs),
+            ("max_num_batched_tokens", f"{ec.scheduler.max_num_batched_tokens} (padded)")]
 
 
 def format_banner(engines: Mapping, config: ServerConfig, url: str,

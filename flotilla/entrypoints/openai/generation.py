@@ -66,6 +66,11 @@ class ServingContext:
     def max_model_len(self) -> int:
         return self.engine.model_config.max_model_len
 
+    @property
+    def runner(self) -> str:
+        """"generate", or "pooling" for an embedding model (``AsyncEmbedder``)."""
+        return getattr(self.engine.model_config, "runner", "generate")
+
     async def on_lane(self, size: int, fn):
         """``fn(input_processor)`` on the tokenizer lane for a request of ``size`` characters or token ids
         (see the module docstring); use only the tokenizer of the processor it is given."""

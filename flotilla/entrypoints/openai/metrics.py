@@ -105,7 +105,10 @@ class EngineStatsCollector:
                                  labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching",
                                          "kv_cache_memory_gib"])
         for model, engine in self.engines.items():
-            cache = getattr(getattr(engine, "config", None), "cache", None)
+            config = getattr(engine, "config", None)
+            cache = getattr(config, "cache", None)
+            if getattr(getattr(config, "model", None), "runner", "generate") == "pooling":
+                continue  # an embedding model has no KV cache
             if cache is not None:
                 info.add_metric([model, str(cache.block_size), str(engine.num_blocks),
                                  str(cache.enable_prefix_caching), str(cache.kv_cache_memory)], 1.0)

@@ -28,7 +28,9 @@ class ServedModels:
     otherwise). ``resolve(name, user)`` returns the context of the model that serves a request: the model
     itself, or for an alias a target drawn by weight (from ``random.Random(seed)``; with ``user``, the same
     user always gets the same target); ``name`` None is allowed only when exactly one model is served
-    (else 400); an unknown name is a 404 naming it, ``param`` "model". The app shares one ``tracker``
+    (else 400); an unknown name is a 404 naming it, ``param`` "model"; with ``runner`` ("generate" for the
+    generation routes, "pooling" for /v1/embeddings) a model of the other kind is a 400 naming ``model``
+    (as vLLM answers an API its model does not support; a route's targets are all of one kind). The app shares one ``tracker``
     (in-flight count, draining), one pair of tokenizer lanes, one metrics registry (``model_name`` label per
     model) and one set of active runs. ``is_dead`` is True when any engine is dead; ``not_ready`` names the
     models whose engine reports ``is_ready`` False (an optional member: remote engines before a replica is
@@ -53,7 +55,7 @@ class ServedModels:
             name: ServingContext(engine, config, name, self.metrics.add_model(name, engine), self.tracker,
                                  self.lanes, self.active_runs, self.created)
             for name, engine in engines.items()}
-        self.routes = _check_routes(routes or {}, list(self.contexts))
+        self.routes = _check_routes(routes or {}, {name: ctx.runner for name, ctx in self.contexts.items()})
         self._rng = random.Random(seed)
 
     @property
@@ -68,8 +70,11 @@ class ServedModels:
     def engines(self) -> dict:
         return {name: ctx.engine for name, ctx in self.contexts.items()}
 
-    def resolve(self, name: str | None, user: str | None = None) -> ServingContext:
+    def resolve(self, name: str | None, user: str | None = None, runner: str | None = None) -> ServingContext:
         """The context of the model serving a request for ``name`` (see the class contract)."""
+        return _check_runner(self._resolve(name, user), runner)
+
+    def _resolve(self, name: str | None, user: str | None) -> ServingContext:
         if name is None:
             if len(self.contexts) == 1:
                 return next(iter(self.contexts.values()))
@@ -129,7 +134,19 @@ class ServedModels:
         self.lanes.shutdown()
 
 
-def _check_routes(routes: Mapping[str, Mapping[str, float]], models: list[str]) -> dict[str, dict[str, float]]:
+def _check_runner(ctx: ServingContext, runner: str | None) -> ServingContext:
+    if runner is None or ctx.runner == runner:
+        return ctx
+    if ctx.runner == "pooling":
+        raise APIError(400, f"The model `{ctx.model_name}` is an embedding model: it serves /v1/embeddings, not "
+                            f"text generation.", "model")
+    raise APIError(400, f"The model `{ctx.model_name}` is a generative model and does not support the Embeddings "
+                        f"API.", "model")
+
+
+def _check_routes(routes: Mapping[str, Mapping[str, float]],
+                  models: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """``routes`` checked against ``models`` (name -> runner)."""
     out = {}
     for alias, weights in routes.items():
         if alias in models:
@@ -139,6 +156,8 @@ def _check_routes(routes: Mapping[str, Mapping[str, float]], models: list[str]) 
         for target, weight in weights.items():
             if target not in models:
                 raise ValueError(f"route {alias!r}: unknown model {target!r}")
+        if len({models[t] for t in weights}) > 1:
+            raise ValueError(f"route {alias!r} mixes embedding and generative models")
         choose_weighted(weights, random.Random(0))  # ValueError for bad weights
         out[alias] = dict(weights)
     return out

@@ -313,3 +313,42 @@ class DetokenizeRequest(_Request):
 
     model: str | None = None
     tokens: list[Int64]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings. ``input``: a text, a list of texts, a token-id list or a list of them (OpenAI's
+    four forms); ``encoding_format``: float (JSON numbers) or base64 (little-endian float32 bytes);
+    ``dimensions``: Matryoshka truncation (checked against the model); ``user``: routes sticky per user."""
+
+    model: str | None = None
+    input: str | list
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: Int64 | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs, one text or one token-id list each (1 to ``MAX_EMBEDDING_INPUTS`` of them);
+        ``InvalidRequestError`` naming ``input`` for any other shape."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if not value:
+            raise InvalidRequestError("input must not be empty", "input")
+        if all(_is_token_id(t) for t in value):
+            return [value]
+        for i, item in enumerate(value):
+            if not isinstance(item, str) and not (isinstance(item, list) and all(_is_token_id(t) for t in item)):
+                raise InvalidRequestError(f"input[{i}] must be a string or a list of token ids (input is a string, "
+                                          f"a list of strings, a list of token ids or a list of token-id lists)",
+                                          "input")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequestError(f"input has {len(value)} items; at most {MAX_EMBEDDING_INPUTS} are allowed per "
+                                      f"request", "input")
+        return list(value)
+
+
+def _is_token_id(value) -> bool:
+    return type(value) is int  # not bool, not float

@@ -113,6 +113,11 @@ def run_server(ns: argparse.Namespace) -> int:
         return 2
     if getattr(ns, "ray", False):
         check_parallel_sizes(deployment)  # on the driver, before Ray starts (embedded: in start_engines)
+        embedding = _embedding_models(deployment)
+        if embedding:
+            print(f"error: --ray serves generative models only; embedding model(s) {', '.join(embedding)} run in "
+                  f"embedded mode (flotilla serve without --ray)", file=sys.stderr)
+            return 2
         return _run_on_ray(deployment, ns, api_key)
     try:
         sock = bind_socket(ns.host, ns.port)
@@ -131,6 +136,11 @@ def run_server(ns: argparse.Namespace) -> int:
             shutdown_engines(engines)
     finally:
         sock.close()
+
+
+def _embedding_models(deployment) -> list[str]:
+    from flotilla.engine.async_embedder import is_pooling_model
+    return [spec.name for spec in deployment.models if is_pooling_model(spec.engine_args())]
 
 
 def deployment_from_args(ns: argparse.Namespace):

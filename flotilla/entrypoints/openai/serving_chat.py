@@ -90,7 +90,7 @@ def chat_size(messages: list[dict]) -> int:
 
 async def create_chat_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
-    ctx = served.resolve(req.model, req.user)
+    ctx = served.resolve(req.model, req.user, runner="generate")
     tools = req.tool_plan(ctx.config.enable_auto_tool_choice, ctx.config.tool_call_parser)
     params = with_tool_constraint(req.to_sampling_params(), tools)
     prepared = await prepare_chat(ctx, req, params, tools.template_tools)

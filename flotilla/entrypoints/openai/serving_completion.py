@@ -97,7 +97,7 @@ class _Job:
 
 async def create_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, CompletionRequest)
-    ctx = served.resolve(req.model, req.user)
+    ctx = served.resolve(req.model, req.user, runner="generate")
     prompts = req.prompts()
     params = req.to_sampling_params()
     prepared = await ctx.prepare(prompts, params, req.cache_salt)

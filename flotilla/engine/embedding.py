@@ -5,7 +5,7 @@ model's default prompt prepended, lower-cased when its config says so, truncated
 tokens with the closing special tokens kept). ``Embedder.run_batch`` runs one forward pass over a batch of
 token-id lists and pools each (``flotilla.layers.pooler``); ``Embedder.embed`` is the offline path over any
 number of inputs (sorted by length into batches, as sentence-transformers' ``encode`` does, results in input
-order). The server's batching lives in ``flotilla.engine.embed_batcher``.
+order). The server batches through the model repository's dynamic batcher (``flotilla.repository.embedding_model``).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def _floats(row) -> list[float]:
 
 
 def _base64(row) -> str:
-    return base64.b64encode(row.numpy().astype("<f4", copy=False).tobytes()).decode("ascii")
+    return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
 
 
 def _record(ctx: ServingContext, token_ids: list[list[int]], seconds: float) -> None:

@@ -3,6 +3,7 @@ queue policies (REJECT / DELAY, timeouts, max_queue_size), priority levels, batc
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -61,6 +62,21 @@ def test_zero_delay_sends_whatever_is_queued_up_to_max_batch_size():
     fill(q, 6, 0.0)
     assert q.poll(0.0).batch == (0, 1, 2, 3)
     assert q.poll(0.0).batch == (4, 5)
+
+
+def test_padded_token_budget_cuts_batches_by_rows_times_the_longest():
+    """flotilla's extension (an embedding model's max_num_batched_tokens): rows x longest length <= budget."""
+    q = BatchQueue(dataclasses.replace(settings("", max_batch_size=8), max_batch_padded_tokens=100))
+    for rid, length in enumerate([10, 20, 30, 5, 200, 10]):
+        q.enqueue(rid, 1, 0.0, length=length)
+    assert q.poll(0.0).batch == (0, 1, 2)      # 3 x 30 = 90; a 4th row makes 4 x 30 = 120 > 100
+    assert q.poll(0.0).batch == (3,)           # 5, then 200: 2 x 200 > 100
+    assert q.poll(0.0).batch == (4,)           # longer than the budget alone: runs, alone
+    assert q.poll(0.0).batch == (5,)
+    unlimited = BatchQueue(settings("", max_batch_size=8))
+    for rid, length in enumerate([10, 20, 30, 5, 200, 10]):
+        unlimited.enqueue(rid, 1, 0.0, length=length)
+    assert unlimited.poll(0.0).batch == (0, 1, 2, 3, 4, 5)       # 0: no budget
 
 
 def test_no_instance_free_means_no_batch_but_timeouts_still_fire():

@@ -102,7 +102,7 @@ def test_inputs_waiting_behind_a_batch_run_together_in_one_forward_pass():
     assert batcher.num_waiting == batcher.num_running == 0
 
 
-def test_batches_are_cut_at_max_num_seqs_in_arrival_order_and_params_reach_the_model():
+def test_batches_are_cut_at_max_num_seqs_and_the_token_budget_in_arrival_order_and_params_reach_the_model():
     script = Script()
     batcher = DynamicEmbeddingBatcher(script, max_num_seqs=3, max_num_batched_tokens=8)
 
@@ -122,7 +122,8 @@ def test_batches_are_cut_at_max_num_seqs_in_arrival_order_and_params_reach_the_m
         batcher.close()
     assert results == [0, 1, 1, 1, 1, 4, 4, 1]
     lengths = [[len(t) for t in batch] for batch in script.batches]
-    assert lengths == [[1], [1, 1, 1], [1, 4, 4], [1]]  # requests are counted, not tokens
+    # cut at max_num_seqs (3) and at max_num_batched_tokens (8) padded tokens: [1, 4, 4] would be 3 x 4 = 12
+    assert lengths == [[1], [1, 1, 1], [1, 4], [4, 1]]
     assert [[p.dimensions for p in ps] for ps in script.params[1:]] == lengths[1:]
 
 

@@ -67,6 +67,10 @@ class BatcherSettings:
     default_priority_level: int = 0
     default_queue_policy: QueuePolicy = QueuePolicy()
     priority_queue_policy: Mapping[int, QueuePolicy] = field(default_factory=dict)
+    # flotilla's extension (not a Triton field; 0: none): a batch's rows x its longest request's ``length``
+    # stays within this (an embedding model's ``max_num_batched_tokens``, padded tokens); a lone request that
+    # exceeds it still runs, alone.
+    max_batch_padded_tokens: int = 0
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "BatcherSettings":
@@ -107,6 +111,7 @@ class _Entry:
     enqueued: float
     deadline: float | None                  # absolute; None once delayed or when there is no timeout
     level: int
+    length: int = 0                         # per-row length for ``max_batch_padded_tokens``
 
 
 @dataclass
@@ -155,8 +160,8 @@ class BatchQueue:
         return sum(e.batch_size for e in self._entries.values())
 
     def enqueue(self, rid: Hashable, batch_size: int, now: float, *, priority: int = 0, timeout_us: int = 0,
-                key: tuple = ()) -> None:
-        """Queue a checked request. Raises InferError (UNAVAILABLE, "Exceeds maximum queue size") when its
+                key: tuple = (), length: int = 0) -> None:
+        """Queue a checked request (``length``: its rows' length, for ``max_batch_padded_tokens``). Raises InferError (UNAVAILABLE, "Exceeds maximum queue size") when its
         level's queue is full, ValueError on a duplicate id or a batch size outside [1, max_batch_size]."""
         if rid in self._entries:
             raise ValueError(f"request id {rid!r} is already queued")
@@ -171,7 +176,7 @@ class BatchQueue:
             raise queue_full()
         timeout = queue.policy.timeout_s(timeout_us)
         deadline = now + timeout if timeout > 0 else None
-        entry = _Entry(rid, batch_size, key, now, deadline, level)
+        entry = _Entry(rid, batch_size, key, now, deadline, level, length)
         queue.live.append(entry)
         self._entries[rid] = entry
         if deadline is not None and (self._next_deadline is None or deadline < self._next_deadline):
@@ -244,16 +249,19 @@ class BatchQueue:
         s = self.settings
         preferred, max_pref = set(s.preferred_batch_sizes), s.max_preferred
         pending: list[_Entry] = []
-        size, best, send_now = 0, 0, False
+        size, best, send_now, longest = 0, 0, False, 0
+        budget = s.max_batch_padded_tokens
         for e in self._ordered():
             if pending:
                 if size + e.batch_size > max_pref and best == 0:
                     best = len(pending)           # cannot reach a preferred size past this point
-                if size + e.batch_size > s.max_batch_size or e.key != pending[0].key:
+                if (size + e.batch_size > s.max_batch_size or e.key != pending[0].key
+                        or (budget and (size + e.batch_size) * max(longest, e.length) > budget)):
                     send_now = True
                     break
             pending.append(e)
             size += e.batch_size
+            longest = max(longest, e.length)
             if size in preferred:
                 best = len(pending)
         oldest = min(e.enqueued for e in pending)

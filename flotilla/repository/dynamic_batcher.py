@@ -235,7 +235,8 @@ class DynamicBatcher:
         rid = next(self._ids)
         now = self._clock()
         try:
-            self._queue.enqueue(rid, batch_size, now, priority=priority, timeout_us=timeout_us, key=key)
+            self._queue.enqueue(rid, batch_size, now, priority=priority, timeout_us=timeout_us, key=key,
+                                length=_row_length(inputs) if self.settings.max_batch_padded_tokens else 0)
         except InferError:
             self._stats.rejected_queue_full += 1
             raise
@@ -400,3 +401,8 @@ def _as_infer_error(e: BaseException, model: str) -> InferError:
         return InferError(code, message)
     logger.warning("model '%s' failed a batch: %s: %s", model, type(e).__name__, e)
     return InferError("INTERNAL", f"{type(e).__name__}: {e}")
+
+
+def _row_length(inputs: Mapping[str, np.ndarray]) -> int:
+    """A request's per-row element count (its longest input; the batch dimension excluded)."""
+    return max((int(np.prod(a.shape[1:], dtype=np.int64)) for a in inputs.values()), default=0)

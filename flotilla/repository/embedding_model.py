@@ -18,15 +18,17 @@ batcher implementation for tensor models and embeddings alike.
   ``EngineDeadError``; ``close`` fails the queued inputs and lets the running batch finish.
 - ``dynamic_embedding_batcher(**settings)``: the ``batcher_factory`` ``AsyncEmbedder`` takes.
 
-The batcher counts requests, not tokens: a batch is capped by ``max_batch_size`` inputs only (the engine's
-``max_num_batched_tokens`` is not a Triton notion; the offline ``LLM.embed`` path still applies it). Inputs
-are at most ``max_model_len`` tokens, so a batch is at most ``max_num_seqs x max_model_len`` packed tokens.
+A batch is capped by ``max_batch_size`` inputs (the engine's ``max_num_seqs``) and by the engine's
+``max_num_batched_tokens`` as padded tokens (inputs x the longest; the batcher's ``max_batch_padded_tokens``,
+flotilla's extension of Triton's batcher), as in the offline ``LLM.embed`` path; an input longer than that
+budget runs alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import replace
 import threading
 from typing import Callable, Sequence
 
@@ -36,7 +38,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from flotilla.errors import EngineDeadError
 from flotilla.pooling_params import PoolingParams
 from flotilla.repository.config import ModelConfig
+from flotilla.repository.batch_policy import BatcherSettings
 from flotilla.repository.dynamic_batcher import DynamicBatcher, InferRequest
+from flotilla.repository.tensors import ModelIO
 from flotilla.repository.errors import InferError
 
 INPUT_IDS = "INPUT_IDS"
@@ -85,12 +89,12 @@ class DynamicEmbeddingBatcher:
     def __init__(self, run_batch: RunBatch, max_num_seqs: int, max_num_batched_tokens: int, *,
                  name: str = "embedding", max_queue_delay_us: int = 0, preferred_batch_sizes: Sequence[int] = (),
                  max_queue_size: int = 0):
-        del max_num_batched_tokens  # requests are counted, not tokens (module docstring)
         self.config = embedding_model_config(name, -1, max_num_seqs, max_queue_delay_us=max_queue_delay_us,
                                              preferred_batch_sizes=preferred_batch_sizes,
                                              max_queue_size=max_queue_size)
         self.executor = EmbeddingExecutor(run_batch)
-        self.batcher = DynamicBatcher.from_config(self.config, [self.executor])
+        settings = replace(BatcherSettings.from_config(self.config), max_batch_padded_tokens=max_num_batched_tokens)
+        self.batcher = DynamicBatcher(settings, ModelIO.from_config(self.config), [self.executor])
         self._in_flight = 0          # submitted, not yet answered (queued + running)
         self._closed = False
         self._lock = threading.Lock()

@@ -340,6 +340,11 @@ def test_tokenize_detokenize_roundtrip(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
+def test_tokenizer_info_is_off_by_default(server):
+    """As in vLLM, ``GET /tokenizer_info`` needs ``--enable-tokenizer-info-endpoint`` (see test_lm_eval.py)."""
+    assert httpx.get(server.url + "/tokenizer_info", headers=server.headers).status_code == 404
+
+
 def test_api_key(server):
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):

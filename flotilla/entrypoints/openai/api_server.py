@@ -10,7 +10,8 @@ models), ``POST /v1/embeddings`` (embedding models; ``serving_embedding``),
 ``GET /v1/models[/{id}]`` (models, then aliases with their ``flotilla_route``), ``GET /health`` (200 while
 every engine is alive and ready and the server admits requests, else 503; from cached state, never a call
 to an engine), ``GET /version``, ``POST /tokenize``,
-``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /metrics``. No CORS headers.
+``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /tokenizer_info`` (only with
+``config.enable_tokenizer_info_endpoint``), ``GET /metrics``. No CORS headers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.serving_chat import create_chat_completion
 from flotilla.entrypoints.openai.serving_completion import create_completion
 from flotilla.entrypoints.openai.serving_embedding import create_embedding
-from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize
+from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize, tokenizer_info
 
 
 def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None):
@@ -97,3 +98,8 @@ def _add_token_routes(app: FastAPI, served: ServedModels) -> None:
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> Response:
         return await detokenize(served, request)
+
+    if served.config.enable_tokenizer_info_endpoint:
+        @app.get("/tokenizer_info")
+        async def tokenizer_info_route(request: Request) -> Response:
+            return await tokenizer_info(served, request)

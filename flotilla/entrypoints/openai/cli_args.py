@@ -33,7 +33,8 @@ class ServerConfig:
     ``metrics_prefixes`` the prefixes ``/metrics`` exports every metric under (``flotilla``, ``vllm``);
     ``chat_template`` the template text every chat request uses unless it brings its own (which it may only
     with ``trust_request_chat_template``);
-    ``enable_auto_tool_choice`` with ``tool_call_parser`` (vLLM's flags) enables ``tool_choice: auto``."""
+    ``enable_auto_tool_choice`` with ``tool_call_parser`` (vLLM's flags) enables ``tool_choice: auto``;
+    ``enable_tokenizer_info_endpoint`` serves ``GET /tokenizer_info`` (vLLM's flag; off by default as there)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -49,6 +50,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # accept a request's chat_template
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    enable_tokenizer_info_endpoint: bool = False
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +92,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models), llama3_json "
                         "({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), pythonic ([f(a=1), g()], "
                         "Llama 3.2/4, ToolACE)")
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info: the tokenizer's configuration, special tokens and chat template "
+                        "(vLLM's flag; lm-evaluation-harness then tokenizes through the server)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -115,4 +120,5 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
                         shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
                         metrics_prefixes=prefixes, chat_template=chat_template,
                         trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)),
-                        enable_auto_tool_choice=auto_tools, tool_call_parser=parser)
+                        enable_auto_tool_choice=auto_tools, tool_call_parser=parser,
+                        enable_tokenizer_info_endpoint=bool(getattr(ns, "enable_tokenizer_info_endpoint", False)))

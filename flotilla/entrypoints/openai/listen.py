@@ -6,9 +6,14 @@ import socket
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for ``host:port`` (IPv4 or IPv6); OSError if the address is unavailable."""
+    """A bound TCP socket for ``host:port`` (IPv4 or IPv6); OSError if the address is unavailable.
+
+    Its protocol is ``IPPROTO_TCP`` (not 0): asyncio, under uvicorn, turns on ``TCP_NODELAY`` only for sockets
+    that say so, and without it a keep-alive client (requests.Session, aiohttp, httpx, the openai SDK) waits
+    about 40 ms on every response after the first (Nagle's algorithm against the client's delayed ACK, as the
+    response goes out in two writes)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

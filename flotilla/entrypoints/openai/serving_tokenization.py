@@ -10,9 +10,18 @@ most ``max_model_len`` tokens; a longer one is a 400 naming the field and the li
 provably cannot fit is rejected before it is tokenized (so one request's work stays bounded).
 ``/detokenize`` takes ``tokens`` (each in the vocabulary, else 400) and answers ``{prompt}``. Both take
 ``model`` and run on the model's tokenizer lanes.
+
+``GET /tokenizer_info`` (vLLM's endpoint, served only with ``--enable-tokenizer-info-endpoint``; query
+parameter ``model``, optional when one model is served) answers the tokenizer's configuration as vLLM does:
+transformers' ``init_kwargs`` made JSON (special tokens as their text), without file paths, with
+``tokenizer_class``, the special tokens (``bos_token``, ``eos_token``, ...) and the chat template the server
+uses (``--chat-template``'s, else the tokenizer's; absent when there is none). lm-evaluation-harness probes it
+(and ``/tokenize``) to tokenize through the server (``tokenizer_backend=remote``, its default when both answer).
 """
 
 from __future__ import annotations
+
+import math
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +32,9 @@ from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest, template_messages
 from flotilla.entrypoints.openai.serving_chat import chat_size
 from flotilla.entrypoints.openai.tool_calling import template_tools
+
+# init_kwargs that locate files on the server, not describe the tokenizer: never sent
+_LOCAL_KEYS = frozenset({"name_or_path", "is_local", "local_files_only", "cache_dir"})
 
 
 async def tokenize(served: ServedModels, request: Request) -> Response:
@@ -75,3 +87,40 @@ async def detokenize(served: ServedModels, request: Request) -> Response:
             raise APIError(400, f"token id {t} is outside the vocabulary [0, {vocab})", "tokens")
     text = await ctx.on_lane(len(req.tokens), lambda processor: processor.tokenizer.decode(req.tokens))
     return JSONResponse({"prompt": text})
+
+
+async def tokenizer_info(served: ServedModels, request: Request) -> Response:
+    unknown = sorted(set(request.query_params) - {"model"})
+    if unknown:
+        raise APIError(400, f"{unknown[0]}: unknown query parameter", unknown[0])
+    ctx = served.resolve(request.query_params.get("model"))
+    return JSONResponse(tokenizer_info_body(ctx.engine.tokenizer.hf_tokenizer, ctx.config.chat_template))
+
+
+def tokenizer_info_body(hf_tokenizer, chat_template: str | None) -> dict:
+    """``/tokenizer_info``'s answer for a transformers tokenizer (see the module contract); ``chat_template``
+    is the server's own (None: the tokenizer's)."""
+    info = {key: _jsonable(value) for key, value in (getattr(hf_tokenizer, "init_kwargs", None) or {}).items()
+            if key not in _LOCAL_KEYS and not key.endswith("_file")}
+    for key, value in hf_tokenizer.special_tokens_map.items():
+        info.setdefault(key, _jsonable(value))
+    info["tokenizer_class"] = type(hf_tokenizer).__name__
+    template = chat_template or getattr(hf_tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        info["chat_template"] = template
+    else:
+        info.pop("chat_template", None)
+    return info
+
+
+def _jsonable(value):
+    """``value`` as JSON data: special tokens (``AddedToken``) as their text, other objects (and infinite or NaN
+    floats, which JSON cannot carry) as ``str``."""
+    if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    content = getattr(value, "content", None)
+    return content if isinstance(content, str) else str(value)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from flotilla.errors import FlotillaError, InvalidRequestError
 
-# Triton's status codes -> the HTTP status its HTTP endpoint answers with.
+# Triton's status codes -> the HTTP status its HTTP endpoint answers with (http_server.cc HttpCodeFromError).
 HTTP_STATUS = {
     "INVALID_ARG": 400,
-    "UNSUPPORTED": 400,
+    "UNSUPPORTED": 501,
     "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
+    "ALREADY_EXISTS": 400,
     "UNAVAILABLE": 503,
     "INTERNAL": 500,
-    "CANCELLED": 499,
+    "CANCELLED": 400,
 }
 
 QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"            # Triton's PriorityQueue::PolicyQueue::Enqueue

@@ -22,9 +22,9 @@ Module map (one job each):
 | ``tool_parsers/`` | ``--tool-call-parser`` parsers (``hermes``) and the incremental JSON call scanner they share |
 | ``serving_tokenization`` | ``/tokenize`` and ``/detokenize`` |
 | ``serving_embedding`` | ``/v1/embeddings``: inputs tokenized on a lane, each joined to the model's batcher, float or base64 |
-| ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics |
+| ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics, and the KServe v2 routes (``flotilla.entrypoints.kserve``) |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |
-| ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM |
+| ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM, the KServe v2 gRPC server (``--grpc-port``) on the same loop |
 | ``listen`` | the listening socket, bound before any model loads |
 | ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s; ``build_openai_ray_app`` |
 | ``ray_server`` | ``flotilla serve --ray``: ``run_on_ray`` (cluster, Serve start, signals, drain, shutdown) |

@@ -1,6 +1,6 @@
 """The FastAPI app: routes, and the ASGI middleware stack around them.
 
-Contract: ``build_app(engines, config, routes=None, seed=None)`` returns ``(asgi_app, served)`` where
+Contract: ``build_app(engines, config, routes=None, seed=None, repository=None)`` returns ``(asgi_app, served)`` where
 ``served`` is the app's ``ServedModels``. ``engines`` is one ``EngineClient`` (served as
 ``config.served_model_name``), a mapping ``{model name: EngineClient}`` (AsyncLLM, ReplicaSet or a remote
 proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: weight}``. The app owns its
@@ -11,7 +11,9 @@ models), ``POST /v1/embeddings`` (embedding models; ``serving_embedding``),
 every engine is alive and ready and the server admits requests, else 503; from cached state, never a call
 to an engine), ``GET /version``, ``POST /tokenize``,
 ``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /tokenizer_info`` (only with
-``config.enable_tokenizer_info_endpoint``), ``GET /metrics``. No CORS headers.
+``config.enable_tokenizer_info_endpoint``), ``GET /metrics``, and the KServe v2 / Triton routes under ``/v2``
+(``flotilla.entrypoints.kserve.http``) for every served model and, with ``repository``, the repository's
+models; ``/metrics`` then also carries Triton's ``nv_inference_*`` per model and version. No CORS headers.
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ from flotilla.entrypoints.openai.serving_embedding import create_embedding
 from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize, tokenizer_info
 
 
-def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None):
-    """The ASGI app serving ``engines`` (see the module contract) and its ``ServedModels``."""
-    served = engines if isinstance(engines, ServedModels) else ServedModels(engines, config, routes, seed)
+def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None, repository=None):
+    """The ASGI app serving ``engines`` (see the module contract) and its ``ServedModels``; every model also
+    answers the KServe v2 routes (``served.kserve``: the app's ``InferenceService``), and with ``repository``
+    (a model repository's ``InferenceService``) its models too (``engines`` may then be empty)."""
+    if isinstance(engines, ServedModels):
+        served = engines
+    else:
+        served = ServedModels(engines, config, routes, seed, allow_empty=repository is not None)
     app = FastAPI(title="flotilla", version=flotilla.__version__)
     app.state.served = served
     install_error_handlers(app)
     _add_generation_routes(app, served)
     _add_info_routes(app, served)
     _add_token_routes(app, served)
+    _add_kserve_routes(app, served, repository, config)
     asgi = BodySizeLimitMiddleware(app, config.max_body_bytes)
     if config.api_key:
         asgi = ApiKeyMiddleware(asgi, config.api_key)
@@ -88,6 +96,25 @@ def _add_info_routes(app: FastAPI, served: ServedModels) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(served.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def engines_ready(served: ServedModels) -> bool:
+    """Every LLM engine of the app is alive, ready, and the server is not draining."""
+    return not served.is_dead and not served.not_ready and not served.tracker.draining
+
+
+def _add_kserve_routes(app: FastAPI, served: ServedModels, repository, config: ServerConfig) -> None:
+    from flotilla.entrypoints.kserve.embedding_model import EmbeddingModel
+    from flotilla.entrypoints.kserve.http import kserve_router
+    from flotilla.entrypoints.kserve.llm_model import LLMModel
+    from flotilla.entrypoints.kserve.metrics import TritonMetrics
+    from flotilla.entrypoints.kserve.service import KServeService
+    models = {name: (EmbeddingModel(ctx) if ctx.runner == "pooling" else LLMModel(ctx))
+              for name, ctx in served.contexts.items()}
+    served.kserve = KServeService(models, repository)
+    app.include_router(kserve_router(served.kserve, tracker=served.tracker, ready=lambda: engines_ready(served),
+                                     max_body_bytes=config.max_body_bytes))
+    served.metrics.text_sources.append(TritonMetrics(served.kserve, config.metrics_prefixes).render)
 
 
 def _add_token_routes(app: FastAPI, served: ServedModels) -> None:

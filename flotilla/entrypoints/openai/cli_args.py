@@ -12,6 +12,7 @@ from flotilla.deploy.engine_args import finite_float
 from flotilla.entrypoints.openai.tool_parsers import TOOL_PARSERS, check_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_GRPC_PORT = 8001  # Triton's
 METRICS_PREFIXES = ("flotilla", "vllm")
 
 
@@ -34,7 +35,8 @@ class ServerConfig:
     ``chat_template`` the template text every chat request uses unless it brings its own (which it may only
     with ``trust_request_chat_template``);
     ``enable_auto_tool_choice`` with ``tool_call_parser`` (vLLM's flags) enables ``tool_choice: auto``;
-    ``enable_tokenizer_info_endpoint`` serves ``GET /tokenizer_info`` (vLLM's flag; off by default as there)."""
+    ``enable_tokenizer_info_endpoint`` serves ``GET /tokenizer_info`` (vLLM's flag; off by default as there);
+    ``grpc_port`` the KServe v2 gRPC port (Triton's 8001 by default, 0: off; see ``grpc_port_required``)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -51,6 +53,8 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     enable_tokenizer_info_endpoint: bool = False
+    grpc_port: int = DEFAULT_GRPC_PORT  # KServe v2 gRPC (0: off), on ``host``
+    grpc_port_required: bool = False  # --grpc-port given: failing to bind it is an error, not a warning
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +99,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info: the tokenizer's configuration, special tokens and chat template "
                         "(vLLM's flag; lm-evaluation-harness then tokenizes through the server)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help=f"KServe v2 / Triton gRPC port on --host (default {DEFAULT_GRPC_PORT}, Triton's; 0 turns "
+                        f"gRPC off). A default port that is in use only logs a warning")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -107,6 +114,11 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
         raise ValueError("--shutdown-timeout must be >= 0")
     if ns.max_request_body_bytes <= 0:
         raise ValueError("--max-request-body-bytes must be positive")
+    grpc_port = getattr(ns, "grpc_port", None)
+    if grpc_port is not None and not 0 <= grpc_port <= 65535:
+        raise ValueError(f"--grpc-port must be in [0, 65535] (0: no gRPC), got {grpc_port}")
+    if grpc_port is not None and grpc_port != 0 and grpc_port == ns.port:
+        raise ValueError(f"--grpc-port {grpc_port} is also the HTTP --port; choose another (or 0: no gRPC)")
     prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
     from flotilla.entrypoints.openai.chat_templates import load_chat_template
     chat_template = load_chat_template(getattr(ns, "chat_template", None))
@@ -121,4 +133,6 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
                         metrics_prefixes=prefixes, chat_template=chat_template,
                         trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)),
                         enable_auto_tool_choice=auto_tools, tool_call_parser=parser,
-                        enable_tokenizer_info_endpoint=bool(getattr(ns, "enable_tokenizer_info_endpoint", False)))
+                        enable_tokenizer_info_endpoint=bool(getattr(ns, "enable_tokenizer_info_endpoint", False)),
+                        grpc_port=DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
+                        grpc_port_required=grpc_port is not None)

@@ -1,7 +1,7 @@
 """OpenAI's error shape and the mapping from exceptions to HTTP statuses.
 
 Contract: every error response is ``{"error": {"message", "type", "param", "code"}}`` with ``code`` the HTTP
-status; a client error is never a 500; an unexpected exception is a 500 with a generic message (the stack
+status (on the KServe v2 routes, ``/v2...``, Triton's ``{"error": "<message>"}`` instead); a client error is never a 500; an unexpected exception is a 500 with a generic message (the stack
 trace goes to the server log, never to the client).
 """
 
@@ -40,9 +40,22 @@ class PayloadTooLarge(Exception):
         self.limit = limit
 
 
+KSERVE_PREFIX = "/v2"
+
+
+def is_kserve_path(path: str) -> bool:
+    """Paths of the KServe v2 routes, whose errors use Triton's shape ``{"error": "<message>"}``."""
+    return path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/")
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "APIError"), "param": param,
                       "code": status}}
+
+
+def error_body_for(path: str, status: int, message: str, param: str | None = None) -> dict:
+    """Triton's error shape on the KServe v2 routes, OpenAI's everywhere else."""
+    return {"error": message} if is_kserve_path(path) else error_body(status, message, param)
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -69,13 +82,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        return error_response(err.status, err.message, err.param, err.headers)
+        return JSONResponse(error_body_for(request.url.path, err.status, err.message, err.param),
+                            status_code=err.status, headers=err.headers)
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
+        if is_kserve_path(request.url.path):   # Triton's texts for unknown routes and methods
+            message = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, message)
+        elif exc.status_code == 404:
             message = f"no route {request.url.path}"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body_for(request.url.path, exc.status_code, message),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()

@@ -139,6 +139,7 @@ class ServerMetrics:
 
     def __init__(self, prefixes=METRICS_PREFIXES, max_model_len: int = 8192) -> None:
         self.registry = CollectorRegistry()
+        self.text_sources: list = []   # callables returning exposition text appended by render()
         self._source = CollectorRegistry(auto_describe=False)
         self.registry.register(PrefixedCollector(self._source, check_prefixes(prefixes)))
         reg, lbl = self._source, ["model_name"]
@@ -180,7 +181,10 @@ class ServerMetrics:
         return ModelMetrics(self, model_name)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: the registry, then every ``text_sources`` block (e.g. Triton's ``nv_*``
+        metrics, whose counter names have no ``_total`` suffix, which prometheus_client would add)."""
+        extra = "".join(source() for source in self.text_sources)
+        return generate_latest(self.registry) + extra.encode()
 
 
 class ModelMetrics:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import hmac
 import json
 
-from flotilla.entrypoints.openai.errors import PayloadTooLarge, error_body
+from flotilla.entrypoints.openai.errors import PayloadTooLarge, error_body_for
 
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+# No API key and not counted in flight: health checks (OpenAI side and KServe v2) and metrics.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
-async def send_json_error(send, status: int, message: str, extra_headers: list | None = None) -> None:
-    body = json.dumps(error_body(status, message)).encode()
+async def send_json_error(send, status: int, message: str, extra_headers: list | None = None,
+                          path: str = "") -> None:
+    body = json.dumps(error_body_for(path, status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -43,10 +45,11 @@ class BodySizeLimitMiddleware:
             try:
                 length = int(declared)
             except ValueError:
-                return await send_json_error(send, 400, "invalid Content-Length header")
+                return await send_json_error(send, 400, "invalid Content-Length header", path=scope["path"])
             if length > self.max_bytes:
                 return await send_json_error(send, 413, f"request body of {length} bytes exceeds the limit of "
-                                                        f"{self.max_bytes} bytes", [(b"connection", b"close")])
+                                                        f"{self.max_bytes} bytes", [(b"connection", b"close")],
+                                             path=scope["path"])
         received = 0
 
         async def limited_receive():
@@ -62,7 +65,8 @@ class BodySizeLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 unless ``Authorization: Bearer <key>`` (constant-time compare); /health and /metrics are public."""
+    """401 unless ``Authorization: Bearer <key>`` (constant-time compare); the ``PUBLIC_PATHS`` (health and
+    metrics) need none."""
 
     def __init__(self, app, api_key: str):
         self.app = app
@@ -74,7 +78,7 @@ class ApiKeyMiddleware:
         given = _header(scope, b"authorization") or b""
         if not hmac.compare_digest(given, self.expected):
             return await send_json_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                         [(b"www-authenticate", b"Bearer")])
+                                         [(b"www-authenticate", b"Bearer")], path=scope["path"])
         await self.app(scope, receive, send)
 
 

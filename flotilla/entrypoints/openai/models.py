@@ -57,6 +57,7 @@ class ServedModels:
             for name, engine in engines.items()}
         self.routes = _check_routes(routes or {}, {name: ctx.runner for name, ctx in self.contexts.items()})
         self._rng = random.Random(seed)
+        self.kserve = None  # the app's KServe v2 InferenceService (build_app sets it)
 
     @property
     def model_names(self) -> list[str]:

@@ -11,7 +11,9 @@ return value is the exit code: 0 after a signal-initiated drain, 1 if an engine 
 Shutdown (``DrainingServer``): the first SIGTERM or SIGINT stops admitting (new requests and /health get
 503), waits until no request is in flight or ``shutdown_timeout`` has passed, then aborts what still runs
 in the engine (those responses end with ``finish_reason: "abort"``) and stops uvicorn, which cancels
-whatever has not ended 2 s later. A second signal exits at once.
+whatever has not ended 2 s later. A second signal exits at once. The KServe v2 gRPC endpoint
+(``--grpc-port``) runs on the same loop: its requests count as in flight for the drain, new ones are refused
+once it starts, and it stops (2 s grace) after the HTTP server, before the model repository closes.
 
 Model repository (``--model-repository`` & co., or the file's ``model_repository:``): its directories must
 exist (else exit code 2, before binding); the ``ModelRepository`` is built here, started on the serving loop
@@ -112,6 +114,10 @@ def run_server(ns: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if getattr(ns, "ray", False):
+        if getattr(ns, "grpc_port", None):
+            print("error: --grpc-port is not available with --ray (the Ray Serve ingress is HTTP only; its "
+                  "/v2 REST routes serve KServe v2)", file=sys.stderr)
+            return 2
         check_parallel_sizes(deployment)  # on the driver, before Ray starts (embedded: in start_engines)
         embedding = _embedding_models(deployment)
         if embedding:
@@ -125,13 +131,19 @@ def run_server(ns: argparse.Namespace) -> int:
         print(f"error: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
+        grpc_port = usable_grpc_port(server_config_from(ns, "check", api_key))
+    except OSError as e:
+        sock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
         try:
             engines = start_engines(deployment, on_start=lambda msg: print(f"flotilla serve: {msg}", flush=True))
         except KeyboardInterrupt:
             print("interrupted while loading", file=sys.stderr)
             return 130
         try:
-            return _serve(engines, deployment, ns, sock, api_key)
+            return _serve(engines, deployment, ns, sock, api_key, grpc_port)
         finally:
             shutdown_engines(engines)
     finally:
@@ -156,7 +168,26 @@ def deployment_from_args(ns: argparse.Namespace):
     return load_deployment_config(ns.config)
 
 
-def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socket, api_key: str | None) -> int:
+def usable_grpc_port(config) -> int:
+    """The KServe v2 gRPC port to serve on (0: none), checked before any model loads by binding it once: a
+    port given with --grpc-port that cannot be bound is an OSError (exit code 1), the default one only a
+    warning (gRPC then stays off, so two servers with default flags still start)."""
+    if not config.grpc_port:
+        return 0
+    try:
+        bind_socket(config.host, config.grpc_port).close()
+    except OSError as e:
+        if config.grpc_port_required:
+            raise OSError(f"cannot listen on {config.host}:{config.grpc_port} (--grpc-port): "
+                          f"{e.strerror or e}") from None
+        logger.warning("KServe v2 gRPC is off: the default port %s:%d is unavailable (%s); pass --grpc-port",
+                       config.host, config.grpc_port, e.strerror or e)
+        return 0
+    return config.grpc_port
+
+
+def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socket, api_key: str | None,
+           grpc_port: int = 0) -> int:
     from flotilla.entrypoints.openai.api_server import build_app
     config = server_config_from(ns, deployment.models[0].name if deployment.models else "model", api_key)
     repository = None      # the KServe v2 InferenceService of the repository models
@@ -164,27 +195,60 @@ def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socke
         from flotilla.deploy.model_repository import build_model_repository
         repository = build_model_repository(deployment.model_repository)
     served = ServedModels(engines, config, deployment.routes, deployment.seed, allow_empty=repository is not None)
-    app, served = build_app(served, config)
+    app, served = build_app(served, config, repository=repository)
+    shown_url = url(ns.host, sock.getsockname()[1])
+    print(format_banner(engines, config, shown_url, deployment.routes, deployment.routing), flush=True)
+    return run_app(app, served, config, sock, repository=repository, grpc_port=grpc_port)
+
+
+def run_app(app, served: ServedModels, config, sock: socket.socket, *, repository=None, grpc_port: int = 0) -> int:
+    """Serve ``app`` on ``sock`` until signalled (see ``DrainingServer``); with ``grpc_port`` also the app's
+    KServe v2 gRPC endpoint (``served.kserve``) on ``config.host``, started with the HTTP server and stopped
+    after it drained. A ``repository`` (``ModelRepository``) is started on the serving loop first (it loads its
+    models) and closed last. Returns the exit code (1 when a --grpc-port given explicitly cannot be bound; the
+    default port only logs a warning)."""
     uv_config = uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=2, lifespan="off",
                                access_log=config.log_level in ("info", "debug", "trace"))
     server = DrainingServer(uv_config, served, config.shutdown_timeout)
-    shown_url = url(ns.host, sock.getsockname()[1])
-    print(format_banner(engines, config, shown_url, deployment.routes, deployment.routing), flush=True)
+    grpc_server = None
+    if served.kserve is not None and grpc_port:
+        from flotilla.entrypoints.kserve.grpc_server import GrpcServer
+        from flotilla.entrypoints.openai.api_server import engines_ready
+        grpc_server = GrpcServer(served.kserve, config.host, grpc_port, api_key=config.api_key,
+                                 tracker=served.tracker, ready=lambda: engines_ready(served),
+                                 max_message_bytes=config.max_body_bytes)
     try:
-        asyncio.run(_serve_with_repository(server, sock, repository))
+        asyncio.run(_serve_all(server, sock, repository, grpc_server, config.grpc_port_required))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         served.close()
     logger.info("server stopped (exit code %d)", server.exit_code)
     return server.exit_code
 
 
-async def _serve_with_repository(server: DrainingServer, sock: socket.socket, repository) -> None:
-    """Load the repository's models, serve, then close the repository (drain, finalize) after uvicorn."""
+async def _serve_all(server: DrainingServer, sock: socket.socket, repository, grpc_server,
+                     grpc_required: bool = True) -> None:
+    """Load the repository's models, start gRPC, serve HTTP; then stop gRPC and close the repository (drain,
+    finalize) after uvicorn."""
     if repository is not None:
         await repository.start()
         print(repository_banner(repository), flush=True)
     try:
-        await server.serve(sockets=[sock])
+        if grpc_server is not None:
+            try:
+                await grpc_server.start()
+            except OSError as e:     # taken since the check before loading: fatal only if asked for
+                if grpc_required:
+                    raise
+                logger.warning("KServe v2 gRPC is off: %s", e)
+                grpc_server = None
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
     finally:
         if repository is not None:
             await repository.close()

@@ -67,7 +67,8 @@ def test_health_and_metadata(client, server):
                      "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}
     assert client.get_model_metadata("onnx_linear", "1", headers=auth())["name"] == "onnx_linear"
     assert client.is_model_ready("py_text", headers=auth()) and client.is_model_ready("py_text", "1", headers=auth())
-    assert not client.is_model_ready("nope", headers=auth()) and not client.is_model_ready("py_text", "9", headers=auth())
+    assert not client.is_model_ready("nope", headers=auth())
+    assert not client.is_model_ready("py_text", "9", headers=auth())
     r = httpx.get(f"{server.url}/v2/models/nope/ready", headers=auth())
     assert r.status_code == 400 and r.json() == {"error": "Model version not ready"}
     config = client.get_model_config("onnx_linear", headers=auth())
@@ -144,7 +145,7 @@ def test_every_datatype_round_trips(client, server):
         elif t == "BF16":
             arrays[t] = rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16)
         elif t.startswith("FP"):
-            arrays[t] = rng.standard_normal((2, 2)).astype({"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[t])
+            arrays[t] = rng.standard_normal((2, 2)).astype(np.dtype(t.lower().replace("fp", "float")))
         else:
             dtype = np.dtype(t.lower())
             arrays[t] = np.array([[np.iinfo(dtype).min, 0], [1, np.iinfo(dtype).max]], dtype=dtype)
@@ -154,9 +155,12 @@ def test_every_datatype_round_trips(client, server):
         got = result.as_numpy(f"OUT_{t}")
         assert got.dtype == a.dtype and got.tolist() == a.tolist(), t
     # JSON tensors (nested data; BF16 and FP16 as numbers), with no Content-Type header
-    doc = {"inputs": [{"name": f"IN_{t}", "shape": [2, 2], "datatype": t,
-                       "data": (a.astype(np.float32).tolist() if t in ("BF16", "FP16") else
-                                [[s.decode("latin-1") for s in row] for row in a.tolist()] if t == "BYTES" else a.tolist())}
+    def json_data(t: str, a: np.ndarray) -> list:
+        if t in ("BF16", "FP16"):
+            return a.astype(np.float32).tolist()
+        return [[s.decode("latin-1") for s in row] for row in a.tolist()] if t == "BYTES" else a.tolist()
+
+    doc = {"inputs": [{"name": f"IN_{t}", "shape": [2, 2], "datatype": t, "data": json_data(t, a)}
                       for t, a in arrays.items()]}
     r = httpx.post(f"{server.url}/v2/models/identity_all/infer", content=json.dumps(doc).encode(),
                    headers=auth())

@@ -67,8 +67,8 @@ class KServeService:
 
     def _repository_for(self, name: str, verb: str) -> InferenceService:
         if name in self.engine_models:
-            raise unsupported(f"model '{name}' is a model of this server's configuration; the repository API cannot {verb} it "
-                              f"(restart flotilla serve to change it)")
+            raise unsupported(f"model '{name}' is served from this server's configuration, not its model "
+                              f"repository; the repository API cannot {verb} it (restart flotilla serve to change it)")
         if self.repository is None:
             raise unsupported(f"this server has no model repository to {verb} '{name}' from "
                               f"(flotilla serve --model-repository)")

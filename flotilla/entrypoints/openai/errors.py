@@ -1,8 +1,9 @@
 """OpenAI's error shape and the mapping from exceptions to HTTP statuses.
 
 Contract: every error response is ``{"error": {"message", "type", "param", "code"}}`` with ``code`` the HTTP
-status (on the KServe v2 routes, ``/v2...``, Triton's ``{"error": "<message>"}`` instead); a client error is never a 500; an unexpected exception is a 500 with a generic message (the stack
-trace goes to the server log, never to the client).
+status (on the KServe v2 routes, ``/v2...``, Triton's ``{"error": "<message>"}`` instead); a client error is
+never a 500; an unexpected exception is a 500 with a generic message (the stack trace goes to the server log,
+never to the client).
 """
 
 from __future__ import annotations

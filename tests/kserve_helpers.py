@@ -73,7 +73,36 @@ class TritonPythonModel:
 
 
 ENCODER_SEED = 7
-REPOSITORY_MODELS = {"onnx_linear", "py_text", "identity_all", "embed", "tokenizer", "encoder", "pooling", "scale"}
+REPOSITORY_MODELS = {"onnx_linear", "py_text", "identity_all", "embed", "tokenizer", "encoder", "pooling", "scale",
+                     "gate"}
+
+
+# A model that holds each request until the test lets it go: execute writes <model dir>/started, then waits (up
+# to 60 s) for <model dir>/release, so a test can act while a request is provably inside the model.
+GATE_CONFIG = """
+name: "gate" backend: "python" max_batch_size: 0
+input [{ name: "X" data_type: TYPE_FP32 dims: [1] }]
+output [{ name: "Y" data_type: TYPE_FP32 dims: [1] }]
+"""
+
+GATE_MODEL = '''
+import os
+import time
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.dir = args["model_repository"]
+
+    def execute(self, requests):
+        open(os.path.join(self.dir, "started"), "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(self.dir, "release")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+                for r in requests]
+'''
 
 
 class LinearRelu:
@@ -87,8 +116,8 @@ class LinearRelu:
 
 
 def write_repository(root: Path) -> Path:
-    """A Triton-layout repository: onnx_linear (exported here from a torch module), py_text, identity_all, the
-    ensemble embed (with tokenizer, encoder, pooling; ``ENCODER_SEED``) and scale (factor 2)."""
+    """A Triton-layout repository: onnx_linear (exported here from a torch module), py_text, identity_all, gate,
+    the ensemble embed (with tokenizer, encoder, pooling; ``ENCODER_SEED``) and scale (factor 2)."""
     import torch
     from triton_repository import make_encoder, write_embedding_repository, write_scale
     repo = Path(root) / "models"
@@ -99,7 +128,8 @@ def write_repository(root: Path) -> Path:
                       output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
                       verbose=False)
     (repo / "onnx_linear" / "config.pbtxt").write_text(ONNX_CONFIG)
-    for name, config, code in (("py_text", TEXT_CONFIG, TEXT_MODEL), ("identity_all", IDENTITY_CONFIG, IDENTITY_MODEL)):
+    for name, config, code in (("py_text", TEXT_CONFIG, TEXT_MODEL), ("identity_all", IDENTITY_CONFIG, IDENTITY_MODEL),
+                               ("gate", GATE_CONFIG, GATE_MODEL)):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(config)
         (repo / name / "1" / "model.py").write_text(code)

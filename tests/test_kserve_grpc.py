@@ -53,7 +53,7 @@ model_repository:
     grpc_port = free_port()
     srv = ServerProcess(None, "--config", str(deploy), "--grpc-port", str(grpc_port), api_key=KEY,
                         startup_timeout=300)
-    srv.grpc_url = f"127.0.0.1:{grpc_port}"
+    srv.grpc_url, srv.repo = f"127.0.0.1:{grpc_port}", repo
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -357,3 +357,29 @@ def test_an_explicit_grpc_port_in_use_fails_before_loading(tiny_llama):
                                str(free_port()), "--grpc-port", str(busy.getsockname()[1])],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "(--grpc-port)" in proc.stderr, proc.stderr
+
+
+def test_sigterm_drains_grpc_requests_in_flight_and_refuses_new_ones(server, client):
+    """Last in this module: it stops the module's server (SIGTERM), as the fixture's teardown would."""
+    import signal
+    import time
+    gate_dir = server.repo / "gate"
+    results: queue.Queue = queue.Queue()
+    client.async_infer("gate", [infer_input("X", np.array([4.0], np.float32))], headers=auth(),
+                       callback=lambda result, error: results.put((result, error)))
+    deadline = time.monotonic() + 60
+    while not (gate_dir / "started").exists():
+        assert time.monotonic() < deadline, "the request never reached the model"
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while client.is_server_ready():          # draining: not ready, and new inferences are refused
+        assert time.monotonic() < deadline, "the server never started draining"
+        time.sleep(0.01)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("onnx_linear", [infer_input("x", x_rows(1))], headers=auth())
+    assert status_of(info.value) == "StatusCode.UNAVAILABLE" and "shutting down" in info.value.message()
+    (gate_dir / "release").touch()
+    result, error = results.get(timeout=60)
+    assert error is None and result.as_numpy("Y").tolist() == [4.0]
+    assert server.proc.wait(timeout=60) == 0, server.output()

@@ -345,6 +345,29 @@ def test_llm_infer_over_grpc_and_http_and_its_metadata(server):
     assert 'nv_inference_request_success{model="tiny",version="1"}' in metrics
 
 
+def aborted_requests(server) -> float:
+    import httpx
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    line = next((ln for ln in text.splitlines() if ln.startswith("vllm:request_success_total{")
+                 and 'finished_reason="abort"' in ln and 'model_name="tiny"' in ln), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_an_http_client_that_leaves_aborts_the_llm_generation(server):
+    import time
+
+    import httpx
+    before = aborted_requests(server)
+    body = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}],
+            "parameters": {"temperature": 0, "max_tokens": 240, "ignore_eos": True}}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v2/models/tiny/infer", json=body, headers=server.headers, timeout=0.3)
+    deadline = time.monotonic() + 60
+    while aborted_requests(server) <= before:
+        assert time.monotonic() < deadline, "the generation was not aborted"
+        time.sleep(0.05)
+
+
 def test_an_explicit_grpc_port_in_use_fails_before_loading(tiny_llama):
     import socket
     import subprocess

@@ -15,6 +15,8 @@ Contracts:
   (413 past it) and responses are compressed when ``Accept-Encoding`` asks; binary tensors per ``http_codec``.
 - ``tracker`` (``draining``: bool) makes infer and repository changes answer 503 while the server drains, and
   ``/v2/health/ready`` 400; ``ready`` adds a condition of the rest of the server (e.g. its LLM engines).
+- A client that disconnects during an inference cancels it: a queued request leaves the batcher's queue, an
+  LLM generation is aborted in the engine.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 
 from flotilla.entrypoints.kserve import compression, http_codec, messages
 from flotilla.entrypoints.kserve.infer_call import parse_version, run_infer, to_infer_error
+from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
 from flotilla.entrypoints.openai.errors import PayloadTooLarge
 from flotilla.repository.errors import InferError, invalid_arg
 from flotilla.repository.service import InferenceService
@@ -36,6 +39,7 @@ from flotilla.repository.service import InferenceService
 JSON_TYPE = "application/json"
 SHUTTING_DOWN = "the server is shutting down and admits no new requests"
 NOT_READY = "Model version not ready"
+CLIENT_CLOSED_REQUEST = 499   # nginx's status for a client that left; nobody reads it
 
 
 def triton_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -124,7 +128,10 @@ class KServeHttp:
         version = parse_version(version)
         body = await self._body(request)
         call = http_codec.decode_infer_request(body, request.headers.get(http_codec.INFER_HEADER), model)
-        served, outcome = await run_infer(self.service, model, version, call)
+        done = await run_unless_disconnected(request.receive, run_infer(self.service, model, version, call))
+        if done is Disconnected:        # the client left: the request was cancelled (dequeued / aborted)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        served, outcome = done
         payload, header_length = http_codec.encode_infer_response(call, served.name, served.version, outcome)
         headers = {"Content-Type": JSON_TYPE}
         if header_length is not None:

@@ -345,6 +345,30 @@ def test_llm_infer_over_grpc_and_http_and_its_metadata(server):
     assert 'nv_inference_request_success{model="tiny",version="1"}' in metrics
 
 
+def test_triton_generate_extension_over_http(server):
+    import httpx
+    from test_server_helpers import sse_events
+    expected = greedy_completion(server, 10)
+    body = {"text_input": PROMPT, "id": "g7", "parameters": {"temperature": 0, "max_tokens": 10},
+            "exclude_input_in_output": True}
+    r = httpx.post(server.url + "/v2/models/tiny/generate", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": "g7", "model_name": "tiny", "model_version": "1", "text_output": expected}
+    with httpx.stream("POST", server.url + "/v2/models/tiny/generate_stream", headers=server.headers, timeout=60,
+                      json={"text_input": PROMPT, "max_tokens": 10, "stream": True,
+                            "sampling_parameters": json.dumps({"temperature": 0})}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.iter_lines())
+    assert len(events) > 1 and all(e["model_name"] == "tiny" for e in events)
+    assert "".join(e["text_output"] for e in events) == expected
+    r = httpx.post(server.url + "/v2/models/tiny/generate", headers=server.headers, timeout=60,
+                   json={"text_input": PROMPT, "parameters": {"top_q": 1}})
+    assert r.status_code == 400 and "'top_q'" in r.json()["error"]
+    r = httpx.post(server.url + "/v2/models/onnx_linear/generate", headers=server.headers, timeout=60,
+                   json={"text_input": PROMPT})
+    assert r.status_code == 501 and r.json()["error"]
+
+
 def aborted_requests(server) -> float:
     import httpx
     text = httpx.get(server.url + "/metrics", timeout=10).text

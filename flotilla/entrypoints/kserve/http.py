@@ -2,8 +2,9 @@
 mounted on the same app and port as the OpenAI routes.
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{m}[/versions/{v}]`` (metadata),
-``.../ready``, ``POST .../infer``, ``GET .../config``, ``GET .../stats``, ``GET /v2/models/stats``,
-``POST /v2/repository/index``, ``POST /v2/repository/models/{m}/load|unload``.
+``.../ready``, ``POST .../infer``, ``POST .../generate`` and ``.../generate_stream`` (Triton's generate
+extension, SSE), ``GET .../config``, ``GET .../stats``, ``GET /v2/models/stats``, ``POST /v2/repository/index``,
+``POST /v2/repository/models/{m}/load|unload``.
 
 Contracts:
 - Thin: every route translates the request into one ``InferenceService`` / ``ServedModel`` call and its
@@ -30,9 +31,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from flotilla.entrypoints.kserve import compression, http_codec, messages
-from flotilla.entrypoints.kserve.infer_call import parse_version, run_infer, to_infer_error
+from flotilla.entrypoints.kserve.infer_call import (generate_request_arguments, parse_version, run_infer,
+                                                    to_infer_error)
 from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
 from flotilla.entrypoints.openai.errors import PayloadTooLarge
+from flotilla.entrypoints.openai.sse import SSEResponse, sse_data
 from flotilla.repository.errors import InferError, invalid_arg
 from flotilla.repository.service import InferenceService
 
@@ -143,6 +146,32 @@ class KServeHttp:
             headers["Content-Encoding"] = encoding
         return Response(payload, headers=headers)
 
+    async def generate(self, request: Request, model: str, version: str | None, stream: bool = False) -> Response:
+        """Triton's generate extension: one JSON response, or (``stream``) server-sent events, one per chunk
+        of ``ServedModel.generate``; an error after the stream started is a ``data: {"error": ...}`` event."""
+        self._admit()
+        doc = await self._json_body(request, "generate")
+        text, params = generate_request_arguments(doc)
+        served = self.service.model(model, parse_version(version))
+        request_id = doc.get("id")
+        head = {"id": request_id} if isinstance(request_id, str) and request_id else {}
+        if not stream:
+            if params.get("stream"):
+                raise invalid_arg("'stream' needs the generate_stream endpoint")
+            done = await run_unless_disconnected(request.receive, _collect(served.generate(text, params)))
+            if done is Disconnected:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return JSONResponse({**head, **_merged(done, served)})
+        chunks = served.generate(text, params)
+
+        async def events():
+            try:
+                async for chunk in chunks:
+                    yield sse_data({**head, "model_name": served.name, "model_version": served.version, **chunk})
+            except Exception as e:  # noqa: BLE001 - the stream has started: the error is an event
+                yield sse_data({"error": to_infer_error(e).message})
+        return SSEResponse(events(), on_close=chunks.aclose)
+
     # -------------------------------------------------------------------------------------- repository
 
     async def repository_index(self, request: Request) -> Response:
@@ -173,6 +202,25 @@ class KServeHttp:
             raise invalid_arg(f"unexpected unload parameter '{unknown[0]}'; expected 'unload_dependents'")
         await self.service.unload(model, unload_dependents=dependents)
         return Response(status_code=200)
+
+
+async def _collect(chunks) -> list[dict]:
+    return [chunk async for chunk in chunks]
+
+
+def _merged(chunks: list[dict], served) -> dict:
+    """One generate response from a generation's chunks: their ``text_output`` joined, other values the last."""
+    out: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+    text = []
+    for chunk in chunks:
+        for key, value in chunk.items():
+            if key == "text_output":
+                text.append(value)
+            else:
+                out[key] = value
+    if text:
+        out["text_output"] = "".join(text)
+    return out
 
 
 def load_parameters(params: Any) -> tuple[str | None, dict[str, bytes]]:
@@ -216,6 +264,9 @@ def kserve_router(service: InferenceService, *, tracker=None, ready: Callable[[]
         route(base + "/config", _versioned(h.model_config, with_version))
         route(base + "/stats", _versioned(h.model_stats, with_version))
         route(base + "/infer", _versioned(h.infer, with_version, takes_request=True), "POST")
+        route(base + "/generate", _versioned(h.generate, with_version, takes_request=True), "POST")
+        route(base + "/generate_stream", _versioned(functools.partial(h.generate, stream=True), with_version,
+                                                    takes_request=True), "POST")
     route("/v2/repository/index", h.repository_index, "POST")
     route("/v2/repository/models/{model}/load", h.load, "POST")
     route("/v2/repository/models/{model}/unload", h.unload, "POST")

@@ -117,13 +117,14 @@ def generation_arguments(inputs: Mapping[str, np.ndarray], parameters: Mapping[s
         value = array.reshape(-1)[0]
         value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value.item()
         if name == "sampling_parameters":
-            params.update(_json_object(value))
+            params.update(sampling_parameters(value))
         else:
             params[name] = value
     return text.reshape(-1)[0].decode("utf-8", "replace"), params
 
 
-def _json_object(value: Any) -> dict:
+def sampling_parameters(value: Any) -> dict:
+    """The object of a ``sampling_parameters`` JSON string (Triton's vLLM backend); INVALID_ARG otherwise."""
     try:
         parsed = json.loads(value) if isinstance(value, str) else None
     except ValueError as e:
@@ -131,6 +132,27 @@ def _json_object(value: Any) -> dict:
     if not isinstance(parsed, dict):
         raise invalid_arg("input 'sampling_parameters' must be a JSON object string")
     return parsed
+
+
+def generate_request_arguments(doc: Mapping[str, Any]) -> tuple[str, dict]:
+    """(prompt, parameters) of Triton's generate extension body: ``text_input`` (a string), ``parameters`` (an
+    object) and every other key as a parameter (``sampling_parameters``, a JSON string, merged in); ``id`` is
+    the request's. INVALID_ARG otherwise."""
+    text = doc.get(TEXT_INPUT)
+    if not isinstance(text, str):
+        raise invalid_arg(f"a generate request needs '{TEXT_INPUT}': a string (the prompt)")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise invalid_arg("Unable to parse 'parameters': expected a JSON object")
+    params = dict(params)
+    for key, value in doc.items():
+        if key in (TEXT_INPUT, "parameters", "id"):
+            continue
+        if key == "sampling_parameters":
+            params.update(sampling_parameters(value))
+        else:
+            params[key] = value
+    return text, params
 
 
 def parse_version(version: str | int | None) -> str | None:

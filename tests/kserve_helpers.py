@@ -146,18 +146,11 @@ def torch_oracle(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ the server
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def repository_server(repo: Path, api_key: str, *args: str):
     """``flotilla serve --model-repository REPO`` (explicit model control, every model loaded at start, so the
     repository API works) with HTTP and gRPC on free ports: a ``ServerProcess`` with ``http_url`` and
     ``grpc_url`` (host:port, as tritonclient takes them)."""
-    from test_server_helpers import ServerProcess
+    from test_server_helpers import ServerProcess, free_port
     grpc_port = free_port()
     srv = ServerProcess(None, "--model-repository", str(repo), "--model-control-mode", "explicit", "--load-model",
                         "*", "--grpc-port", str(grpc_port), *args, api_key=api_key)

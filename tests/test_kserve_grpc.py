@@ -18,8 +18,8 @@ import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from kserve_helpers import (ALL_TYPES, ENCODER_SEED, REPOSITORY_MODELS, free_port, torch_oracle,
-                            write_repository)
+from kserve_helpers import ALL_TYPES, ENCODER_SEED, REPOSITORY_MODELS, torch_oracle, write_repository
+from test_server_helpers import free_port
 from triton_repository import SCALE_PY, make_encoder, reference_embedding, texts_array
 
 KEY = "kserve-grpc-key"
@@ -396,7 +396,6 @@ def test_an_explicit_grpc_port_in_use_fails_before_loading(tiny_llama):
     import socket
     import subprocess
     import sys
-    from kserve_helpers import free_port
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -404,6 +403,9 @@ def test_an_explicit_grpc_port_in_use_fails_before_loading(tiny_llama):
                                str(free_port()), "--grpc-port", str(busy.getsockname()[1])],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "(--grpc-port)" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "flotilla.entrypoints.cli", "serve", tiny_llama[0], "--ray",
+                           "--grpc-port", "9001"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--grpc-port is not available with --ray" in proc.stderr, proc.stderr
 
 
 def test_sigterm_drains_grpc_requests_in_flight_and_refuses_new_ones(server, client):

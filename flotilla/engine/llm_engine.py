@@ -34,7 +34,8 @@ def load_tokenizer(config: EngineConfig) -> Tokenizer:
     mc = config.model
     if mc.source_kind == "gguf":
         import os
-        return Tokenizer.from_pretrained(os.path.dirname(mc.source), gguf_file=os.path.basename(mc.source))
+        return Tokenizer.from_pretrained(os.path.dirname(mc.source), gguf_file=os.path.basename(mc.source),
+                                         config=mc.hf_config)
     return Tokenizer.from_pretrained(mc.source)
 
 

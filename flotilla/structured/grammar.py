@@ -132,9 +132,11 @@ class GrammarCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def tokenizer_info_factory(source: str, source_kind: str, vocab_size: int) -> Callable[[], Any]:
+def tokenizer_info_factory(source: str, source_kind: str, vocab_size: int,
+                           hf_config: Any = None) -> Callable[[], Any]:
     """A function building the ``xgrammar.TokenizerInfo`` of a model (its HF tokenizer, the logits' vocabulary
-    size, the tokenizer's EOS ids as stop tokens); called once, on the grammar pool's thread."""
+    size, the tokenizer's EOS ids as stop tokens); called once, on the grammar pool's thread. ``hf_config``
+    (the model's transformers config) spares a GGUF tokenizer a second parse of the file."""
 
     def make():
         import os
@@ -142,7 +144,8 @@ def tokenizer_info_factory(source: str, source_kind: str, vocab_size: int) -> Ca
         from flotilla.tokenizer import Tokenizer
 
         if source_kind == "gguf":
-            tok = Tokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source))
+            tok = Tokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source),
+                                            config=hf_config)
         else:
             tok = Tokenizer.from_pretrained(source)
         return _xgr().TokenizerInfo.from_huggingface(tok.hf_tokenizer, vocab_size=vocab_size,

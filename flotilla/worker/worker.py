@@ -105,7 +105,7 @@ class Worker:
         caches: list[torch.Tensor | None] = [None] * mc.num_layers
         for i in self.model.local_layer_indices:
             caches[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        grammars = GrammarCache(tokenizer_info_factory(mc.source, mc.source_kind, mc.vocab_size))
+        grammars = GrammarCache(tokenizer_info_factory(mc.source, mc.source_kind, mc.vocab_size, mc.hf_config))
         self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device,
                                   StructuredDecoding(grammars, mc.vocab_size))
         logger.info("rank %d KV cache: %d blocks of %d tokens (%.2f GiB)", self.rank, num_blocks,

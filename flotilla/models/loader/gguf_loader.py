@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
 
 from flotilla.errors import ModelLoadError
+from flotilla.models.loader.gguf_dequant import dequantize
+from flotilla.models.loader.gguf_file import GGUFFile, GGUFTensor
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def gguf_to_hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rows(w: np.ndarray | torch.Tensor, n_head: int) -> np.ndarray | torch.Tensor:
     """Undo llama.cpp's q/k permutation: per head, rows were reordered from HF's (half, dim) layout to
     interleaved (dim, half) pairs. ``n_head`` is num_attention_heads for q and num_key_value_heads for k.
     Works for weights ``(rows, cols)`` and biases ``(rows,)``."""
@@ -77,13 +77,14 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
         raise ValueError(f"{rows} rows do not split into {n_head} heads of rotary pairs")
     dim = rows // n_head // 2
     # (n_head, dim, 2, ...) -> (n_head, 2, dim, ...)
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # a copy
 
 
-def iterate_gguf(reader: GGUFReader, path: str, arch: str, hf_config: Any, dtype: torch.dtype,
+def iterate_gguf(reader: GGUFFile, path: str, arch: str, hf_config: Any, dtype: torch.dtype,
                  wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every mapped tensor of the file, in file order, converted to
-    ``dtype``. Tensors ``wanted`` rejects are skipped before dequantization."""
+    ``dtype`` (each a new tensor, not a view of the file). Tensors ``wanted`` rejects are skipped before
+    dequantization. Values are those of ``gguf.quants.dequantize`` (see ``gguf_dequant``)."""
     n_head = int(hf_config.num_attention_heads)
     n_kv_head = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
     for t in reader.tensors:
@@ -94,27 +95,20 @@ def iterate_gguf(reader: GGUFReader, path: str, arch: str, hf_config: Any, dtype
             continue
         if wanted is not None and not wanted(hf_name):
             continue
-        yield hf_name, _to_torch(_load_tensor(t, path, arch, n_head, n_kv_head), dtype)
+        yield hf_name, _load_tensor(reader, t, path, arch, n_head, n_kv_head, dtype)
 
 
-def _load_tensor(t: Any, path: str, arch: str, n_head: int, n_kv_head: int) -> np.ndarray:
-    hf_shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are (ne0 = cols, ne1 = rows)
+def _load_tensor(reader: GGUFFile, t: GGUFTensor, path: str, arch: str, n_head: int, n_kv_head: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    hf_shape = t.torch_shape  # GGUF dims are (ne0 = cols, ne1 = rows)
     try:
-        w = dequantize(t.data, t.tensor_type)
-        w = w.reshape(hf_shape)
+        w = dequantize(reader.raw(t), t.tensor_type, dtype).view(hf_shape)
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rows(w, n_head if ".attn_q." in t.name else n_kv_head)
     except NotImplementedError as e:
         raise ModelLoadError(f"GGUF file {path}: tensor {t.name!r} uses quantization "
                              f"{t.tensor_type.name}, which cannot be dequantized ({e})") from None
-    except (ValueError, IndexError, TypeError) as e:
+    except (ValueError, IndexError, TypeError, RuntimeError) as e:
         raise ModelLoadError(f"GGUF file {path}: tensor {t.name!r} ({t.tensor_type.name}, shape "
                              f"{hf_shape}) is corrupt: {e}") from None
     return w
-
-
-def _to_torch(w: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    # F32 tensors come back as read-only views of the memory-mapped file: copy them out.
-    if isinstance(w, np.memmap) or not w.flags.writeable or not w.flags.c_contiguous:
-        w = np.array(w, dtype=np.float32, copy=True)
-    return torch.from_numpy(w).to(dtype)

@@ -12,10 +12,8 @@ import logging
 import os
 from typing import Any
 
-from gguf import GGUFReader
-
 from flotilla.errors import ModelLoadError
-from flotilla.models.loader.gguf_file import field_length, field_value, gguf_architecture, open_gguf
+from flotilla.models.loader.gguf_file import GGUFFile, field_length, field_value, gguf_architecture, open_gguf
 from flotilla.models.loader.resolve import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -112,7 +110,7 @@ def _read_config_json(path: str) -> dict:
 
 # --- GGUF metadata ------------------------------------------------------------------------------------
 
-def gguf_to_hf_config(reader: GGUFReader, path: str) -> Any:
+def gguf_to_hf_config(reader: GGUFFile, path: str) -> Any:
     """Build the transformers config of a GGUF file from its metadata (see module docstring)."""
     import transformers
 
@@ -128,7 +126,7 @@ def gguf_to_hf_config(reader: GGUFReader, path: str) -> Any:
     return config
 
 
-def _gguf_config_kwargs(reader: GGUFReader, path: str, arch: str) -> dict[str, Any]:
+def _gguf_config_kwargs(reader: GGUFFile, path: str, arch: str) -> dict[str, Any]:
     def meta(key: str, default: Any = None, required: bool = False) -> Any:
         value = field_value(reader, f"{arch}.{key}", default)
         if value is None and required:
@@ -166,7 +164,7 @@ def _gguf_config_kwargs(reader: GGUFReader, path: str, arch: str) -> dict[str, A
     return kwargs
 
 
-def _gguf_vocab_size(reader: GGUFReader, path: str, arch: str) -> int:
+def _gguf_vocab_size(reader: GGUFFile, path: str, arch: str) -> int:
     vocab = field_value(reader, f"{arch}.vocab_size")
     if vocab is not None:
         return int(vocab)

@@ -201,6 +201,23 @@ class DeviceConfig:
     num_threads: int | None = None
 
 
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """vLLM's ``StructuredOutputsConfig``: ``backend`` is the grammar engine of structured output, "xgrammar",
+    "guidance" (llguidance) or "auto" (xgrammar, and llguidance for a spec xgrammar rejects). A request's own
+    ``structured_outputs.backend`` overrides it."""
+
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured outputs backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {self.backend!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, validated together (the tensor-parallel size must fit the model:
@@ -211,6 +228,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.max_model_len != self.model.max_model_len:

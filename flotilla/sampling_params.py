@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from flotilla.config import STRUCTURED_OUTPUTS_BACKENDS
 from flotilla.errors import InvalidRequestError
 
 MAX_N = 128
@@ -28,8 +29,11 @@ class StructuredOutputsParams:
     ``choice``: the output is exactly one of these strings; ``grammar``: an EBNF (GBNF/xgrammar) grammar with a
     ``root`` rule; ``json_object``: any JSON object; ``structural_tag``: an xgrammar structural tag (JSON text,
     ``{"type": "structural_tag", "format": {...}}``; e.g. free text in which tool-call blocks follow their
-    schemas). ``disable_any_whitespace``: JSON without free whitespace
-    (compact: ``{"a":1}``); ``whitespace_pattern``: a regex for the whitespace JSON may contain (vLLM's field).
+    schemas; xgrammar only). ``disable_any_whitespace``: JSON without free whitespace (one line:
+    ``{"a": 1, "b": 2}``); ``whitespace_pattern``: a regex for the whitespace JSON may contain (vLLM's field).
+    ``backend``: the grammar engine of this request (vLLM's older request-level backend): None for the
+    engine's (``--structured-outputs-config``), "auto" (xgrammar, else llguidance), "xgrammar" or "guidance";
+    the engine's input processor replaces it with the one that serves the spec.
     ``validate()`` checks the form only; the grammar is parsed by ``flotilla.structured`` (a bad schema,
     regex or grammar is an ``InvalidRequestError`` naming the field).
     """
@@ -42,6 +46,7 @@ class StructuredOutputsParams:
     structural_tag: str | None = None
     disable_any_whitespace: bool = False
     whitespace_pattern: str | None = None
+    backend: str | None = None
 
     def kind(self) -> str:
         """The one constraint set: "json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag"."""
@@ -70,6 +75,9 @@ class StructuredOutputsParams:
                                       field_name)
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise InvalidRequestError(f"{field_name}.json_object must be a boolean", field_name)
+        if self.backend not in (None, *STRUCTURED_OUTPUTS_BACKENDS):
+            raise InvalidRequestError(f"{field_name}.backend must be one of "
+                                      f"{', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, got {self.backend!r}", field_name)
 
 
 _STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")

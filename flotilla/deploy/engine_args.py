@@ -9,6 +9,8 @@
   for (the shorthand of the deployment file), with the ``--model-repository`` flags' repository.
 - ``ENGINE_KEYS_SET_ELSEWHERE``: the ``EngineArgs`` fields a deployment file's model entry sets with its own
   keys (so they are not ``engine:`` overrides).
+- ``structured_outputs_config``: vLLM's ``--structured-outputs-config`` JSON with its
+  ``--structured-outputs-config.backend`` shorthand and the older ``--guided-decoding-backend`` merged in.
 - ``finite_float`` / ``rate_float``: the argparse types of every float flag (NaN and infinity are usage
   errors naming the flag, exit code 2, before anything loads; ``rate_float`` allows ``inf``, as vLLM's
   ``--request-rate`` does).
@@ -20,8 +22,10 @@ the CLI parser stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
+from flotilla.config import STRUCTURED_OUTPUTS_BACKENDS
 from flotilla.deploy.spec import DeploymentConfig, ModelSpec
 
 # EngineArgs field -> the model entry's key that sets it in a deployment file.
@@ -85,6 +89,41 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     par.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
     par.add_argument("--device", default="cpu", help="cpu or cuda")
+    so = p.add_argument_group("structured outputs")
+    so.add_argument("--structured-outputs-config", type=json_object, default=None, metavar="JSON",
+                    help='vLLM\'s structured-outputs config, e.g. \'{"backend": "auto"}\': backend auto (xgrammar, '
+                         "and llguidance for a schema, regex or grammar xgrammar rejects), xgrammar or guidance")
+    so.add_argument("--structured-outputs-config.backend", dest="structured_outputs_config_backend",
+                    choices=STRUCTURED_OUTPUTS_BACKENDS, default=None, help="the backend alone (vLLM's shorthand)")
+    so.add_argument("--guided-decoding-backend", choices=STRUCTURED_OUTPUTS_BACKENDS, default=None,
+                    help="vLLM's older name of --structured-outputs-config.backend")
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a JSON-object flag (argparse names the flag in the error)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def structured_outputs_config(ns: argparse.Namespace) -> dict | None:
+    """``--structured-outputs-config`` with ``--structured-outputs-config.backend`` or
+    ``--guided-decoding-backend`` merged in; ValueError when they name different backends."""
+    config = dict(getattr(ns, "structured_outputs_config", None) or {})
+    for dest, flag in (("structured_outputs_config_backend", "--structured-outputs-config.backend"),
+                       ("guided_decoding_backend", "--guided-decoding-backend")):
+        value = getattr(ns, dest, None)
+        if value is None:
+            continue
+        if config.get("backend", value) != value:
+            raise ValueError(f"{flag} {value} contradicts the structured-outputs backend {config['backend']!r} "
+                             "given by another flag")
+        config["backend"] = value
+    return config or None
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -98,7 +137,8 @@ def engine_args_from(ns: argparse.Namespace):
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
                       pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
                       distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
-                      batch_invariant=ns.batch_invariant, runner=ns.runner)
+                      batch_invariant=ns.batch_invariant, runner=ns.runner,
+                      structured_outputs_config=structured_outputs_config(ns))
 
 
 def resolve_model_arg(ns: argparse.Namespace) -> None:

@@ -94,7 +94,7 @@ class RemoteEngine:
         self.model_config = self.config.model
         self.tokenizer = load_tokenizer(self.config)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size,
-                                              self.model_config.max_model_len)
+                                              self.model_config.max_model_len, self.config.structured_outputs.backend)
         self.num_blocks = self.config.cache.num_blocks or 0
         self.latest_stats = _ZERO_STATS
         self.replica_stats: list[dict] = []

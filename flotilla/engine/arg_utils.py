@@ -6,11 +6,12 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                             SchedulerConfig)
+from flotilla.config import (STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
+                             ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
 from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.models.loader import load_hf_config, resolve_model
@@ -58,9 +59,12 @@ class EngineArgs:
     seed: int = 0
     batch_invariant: bool = False  # per-token results independent of the batch (README: what a seed guarantees)
     runner: str = "auto"  # auto | generate | pooling (vLLM's --runner)
+    # vLLM's StructuredOutputsConfig as a dict: {"backend": "auto" | "xgrammar" | "guidance"} (None: auto)
+    structured_outputs_config: dict[str, Any] | None = None
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
+        structured = self._structured_outputs()
         resolved = resolve_model(self.model)
         hf_config = load_hf_config(resolved)
         if self._runner(hf_config) == "pooling":
@@ -87,7 +91,21 @@ class EngineArgs:
             ray_address=self.ray_address)
         _check_pipeline(model, parallel)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
-                            device=DeviceConfig(self.device, self.num_threads))
+                            device=DeviceConfig(self.device, self.num_threads),
+                            structured_outputs=structured)
+
+    def _structured_outputs(self) -> StructuredOutputsConfig:
+        """``structured_outputs_config`` checked: only ``backend`` (vLLM's other keys are refused, not ignored)."""
+        given = dict(self.structured_outputs_config or {})
+        backend = given.pop("backend", "auto")
+        if given:
+            raise InvalidRequestError(f"structured_outputs_config: unsupported key(s) {', '.join(sorted(given))} "
+                                      "(supported: backend)", "structured_outputs_config")
+        if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise InvalidRequestError(f"structured_outputs_config: backend must be one of "
+                                      f"{', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, got {backend!r}",
+                                      "structured_outputs_config")
+        return StructuredOutputsConfig(backend=backend)
 
     def _runner(self, hf_config) -> str:
         """The runner of this model: detected from its architecture, checked against ``runner``."""

@@ -50,7 +50,7 @@ class AsyncLLM:
         self.model_config = self.config.model
         self.tokenizer = load_tokenizer(self.config)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size,
-                                              self.model_config.max_model_len)
+                                              self.model_config.max_model_len, self.config.structured_outputs.backend)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._client = CoreProcessClient(args)
         self.num_blocks = self._client.num_blocks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from flotilla.errors import InvalidRequestError
@@ -31,18 +32,21 @@ class InputProcessor:
     first) validates the params and rejects a prompt that provably cannot fit (token ids by their count,
     text by ``Tokenizer.min_num_tokens``) without tokenizing it, so the text ``process`` tokenizes is at
     most about ``max_model_len`` times the tokenizer's longest token; it never rejects a prompt that would
-    fit; a ``structured_outputs`` spec xgrammar cannot parse is an ``InvalidRequestError`` too. ``clone()`` is an equivalent processor with its own tokenizer copy (for another thread). A prompt
-    dict may carry ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only
-    with requests of the same salt (or, unsalted, with unsalted ones).
+    fit; a ``structured_outputs`` spec its grammar backend (``structured_backend``, or the spec's own) rejects is
+    an ``InvalidRequestError`` too, and the processed params name the backend that serves it. ``clone()`` is
+    an equivalent processor with its own tokenizer copy (for another thread). A prompt dict may carry
+    ``cache_salt`` (a non-empty string, as in vLLM): requests share prefix-cache blocks only with requests of
+    the same salt (or, unsalted, with unsalted ones).
     """
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, structured_backend: str = "auto"):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.structured_backend = structured_backend
 
     def clone(self) -> "InputProcessor":
-        return InputProcessor(self.tokenizer.clone(), self.vocab_size, self.max_model_len)
+        return InputProcessor(self.tokenizer.clone(), self.vocab_size, self.max_model_len, self.structured_backend)
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -80,7 +84,7 @@ class InputProcessor:
         """Validate ``params`` and reject ``prompt`` if it provably cannot fit (see the contract)."""
         params.validate()
         if params.structured_outputs is not None:
-            validate_structured(params.structured_outputs)
+            validate_structured(params.structured_outputs, backend=self.structured_backend)
         if isinstance(prompt, dict):
             salt = prompt.get("cache_salt")
             if salt is not None and (not isinstance(salt, str) or not salt):
@@ -131,8 +135,11 @@ class InputProcessor:
         eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         bad = self.bad_words_token_ids(params.bad_words) if params.bad_words else None
+        so = params.structured_outputs
+        if so is not None:  # the backend that serves it (validated by precheck; the verdict is memoised)
+            so = dataclasses.replace(so, backend=validate_structured(so, backend=self.structured_backend))
         return ProcessedPrompt(text, ids, params.clone(max_tokens=max_tokens, eos_token_ids=eos,
-                                                       bad_words_token_ids=bad), salt)
+                                                       bad_words_token_ids=bad, structured_outputs=so), salt)
 
     def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
         """vLLM's tokenization of ``bad_words``: each word stripped of leading spaces, as is and, when that

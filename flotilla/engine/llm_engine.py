@@ -54,7 +54,8 @@ class LLMEngine:
         self.core = EngineCore(config)
         # Worker processes (and ranks of a launcher) are told to stop when the engine goes away.
         self._finalizer = weakref.finalize(self, self.core.shutdown)
-        self.input_processor = InputProcessor(self.tokenizer, config.model.vocab_size, config.model.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, config.model.vocab_size, config.model.max_model_len,
+                                              config.structured_outputs.backend)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._counter = 0
 

@@ -6,8 +6,8 @@ output so far replayed). ``start_fill(req_ids)`` starts, on a background thread,
 token for every constrained id among ``req_ids`` (the rows that sample this step) and returns a ``Future`` of
 ``(rows, bitmask)``: ``rows`` (C,) the positions in ``req_ids``, ``bitmask`` (C, ceil(V / 32)) int32, bit j of
 row i set when token j is allowed; it is started before the model's forward pass and collected after it, so
-the masks are computed while the model runs (xgrammar releases the GIL). A matcher that already terminated
-allows only its EOS ids. ``accept(req_id, token)`` advances the matcher by the sampled token.
+the masks are computed while the model runs (xgrammar and llguidance release the GIL). A matcher that
+already terminated allows only its EOS ids. ``accept(req_id, token)`` advances the matcher by the sampled token.
 ``fill_seconds`` / ``wait_seconds`` add up the time spent filling and the time the sampler waited for it.
 """
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Entry:
-    grammar: Future  # of xgrammar.CompiledGrammar
+    grammar: Future  # of a compiled grammar (GrammarCache): new_matcher() -> an xgrammar-like matcher
     replay: list[int]  # output tokens to feed a new matcher (resume after preemption)
     eos_token_ids: tuple[int, ...]
     matcher: object | None = None
@@ -92,9 +92,7 @@ class StructuredDecoding:
 
     def _matcher(self, entry: _Entry):
         if entry.matcher is None:
-            import xgrammar
-
-            entry.matcher = xgrammar.GrammarMatcher(entry.grammar.result())
+            entry.matcher = entry.grammar.result().new_matcher()
             for t in entry.replay:
                 if not entry.matcher.accept_token(t):
                     raise RuntimeError(f"replaying token {t} into a rebuilt grammar matcher failed")

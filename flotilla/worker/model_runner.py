@@ -84,7 +84,7 @@ class ModelRunner:
                 self._generators.pop(req_id, None)
             if self.structured is not None:
                 self.structured.remove(req_id)  # a preempted request's matcher is rebuilt when it resumes
-        samples_here = self._is_sampling_rank()
+        samples_here = self.is_sampling_rank()
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.all_token_ids), len(new.prompt_token_ids), new.sampling_params,
@@ -100,7 +100,8 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     @staticmethod
-    def _is_sampling_rank() -> bool:
+    def is_sampling_rank() -> bool:
+        """Whether this rank samples (TP rank 0 of the last pipeline stage)."""
         return get_pp_group().is_last_rank and get_tp_group().rank_in_group == 0
 
     def _generator_for(self, req_id: str, params: SamplingParams) -> torch.Generator | None:

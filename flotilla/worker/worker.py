@@ -18,7 +18,8 @@ from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.structured.decoding import StructuredDecoding
-from flotilla.structured.grammar import GrammarCache, tokenizer_info_factory
+from flotilla.structured.grammar import GrammarCache
+from flotilla.structured.tokenizer_cache import TokenizerAssets
 from flotilla.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ class Worker:
         caches: list[torch.Tensor | None] = [None] * mc.num_layers
         for i in self.model.local_layer_indices:
             caches[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        grammars = GrammarCache(tokenizer_info_factory(mc.source, mc.source_kind, mc.vocab_size, mc.hf_config))
+        grammars = GrammarCache(TokenizerAssets(mc.source, mc.source_kind, mc.vocab_size, hf_config=mc.hf_config))
+        if ModelRunner.is_sampling_rank():
+            grammars.prewarm()  # a tokenizer not cached on disk yet is cached now, not at the first request
         self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device,
                                   StructuredDecoding(grammars, mc.vocab_size))
         logger.info("rank %d KV cache: %d blocks of %d tokens (%.2f GiB)", self.rank, num_blocks,

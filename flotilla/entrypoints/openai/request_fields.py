@@ -79,7 +79,6 @@ UNIMPLEMENTED_FIELDS: dict[str, NoOp] = {
     "request_id": _absent,
     "kv_transfer_params": _absent,
     "vllm_xargs": _absent,
-    "guided_whitespace_pattern": _absent,  # structured output runs xgrammar's own whitespace rules
     "echo": _false,  # chat's vLLM ``echo`` (completions declare their own)
     "messages[].reasoning_content": _absent,
 }

@@ -3,9 +3,12 @@
 Contract: ``response_format`` (OpenAI: ``{"type": "text" | "json_object" | "json_schema", "json_schema":
 {"name", "schema", "strict", "description"}}``), vLLM's ``structured_outputs: {json, regex, choice, grammar,
 json_object, disable_any_whitespace}`` and its older ``guided_json``, ``guided_regex``, ``guided_choice``,
-``guided_grammar`` (with ``guided_decoding_backend`` None, "auto" or "xgrammar") become at most one
-``StructuredOutputsParams``; two constraints in one request, or a backend we do not run, are an
-``InvalidRequestError`` naming the field. The grammar itself is checked by the engine's input processor.
+``guided_grammar`` (with ``guided_decoding_backend``: None for the server's ``--structured-outputs-config``
+backend, or "auto", "xgrammar", "guidance" for this request; and ``guided_whitespace_pattern``, the JSON
+constraint's whitespace, which llguidance serves) become at most one ``StructuredOutputsParams``;
+two constraints in one request, or a backend we do not run, are an ``InvalidRequestError`` naming the field.
+A spec that no backend the request may use accepts is one too, naming the field it came in; the engine's input
+processor then checks it against the server's backend.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flotilla.config import STRUCTURED_OUTPUTS_BACKENDS
 from flotilla.errors import InvalidRequestError
 from flotilla.sampling_params import StructuredOutputsParams
 from flotilla.structured.grammar import validate_structured
 
-BACKENDS = (None, "auto", "xgrammar")
+BACKENDS = (None, *STRUCTURED_OUTPUTS_BACKENDS)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -58,6 +62,7 @@ class StructuredFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def structured_params(self) -> StructuredOutputsParams | None:
         """The request's one constraint (None for none); InvalidRequestError naming the field otherwise."""
@@ -82,7 +87,7 @@ class StructuredFields(BaseModel):
                 found.append((name, StructuredOutputsParams(**{kind: value})))
         if self.guided_decoding_backend not in BACKENDS:
             raise InvalidRequestError(f"guided_decoding_backend {self.guided_decoding_backend!r} is not available "
-                                      "(this server runs xgrammar; use 'auto' or 'xgrammar')",
+                                      f"(use one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)})",
                                       "guided_decoding_backend")
         if len(found) > 1:
             raise InvalidRequestError(f"only one structured-output constraint per request, got "
@@ -90,5 +95,12 @@ class StructuredFields(BaseModel):
         if not found:
             return None
         name, params = found[0]
+        params.backend = self.guided_decoding_backend
+        if self.guided_whitespace_pattern is not None:
+            if params.kind() not in ("json", "json_object") or params.whitespace_pattern is not None:
+                raise InvalidRequestError("guided_whitespace_pattern applies to one JSON constraint (a schema or "
+                                          "json_object) without a whitespace_pattern of its own",
+                                          "guided_whitespace_pattern")
+            params.whitespace_pattern = self.guided_whitespace_pattern
         validate_structured(params, name)  # a bad schema names the field the client sent
         return params

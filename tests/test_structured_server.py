@@ -74,6 +74,7 @@ def test_completion_guided_choice_and_regex_streamed_and_n2(client):
     ({"structured_outputs": {"grammar": "root ::= missing"}}, "structured_outputs"),
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
     ({"guided_choice": ["a"], "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"guided_regex": "[a-z]", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
 ])
 def test_invalid_structured_request_is_400_naming_the_field(server, body, param):
     r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
@@ -113,20 +114,24 @@ def test_twenty_json_schemas_at_once_every_output_validates(server):
 
 
 def test_specs_xgrammar_rejects_are_served_with_llguidance(server):
-    """The default auto backend: a draft-07 tuple schema, a Lark grammar and a regex with a scoped flag (each
-    one xgrammar rejects) are served by llguidance and obeyed; asking for xgrammar alone is a 400 with its
-    reason."""
+    """The default auto backend: a draft-07 tuple schema, a Lark grammar, a regex with a scoped flag and a
+    JSON whitespace pattern (each one xgrammar rejects) are served by llguidance and obeyed; asking for
+    xgrammar alone is a 400 with its reason."""
     chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 64, "temperature": 0}
     responses = asyncio.run(_post_all(server, [
         ("/chat/completions", {**chat, "structured_outputs": {"json": GUIDANCE_ONLY, "disable_any_whitespace": True}}),
         ("/chat/completions", {**chat, "guided_grammar": LARK}),
         ("/completions", {"model": "tiny", "prompt": "x", "max_tokens": 16, "temperature": 1.0, "seed": 3,
                           "guided_regex": "(?i:yes|no)-[0-9]"}),
+        ("/completions", {"model": "tiny", "prompt": "x", "max_tokens": 16, "temperature": 0,
+                          "guided_json": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                          "required": ["ok"]}, "guided_whitespace_pattern": "[ ]?"}),
     ]))
     assert all(r["choices"][0]["finish_reason"] == "stop" for r in responses), [_text(r) for r in responses]
     validate(json.loads(_text(responses[0])), GUIDANCE_ONLY)
     assert re.fullmatch(r"The answer is (yes|no)\.", _text(responses[1]))
     assert re.fullmatch(r"(?i:yes|no)-[0-9]", _text(responses[2]))
+    assert re.fullmatch(r'\{ ?"ok" ?: ?(true|false) ?\}', _text(responses[3])), _text(responses[3])
     r = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
                    json={**chat, "guided_grammar": LARK, "guided_decoding_backend": "xgrammar"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "guided_grammar", r.text

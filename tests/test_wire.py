@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                             SchedulerConfig)
+                             SchedulerConfig, StructuredOutputsConfig)
 from flotilla.distributed.control import _ENDPOINTS, Endpoints
 from flotilla.distributed.parallel_state import _TENSOR_HEADERS, TensorHeader
 from flotilla.deploy.serve_wire import (GENERATE_REQUEST, GenerateRequest, decode_output, encode_output,
@@ -72,7 +72,8 @@ def every_field_params() -> SamplingParams:
     params.validate()
     # Set after validate(): ignore_eos cannot be combined with a grammar (the wire does not care).
     params.structured_outputs = StructuredOutputsParams(
-        json={"type": "object", "properties": {"é": {"enum": [1, "x"]}}}, disable_any_whitespace=True)
+        json={"type": "object", "properties": {"é": {"enum": [1, "x"]}}}, disable_any_whitespace=True,
+        backend="guidance")
     defaults = SamplingParams()
     unset = [f.name for f in dataclasses.fields(SamplingParams)
              if getattr(params, f.name) == getattr(defaults, f.name)]
@@ -250,7 +251,8 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
         parallel=ParallelConfig(**_with_bools_flipped(ParallelConfig, dict(
             tensor_parallel_size=3, pipeline_parallel_size=2, executor_backend="ray", distributed_backend="gloo",
             pipeline_partition=(1, 1), ray_address="10.0.0.1:6379", collective_timeout_s=12.5))),
-        device=DeviceConfig(**_with_bools_flipped(DeviceConfig, dict(device="cuda", num_threads=3))))))
+        device=DeviceConfig(**_with_bools_flipped(DeviceConfig, dict(device="cuda", num_threads=3))),
+        structured_outputs=StructuredOutputsConfig(backend="guidance"))))
 
 
 def test_engine_config_with_every_field_set_roundtrips(config_dir):
@@ -289,7 +291,8 @@ def test_engine_args_with_every_field_set_roundtrip():
                  num_kv_blocks=99, block_size=32, max_num_seqs=3, max_num_batched_tokens=512,
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
-                 num_threads=2, served_model_name="served", seed=7)
+                 num_threads=2, served_model_name="served", seed=7,
+                 structured_outputs_config={"backend": "guidance"})
     args = EngineArgs(**_with_bools_flipped(EngineArgs, given))
     assert _at_default_everywhere([args]) == [], "give these fields a non-default value in this test"
     assert ENGINE_ARGS.decode(ENGINE_ARGS.encode(args)) == args

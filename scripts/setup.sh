@@ -31,7 +31,7 @@ from flotilla.engine.arg_utils import EngineArgs
 from flotilla.structured.tokenizer_cache import TokenizerAssets
 for alias in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"):
     mc = EngineArgs(model=alias).create_engine_config().model
-    TokenizerAssets(mc.source, mc.source_kind, mc.vocab_size).xgrammar_info()
+    TokenizerAssets(mc.source, mc.source_kind, mc.vocab_size, hf_config=mc.hf_config).xgrammar_info()
 PY
 # flotilla's fused CPU kernels (flotilla/csrc), compiled once at a portable baseline into ~/.cache/flotilla
 # (10-30 s; here with a generous FLOTILLA_KERNEL_BUILD_TIMEOUT, so a later start never waits on a build);

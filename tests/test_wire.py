@@ -257,7 +257,13 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
 
 def test_engine_config_with_every_field_set_roundtrips(config_dir):
     configs = [every_field_config(config_dir, None), every_field_config(config_dir, "int8")]
-    assert _at_default_everywhere(configs) == [], "give these fields a non-default value in every_field_config"
+    not_shipped = {"ModelConfig.runner", "ModelConfig.pooler"}   # pooling configs stay in the serving process
+    assert [f for f in _at_default_everywhere(configs) if f not in not_shipped] == [], \
+        "give these fields a non-default value in every_field_config"
+    pooling = dataclasses.replace(configs[0], model=dataclasses.replace(configs[0].model, runner="pooling",
+                                                                        pooler=object()))
+    with pytest.raises(ValueError, match="'pooling' model's engine config is not shipped"):
+        encode_engine_config(pooling)
     for config in configs:
         data = encode_engine_config(config)
         assert _plain(msgspec.msgpack.decode(data))
@@ -292,7 +298,7 @@ def test_engine_args_with_every_field_set_roundtrip():
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7,
-                 structured_outputs_config={"backend": "guidance"})
+                 structured_outputs_config={"backend": "guidance"}, runner="pooling")
     args = EngineArgs(**_with_bools_flipped(EngineArgs, given))
     assert _at_default_everywhere([args]) == [], "give these fields a non-default value in this test"
     assert ENGINE_ARGS.decode(ENGINE_ARGS.encode(args)) == args

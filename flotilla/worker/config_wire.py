@@ -18,7 +18,9 @@ import msgspec
 from flotilla.config import EngineConfig, ModelConfig
 from flotilla.wire import Codec
 
-_NOT_SHIPPED = {ModelConfig: ("hf_config",)}
+# hf_config is re-read from the source; runner/pooler: an embedding (pooling) model runs in the serving
+# process and its config never crosses a process boundary (encode refuses one), so a shipped config generates.
+_NOT_SHIPPED = {ModelConfig: ("hf_config", "runner", "pooler")}
 
 
 @functools.cache
@@ -51,6 +53,10 @@ CONFIG: Codec = Codec(wire_type(EngineConfig), "engine config")
 
 
 def encode_engine_config(config: EngineConfig) -> bytes:
+    """``config`` as msgpack; ValueError for a pooling (embedding) model's config, which is never shipped."""
+    if config.model.runner != "generate":
+        raise ValueError(f"a {config.model.runner!r} model's engine config is not shipped to other processes "
+                         "(embedding models run in the serving process)")
     return CONFIG.encode(_to_wire(config))
 
 

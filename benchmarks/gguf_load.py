@@ -83,6 +83,17 @@ def tokenizer(path: str, repeats: int) -> tuple[float, float]:
     return old, new
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="alias or .gguf path")
@@ -95,9 +106,9 @@ def main() -> None:
     from flotilla.models.loader import resolve_model
 
     path = resolve_model(args.model).source
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     print(f"{args.model} ({path}), torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
-    result = {"model": args.model, "threads": torch.get_num_threads()}
+    result = {"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu}
     old, new = header(path, args.repeats)
     print(f"header        gguf.GGUFReader {old:8.3f} s   open_gguf {new:8.3f} s   {old / new:6.1f}x")
     result["header"] = {"old_s": old, "new_s": new}

@@ -121,6 +121,16 @@ def test_other_types_fall_back_to_gguf(qtype):
     assert_bit_identical(dequantize(torch.from_numpy(raw), qtype), reference(raw, qtype))
 
 
+@pytest.mark.parametrize("qtype", sorted(TORCH_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
+def test_bytes_at_an_odd_address(qtype, small_chunks):
+    """Bytes that do not start at an aligned address (a slice of a larger buffer) give the same values."""
+    raw = random_blocks(qtype, 9, np.random.default_rng(5)) if qtype in SCALE_OFFSETS else \
+        np.random.default_rng(5).integers(0, 2**14, 64, dtype=np.uint16).view(np.uint8)  # finite, any width
+    shifted = torch.zeros(raw.size + 1, dtype=torch.uint8)
+    shifted[1:] = torch.from_numpy(raw)
+    assert_bit_identical(dequantize(shifted[1:], qtype), reference(raw, qtype))
+
+
 def test_partial_block_is_an_error():
     with pytest.raises(ValueError, match="Q4_K blocks of 144 bytes"):
         dequantize(torch.zeros(144 + 10, dtype=torch.uint8), T.Q4_K)

@@ -9,7 +9,8 @@ Pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused and repository code is nev
 
 Modules: ``resolve`` (aliases, paths, pickle refusal), ``assemble`` (an alias shipped in several packages,
 assembled once into the cache), ``hf_config`` (AutoConfig / GGUF metadata -> config), ``safetensors_loader``
-and ``gguf_loader`` (tensor iteration per format), ``gguf_file`` (opening and validating GGUF files),
+and ``gguf_loader`` (tensor iteration per format), ``gguf_file`` (opening and validating GGUF files, reading
+their headers), ``gguf_dequant`` (dequantizing GGUF blocks in torch),
 ``checkpoint`` (the format-independent entry points and completeness check).
 """
 

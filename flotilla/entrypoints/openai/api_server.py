@@ -23,6 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import flotilla
+# The app serves both protocols: this module composes the OpenAI routes with the KServe v2 ones (kserve/ uses
+# the OpenAI side's shared HTTP pieces: errors, SSE, disconnect handling, admission; never this module).
+from flotilla.entrypoints.kserve.embedding_model import EmbeddingModel
+from flotilla.entrypoints.kserve.http import kserve_router
+from flotilla.entrypoints.kserve.llm_model import LLMModel
+from flotilla.entrypoints.kserve.metrics import TritonMetrics
+from flotilla.entrypoints.kserve.service import KServeService
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import error_response, install_error_handlers
 from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, InFlightMiddleware
@@ -104,11 +111,6 @@ def engines_ready(served: ServedModels) -> bool:
 
 
 def _add_kserve_routes(app: FastAPI, served: ServedModels, repository, config: ServerConfig) -> None:
-    from flotilla.entrypoints.kserve.embedding_model import EmbeddingModel
-    from flotilla.entrypoints.kserve.http import kserve_router
-    from flotilla.entrypoints.kserve.llm_model import LLMModel
-    from flotilla.entrypoints.kserve.metrics import TritonMetrics
-    from flotilla.entrypoints.kserve.service import KServeService
     models = {name: (EmbeddingModel(ctx) if ctx.runner == "pooling" else LLMModel(ctx))
               for name, ctx in served.contexts.items()}
     served.kserve = KServeService(models, repository)

@@ -207,8 +207,11 @@ def run_app(app, served: ServedModels, config, sock: socket.socket, *, repositor
     after it drained. A ``repository`` (``ModelRepository``) is started on the serving loop first (it loads its
     models) and closed last. Returns the exit code (1 when a --grpc-port given explicitly cannot be bound; the
     default port only logs a warning)."""
+    # HTTP parsed by h11 whatever else is installed: it bounds a request's head (h11_max_incomplete_event_size,
+    # 16 KiB: larger headers get 431/400 or a closed connection, RELIABILITY.md); uvicorn's httptools protocol
+    # (its "auto" choice when httptools is importable) buffers headers without a limit.
     uv_config = uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=2, lifespan="off",
-                               access_log=config.log_level in ("info", "debug", "trace"))
+                               http="h11", access_log=config.log_level in ("info", "debug", "trace"))
     server = DrainingServer(uv_config, served, config.shutdown_timeout)
     grpc_server = None
     if served.kserve is not None and grpc_port:

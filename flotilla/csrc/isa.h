@@ -53,5 +53,21 @@ inline void set_cap(int cap) { cap_storage().store(cap, std::memory_order_relaxe
 // The level kernels dispatch on: min(detected, cap).
 inline int level() { return std::min(detected(), cap_storage().load(std::memory_order_relaxed)); }
 
+// AVX512_VNNI (vpdpbusd: 64 int8 products per instruction), detected once; the int8 dot products of
+// quant_matmul.cpp use it at level kAvx512 and above (AVX-512 CPUs without it take the AVX2 path there).
+inline bool detect_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return detected() >= kAvx512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+inline bool avx512_vnni() {
+  static const bool value = detect_avx512_vnni();
+  return value && level() >= kAvx512;
+}
+
 }  // namespace isa
 }  // namespace flotilla

@@ -27,7 +27,9 @@ class ModelConfig:
     ``source`` is the resolved location: a Hugging Face directory (config.json + safetensors) or a .gguf
     file. ``hf_config`` is a transformers ``PretrainedConfig`` (for GGUF, built from its metadata).
     ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output);
-    ``quantization`` "int8" stores linear weights as int8 with per-row scales (activations stay ``dtype``).
+    ``quantization`` (weight-only; activations stay ``dtype``): "gguf" keeps a GGUF file's quantized weights
+    in their blocks (layers/quant_weight.py), "int8" stores linear weights as int8 with per-row scales, "int4"
+    quantizes them group-wise to 4 bits (layers/quantization.py), None runs float weights.
     ``batch_invariant`` computes every token's activations, logits and logprobs with reductions whose order
     does not depend on the rest of the batch (layers/batch_invariant.py); it excludes ``quantization``.
     ``runner`` is "generate" (a decoder on the engine) or "pooling" (an encoder serving embeddings; its
@@ -42,7 +44,7 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int = 2048
     served_model_name: str | None = None
-    quantization: str | None = None  # None or "int8" (weight-only, layers/quantization.py)
+    quantization: str | None = None  # None, "gguf", "int8" or "int4" (weight-only)
     batch_invariant: bool = False
     runner: str = "generate"
     pooler: Any = None
@@ -52,8 +54,10 @@ class ModelConfig:
             raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner!r}")
         if (self.runner == "pooling") != (self.pooler is not None):
             raise ValueError("a pooling model needs a pooler config, and only a pooling model has one")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, "gguf", "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'gguf', 'int8' or 'int4', got {self.quantization!r}")
+        if self.quantization == "gguf" and self.source_kind != "gguf":
+            raise ValueError("quantization 'gguf' needs a GGUF model file")
         if self.batch_invariant and self.quantization is not None:
             raise ValueError(f"batch_invariant cannot be combined with quantization {self.quantization!r}")
         if self.source_kind not in ("hf_dir", "gguf"):

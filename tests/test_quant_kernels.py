@@ -154,3 +154,16 @@ def test_quantized_weight_mixed_segments_and_eager_fallback(kernels):
     with ops.switch_kernels(False):
         torch.testing.assert_close(qw.matmul(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
         assert torch.equal(qw.embedding(ids), w[ids])
+
+
+def test_quant_linear_one_op_with_bias(kernels):
+    """``QuantizedWeight.matmul`` of one packed segment is one op (``quant_linear``): any leading shape, the
+    bias added to the rounded product as eager code adds it."""
+    qt = quant_tensor(T.Q4_0, 48, 64, seed=11)
+    qw = QuantizedWeight(48, 64, [Segment(0, 48, qtype=int(T.Q4_0), packed=pack(qt))], torch.bfloat16)
+    x = activations(6, 64, seed=12).to(torch.bfloat16).view(2, 3, 64)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    y = torch.empty(6, 48, dtype=torch.bfloat16)
+    kernels.quant_matmul(y, x.view(6, 64), qw.segments[0].packed, int(T.Q4_0), 48)
+    assert torch.equal(qw.matmul(x, bias), (y + bias).view(2, 3, 48))
+    assert torch.equal(qw.matmul(x[:, :, :].transpose(0, 1)), y.view(2, 3, 48).transpose(0, 1))

@@ -39,7 +39,7 @@ def test_quantized_linear_equals_matmul_with_dequantized_weight():
 
 def test_unknown_method_and_float32_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="int8"):
-        quantize_model_(ReplicatedLinear(8, 8), "int4")
+        quantize_model_(ReplicatedLinear(8, 8), "int3")
     with pytest.raises(InvalidRequestError, match="bfloat16"):
         LLM(model=tiny_llama[0], dtype="float32", quantization="int8", num_kv_blocks=8)
 

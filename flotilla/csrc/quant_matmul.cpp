@@ -417,12 +417,30 @@ void quant_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed
   });
 }
 
+// y (..., N) = x (..., K) @ W^T, plus bias (N,) (x's dtype) added to the rounded product as in eager code:
+// one op where quant_matmul needs the caller to shape and allocate.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t type, int64_t n,
+                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "quant_linear: x must have a last dimension");
+  const int64_t k = x.size(-1);
+  at::Tensor x2 = x.reshape({-1, k});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  at::Tensor out = at::empty({x2.size(0), n}, x.options());
+  quant_matmul(out, x2, packed, type, n);
+  if (bias.has_value()) out.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flotilla, m) {
   m.def("quant_matmul(Tensor(a!) out, Tensor x, Tensor packed, int type, int rows) -> ()");
+  m.def("quant_linear(Tensor x, Tensor packed, int type, int rows, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flotilla, CPU, m) {
   m.impl("quant_matmul", &quant_matmul);
+  m.impl("quant_linear", &quant_linear);
 }

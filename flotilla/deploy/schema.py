@@ -29,7 +29,7 @@ from flotilla.engine.arg_utils import EngineArgs
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Early checks of engine overrides (the engine validates everything again when it starts).
-ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": ("int8",),
+ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": ("gguf", "int8", "int4", "none"),
                   "distributed_executor_backend": ("uni", "mp", "ray", "external"),
                   "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling")}
 ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,

@@ -19,6 +19,7 @@ from flotilla.models.loader import load_hf_config, resolve_model
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 8192
+QUANTIZATION_CHOICES = ("gguf", "int8", "int4", "none")
 
 
 @dataclass
@@ -38,7 +39,9 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
-    quantization: str | None = None  # None | "int8" (weight-only; needs bfloat16 or float16 activations)
+    # None: a GGUF file's own quantization ("gguf") on the CPU, float weights otherwise; "gguf" | "int8" | "int4"
+    # | "none" (float weights, a GGUF file dequantized to dtype). See ``_quantization``.
+    quantization: str | None = None
     max_model_len: int | None = None
     kv_cache_memory: float = 1.0
     num_kv_blocks: int | None = None
@@ -72,12 +75,12 @@ class EngineArgs:
             return pooling_engine_config(self, resolved, hf_config)
         max_len = self._max_model_len(hf_config)
         dtype = self._dtype(hf_config)
-        self._check_quantization(dtype)
-        self._check_batch_invariant()
+        quantization = self._quantization(dtype, resolved.kind)
+        self._check_batch_invariant(quantization)
         model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
                             source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
                             max_model_len=max_len, served_model_name=self.served_model_name,
-                            quantization=self.quantization, batch_invariant=self.batch_invariant)
+                            quantization=quantization, batch_invariant=self.batch_invariant)
         batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
                                                   else 2048)
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -150,23 +153,37 @@ class EngineArgs:
                                       "max_model_len")
         return self.max_model_len
 
-    def _check_quantization(self, dtype: str) -> None:
-        if self.quantization is None:
-            return
-        if self.quantization != "int8":
-            raise InvalidRequestError(f"quantization must be int8 (or none), got {self.quantization!r}",
+    def _quantization(self, dtype: str, source_kind: str) -> str | None:
+        """The weight quantization the model runs with (ModelConfig.quantization), like vLLM's: by default a GGUF
+        file keeps its quantized blocks ("gguf") on the CPU (not with --batch-invariant), other checkpoints run
+        float weights. "none" (a flotilla value; vLLM cannot run a GGUF file dequantized) forces float weights."""
+        q = self.quantization
+        if q is None:
+            keep = source_kind == "gguf" and self.device == "cpu" and not self.batch_invariant
+            return "gguf" if keep else None
+        if q not in QUANTIZATION_CHOICES:
+            raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {q!r}",
                                       "quantization")
-        if dtype == "float32":
+        if q == "none":
+            return None
+        if q == "gguf" and source_kind != "gguf":
+            raise InvalidRequestError("quantization gguf keeps a GGUF file's quantized weights: the model is not a "
+                                      "GGUF file (use int8 or int4 to quantize it)", "quantization")
+        if q in ("gguf", "int4") and self.device != "cpu":
+            raise InvalidRequestError(f"quantization {q} runs on the CPU only (flotilla's CPU kernels), not with "
+                                      f"--device {self.device}", "quantization")
+        if q == "int8" and dtype == "float32":
             raise InvalidRequestError("quantization int8 multiplies bfloat16 or float16 activations: use "
                                       "--dtype bfloat16 (torch's int8 kernel is slow with float32 on CPU)",
                                       "quantization")
+        return q
 
-    def _check_batch_invariant(self) -> None:
+    def _check_batch_invariant(self, quantization: str | None) -> None:
         if not self.batch_invariant:
             return
-        if self.quantization is not None:
-            raise InvalidRequestError(f"--batch-invariant cannot be combined with --quantization {self.quantization}: "
-                                      "the int8 kernel's reduction order depends on the batch", "batch_invariant")
+        if quantization is not None:
+            raise InvalidRequestError(f"--batch-invariant cannot be combined with --quantization {quantization}: "
+                                      "the quantized kernels' reduction order depends on the batch", "batch_invariant")
         if self.device != "cpu":
             raise InvalidRequestError(f"--batch-invariant runs on the CPU only, not with --device {self.device}",
                                       "batch_invariant")

@@ -54,7 +54,7 @@ def _check_unsupported(args) -> None:
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(args, name) != 1:
             raise InvalidRequestError(f"{name} {getattr(args, name)}: embedding models run on one rank", name)
-    if args.quantization is not None:
+    if args.quantization not in (None, "none"):
         raise InvalidRequestError("quantization is not supported for embedding models", "quantization")
     if args.batch_invariant:
         raise InvalidRequestError("--batch-invariant is not supported for embedding models", "batch_invariant")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed.parallel_state import get_tp_group
+from flotilla.layers.quant_weight import is_quantized, stage
 from flotilla.layers.quantization import linear
 
 
@@ -31,15 +32,25 @@ class VocabParallelEmbedding(nn.Module):
         if loaded.shape[1] != param.shape[1] or loaded.shape[0] != self.num_embeddings:
             raise ValueError(f"embedding: checkpoint has shape {tuple(loaded.shape)}, expected "
                              f"({self.num_embeddings}, {param.shape[1]})")
-        shard = loaded[self.vocab_start:self.vocab_start + self.rows_per_rank]
-        param.data[:shard.shape[0]].copy_(shard)
+        start = min(self.vocab_start, self.num_embeddings)
+        shard = loaded.narrow(0, start, min(self.rows_per_rank, self.num_embeddings - start))
+        if is_quantized(shard):  # kept quantized (layers/quant_weight.py); padding rows stay zero
+            stage(param, 0, shard)
+        else:
+            param.data[:shard.shape[0]].copy_(shard)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        qw = getattr(self, "quant_weight", None)
+        if qw is not None:
+            return qw.embedding(ids.reshape(-1)).view(*ids.shape, qw.cols)
+        return F.embedding(ids, self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)  # (num_tokens, hidden)
+            return self._lookup(input_ids)  # (num_tokens, hidden)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.tp.all_reduce(out)
 

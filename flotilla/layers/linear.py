@@ -3,6 +3,8 @@
 Each parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that copies only this
 rank's shard of a full (unsharded) checkpoint tensor, so models load weights without knowing the TP size.
 At TP size 1 each layer is a plain ``F.linear`` (or the int8 kernel once quantized, layers/quantization.py).
+A GGUF weight kept quantized (``QuantTensor``, layers/quant_weight.py) is narrowed the same way and staged on
+the parameter at its row offset instead of copied; ``finalize_quantized_`` packs it after loading.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from flotilla.distributed.parallel_state import get_tp_group
 from flotilla.layers.batch_invariant import ordered_all_reduce
+from flotilla.layers.quant_weight import is_quantized, stage
 from flotilla.layers.quantization import linear
 
 
@@ -32,6 +35,14 @@ def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
                          f"parameter expects {tuple(param.shape)}")
 
 
+def _store(param: nn.Parameter, row_offset: int, shard) -> None:
+    """Rows ``row_offset ..`` of ``param`` := ``shard`` (a quantized shard is staged, not copied)."""
+    if is_quantized(shard):
+        stage(param, row_offset, shard)
+    else:
+        param.data.narrow(0, row_offset, shard.shape[0]).copy_(shard)
+
+
 class ReplicatedLinear(nn.Module):
     """y = x W^T + b with the full weight on every rank."""
 
@@ -43,7 +54,7 @@ class ReplicatedLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         loaded = full_tensor(loaded)
         _check_shape(param, loaded, type(self).__name__)
-        param.data.copy_(loaded)
+        _store(param, 0, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self, self.bias)
@@ -70,7 +81,7 @@ class ColumnParallelLinear(nn.Module):
         size = param.shape[0]
         shard = loaded.narrow(0, self.tp.rank_in_group * size, size)
         _check_shape(param, shard, type(self).__name__)
-        param.data.copy_(shard)
+        _store(param, 0, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self, self.bias)  # (num_tokens, out / tp)
@@ -96,7 +107,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         shard = loaded.narrow(0, rank * size, size)
         target = param.data.narrow(0, offset, size)
         _check_shape(target, shard, f"{type(self).__name__}[{shard_id}]")
-        target.copy_(shard)
+        _store(param, offset, shard)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -136,7 +147,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         target = param.data.narrow(0, offset, size)
         shard = loaded.narrow(0, start, size)
         _check_shape(target, shard, f"QKVParallelLinear[{shard_id}]")
-        target.copy_(shard)
+        _store(param, offset, shard)
 
 
 class RowParallelLinear(nn.Module):
@@ -158,9 +169,9 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[1]
-        shard = loaded.narrow(1, self.tp.rank_in_group * size, size)
+        shard = loaded.narrow(1, self.tp.rank_in_group * size, size)  # dequantized unless on block boundaries
         _check_shape(param, shard, type(self).__name__)
-        param.data.copy_(shard)
+        _store(param, 0, shard)
 
     def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         loaded = full_tensor(loaded)

@@ -12,8 +12,9 @@ from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
 from flotilla.layers.batch_invariant import make_batch_invariant_
+from flotilla.layers.quant_weight import finalize_quantized_
 from flotilla.layers.quantization import prepack_model_, quantize_model_
-from flotilla.ops import kernels_enabled
+from flotilla.ops import cpu_kernels, kernels_enabled, unavailable_reason
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -65,9 +66,12 @@ class Worker:
         resolved = ResolvedModel(source=mc.source, kind=mc.source_kind, alias=None)
         # Each rank reads only the tensors of its own pipeline stage.
         lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
+        keep = mc.quantization == "gguf" and self._can_keep_quantized()
         model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight,
-                                                    lazy=lazy))
-        if mc.quantization:
+                                                    lazy=lazy, keep_quantized=keep))
+        if keep:
+            logger.info("GGUF weights kept quantized: %d weights packed", finalize_quantized_(model))
+        elif mc.quantization in ("int8", "int4"):
             quantize_model_(model, mc.quantization)
         if mc.batch_invariant:
             packed = make_batch_invariant_(model)  # instead of oneDNN's prepacking (its order depends on M)
@@ -79,6 +83,15 @@ class Worker:
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,
                     time.perf_counter() - start)
+
+    def _can_keep_quantized(self) -> bool:
+        """Quantized GGUF weights run on the CPU kernels; without them (off, or no compiler) they are
+        dequantized to the model's dtype at load (a warning)."""
+        if self.device.type == "cpu" and cpu_kernels() is not None:
+            return True
+        logger.warning("GGUF weights are dequantized to %s: %s", self.config.model.dtype,
+                       unavailable_reason() if self.device.type == "cpu" else f"no kernels for {self.device}")
+        return False
 
     def _num_local_layers(self) -> int:
         return len(self.model.local_layer_indices) if self.model is not None else self.config.model.num_layers

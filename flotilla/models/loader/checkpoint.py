@@ -35,13 +35,15 @@ def iterate_weights(resolved: ResolvedModel, hf_config: Any,
 
 
 def iterate_weights_filtered(resolved: ResolvedModel, hf_config: Any, dtype: torch.dtype,
-                             wanted: WeightFilter | None, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                             wanted: WeightFilter | None, lazy: bool = False,
+                             keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Like ``iterate_weights`` but only tensors whose HF name ``wanted(name)`` accepts; the others are
     neither read from disk nor dequantized (a tensor-parallel or pipeline rank skips what it does not own).
 
     Validation (file headers, completeness) happens eagerly, at the call, not at the first ``next()``.
     With ``lazy``, safetensors values are ``LazyTensor``s so a tensor-parallel rank reads only its shard
-    (GGUF tensors are dequantized whole, then sliced).
+    (GGUF tensors are dequantized whole, then sliced). With ``keep_quantized``, a GGUF file's matmul weights
+    of the types the kernels run come as ``QuantTensor``s (``gguf_loader.iterate_gguf``).
     """
     if resolved.kind == "hf_dir":
         plan = plan_safetensors(resolved.source)
@@ -52,7 +54,7 @@ def iterate_weights_filtered(resolved: ResolvedModel, hf_config: Any, dtype: tor
         arch = gguf_architecture(reader, resolved.source)
         names = [n for n in (gguf_to_hf_name(t.name) for t in reader.tensors) if n is not None]
         check_complete(names, hf_config, resolved.source)
-        return iterate_gguf(reader, resolved.source, arch, hf_config, dtype, wanted)
+        return iterate_gguf(reader, resolved.source, arch, hf_config, dtype, wanted, keep_quantized)
     raise ModelLoadError(f"unknown model source kind {resolved.kind!r}")
 
 

@@ -1,4 +1,5 @@
-"""Weights of a GGUF file as Hugging Face named tensors, dequantized one tensor at a time.
+"""Weights of a GGUF file as Hugging Face named tensors, dequantized one tensor at a time (or, for layers that
+keep them quantized, as their raw blocks: ``QuantTensor``).
 
 Name mapping (GGUF -> Hugging Face; ``.weight``/``.bias`` suffixes carry over):
 
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gguf import GGMLQuantizationType
+
 from flotilla.errors import ModelLoadError
+from flotilla.layers.quant_weight import PACKED_TYPES, QuantTensor
 from flotilla.models.loader.gguf_dequant import dequantize
 from flotilla.models.loader.gguf_file import GGUFFile, GGUFTensor
 
@@ -81,10 +85,15 @@ def unpermute_rows(w: np.ndarray | torch.Tensor, n_head: int) -> np.ndarray | to
 
 
 def iterate_gguf(reader: GGUFFile, path: str, arch: str, hf_config: Any, dtype: torch.dtype,
-                 wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 wanted: Callable[[str], bool] | None = None,
+                 keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
     """Yield ``(hf_name, tensor)`` for every mapped tensor of the file, in file order, converted to
     ``dtype`` (each a new tensor, not a view of the file). Tensors ``wanted`` rejects are skipped before
-    dequantization. Values are those of ``gguf.quants.dequantize`` (see ``gguf_dequant``)."""
+    dequantization. Values are those of ``gguf.quants.dequantize`` (see ``gguf_dequant``).
+
+    With ``keep_quantized``, the weights of linear layers, the LM head and the token embedding whose block
+    type has a packed layout (``quant_weight.PACKED_TYPES``) come as ``QuantTensor``s instead: their raw
+    blocks (q/k rows of "llama" files unpermuted), for layers to keep quantized."""
     n_head = int(hf_config.num_attention_heads)
     n_kv_head = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
     for t in reader.tensors:
@@ -95,7 +104,30 @@ def iterate_gguf(reader: GGUFFile, path: str, arch: str, hf_config: Any, dtype: 
             continue
         if wanted is not None and not wanted(hf_name):
             continue
-        yield hf_name, _load_tensor(reader, t, path, arch, n_head, n_kv_head, dtype)
+        if keep_quantized and _keepable(hf_name, t):
+            yield hf_name, _quant_tensor(reader, t, path, arch, n_head, n_kv_head)
+        else:
+            yield hf_name, _load_tensor(reader, t, path, arch, n_head, n_kv_head, dtype)
+
+
+def _keepable(hf_name: str, t: GGUFTensor) -> bool:
+    """Whether tensor ``t`` can stay quantized: a 2-D weight of a matmul (or the embedding table) in a block
+    type the kernels run."""
+    matmul = hf_name.endswith("_proj.weight") or hf_name in ("lm_head.weight", "model.embed_tokens.weight")
+    return matmul and len(t.shape) == 2 and int(t.tensor_type) in PACKED_TYPES
+
+
+def _quant_tensor(reader: GGUFFile, t: GGUFTensor, path: str, arch: str, n_head: int,
+                  n_kv_head: int) -> QuantTensor:
+    rows, cols = t.torch_shape
+    data = reader.raw(t).view(rows, -1)  # (rows, row_bytes): every row is whole blocks
+    if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+        data = unpermute_rows(data, n_head if ".attn_q." in t.name else n_kv_head)
+    return QuantTensor(int(t.tensor_type), data, cols, _dequantize_raw)
+
+
+def _dequantize_raw(raw: torch.Tensor, qtype: int, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(raw, GGMLQuantizationType(qtype), dtype)
 
 
 def _load_tensor(reader: GGUFFile, t: GGUFTensor, path: str, arch: str, n_head: int, n_kv_head: int,

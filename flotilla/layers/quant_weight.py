@@ -1,0 +1,318 @@
+"""Weights kept quantized: GGUF blocks (or int4 blocks made at load) run by flotilla's int8-activation kernels.
+
+Flow (``--quantization gguf``, the default for GGUF files on the CPU):
+
+1. The GGUF loader yields a ``QuantTensor`` (the raw blocks of one 2-D tensor) instead of a dequantized one.
+2. A layer's weight loader narrows it to this rank's shard like any tensor (rows always; columns only on
+   block boundaries, else the shard is dequantized) and ``stage``s it on the parameter at its row offset, so a
+   fused q/k/v or gate/up weight may mix types (Q4_K_M files put q in Q5_0 and v in Q8_0).
+3. ``finalize_quantized_(model)`` packs each staged parameter into a ``QuantizedWeight`` (module attribute
+   ``quant_weight``, shared by a tied embedding and LM head), rows without a quantized shard kept dense, and
+   frees the float parameter.
+
+``QuantizedWeight.matmul`` runs ``torch.ops.flotilla.quant_matmul`` (flotilla/csrc/quant_matmul.cpp: the
+weight stays 4-8 bits; activations are quantized to int8 per block of 32, as llama.cpp does). The packed
+layout (flotilla/csrc/quant.h) dequantizes to exactly the GGUF values; ``dequantize_packed`` is its eager
+PyTorch reading, used when the kernel library is switched off after load and by the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flotilla.ops import use_kernels
+
+logger = logging.getLogger(__name__)
+
+# GGML type id -> (values per block, bytes per block) of the types with a packed layout (quant.h).
+PACKED_TYPES = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144), 13: (256, 176),
+                14: (256, 210)}
+TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+ROWS = 16  # rows per packed group
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """The raw GGUF blocks of a 2-D tensor (rows, cols): ``data`` (rows, row_bytes) uint8, each row whole
+    blocks of GGML type ``qtype``. ``dequantizer(raw 1-D uint8, qtype, dtype) -> values 1-D`` is the loader's
+    (gguf_dequant.dequantize), passed in so this layer does not import the loader."""
+
+    qtype: int
+    data: torch.Tensor
+    cols: int
+    dequantizer: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[0], self.cols))
+
+    @property
+    def block(self) -> int:
+        return PACKED_TYPES[self.qtype][0]
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantTensor | torch.Tensor:
+        """Rows ``start:start+length`` (dim 0), or columns (dim 1): quantized where the columns are whole
+        blocks, else the dequantized float32 columns."""
+        if dim == 0:
+            return QuantTensor(self.qtype, self.data.narrow(0, start, length), self.cols, self.dequantizer)
+        block, size = PACKED_TYPES[self.qtype]
+        if start % block or length % block:
+            return self.dequantize(torch.float32).narrow(1, start, length)
+        data = self.data.narrow(1, start // block * size, length // block * size)
+        return QuantTensor(self.qtype, data, length, self.dequantizer)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The values (rows, cols) in ``dtype``, exactly as the GGUF loader dequantizes them."""
+        return self.dequantizer(self.data.contiguous().view(-1), self.qtype, dtype).view(self.shape)
+
+
+def is_quantized(t) -> bool:
+    return isinstance(t, QuantTensor)
+
+
+def stage(param: nn.Parameter, row_offset: int, qt: QuantTensor) -> None:
+    """Record ``qt`` as rows ``row_offset ..`` of ``param`` (packed by ``finalize_quantized_``)."""
+    if qt.cols != param.shape[1] or row_offset + qt.shape[0] > param.shape[0]:
+        raise ValueError(f"quantized shard {tuple(qt.shape)} at row {row_offset} does not fit the parameter "
+                         f"{tuple(param.shape)}")
+    staged = getattr(param, "quant_staged", None)
+    if staged is None:
+        staged = param.quant_staged = []
+    staged.append((row_offset, qt))
+
+
+@dataclass
+class Segment:
+    """Rows ``start:stop`` of a weight: ``packed`` uint8 of GGML type ``qtype``, or ``dense`` (rows, cols)."""
+
+    start: int
+    stop: int
+    qtype: int | None = None
+    packed: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+
+class QuantizedWeight:
+    """A (rows, cols) weight as row segments, each packed (one GGML type) or dense; activations in ``dtype``.
+
+    ``matmul(x (..., cols)) -> (..., rows)``, ``embedding(ids (n,)) -> (n, cols)`` and ``dequantize()``.
+    """
+
+    def __init__(self, rows: int, cols: int, segments: list[Segment], dtype: torch.dtype):
+        self.rows, self.cols, self.segments, self.dtype = rows, cols, segments, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum((s.packed if s.packed is not None else s.dense).nbytes for s in self.segments)
+
+    def describe(self) -> str:
+        return "+".join(TYPE_NAMES[s.qtype] if s.qtype is not None else str(s.dense.dtype).removeprefix("torch.")
+                        for s in self.segments)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T (+ bias)``: x (..., cols) -> (..., rows) in x's dtype."""
+        ops = use_kernels(x)
+        seg = self.segments[0]
+        if ops is not None and seg.packed is not None and len(self.segments) == 1:  # one op on the decode path
+            return ops.quant_linear(x, seg.packed, seg.qtype, self.rows, bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cols)  # (M, cols)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if len(self.segments) == 1:
+            y = self._segment_mm(ops, seg, x2, None)
+        else:
+            y = x2.new_empty(x2.shape[0], self.rows)  # (M, rows)
+            for seg in self.segments:
+                self._segment_mm(ops, seg, x2, y[:, seg.start:seg.stop])
+        y = y.view(*lead, self.rows)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def _segment_mm(ops, seg: Segment, x2: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        n = seg.stop - seg.start
+        if seg.dense is not None:
+            y = F.linear(x2, seg.dense)
+        elif ops is not None:
+            y = out if out is not None else x2.new_empty(x2.shape[0], n)
+            ops.quant_matmul(y, x2, seg.packed, seg.qtype, n)
+            return y
+        else:  # kernels switched off after load: the eager reading of the packed layout
+            y = F.linear(x2, dequantize_packed(seg.packed, seg.qtype, n, x2.shape[1]).to(x2.dtype))
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (n,) (each in [0, rows)) dequantized to ``dtype``: (n, cols)."""
+        out = torch.empty(ids.shape[0], self.cols, dtype=self.dtype)
+        ops = use_kernels(ids)
+        for seg in self.segments:
+            inside = (ids >= seg.start) & (ids < seg.stop)
+            local = (ids[inside] - seg.start).long()
+            if seg.dense is not None:
+                out[inside] = seg.dense[local]
+            elif ops is not None:
+                rows = torch.empty(local.shape[0], self.cols, dtype=self.dtype)
+                ops.quant_dequantize(rows, seg.packed, seg.qtype, self.cols, local)
+                out[inside] = rows
+            else:
+                full = dequantize_packed(seg.packed, seg.qtype, seg.stop - seg.start, self.cols)
+                out[inside] = full[local].to(self.dtype)
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight (rows, cols) in ``dtype``."""
+        parts = [s.dense.to(dtype) if s.dense is not None
+                 else dequantize_packed(s.packed, s.qtype, s.stop - s.start, self.cols).to(dtype)
+                 for s in self.segments]
+        return torch.cat(parts)
+
+
+# ---- packing ---------------------------------------------------------------------------------------------
+
+def pack(qt: QuantTensor) -> torch.Tensor:
+    """``qt`` in the packed layout (flotilla/csrc/quant.h); needs the kernel library."""
+    ops = use_kernels(qt.data)
+    if ops is None:
+        raise RuntimeError("packing quantized weights needs flotilla's CPU kernels")
+    return ops.quant_pack(qt.data.contiguous().view(-1), qt.qtype, qt.shape[0], qt.cols)
+
+
+def _segments(param: nn.Parameter, staged: list[tuple[int, QuantTensor]], can_pack: bool) -> list[Segment]:
+    """Row segments covering the parameter: staged shards (adjacent ones of one type merged) packed, the rows
+    between them dense (copies of what the float loader wrote there)."""
+    rows, cols = param.shape
+    staged = sorted(staged, key=lambda s: s[0])
+    merged: list[tuple[int, int, int, list[torch.Tensor], QuantTensor]] = []
+    for start, qt in staged:
+        stop = start + qt.shape[0]
+        if merged and merged[-1][1] == start and merged[-1][2] == qt.qtype:
+            merged[-1] = (merged[-1][0], stop, qt.qtype, merged[-1][3] + [qt.data], qt)
+        else:
+            if merged and start < merged[-1][1]:
+                raise ValueError(f"quantized shards overlap at row {start}")
+            merged.append((start, stop, qt.qtype, [qt.data], qt))
+    segments, row = [], 0
+    for start, stop, qtype, datas, proto in merged:
+        if start > row:
+            segments.append(Segment(row, start, dense=param.data[row:start].clone()))
+        qt = QuantTensor(qtype, torch.cat(datas) if len(datas) > 1 else datas[0], cols, proto.dequantizer)
+        if can_pack:
+            segments.append(Segment(start, stop, qtype=qtype, packed=pack(qt)))
+        else:
+            segments.append(Segment(start, stop, dense=qt.dequantize(param.dtype)))
+        row = stop
+    if row < rows:
+        segments.append(Segment(row, rows, dense=param.data[row:].clone()))
+    return segments
+
+
+def finalize_quantized_(model: nn.Module) -> int:
+    """Turn every parameter with staged quantized shards into a ``QuantizedWeight`` on the modules that own it
+    (``quant_weight``) and free the float parameter; returns how many weights were packed. Without the kernel
+    library the shards are dequantized into the parameter instead (a warning)."""
+    can_pack = use_kernels(torch.empty(0)) is not None
+    built: dict[int, QuantizedWeight] = {}
+    for module in model.modules():
+        param = module._parameters.get("weight")
+        if param is None:
+            continue
+        staged = getattr(param, "quant_staged", None)
+        if not staged and id(param) not in built:
+            continue
+        if id(param) not in built:
+            segments = _segments(param, staged, can_pack)
+            del param.quant_staged
+            if not can_pack:
+                param.data.copy_(torch.cat([s.dense for s in segments]))
+                logger.warning("flotilla's CPU kernels are unavailable: quantized weights are dequantized")
+                built[id(param)] = None
+                continue
+            built[id(param)] = QuantizedWeight(param.shape[0], param.shape[1], segments, param.dtype)
+            param.data = torch.empty(0, dtype=param.dtype)
+        if built[id(param)] is not None:
+            module.quant_weight = built[id(param)]
+    return sum(1 for w in built.values() if w is not None)
+
+
+# ---- the eager reading of the packed layout (flotilla/csrc/quant.h) ---------------------------------------
+
+# GGML type id -> (bits, o, scheme, has_min); scheme 0: d (and m) per block, 1: K-quant d/dmin + u8 sc/mn,
+# 2: Q6_K d + int8 sc per 16 values.
+_TRAITS = {2: (4, 8, 0, False), 3: (4, 0, 0, True), 6: (8, 16, 0, False), 7: (8, 0, 0, True),
+           8: (8, 128, 0, False), 12: (4, 0, 1, True), 13: (8, 0, 1, True), 14: (8, 32, 2, False)}
+
+
+def _layout(qtype: int, cols: int) -> dict[str, int]:
+    """Byte offsets of one group's parts, as quant.h's ``layout``."""
+    bits, _, scheme, has_min = _TRAITS[qtype]
+    nb, nsb = cols // 32, cols // 256
+    vb = 256 if bits == 4 else 512
+    out = {"vb": vb, "d": nb * vb}
+    pos = out["d"]
+    if scheme == 0:
+        pos += nb * ROWS * 2
+        if has_min:
+            out["m"], pos = pos, pos + nb * ROWS * 2
+    elif scheme == 1:
+        pos += nsb * ROWS * 2
+        out["m"], pos = pos, pos + nsb * ROWS * 2
+        out["sc"], pos = pos, pos + nb * ROWS
+        out["mn"], pos = pos, pos + nb * ROWS
+    else:
+        pos += nsb * ROWS * 2
+        out["sc"], pos = pos, pos + cols // 16 * ROWS
+    out["group"] = -(-pos // 64) * 64
+    return out
+
+
+def _field(g: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """(groups, count, 16) of ``dtype`` at byte ``start`` of every group ``g`` (groups, group_bytes)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return g[:, start:start + count * ROWS * size].contiguous().view(dtype).view(g.shape[0], count, ROWS)
+
+
+def _per_row(t: torch.Tensor) -> torch.Tensor:
+    """(groups, count, 16) -> (groups * 16, count) float32: one row per weight row."""
+    return t.permute(0, 2, 1).reshape(-1, t.shape[1]).float()
+
+
+def dequantize_packed(packed: torch.Tensor, qtype: int, rows: int, cols: int) -> torch.Tensor:
+    """The float32 values (rows, cols) of a packed weight, in PyTorch: quant.h's formula, op for op."""
+    bits, offset, scheme, has_min = _TRAITS[qtype]
+    lay = _layout(qtype, cols)
+    g = packed.view(-1, lay["group"])                                    # (groups, group_bytes)
+    groups, nb = g.shape[0], cols // 32
+    vals = g[:, :nb * lay["vb"]]
+    if bits == 4:
+        v = vals.reshape(groups, nb, 4, ROWS, 4)                         # (g, block, vector i, row, byte b)
+        u = torch.stack([v & 0xF, v >> 4], dim=2)                        # (g, block, half, i, row, b)
+        u = u.permute(0, 4, 1, 2, 3, 5)                                  # column 16 half + 4 i + b
+    else:
+        u = vals.reshape(groups, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4)  # (g, row, block, i, b): column 4 i + b
+    q = (u.reshape(groups * ROWS, cols).to(torch.int32) - offset).float()  # (rows_padded, cols)
+    if scheme == 2:
+        d = _per_row(_field(g, lay["d"], cols // 256, torch.float16)).repeat_interleave(16, dim=1)
+        s = d * _per_row(_field(g, lay["sc"], cols // 16, torch.int8))  # (rows_padded, cols / 16)
+        w = (q.view(-1, cols // 16, 16) * s.unsqueeze(-1)).view(-1, cols)
+        return w[:rows]
+    if scheme == 0:
+        s = _per_row(_field(g, lay["d"], nb, torch.float16))            # (rows_padded, blocks)
+        mb = _per_row(_field(g, lay["m"], nb, torch.float16)) if has_min else None
+    else:
+        d = _per_row(_field(g, lay["d"], cols // 256, torch.float16)).repeat_interleave(8, dim=1)
+        dmin = _per_row(_field(g, lay["m"], cols // 256, torch.float16)).repeat_interleave(8, dim=1)
+        s = d * _per_row(_field(g, lay["sc"], nb, torch.uint8))
+        mb = -(dmin * _per_row(_field(g, lay["mn"], nb, torch.uint8)))
+    w = q.view(-1, nb, 32) * s.unsqueeze(-1)
+    if mb is not None:
+        w = w + mb.unsqueeze(-1)
+    return w.view(-1, cols)[:rows]

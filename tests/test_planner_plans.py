@@ -92,8 +92,10 @@ def test_workload_and_slo_flags():
     assert (w.input_len, w.output_len, w.rate, w.concurrency) == (512, 128, 4.0, None)
     assert parse_workload("isl=100,osl=10,concurrency=8,prefix=20").prefix_len == 20
     assert parse_workload(None).auto_concurrency
+    both = parse_workload("rate=2,concurrency=8")  # vllm bench serve's --request-rate with --max-concurrency
+    assert both.replica_load(2, 64) == (1.0, 4) and "rate 2 req/s, concurrency 8" in both.describe()
     for bad, needle in (("isl=ten", "expected a number"), ("lsi=3", "unknown workload key"),
-                        ("rate=1,concurrency=2", "not both"), ("isl=100,prefix=100", "prefix")):
+                        ("rate=0", "rate must be"), ("isl=100,prefix=100", "prefix")):
         with pytest.raises(ValueError, match=needle):
             parse_workload(bad)
     slo = parse_slo("ttft_p99=1.5s,tpot_p50=80ms")

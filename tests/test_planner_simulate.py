@@ -65,10 +65,11 @@ def test_chunked_prefill_takes_several_steps():
     assert r.ttft == 3.0 and r.latency == 4.0
 
 
-def test_closed_loop_replaces_finished_requests():
+def test_max_concurrency_holds_requests_until_a_slot_frees():
     sched, cache, blocks = configs(max_num_seqs=2)
-    res = simulate(FixedCost(), 1, sched, cache, blocks, reqs((8, 2), (8, 2), (8, 2), (8, 2)), concurrency=2)
-    # two at a time: prefill at t=1, finish at t=2, the next two arrive at t=2 and finish at t=4
+    res = simulate(FixedCost(), 1, sched, cache, blocks, reqs((8, 2), (8, 2), (8, 2), (8, 2)), [0.0] * 4,
+                   max_concurrency=2)
+    # two slots: prefill at t=1, finish at t=2; the next two are sent when the slots free (t=2), finish at t=4
     assert res.duration == 4.0 and [r.ttft for r in res.results] == [1.0] * 4
     m = plan_metrics(res.results, res.duration, SLO(ttft_p99=1.0, tpot_p99=1.0))
     assert (m.output_throughput, m.request_throughput, m.goodput) == (2.0, 1.0, 1.0)
@@ -120,6 +121,12 @@ def test_deterministic():
     assert runs[0].duration == runs[1].duration
 
 
-def test_needs_arrivals_or_concurrency():
-    with pytest.raises(ValueError, match="arrival times or a concurrency"):
-        simulate(FixedCost(), 1, *configs(), reqs((8, 2)))
+def test_rate_and_max_concurrency_together():
+    sched, cache, blocks = configs(max_num_seqs=4)
+    # sent at 0, 0.5 and 0.6; one slot: the second waits for the first (done at t=2), the third for the second
+    res = simulate(FixedCost(), 1, sched, cache, blocks, reqs((8, 2), (8, 2), (8, 2)), [0.0, 0.5, 0.6],
+                   max_concurrency=1)
+    assert [(r.ttft, r.latency) for r in res.results] == [(1.0, 2.0), (1.0, 2.0), (1.0, 2.0)]
+    assert res.duration == 6.0
+    with pytest.raises(ValueError, match="one arrival time per request"):
+        simulate(FixedCost(), 1, sched, cache, blocks, reqs((8, 2)), [])

@@ -55,7 +55,7 @@ def run_plan(report: PlanReport, evaluated: Evaluated, log: Callable[[str], None
     from flotilla.bench.datasets import BenchRequest
     from flotilla.bench.serve import ServeBenchConfig, run_benchmark
     plan, workload = evaluated.plan, report.workload
-    rate, conc = workload.replica_load(plan.replicas, plan.max_num_seqs)
+    rate, conc = evaluated.load  # what the simulation sent one replica
     n = workload.num_requests_for(rate, conc) * plan.replicas
     requests = [BenchRequest(r.prompt, len(r.prompt), r.output_len)
                 for r in workload.requests(n, report.model.vocab_size)]
@@ -76,7 +76,7 @@ def run_plan(report: PlanReport, evaluated: Evaluated, log: Callable[[str], None
             startup = time.monotonic() - start
             log(f"probe {evaluated.label}: ready in {startup:.0f} s; replaying {n} requests ...")
             cfg = ServeBenchConfig(base_url=f"http://127.0.0.1:{port}", model=PROBE_MODEL_NAME,
-                                   max_concurrency=None if rate is not None else conc * plan.replicas,
+                                   max_concurrency=conc * plan.replicas if conc is not None else None,
                                    request_rate=rate * plan.replicas if rate is not None else math.inf,
                                    ignore_eos=True, seed=workload.seed)
             metrics, results = asyncio.run(run_benchmark(cfg, requests))

@@ -35,12 +35,14 @@ MAX_NUM_SEQS = (4, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_MODEL_LEN = 8192  # the engine's default cap (EngineArgs)
 SERVER_RESERVE = 1 * GiB  # a CPU node's HTTP server and engine core processes
 CPU_RANK_RESERVE = GiB // 2  # a CPU rank's Python + torch runtime
+AUTO_RATE_FACTOR = 1.5  # auto load: requests are sent at this multiple of the estimated capacity
 
 
 @dataclass
 class Evaluated:
     """One candidate: its ``plan``, memory per device (bytes), KV blocks, and either ``metrics`` (the
-    deployment's, simulated) or ``rejected`` (why: shape, devices, memory or SLO)."""
+    deployment's, simulated) or ``rejected`` (why: shape, devices, memory or SLO). ``estimate``: the
+    closed-form output tokens/s; ``load``: the (rate, concurrency) one replica was simulated at."""
 
     plan: Plan | None
     label: str
@@ -49,6 +51,7 @@ class Evaluated:
     metrics: PlanMetrics | None = None
     rejected: str | None = None
     estimate: float = 0.0
+    load: tuple[float | None, int | None] = (None, None)
     sim: SimResult | None = None
 
     @property
@@ -113,6 +116,8 @@ def search(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, c
     report.rejected.extend(c for c in candidates if c.rejected is not None)
     for c in feasible:
         c.estimate, tpot = _estimate(model, hardware, workload, c, calibration)
+        c.load = workload.replica_load(c.plan.replicas, c.plan.max_num_seqs,
+                                       AUTO_RATE_FACTOR * c.estimate / c.plan.replicas / workload.output_len)
         if tpot > 3 * slo.tpot_limit:
             c.rejected = f"SLO (estimate): TPOT ~{tpot * 1e3:.0f} ms > 3x {slo.tpot_limit * 1e3:.0f} ms"
     feasible.sort(key=lambda c: (c.rejected is None, c.estimate), reverse=True)
@@ -216,44 +221,40 @@ def _estimate(model: ModelDesc, hw: Hardware, workload: Workload, c: Evaluated, 
 def _sim_key(model, hw, workload: Workload, calib, c: Evaluated) -> tuple:
     """What one replica's simulation depends on: plans with equal keys share it."""
     plan = c.plan
-    rate, conc = workload.replica_load(plan.replicas, plan.max_num_seqs)
     ranks = CostModel(model, hw, plan, calib).ranks_on_node
-    return plan.tp, plan.pp, plan.max_num_seqs, c.kv_blocks, rate, conc, ranks
+    return plan.tp, plan.pp, plan.max_num_seqs, c.kv_blocks, c.load, ranks
 
 
 def _simulate(model, hw, workload: Workload, slo: SLO, calib, c: Evaluated, cache: dict) -> None:
-    """Simulate one replica of ``c.plan`` under its share of the load; memoized on what the replica sees."""
-    plan = c.plan
-    rate, conc = workload.replica_load(plan.replicas, plan.max_num_seqs)
-    cost = CostModel(model, hw, plan, calib)
+    """Simulate one replica of ``c.plan`` at ``c.load``; memoized on what the replica sees."""
     key = _sim_key(model, hw, workload, calib, c)
     if key not in cache:
-        cache[key] = run_replica(cost, workload, c.kv_blocks, rate, conc)
+        cache[key] = run_replica(CostModel(model, hw, c.plan, calib), workload, c.kv_blocks, *c.load)
     c.sim = cache[key]
-    c.metrics = plan_metrics(c.sim.results, c.sim.duration, slo).scaled(plan.replicas)
+    c.metrics = plan_metrics(c.sim.results, c.sim.duration, slo).scaled(c.plan.replicas)
 
 
 def run_replica(cost: CostModel, workload: Workload, num_blocks: int, rate: float | None,
                 concurrency: int | None) -> SimResult:
-    """Simulate one replica of ``cost.plan`` at ``rate`` req/s or ``concurrency`` clients."""
+    """Simulate one replica of ``cost.plan``: requests sent at ``rate`` req/s (None: at once), at most
+    ``concurrency`` in flight."""
     plan = cost.plan
     n = workload.num_requests_for(rate, concurrency)
     requests = workload.requests(n, cost.model.vocab_size)
     sched = SchedulerConfig(max_num_batched_tokens=plan.max_num_batched_tokens, max_num_seqs=plan.max_num_seqs,
                             max_model_len=plan.max_model_len)
     cache = CacheConfig(block_size=plan.block_size, num_blocks=num_blocks)
-    arrivals = workload.arrival_times(n, rate) if rate is not None else None
-    return simulate(cost, plan.pp, sched, cache, num_blocks, requests, arrivals=arrivals,
-                    concurrency=None if rate is not None else concurrency)
+    return simulate(cost, plan.pp, sched, cache, num_blocks, requests, workload.arrival_times(n, rate),
+                    max_concurrency=concurrency)
 
 
 def predict(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, calibration: Calibration,
             evaluated: Evaluated) -> PlanMetrics:
-    """The deployment's simulated metrics for a sized plan under ``calibration`` (what ``refit`` fits)."""
-    plan = evaluated.plan
-    rate, conc = workload.replica_load(plan.replicas, plan.max_num_seqs)
-    sim = run_replica(CostModel(model, hardware, plan, calibration), workload, evaluated.kv_blocks, rate, conc)
-    return plan_metrics(sim.results, sim.duration, slo).scaled(plan.replicas)
+    """The deployment's simulated metrics for a sized plan at its load under ``calibration`` (what
+    ``refit`` fits)."""
+    sim = run_replica(CostModel(model, hardware, evaluated.plan, calibration), workload, evaluated.kv_blocks,
+                      *evaluated.load)
+    return plan_metrics(sim.results, sim.duration, slo).scaled(evaluated.plan.replicas)
 
 
 def evaluate(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, calibration: Calibration,
@@ -262,6 +263,9 @@ def evaluate(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO,
     ``rejected`` is set when it does not fit or misses the SLO."""
     c = _size(model, hardware, workload, plan, calibration)
     if c.rejected is None:
+        c.estimate, _ = _estimate(model, hardware, workload, c, calibration)
+        c.load = workload.replica_load(plan.replicas, plan.max_num_seqs,
+                                       AUTO_RATE_FACTOR * c.estimate / plan.replicas / workload.output_len)
         _simulate(model, hardware, workload, slo, calibration, c, {})
         misses = slo.violations(c.metrics)
         c.rejected = f"SLO: {'; '.join(misses)}" if misses else None

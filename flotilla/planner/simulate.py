@@ -7,8 +7,9 @@ methods) and the clock advances by the step's predicted duration. With ``pp`` pi
 ``EngineCore._step_with_batch_queue``'s: up to ``pp`` micro-batches (``ceil(pending / pp)`` requests each) in
 flight, each stage busy with one micro-batch at a time, so pipeline bubbles come from the schedule.
 
-Arrivals: a list of times (open loop) or a concurrency (closed loop: that many requests start at 0, each
-finished request is replaced at once). Requests arriving during a step are added before the next
+Arrivals are ``vllm bench serve``'s: each request has a send time, and with ``max_concurrency`` a request
+also waits for one of that many slots (a finished request frees its slot); its latency counts from when it
+is sent (its time, or the moment a slot freed). Requests sent during a step are added before the next
 ``schedule()`` (the engine adds requests between steps). Sampled tokens are arbitrary ids and every request
 runs to its output length (``ignore_eos``), as ``flotilla bench`` drives a server. Deterministic: the same
 inputs give the same result.
@@ -63,20 +64,20 @@ class SimResult:
 
 
 def simulate(cost, pp: int, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-             requests: list[WorkloadRequest], arrivals: list[float] | None = None,
-             concurrency: int | None = None) -> SimResult:
-    """Replay ``requests`` (see the module docstring); exactly one of ``arrivals`` (one time per request)
-    and ``concurrency`` must be given."""
-    if (arrivals is None) == (concurrency is None):
-        raise ValueError("give arrival times or a concurrency")
-    if arrivals is not None and len(arrivals) != len(requests):
+             requests: list[WorkloadRequest], arrivals: list[float],
+             max_concurrency: int | None = None) -> SimResult:
+    """Replay ``requests``, sent at ``arrivals`` (one time per request), at most ``max_concurrency`` in
+    flight (see the module docstring)."""
+    if len(arrivals) != len(requests):
         raise ValueError("one arrival time per request")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     return _Replay(cost, pp, Scheduler(scheduler_config, cache_config, num_blocks), requests, arrivals,
-                   concurrency).run()
+                   max_concurrency).run()
 
 
 class _Replay:
-    def __init__(self, cost, pp: int, scheduler: Scheduler, requests, arrivals, concurrency):
+    def __init__(self, cost, pp: int, scheduler: Scheduler, requests, arrivals, max_concurrency):
         self.cost, self.pp, self.sched = cost, pp, scheduler
         self.max_num_seqs = scheduler.scheduler_config.max_num_seqs
         self.requests = requests
@@ -85,39 +86,44 @@ class _Replay:
         self.in_flight: collections.deque[tuple[SchedulerOutput, float]] = collections.deque()
         self.live: dict[str, Request] = {}
         self.traces: dict[str, _Trace] = {}
-        self.closed = concurrency is not None
-        if self.closed:
-            first = min(concurrency, len(requests))
-            self.pending = collections.deque((0.0, i) for i in range(first))
-            self.next_index = first
-        else:
-            self.pending = collections.deque(sorted((t, i) for i, t in enumerate(arrivals)))
-            self.next_index = len(requests)
+        self.pending = collections.deque(sorted((t, i) for i, t in enumerate(arrivals)))
+        self.slots = max_concurrency
+        self.in_system = 0
+        self.slot_freed = 0.0  # when the last slot came free
         self.steps = self.batch_seqs = 0
         self.peak_usage = 0.0
 
     def run(self) -> SimResult:
-        start = self.pending[0][0] if self.pending else 0.0
+        start = 0.0  # as flotilla bench: the clock starts before the first gap
         for _ in range(MAX_STEPS):
             self._admit()
             if not self.sched.has_unfinished_requests() and not self.in_flight:
                 if not self.pending:
                     return self._result(start)
-                self.clock = max(self.clock, self.pending[0][0])
+                self.clock = self._next_arrival()
                 continue
             self._step()
         raise RuntimeError(f"the simulation did not finish within {MAX_STEPS} steps")
 
     def _admit(self) -> None:
-        while self.pending and self.pending[0][0] <= self.clock:
+        while self.pending and self.pending[0][0] <= self.clock and (self.slots is None
+                                                                      or self.in_system < self.slots):
             t, i = self.pending.popleft()
+            sent = t if self.slots is None else max(t, self.slot_freed)
             req = self.requests[i]
             rid = f"sim-{i}"
             request = Request(rid, req.prompt, SamplingParams(max_tokens=req.output_len, ignore_eos=True,
-                                                                temperature=0.0), arrival_time=t)
+                                                                temperature=0.0), arrival_time=sent)
             self.sched.add_request(request)
             self.live[rid] = request
-            self.traces[rid] = _Trace(arrival=t, prompt_len=len(req.prompt))
+            self.traces[rid] = _Trace(arrival=sent, prompt_len=len(req.prompt))
+            self.in_system += 1
+
+    def _next_arrival(self) -> float:
+        """When the next pending request can be sent (it may be waiting for a slot: then the next step)."""
+        if self.slots is not None and self.in_system >= self.slots:
+            return self.clock
+        return max(self.clock, self.pending[0][0])
 
     def _step(self) -> None:
         """One iteration of the engine core's loop (``EngineCore.step`` / ``_step_with_batch_queue``)."""
@@ -133,9 +139,9 @@ class _Replay:
                 if len(self.in_flight) < self.pp and so.total_num_scheduled_tokens > 0:
                     return
         if not self.in_flight:  # nothing could be scheduled: wait for the next arrival
-            if not self.pending:
+            if not self.pending or self._next_arrival() <= self.clock:
                 raise RuntimeError("the scheduler holds requests it never schedules")
-            self.clock = max(self.clock, self.pending[0][0])
+            self.clock = self._next_arrival()
             return
         so, done = self.in_flight.popleft()
         self.clock = max(self.clock, done)
@@ -178,9 +184,8 @@ class _Replay:
         if out.finish_reason is not None and not trace.done:
             trace.done = True
             self.live.pop(out.req_id, None)
-            if self.closed and self.next_index < len(self.requests):
-                self.pending.append((self.clock, self.next_index))
-                self.next_index += 1
+            self.in_system -= 1
+            self.slot_freed = self.clock
 
     def _result(self, start: float) -> SimResult:
         results = []

@@ -3,11 +3,14 @@
 ``--workload`` takes a preset name, ``key=value`` pairs, or both (``chat,rate=4``), or a YAML file of the
 same keys. Keys: ``isl`` / ``osl`` (mean input / output tokens), ``range`` (lengths uniform in
 ``mean * [1 - range, 1 + range]``, vLLM's ``--random-range-ratio``), ``prefix`` (tokens of a system prompt
-every request shares, counted in ``isl``: prefix-cache hits), and the arrival process: ``rate`` (requests/s
-over the whole deployment, Poisson) or ``concurrency`` (closed loop: that many clients, each sending its
-next request when the previous one finishes; ``auto``, the default: each replica is kept full, with
-``max_num_seqs`` clients per replica, which measures the most a plan serves). ``requests``: how many
-requests to replay (default: enough for a steady state, see ``num_requests``); ``seed``.
+every request shares, counted in ``isl``: prefix-cache hits), and the arrivals, as ``vllm bench serve``'s
+``--request-rate`` and ``--max-concurrency``: ``rate`` (requests/s over the whole deployment, Poisson) and/or
+``concurrency`` (at most that many requests in flight; a request waits for a free slot, and its latency counts
+from when it is sent). ``concurrency`` alone sends the first ones all at once (rate inf). Neither (``auto``,
+the default) keeps each replica full: ``max_num_seqs`` requests in flight per replica, sent at 1.5x the rate
+the cost model estimates the replica serves, so the load ramps up instead of arriving as one burst.
+``requests``: how many requests to replay (default: enough for a steady state, see ``num_requests_for``);
+``seed``.
 
 Presets: ``chat`` (the default: 512 tokens in, 128 out, range 0.25).
 """
@@ -37,7 +40,7 @@ class WorkloadRequest:
 
 @dataclass(frozen=True)
 class Workload:
-    """See the module docstring. ``concurrency`` None and ``rate`` None: ``auto`` concurrency."""
+    """See the module docstring. ``concurrency`` None and ``rate`` None: ``auto``."""
 
     name: str = "chat"
     input_len: int = 512
@@ -57,8 +60,6 @@ class Workload:
         if not 0 <= self.prefix_len < self._min_len(self.input_len):
             raise ValueError(f"prefix ({self.prefix_len}) must be shorter than the shortest prompt "
                              f"({self._min_len(self.input_len)})")
-        if self.rate is not None and self.concurrency is not None:
-            raise ValueError("give rate or concurrency, not both")
         if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
             raise ValueError(f"rate must be a finite number > 0, got {self.rate}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -82,31 +83,42 @@ class Workload:
         return self.rate is None and self.concurrency is None
 
     def describe(self) -> str:
-        arrival = (f"rate {self.rate:g} req/s" if self.rate is not None else
-                   f"concurrency {self.concurrency}" if self.concurrency is not None
-                   else "concurrency max_num_seqs per replica")
+        if self.auto_concurrency:
+            arrival = "max_num_seqs in flight per replica (auto)"
+        else:
+            arrival = ", ".join(([f"rate {self.rate:g} req/s"] if self.rate is not None else [])
+                                + ([f"concurrency {self.concurrency}"] if self.concurrency is not None else []))
         prefix = f", shared prefix {self.prefix_len}" if self.prefix_len else ""
         spread = f" (+-{self.range_ratio:.0%})" if self.range_ratio else ""
         return f"{self.name}: ~{self.input_len} in / ~{self.output_len} out{spread}{prefix}, {arrival}"
 
-    def replica_load(self, replicas: int, max_num_seqs: int) -> tuple[float | None, int | None]:
+    def replica_load(self, replicas: int, max_num_seqs: int,
+                     auto_rate: float | None = None) -> tuple[float | None, int | None]:
         """(rate, concurrency) one of ``replicas`` replicas sees: the deployment's split evenly (the router
-        balances replicas), or ``max_num_seqs`` clients under auto concurrency."""
-        if self.rate is not None:
-            return self.rate / replicas, None
-        if self.concurrency is not None:
-            return None, max(1, round(self.concurrency / replicas))
-        return None, max_num_seqs
+        balances replicas); under auto, ``max_num_seqs`` in flight sent at ``auto_rate``."""
+        if self.auto_concurrency:
+            return auto_rate, max_num_seqs
+        rate = self.rate / replicas if self.rate is not None else None
+        conc = max(1, round(self.concurrency / replicas)) if self.concurrency is not None else None
+        return rate, conc
 
     def num_requests_for(self, rate: float | None, concurrency: int | None) -> int:
-        """Requests to replay for one replica: ``requests`` if given, else two waves of the concurrency (32 to
-        256), or for a rate about a minute of arrivals (32 to 256); fewer when that would make more than
-        ``TOKEN_STEPS`` output tokens, but never under one wave."""
+        """Requests to replay for one replica: ``requests`` if given, else two waves of the concurrency, or
+        about a minute of arrivals at the rate (32 to 256); fewer when that would make more than
+        ``TOKEN_STEPS`` output tokens, but never fewer than one wave."""
         if self.num_requests is not None:
             return self.num_requests
-        n = 2 * concurrency if concurrency is not None else 60 * rate
+        n = 2 * concurrency if concurrency is not None else 60 * rate if rate is not None else 64
         n = min(n, max(32, TOKEN_STEPS // self.output_len))
         return int(max(min(256, max(32, n)), concurrency or 0))
+
+    def arrival_times(self, n: int, rate: float | None, seed: int | None = None) -> list[float]:
+        """When each of ``n`` requests is sent (seconds from 0): all at 0 without a rate, else Poisson at
+        ``rate`` req/s with the gaps ``flotilla bench serve`` draws for the same seed."""
+        from flotilla.bench.datasets import arrival_gaps
+        if rate is None:
+            return [0.0] * n
+        return np.cumsum(arrival_gaps(n, rate, 1.0, self.seed if seed is None else seed)).tolist()
 
     def requests(self, n: int, vocab_size: int, seed: int | None = None) -> list[WorkloadRequest]:
         """``n`` requests with random token prompts (ids in [100, vocab - 100)); the first ``prefix`` tokens
@@ -118,11 +130,6 @@ class Workload:
         prefix = rng.integers(LOW_ID, high, size=self.prefix_len).tolist()
         return [WorkloadRequest(prefix + rng.integers(LOW_ID, high, size=int(i) - self.prefix_len).tolist(), int(o))
                 for i, o in zip(ins, outs)]
-
-    def arrival_times(self, n: int, rate: float, seed: int | None = None) -> list[float]:
-        """Poisson arrival times (seconds from 0) of ``n`` requests at ``rate`` req/s."""
-        rng = np.random.default_rng((self.seed if seed is None else seed) + 1)
-        return np.cumsum(rng.exponential(1.0 / rate, size=n)).tolist()
 
 
 def parse_workload(text: str | None) -> Workload:

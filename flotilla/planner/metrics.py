@@ -2,13 +2,16 @@
 
 Definitions are vLLM's (``vllm bench serve``, ``flotilla.bench.metrics``): TTFT is send -> first token;
 TPOT of a request is ``(E2EL - TTFT) / (output_tokens - 1)``; percentiles interpolate linearly. A plan
-meets the SLO when its p99 (or p50) TTFT and TPOT are within the targets. Goodput is vLLM's
-``--goodput``: completed requests per second whose own TTFT and TPOT are within the targets (the p99
-targets, or the p50 ones when only those are given).
+meets the SLO when its p50 / p99 TTFT and TPOT are within the targets. Goodput is the request rate served
+within the SLO (DistServe's sense): a plan that meets the SLO serves all of its requests within it, so its
+goodput is its request throughput; for one that misses it, only the requests whose own TTFT and TPOT are
+within the targets count (vLLM's ``--goodput``; the p99 targets, or the p50 ones when only those are given).
+``attainment`` is the fraction of requests within those per-request targets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -95,8 +98,9 @@ def _seconds(key: str, raw: str) -> float:
 @dataclass(frozen=True)
 class PlanMetrics:
     """One run's (simulated or measured) figures: ``output_throughput`` (tokens/s), ``request_throughput``
-    (requests/s), latency percentiles (seconds), ``goodput`` (requests/s within the SLO), ``attainment``
-    (the fraction of requests within it), ``completed`` / ``failed`` request counts."""
+    (requests/s), latency percentiles (seconds), ``goodput`` (requests/s served within the SLO, see the
+    module docstring), ``attainment`` (the fraction of requests within the per-request targets),
+    ``completed`` / ``failed`` request counts."""
 
     output_throughput: float
     request_throughput: float
@@ -123,11 +127,14 @@ def plan_metrics(results: list[RequestResult], duration: float, slo: SLO) -> Pla
     tpots = [tpot(r) for r in ok if r.output_tokens > 1]
     good = sum(1 for r in ok if r.ttft <= slo.ttft_limit and (r.output_tokens <= 1 or tpot(r) <= slo.tpot_limit))
     duration = max(duration, 1e-9)
-    return PlanMetrics(
+    m = PlanMetrics(
         output_throughput=sum(r.output_tokens for r in ok) / duration, request_throughput=len(ok) / duration,
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99), tpot_p50=percentile(tpots, 50),
         tpot_p99=percentile(tpots, 99), goodput=good / duration, attainment=good / max(1, len(results)),
         completed=len(ok), failed=len(results) - len(ok))
+    if not slo.violations(m) and not m.failed:
+        m = dataclasses.replace(m, goodput=m.request_throughput)
+    return m
 
 
 def tpot(r: RequestResult) -> float:

@@ -27,8 +27,8 @@ dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
 
 Contract: ``load_deployment_config`` / ``parse_deployment_config`` return a validated, frozen
 ``DeploymentConfig`` or raise ``DeploymentConfigError`` whose message starts with the file and the key path
-(``deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline)``); a YAML syntax
-error (or a duplicated key) names the line. Nothing here loads a model.
+(``deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline, auto)``); a YAML
+syntax error (or a duplicated key) names the line. Nothing here loads a model.
 
 Validation is the pydantic schema of ``flotilla.deploy.schema`` (strict types, unknown keys refused at every
 level, every number finite, an optional key set to null takes its default); the first problem is reported,

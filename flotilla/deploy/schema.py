@@ -116,8 +116,28 @@ class Section(BaseModel):
 
 
 class Parallel(Section):
+    """``parallel: {tensor, pipeline}``, or ``parallel: auto`` (``auto: true``): the planner chooses the sizes
+    and the replicas when the file is served (``flotilla.planner.resolve_deployment``)."""
+
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
+    auto: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            if data != "auto":
+                raise fail(f"expected a mapping {{tensor, pipeline}} or auto, got {kind(data)}")
+            return {"auto": True}
+        return data
+
+    @model_validator(mode="after")
+    def _auto_alone(self):
+        if self.auto and ({"tensor", "pipeline"} & self.model_fields_set):
+            raise fail("auto chooses the tensor and pipeline sizes: remove them, or remove auto",
+                       ("tensor" if "tensor" in self.model_fields_set else "pipeline",))
+        return self
 
 
 class Autoscaling(Section):
@@ -205,6 +225,13 @@ class ModelEntry(Section):
         if isinstance(data, dict) and data.get("replicas") is not None and data.get("autoscaling") is not None:
             raise fail("give either replicas or autoscaling, not both", ("replicas",))
         return data
+
+    @model_validator(mode="after")
+    def _auto_parallel_picks_replicas(self):
+        if self.parallel.auto and ({"replicas", "autoscaling"} & self.model_fields_set):
+            key = "replicas" if "replicas" in self.model_fields_set else "autoscaling"
+            raise fail(f"parallel: auto chooses the replicas too: remove {key}, or set the parallel sizes", (key,))
+        return self
 
 
 class Ingress(Section):

@@ -59,6 +59,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return run_server(ns)
 
 
+def add_plan_parser(sub) -> None:
+    """``flotilla plan``: rank TP x PP x replicas x max_num_seqs for a model, hardware, workload and SLO."""
+    from flotilla.planner import command
+    p = sub.add_parser("plan", help="rank parallel plans (TP x PP x replicas x max_num_seqs) for a model on given "
+                                    "hardware, workload and latency SLO; --emit a deployment file")
+    command.add_arguments(p)
+    p.set_defaults(func=command.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flotilla.deploy.repository_args import add_repository_args
     from flotilla.entrypoints.openai.cli_args import add_serve_args
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
     from flotilla.bench.cli import add_bench_parser
     add_bench_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

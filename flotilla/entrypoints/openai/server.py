@@ -156,8 +156,9 @@ def _embedding_models(deployment) -> list[str]:
 
 
 def deployment_from_args(ns: argparse.Namespace):
-    """The ``DeploymentConfig`` to run: the ``--config`` file, or the one-model shorthand of the flags.
-    ValueError (exit code 2) for model or engine flags next to ``--config``, or an invalid file."""
+    """The ``DeploymentConfig`` to run: the ``--config`` file (its ``parallel: auto`` models planned on this
+    machine), or the one-model shorthand of the flags. ValueError (exit code 2) for model or engine flags next
+    to ``--config``, or an invalid file."""
     from flotilla.deploy.config import load_deployment_config
     if ns.config is None:
         return deployment_from_cli(ns)
@@ -165,7 +166,11 @@ def deployment_from_args(ns: argparse.Namespace):
     if conflicts:
         raise ValueError(f"--config cannot be combined with model or engine flags ({', '.join(conflicts)}): "
                          "set them in the file (models[].engine, models[].parallel)")
-    return load_deployment_config(ns.config)
+    deployment = load_deployment_config(ns.config)
+    if any(spec.parallel_auto for spec in deployment.models):  # parallel: auto -> the planner's best plan
+        from flotilla.planner import resolve_deployment
+        deployment = resolve_deployment(deployment, log=lambda msg: print(f"flotilla serve: {msg}", flush=True))
+    return deployment
 
 
 def usable_grpc_port(config) -> int:

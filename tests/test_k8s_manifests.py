@@ -196,8 +196,8 @@ def test_plain_pod_files_and_router_config(tmp_path):
     files = {c["metadata"]["name"]: c["data"] for c in objects if c["kind"] == "ConfigMap"}
     pod_file = parse_deployment_config(yaml.safe_load(files["flotilla-chat-v2"]["deploy.yaml"]))
     (spec,) = pod_file.models
-    assert (spec.name, spec.model, spec.tensor_parallel_size, spec.replicas) == ("chat-v2", "/mnt/models/models/smol.gguf",
-                                                                                 2, 1)
+    assert (spec.name, spec.model, spec.tensor_parallel_size, spec.replicas) == (
+        "chat-v2", "/mnt/models/models/smol.gguf", 2, 1)
     assert spec.engine == {"device": "cpu", "num_threads": 2}
     embed = [n for n in files if n.startswith("flotilla-embed-small")]
     assert len(embed) == 1, files.keys()   # a name Kubernetes rejects is mapped to a valid, unique one
@@ -234,7 +234,8 @@ def _check_resources(objects, plans, target):
                 total = worker["tensorParallelSize"] * worker["pipelineParallelSize"]
                 assert total == plan.world_size
                 # KServe's computeRayNodeAndGPUs: ceil(total GPUs / worker GPUs) pods.
-                assert math.ceil(total / int(worker["containers"][0]["resources"]["limits"][GPU_RESOURCE])) == plan.nodes
+                per_pod = int(worker["containers"][0]["resources"]["limits"][GPU_RESOURCE])
+                assert math.ceil(total / per_pod) == plan.nodes
                 assert obj["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "none"
                 assert predictor["model"]["storageUri"].startswith("pvc://")
         if obj["kind"] == "RayService":
@@ -257,7 +258,8 @@ def test_gpu_plan_and_multi_pod_groups(tmp_path):
     assert (mid.world_size, mid.nodes, mid.gpus_per_pod) == (2, 1, 2)
     assert big.engine["distributed_executor_backend"] == "ray" and big.engine["device"] == "cuda"
     objects = generate_from_file(path, options)
-    leaders = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["labels"].get("flotilla/role") == "leader"]
+    leaders = [o for o in objects
+               if o["kind"] == "Deployment" and o["metadata"]["labels"].get("flotilla/role") == "leader"]
     assert len(leaders) == 2   # one group per replica
     script = leaders[0]["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert "ray start --head" in script and "flotilla.k8s.ray_group --nodes 2" in script
@@ -384,3 +386,15 @@ def test_dockerfiles(name):
     from flotilla.k8s.options import default_image
     tag = default_image(GPU_RESOURCE if "cuda" in name else "cpu")
     assert f"-t {tag} " in text
+
+
+def test_router_config_is_checked():
+    from flotilla.entrypoints.router import parse_router_config
+    ok = parse_router_config({"backends": {"a": "http://a:8000/"}, "routes": {"r": {"a": 1}}, "seed": 1})
+    assert ok.backends == {"a": "http://a:8000"} and ok.routes == {"r": {"a": 1}}
+    backend = {"backends": {"a": "http://a"}}
+    for bad in ({"backends": {}}, {"backends": {"a": "ftp://x"}}, {**backend, "routes": {"a": {"a": 1}}},
+                {**backend, "routes": {"r": {"b": 1}}}, {**backend, "routes": {"r": {"a": -1}}},
+                {**backend, "extra": 1}, {**backend, "seed": "1"}):
+        with pytest.raises(ValueError):
+            parse_router_config(bad, "router.yaml")

@@ -23,7 +23,8 @@ def add_k8s_parser(sub) -> None:
     p.add_argument("--name", default="flotilla", help="release name: prefix of every object name (default flotilla)")
     p.add_argument("--namespace", "-n", default=None, help="namespace of the objects (default: kubectl's)")
     p.add_argument("--image", default=None,
-                   help="the flotilla image (default flotilla:VERSION-cpu, or -cuda for GPU models: the Dockerfiles' tags)")
+                   help="the flotilla image (default flotilla:VERSION-cpu, or -cuda for GPU models: the "
+                        "Dockerfiles' tags)")
     p.add_argument("--image-pull-secret", default=None, metavar="SECRET", help="a registry credential Secret")
     storage = p.add_mutually_exclusive_group()
     storage.add_argument("--model-pvc", default=None, metavar="CLAIM",

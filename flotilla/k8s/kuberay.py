@@ -139,8 +139,8 @@ def kuberay_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K
     labels = base_labels(options.release, "ray", version)
     ingress = config.ingress_replicas
     head_amounts = {"cpu": str(1 + ingress), "memory": f"{4 + 2 * ingress}Gi"}
-    head = _container("ray-head", options.image_for(plans[0].device), {"requests": head_amounts, "limits": dict(head_amounts)},
-                      env, storage[1], RAY_PORTS)
+    head = _container("ray-head", options.image_for(plans[0].device),
+                      {"requests": head_amounts, "limits": dict(head_amounts)}, env, storage[1], RAY_PORTS)
     head_labels = {**labels, **selector_labels(options.release, "ray-head")}
     cluster = {"rayVersion": options.ray_version,
                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},

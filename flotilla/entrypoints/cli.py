@@ -68,6 +68,12 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=command.run)
 
 
+def add_k8s_command(sub) -> None:
+    """``flotilla k8s``: Kubernetes manifests (plain, KServe, KubeRay) from a deployment file (flotilla.k8s)."""
+    from flotilla.k8s.cli import add_k8s_parser
+    add_k8s_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flotilla.deploy.repository_args import add_repository_args
     from flotilla.entrypoints.openai.cli_args import add_serve_args
@@ -94,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flotilla.bench.cli import add_bench_parser
     add_bench_parser(sub)
     add_plan_parser(sub)
+    add_k8s_command(sub)
     return parser
 
 

@@ -338,3 +338,34 @@ def test_finalizing_again_after_a_crash_loses_nothing(tmp_path):
         assert len(read_lines(manager, again["output_file_id"])) == 6
         await manager.close()
     asyncio.run(restart())
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(caplog):
+    from flotilla.batch.progress import Progress
+    clock = Clock()
+    with caplog.at_level("INFO", logger="flotilla.run_batch"):
+        plain = Progress(total=100, skipped=20, stream=io.StringIO(), interval_s=10, clock=clock)
+        for i in range(40):
+            clock.now += 0.5
+            plain.update(failed=i == 3, output_tokens=8)
+    assert [r.getMessage() for r in caplog.records] == [  # one every 10 s
+        "40/100 requests (40%), 1 failed, 16.0 output tok/s, ETA 0:00:30",
+        "60/100 requests (60%), 1 failed, 16.0 output tok/s, ETA 0:00:20"]
+    terminal = Terminal()
+    bar = Progress(total=10, stream=terminal)
+    bar.update(failed=False, output_tokens=4)
+    bar.close()
+    assert "run-batch" in terminal.getvalue() and "1/10" in terminal.getvalue()

@@ -1,5 +1,5 @@
 """The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server, and a model repository with
-``--model-repository``), ``generate``, ``models`` and ``bench``.
+``--model-repository``), ``generate``, ``run-batch`` (an OpenAI batch file), ``models`` and ``bench``.
 
 The engine flags and their resolution into ``EngineArgs`` live in ``flotilla.deploy.engine_args`` (shared
 with the deployment file and Ray Serve)."""
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+    from flotilla.entrypoints.openai.run_batch import add_run_batch_parser
+    add_run_batch_parser(sub)
     models = sub.add_parser("models", help="list model aliases and whether they are installed")
     models.set_defaults(func=cmd_models)
     from flotilla.bench.cli import add_bench_parser

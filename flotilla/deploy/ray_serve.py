@@ -138,7 +138,8 @@ class ModelServer:
         stream = None
         try:
             yield encode_frame(Accepted(self.replica_id))
-            stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind)
+            stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind,
+                                          priority=req.priority)
             async for out in stream:
                 self._outputs_seen += 1
                 finished = out.finished

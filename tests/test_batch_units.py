@@ -369,3 +369,18 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(caplog):
     bar.update(failed=False, output_tokens=4)
     bar.close()
     assert "run-batch" in terminal.getvalue() and "1/10" in terminal.getvalue()
+
+
+def test_a_job_reads_and_writes_fsspec_urls():
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    with fs.open("/jobs/in.jsonl", "wb") as f:
+        f.write(("\n".join(line(f"r{i}", prompt=f"p{i}") for i in range(5)) + "\n").encode())
+    plan = plan_job(InputFile("memory://jobs/in.jsonl"), "memory://jobs/out.jsonl", resume=False)
+    summary = asyncio.run(run_planned(plan, InputFile("memory://jobs/in.jsonl"), Echo(), window=2))
+    assert summary.ok and summary.succeeded == 5
+    with fs.open("/jobs/out.jsonl", "rb") as f:
+        assert sorted(json.loads(x)["custom_id"] for x in f) == [f"r{i}" for i in range(5)]
+    with pytest.raises(BatchIOError, match="already holds results"):
+        plan_job(InputFile("memory://jobs/in.jsonl"), "memory://jobs/out.jsonl", resume=False)
+    fs.rm("/jobs", recursive=True)

@@ -30,7 +30,7 @@ Module map (one job each):
 | ``run_batch`` | ``flotilla run-batch``: a batch file through the app in-process (plan, engines, job, summary, exit code) |
 | ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM, the KServe v2 gRPC server (``--grpc-port``) on the same loop |
 | ``listen`` | the listening socket, bound before any model loads |
-| ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s; ``build_openai_ray_app`` |
+| ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s, ``RemoteEmbedder``s and a ``RemoteRepository``; ``build_openai_ray_app`` |
 | ``ray_server`` | ``flotilla serve --ray``: ``run_on_ray`` (cluster, Serve start, signals, drain, shutdown) |
 | ``ray_proxy`` | runs in Serve's HTTP proxy: the errors Serve answers itself become OpenAI JSON |
 """

@@ -18,8 +18,9 @@ once it starts, and it stops (2 s grace) after the HTTP server, before the model
 Model repository (``--model-repository`` & co., or the file's ``model_repository:``): its directories must
 exist (else exit code 2, before binding); the ``ModelRepository`` is built here, started on the serving loop
 before HTTP is served (it loads its models) and closed after uvicorn stopped (every batcher drains, every
-backend is finalized). Without a MODEL, ``--model-repository`` serves no LLM. ``--ray`` does not serve a model
-repository (exit code 2).
+backend is finalized). Without a MODEL, ``--model-repository`` serves no LLM. With ``--ray`` each repository
+model is a Ray Serve deployment (``flotilla.deploy.ray_repository``); model control mode poll is a usage
+error there (exit code 2), as is ``--grpc-port`` (the Ray Serve ingress is HTTP only).
 
 Batch API (``/v1/files``, ``/v1/batches``; embedded mode only): its state lives in ``--batch-data-dir``
 (default FLOTILLA_CACHE_DIR/batches), locked by this server (a second server on the same directory serves
@@ -99,7 +100,7 @@ def _run_on_ray(deployment, ns: argparse.Namespace, api_key: str | None) -> int:
     except ImportError as e:
         print(f"error: --ray needs Ray Serve (pip install 'flotilla[ray]'): {e}", file=sys.stderr)
         return 2
-    config = server_config_from(ns, deployment.models[0].name, api_key)
+    config = server_config_from(ns, deployment.models[0].name if deployment.models else "model", api_key)
     return run_on_ray(deployment, host=ns.host, port=ns.port, ray_address=ns.ray_address,
                       api_key=ns.api_key or api_key, server_config=config)
 
@@ -115,8 +116,8 @@ def run_server(ns: argparse.Namespace) -> int:
             from flotilla.deploy.model_repository import check_repository_paths
             check_repository_paths(deployment.model_repository)
             if getattr(ns, "ray", False):
-                raise ValueError("--ray does not serve a model repository (--model-repository / model_repository:) "
-                                 "yet; serve it without --ray")
+                from flotilla.deploy.ray_repository import check_repository_on_ray
+                check_repository_on_ray(deployment.model_repository)
     except ValueError as e:  # DeploymentConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,11 +127,6 @@ def run_server(ns: argparse.Namespace) -> int:
                   "/v2 REST routes serve KServe v2)", file=sys.stderr)
             return 2
         check_parallel_sizes(deployment)  # on the driver, before Ray starts (embedded: in start_engines)
-        embedding = _embedding_models(deployment)
-        if embedding:
-            print(f"error: --ray serves generative models only; embedding model(s) {', '.join(embedding)} run in "
-                  f"embedded mode (flotilla serve without --ray)", file=sys.stderr)
-            return 2
         return _run_on_ray(deployment, ns, api_key)
     try:
         sock = bind_socket(ns.host, ns.port)
@@ -155,11 +151,6 @@ def run_server(ns: argparse.Namespace) -> int:
             shutdown_engines(engines)
     finally:
         sock.close()
-
-
-def _embedding_models(deployment) -> list[str]:
-    from flotilla.engine.async_embedder import is_pooling_model
-    return [spec.name for spec in deployment.models if is_pooling_model(spec.engine_args())]
 
 
 def deployment_from_args(ns: argparse.Namespace):

@@ -37,7 +37,7 @@ models:
     model: models/smol.gguf
     parallel: {tensor: 2}
     replicas: 2
-  - name: Embed.Small
+  - name: Embed.Small                 # not on kuberay: Ray Serve serves generative models only
     model: models/minilm
     engine: {runner: pooling}
 routes:
@@ -56,6 +56,7 @@ models:
     parallel: {tensor: 2}
     autoscaling: {min: 1, max: 3}
 """
+EMBED_ENTRY = CPU_FILE[CPU_FILE.index("  - name: Embed.Small"):CPU_FILE.index("routes:")]
 CASES = {  # name -> (file, options beyond the target)
     "cpu": (CPU_FILE, {"model_pvc": "models"}),
     "cpu-uri": (CPU_FILE, {"model_uri": "s3://bucket/flotilla", "namespace": "llm", "kserve_rollout": "stable"}),
@@ -73,6 +74,8 @@ def case_objects(tmp_path, case: str, target: str) -> tuple[list[dict], K8sOptio
     text, extra = CASES[case]
     if case == "gpu" and target != "kuberay":     # multi-pod groups have fixed replicas on plain and KServe
         text = text.replace("autoscaling: {min: 1, max: 3}", "replicas: 1")
+    if target == "kuberay":
+        text = text.replace(EMBED_ENTRY, "")
     path = write(tmp_path, text)
     options = K8sOptions(target=target, **extra)
     return generate_from_file(path, options), options, path
@@ -339,6 +342,13 @@ def test_what_a_target_cannot_express_is_an_error(tmp_path, text, options, messa
         generate_from_file(write(tmp_path, text), K8sOptions(target="plain", **options))
 
 
+@pytest.mark.parametrize("entry", ["{name: e, model: models/minilm, engine: {runner: pooling}}",
+                                   "{name: e, model: all-minilm-l6-v2}"])
+def test_kuberay_refuses_embedding_models(tmp_path, entry):
+    with pytest.raises(K8sError, match="embedding model"):
+        generate_from_file(write(tmp_path, f"models: [{entry}]"), K8sOptions(target="kuberay", model_pvc="p"))
+
+
 def test_kserve_limits_are_errors(tmp_path):
     three = "models: [{name: a, model: m}, {name: b, model: m}, {name: c, model: m}]\nroutes: {r: {a: 1, b: 1, c: 1}}"
     with pytest.raises(K8sError, match="two revisions"):
@@ -361,11 +371,12 @@ def test_cli_writes_files_and_reports_errors(tmp_path):
     assert files[0].startswith("00-configmap-") and len(files) == len(expected) == 17
     docs = [yaml.safe_load((out / f).read_text()) for f in files]
     assert validate_objects(docs, CRDS) == []
+    bad = subprocess.run([*flotilla, "--target", "plain"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "model 'chat-v2'" in bad.stderr and "--model-pvc" in bad.stderr
+    write(tmp_path, CPU_FILE.replace(EMBED_ENTRY, ""))
     stdout = subprocess.run([*flotilla, "--target", "kuberay", "--model-pvc", "models"], capture_output=True,
                             text=True, timeout=120)
     assert stdout.returncode == 0 and list(yaml.safe_load_all(stdout.stdout))[0]["kind"] == "RayService"
-    bad = subprocess.run([*flotilla, "--target", "plain"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "model 'chat-v2'" in bad.stderr and "--model-pvc" in bad.stderr
 
 
 # ---- the images -------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from flotilla.deploy.spec import DeploymentConfig
 from flotilla.distributed.ray_compat import PROXY_CALLBACK_SETTING
 from flotilla.k8s import pod
 from flotilla.k8s.names import base_labels, object_name, selector_labels
-from flotilla.k8s.options import GPU_RESOURCE, K8sOptions
+from flotilla.k8s.options import GPU_RESOURCE, K8sError, K8sOptions
 from flotilla.k8s.plain import metadata
 from flotilla.k8s.plan import ModelPlan
 
@@ -131,8 +131,25 @@ def worker_group(plan: ModelPlan, options: K8sOptions, env: list, storage: tuple
             "rayStartParams": params, "template": _template(group_labels, container, volumes, init, options)}
 
 
+def check_generative(plans: list[ModelPlan]) -> None:
+    """Ray Serve serves generative models only (as ``flotilla serve --ray``): refuse an embedding model when
+    the file says so (``engine.runner: pooling``) or an installed alias's config does."""
+    from flotilla.engine.arg_utils import EngineArgs
+    from flotilla.engine.async_embedder import is_pooling_model
+    from flotilla.models.loader.resolve import get_alias
+    for plan in plans:
+        runner = plan.spec.engine.get("runner", "auto")
+        alias = get_alias(plan.source.alias) if plan.source.alias else None
+        local = alias is not None and alias.kind == "hf_dir" and alias.locate() is not None
+        pooling = runner == "auto" and local and is_pooling_model(EngineArgs(model=plan.source.alias))
+        if runner == "pooling" or pooling:
+            raise K8sError(f"model {plan.name!r} is an embedding model, which Ray Serve does not serve yet (as "
+                           "flotilla serve --ray): use --target plain or kserve")
+
+
 def kuberay_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str) -> list[dict]:
     """The RayService (the API key Secret is the user's)."""
+    check_generative(plans)
     api_key = pod.api_key_setting(config, options)
     env = [*pod.api_key_env(api_key), {"name": PROXY_CALLBACK_SETTING, "value": PROXY_MIDDLEWARES}]
     storage = pod.model_storage(plans, options)

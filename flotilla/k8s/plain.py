@@ -118,17 +118,20 @@ def _server_pod(plan: ModelPlan, config_name: str, document: str, options: K8sOp
 
 def deployment(name: str, labels: dict, notes: dict, replicas: int, plan: ModelPlan | None, template: dict,
                options: K8sOptions, selector: dict | None = None) -> dict:
-    """A Deployment of ``template`` ({"spec", "annotations"}). GPU pods roll one at a time without a surge
-    pod (no spare GPUs assumed); CPU pods surge one, never dropping below ``replicas``."""
+    """A Deployment of ``template`` ({"spec", "annotations"}), its pods spread over nodes where possible. GPU
+    pods roll one at a time without a surge pod (no spare GPUs assumed); CPU pods surge one, never dropping
+    below ``replicas``."""
     selector = selector or {k: v for k, v in labels.items() if k in _SELECTOR_KEYS}
     gpu = plan is not None and plan.gpus_per_pod > 0
     rolling = {"maxSurge": 0, "maxUnavailable": 1} if gpu else {"maxSurge": 1, "maxUnavailable": 0}
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": dict(selector)}}]
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(name, labels, options, notes),
             "spec": {"replicas": replicas, "selector": {"matchLabels": dict(selector)},
                      "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
                      "template": {"metadata": {"labels": dict(labels),
                                                "annotations": {**notes, **template["annotations"]}},
-                                  "spec": template["spec"]}}}
+                                  "spec": {**template["spec"], "topologySpreadConstraints": spread}}}}
 
 
 _SELECTOR_KEYS = set(selector_labels("r", "c", "m", role="x")) | {GROUP_LABEL}

@@ -122,3 +122,23 @@ def test_shared_cpu_node_splits_rates():
                   intra_node=Link(5e9, 2e-5), inter_node=Link(5e9, 2e-5))
     assert hw.matmul_rate("float32", 16, ranks_on_node=4) == pytest.approx(100e9)
     assert hw.bandwidth(ranks_on_node=2) == pytest.approx(50e9) and hw.threads_per_rank(2) == 2
+
+
+def test_refit_recovers_overheads_from_measured_runs():
+    """Three runs of different batch sizes measured on a machine whose true step overhead is 4 ms and whose
+    kernels are 1.5x slower than the roofline: the refit (starting from 1 ms, 1x) predicts them within 5%."""
+    from flotilla.planner.calibration import Measured, refit
+    from flotilla.planner.metrics import PlanMetrics
+
+    def metrics(calib: Calibration, batch: int) -> PlanMetrics:
+        step = calib.step + calib.per_seq * batch + calib.kernel_scale * (0.010 + 0.0005 * batch)
+        return PlanMetrics(batch / step, batch / step / 100, 0.1, 0.2, step, step * 1.1, 0.0, 1.0, 10)
+
+    truth = Calibration(step=4e-3, per_seq=2e-4, per_layer=0.0, kernel_scale=1.5)
+    runs = [Measured(key=b, metrics=metrics(truth, b)) for b in (1, 8, 32)]
+    start = Calibration(step=1e-3, per_seq=1e-4, per_layer=0.0)
+    fitted = refit(runs, start, metrics)
+    assert fitted.fitted_from == 3
+    for b in (1, 8, 32):
+        assert metrics(fitted, b).tpot_p50 == pytest.approx(metrics(truth, b).tpot_p50, rel=0.05)
+    assert metrics(start, 32).tpot_p50 < 0.8 * metrics(truth, 32).tpot_p50  # the priors were well off

@@ -61,3 +61,18 @@ def test_probe_runs_a_plan_for_real_and_refits(tiny, local):
         p = predict(report.model, hw, report.workload, report.slo, calibration, best)
         return abs(p.output_throughput / run.measured.output_throughput - 1)
     assert error(fitted) <= error(report.calibration) + 1e-9
+
+
+def test_serve_resolves_parallel_auto_on_this_machine(local, tiny_llama, tmp_path):
+    """``flotilla serve --config`` with ``parallel: auto``: planned on the measured machine (the cache above)
+    with the chat workload shortened to the tiny model's 512-token context; the result is a valid engine."""
+    from flotilla.entrypoints.cli import build_parser
+    from flotilla.entrypoints.openai.server import deployment_from_args
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"models:\n  - name: tiny\n    model: {tiny_llama[0]}\n    parallel: auto\n"
+                    f"    engine: {{dtype: float32, max_num_seqs: 4}}\n")
+    (spec,) = deployment_from_args(build_parser().parse_args(["serve", "--config", str(path)])).models
+    assert not spec.parallel_auto and spec.engine["max_num_seqs"] == 4 and spec.engine["max_model_len"] == 512
+    assert spec.tensor_parallel_size * spec.pipeline_parallel_size * spec.replicas <= measure.num_cores()
+    config = spec.engine_args().create_engine_config()
+    assert config.cache.num_blocks == spec.engine["num_kv_blocks"] and config.device.num_threads >= 1

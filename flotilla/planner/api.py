@@ -13,7 +13,7 @@ from flotilla.planner.hardware import Hardware, load_hardware
 from flotilla.planner.metrics import SLO, parse_slo
 from flotilla.planner.model import ModelDesc, load_model_desc
 from flotilla.planner.search import PlanReport, search
-from flotilla.planner.workload import Workload, parse_workload
+from flotilla.planner.workload import Workload, fit_to_context, parse_workload
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def resolve_deployment(deployment, hardware: str | Hardware = "local", workload:
     """``deployment`` (a ``DeploymentConfig``) with every ``parallel: auto`` model planned: its tensor and
     pipeline sizes and replicas are the best plan's, its engine settings the plan's (``max_num_seqs``,
     KV blocks, ``max_model_len``, ...) under the keys the file sets itself, which are kept and constrain
-    the search (``max_num_seqs``, ``dtype``, ``quantization``, ``max_num_batched_tokens``).
-    ``DeploymentConfigError`` naming the model when nothing fits."""
+    the search (``max_num_seqs``, ``dtype``, ``quantization``, ``max_num_batched_tokens``). The default
+    workload (chat) is shortened to fit a model whose context is shorter. ``DeploymentConfigError`` naming the
+    model when nothing fits."""
     from flotilla.deploy.spec import DeploymentConfigError
     models = []
     for i, spec in enumerate(deployment.models):
@@ -69,7 +70,11 @@ def resolve_deployment(deployment, hardware: str | Hardware = "local", workload:
         if engine.get("max_num_batched_tokens"):
             args["max_num_batched_tokens"] = engine["max_num_batched_tokens"]
         try:
-            report = plan(spec.model, hardware, workload, slo, log=log, **args)
+            desc = load_model_desc(spec.model)
+            wl = workload if isinstance(workload, Workload) else parse_workload(workload)
+            if workload is None:  # the default chat workload, shortened for a model with a short context
+                wl = fit_to_context(wl, min(desc.max_position_embeddings, engine.get("max_model_len") or 1 << 30))
+            report = plan(desc, hardware, wl, slo, log=log, **args)
         except (ValueError, OSError) as e:
             raise DeploymentConfigError(deployment.source, f"models[{i}].parallel", f"auto: {e}") from None
         best = report.best

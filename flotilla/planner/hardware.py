@@ -179,13 +179,10 @@ def _log_interp(points: list[tuple[int, float]], m: int) -> float:
 
 def _thread_interpolate(by_threads: dict[int, float], threads: int) -> float:
     """A rate at ``threads`` from rates measured at some thread counts: linear between neighbours (a rank
-    with more threads than any measurement gets the largest count's rate). More threads never count as
-    slower than fewer: a measurement that was (on a busy machine, where threads wait for each other)
-    counts as the fewer threads' rate."""
-    known, best = [], 0.0
-    for t, rate in sorted(by_threads.items()):
-        best = max(best, rate)
-        known.append((t, best))
+    with more threads than any measurement gets the largest count's rate). Measured rates are taken as
+    they are, also when more threads were slower (on a machine busy with other work, OpenMP threads wait
+    for each other at every operator: the engine's ranks would too)."""
+    known = sorted(by_threads.items())
     if threads <= known[0][0]:
         return known[0][1] * threads / known[0][0]
     for (t0, r0), (t1, r1) in zip(known, known[1:]):

@@ -4,7 +4,11 @@ model and core count.
 * **Matmul rate** per dtype at the model's shapes: flotilla's own linear layers (``ReplicatedLinear``, with the
   engine's oneDNN prepacking for bfloat16 or its int8 weights), the four matmuls of a decoder layer (each
   dimension capped at 2048), at ``M`` = 1 .. 2048 rows, with one thread and with every core; the rate at M is
-  the layer's FLOP over its time (median of repeats). Cached per dtype and shape.
+  the layer's FLOP over its time (the fastest of 5 runs). Cached per dtype and shape.
+
+Everything is measured as the machine is at the time: on a machine busy with other work, more threads can
+be slower than one (OpenMP threads wait for a descheduled peer at every operator), and the planner then
+prefers plans with fewer threads per rank, as it should. ``--refresh-hardware`` measures again.
 * **Memory bandwidth**: a 256 MiB copy (reads + writes), one thread and every core.
 * **Operator dispatch**: the time of a tiny matmul, the prior of the per-layer overhead (10 operators).
 * **Collectives**: alpha and beta (seconds, seconds/byte) of a tensor-parallel all-reduce and of a pipeline

@@ -11,6 +11,7 @@ stores it for this machine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import signal
@@ -54,6 +55,7 @@ def run_plan(report: PlanReport, evaluated: Evaluated, log: Callable[[str], None
     """Serve ``evaluated.plan`` with ``flotilla serve --config`` and replay the workload against it."""
     from flotilla.bench.datasets import BenchRequest
     from flotilla.bench.serve import ServeBenchConfig, run_benchmark
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     plan, workload = evaluated.plan, report.workload
     rate, conc = evaluated.load  # what the simulation sent one replica
     n = workload.num_requests_for(rate, conc) * plan.replicas

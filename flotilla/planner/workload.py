@@ -17,6 +17,7 @@ Presets: ``chat`` (the default: 512 tokens in, 128 out, range 0.25).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
@@ -130,6 +131,17 @@ class Workload:
         prefix = rng.integers(LOW_ID, high, size=self.prefix_len).tolist()
         return [WorkloadRequest(prefix + rng.integers(LOW_ID, high, size=int(i) - self.prefix_len).tolist(), int(o))
                 for i, o in zip(ins, outs)]
+
+
+def fit_to_context(workload: Workload, context: int) -> Workload:
+    """``workload`` with its lengths scaled down (keeping their ratio) so its longest request fits a model of
+    ``context`` tokens; unchanged when it fits."""
+    if workload.max_seq_len <= context:
+        return workload
+    scale = context / workload.max_seq_len
+    return dataclasses.replace(workload, input_len=max(1, int(workload.input_len * scale)),
+                               output_len=max(1, int(workload.output_len * scale)), prefix_len=0,
+                               name=f"{workload.name} (scaled to the model's {context}-token context)")
 
 
 def parse_workload(text: str | None) -> Workload:

@@ -16,8 +16,8 @@ answers.
 | ``job`` | a file job: the first pass (count, duplicates), ``--resume``'s scan, the run, the summary |
 | ``store`` | the Files store and its data directory (atomic state files, one owner at a time) |
 | ``batches`` | the Batch API's status machine over the store; resumes unfinished batches on start |
+| ``engine_cache`` | the engine a batch job resolves (a model or a deployment-file entry), one per worker process |
 | ``spark`` | Spark: a pandas UDF / ``predict_batch_udf`` with one engine per Python worker |
-| ``ray_data`` | Ray Data: a processor in the shape of ``ray.data.llm`` |
 """
 
 # The engine priority of batch requests (vLLM's convention: lower values run first; online requests have 0).

@@ -115,7 +115,7 @@ def test_embedding_models_refuse_the_priority_policy():
 
 # ------------------------------------------------------------------------------------------------ HTTP
 def test_request_priority_rules():
-    assert request_priority(None, {}, None) == 0
+    assert request_priority(None, {}, None) == request_priority(None, {PRIORITY_SCOPE_KEY: None}, None) == 0
     assert request_priority(0, {PRIORITY_SCOPE_KEY: BATCH_PRIORITY}, None) == BATCH_PRIORITY
     assert request_priority(3, {PRIORITY_SCOPE_KEY: BATCH_PRIORITY}, "priority") == BATCH_PRIORITY + 3
     assert request_priority(-2, {}, "priority") == -2

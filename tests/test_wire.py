@@ -296,7 +296,8 @@ def test_engine_config_decoding_is_strict(config_dir):
 
 def test_engine_args_with_every_field_set_roundtrip():
     given = dict(model="m", dtype="bfloat16", quantization="int8", max_model_len=4096, kv_cache_memory=2.5,
-                 num_kv_blocks=99, block_size=32, max_num_seqs=3, max_num_batched_tokens=512, scheduling_policy="priority",
+                 num_kv_blocks=99, block_size=32, max_num_seqs=3, max_num_batched_tokens=512,
+                 scheduling_policy="priority",
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7,

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from flotilla.config import (SCHEDULING_POLICIES, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
-                             ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
+from flotilla.config import (SCHEDULING_POLICIES, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig,
+                             EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
 from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.models.loader import load_hf_config, resolve_model

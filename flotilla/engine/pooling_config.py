@@ -2,7 +2,8 @@
 
 An encoder runs in the serving process, one forward pass per batch, with no KV cache and no parallelism:
 ``tensor_parallel_size`` and ``pipeline_parallel_size`` above 1, ``quantization``, ``batch_invariant`` and a
-``scheduling_policy`` other than "fcfs" are ``InvalidRequestError``s naming the field. The rest of the engine arguments mean:
+``scheduling_policy`` other than "fcfs" are ``InvalidRequestError``s naming the field. The rest of the engine
+arguments mean:
 
 - ``max_model_len``: inputs are truncated to this many tokens, special tokens included (sentence-transformers'
   truncation). Default: the model's ``max_seq_length`` (``sentence_bert_config.json``), else the smaller of

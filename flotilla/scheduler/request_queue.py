@@ -7,10 +7,10 @@ first-in first-out. ``remove_finished`` drops finished requests (O(n), only when
 ``[i]`` are in service order (they copy: for tests and inspection, not the hot path).
 
 Layout (what keeps the hot path as cheap as a deque): one deque per distinct priority, in arrival order,
-and a heap of the distinct priorities present. ``head`` (an attribute) and ``pop`` are O(1) (plus O(log p) when a priority's
-last request leaves, p = distinct priorities); ``push`` is O(1) at either end of its priority's deque (new
-arrivals, and preempted requests, which arrived before every waiting request of their priority), O(n) in the
-rare case between.
+and a heap of the distinct priorities present. ``head`` (an attribute) and ``pop`` are O(1) (plus O(log p)
+when a priority's last request leaves, p = distinct priorities); ``push`` is O(1) at either end of its
+priority's deque (new arrivals, and preempted requests, which arrived before every waiting request of their
+priority), O(n) in the rare case between.
 """
 
 from __future__ import annotations

@@ -58,12 +58,12 @@ PRIORITY_SCOPE_KEY = "flotilla.priority"  # ASGI scope key: in-process callers' 
 
 
 def request_priority(requested: int | None, scope: Mapping, policy: str | None) -> int:
-    """The engine priority of one HTTP request: the scope's ``PRIORITY_SCOPE_KEY`` (0 when absent) plus the
+    """The engine priority of one HTTP request: the scope's ``PRIORITY_SCOPE_KEY`` (0 when absent or None) plus the
     body's ``priority`` (None: 0). ``policy``: the engine's scheduling policy (read only when the body asks for
     a nonzero priority). InvalidRequestError (400) for a nonzero body priority unless ``policy`` is "priority",
     or a sum outside 64 bits; TypeError / ValueError for a scope value that is not a 64-bit int (a bug of the
     in-process caller, not of the client)."""
-    base = scope.get(PRIORITY_SCOPE_KEY, 0)
+    base = scope.get(PRIORITY_SCOPE_KEY) or 0
     if isinstance(base, bool) or not isinstance(base, int):
         raise TypeError(f"ASGI scope key {PRIORITY_SCOPE_KEY!r} must be an int, got {type(base).__name__}")
     if not PRIORITY_MIN <= base <= PRIORITY_MAX:

@@ -21,4 +21,4 @@ answers.
 """
 
 # The engine priority of batch requests (vLLM's convention: lower values run first; online requests have 0).
-BATCH_PRIORITY = 1
+from flotilla.request import BATCH_PRIORITY  # noqa: E402,F401

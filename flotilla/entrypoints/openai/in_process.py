@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from flotilla.batch import BATCH_PRIORITY
+from flotilla.entrypoints.openai.generation import PRIORITY_SCOPE_KEY
+from flotilla.request import BATCH_PRIORITY
 
-PRIORITY_SCOPE_KEY = "flotilla.priority"
 
 
 class InProcessClient:

@@ -1,6 +1,8 @@
 """Batch jobs vs the offline API: the same N completions requests through ``LLM.generate``, ``flotilla
 run-batch`` and the Batch API of ``flotilla serve`` (embedded SmolLM2, greedy, ignore_eos, same engine
 settings), then the peak RSS of ``run-batch`` on a small and a large input (it must not grow with the input).
+A fourth row, ``AsyncLLM`` (all requests handed at once to the engine client that serve and run-batch use, its
+engine core in its own process), separates the cost of that process split from the cost of the batch path.
 
 Usage: .venv/bin/python benchmarks/batch_throughput.py [--num-requests 2000] [--max-tokens 32]
            [--max-num-seqs 128] [--rss-lines 10000,100000] [--skip-rss] [--json results/batch.json]
@@ -9,8 +11,8 @@ Output tok/s is generated tokens over the job's own time, engine start excluded 
 call; run-batch's job (its summary line: from the first request to the last result); the Batch API from
 ``batches.create`` to the moment a poll (every 0.1 s) sees ``completed`` (validation and finalization
 included). Ratios are to ``LLM.generate`` (issue 15's target: >= 0.9). The RSS check runs ``run-batch`` with
-``max_tokens`` 1 on inputs of each size and reads the peak resident set (VmHWM) of the run-batch process and
-of its engine core.
+one-word prompts and ``max_tokens`` 1 on inputs of each size and reads the peak resident set (VmHWM) of the
+run-batch process and of its engine core.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def prompt(i: int) -> str:
     return f"Request {i}: write one sentence about the number {i}."
 
 
-def write_input(path: str, n: int, max_tokens: int) -> None:
+def write_input(path: str, n: int, max_tokens: int, tiny: bool = False) -> None:
     with open(path, "w") as f:
         for i in range(n):
-            body = {"model": "smollm2-135m-instruct", "prompt": prompt(i), "max_tokens": max_tokens,
+            body = {"model": "smollm2-135m-instruct", "prompt": "a" if tiny else prompt(i), "max_tokens": max_tokens,
                     "temperature": 0, "ignore_eos": True}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
 
@@ -68,6 +70,32 @@ def bench_llm(ns) -> float:
     del llm, outs
     gc.collect()
     return tokens / elapsed
+
+
+def bench_async_llm(ns) -> float:
+    import asyncio
+
+    from flotilla.engine.arg_utils import EngineArgs
+    from flotilla.engine.async_llm import AsyncLLM
+    from flotilla.sampling_params import SamplingParams
+    llm = AsyncLLM(EngineArgs(max_num_seqs=ns.max_num_seqs, max_model_len=512))
+    params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
+
+    async def one(i: int) -> int:
+        tokens = 0
+        async for out in llm.generate(prompt(i), params, f"r{i}"):
+            tokens = len(out.outputs[0].token_ids)  # cumulative outputs
+        return tokens
+
+    async def run() -> float:
+        await asyncio.gather(*(one(-1 - i) for i in range(8)))  # warm up
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(i) for i in range(ns.num_requests))))
+        return tokens / (time.perf_counter() - start)
+    try:
+        return asyncio.run(run())
+    finally:
+        llm.shutdown()
 
 
 def cli(*args: str) -> list[str]:
@@ -131,7 +159,7 @@ def children(pid: int) -> list[int]:
 def peak_rss(ns, workdir: str, lines: int) -> tuple[float, float, float]:
     """(front-end peak RSS MiB, engine core peak RSS MiB, seconds) of run-batch over ``lines`` requests."""
     src, out = os.path.join(workdir, f"rss{lines}.jsonl"), os.path.join(workdir, f"rss{lines}.out")
-    write_input(src, lines, 1)
+    write_input(src, lines, 1, tiny=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cli("run-batch", "-i", src, "-o", out, *engine_flags(ns)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -160,11 +188,13 @@ def main() -> None:
                      "max_tokens": ns.max_tokens, "max_num_seqs": ns.max_num_seqs}
     with tempfile.TemporaryDirectory(prefix="flotilla-batch-bench-") as workdir:
         results["llm_generate_tok_s"] = bench_llm(ns)
+        results["async_llm_tok_s"] = bench_async_llm(ns)
         results["run_batch_tok_s"] = bench_run_batch(ns, workdir)
         results["batch_api_tok_s"] = bench_batch_api(ns, workdir)
         base = results["llm_generate_tok_s"]
         print(f"CPU {results['cpu']} ({results['cores']} cores); {ns.num_requests} requests x {ns.max_tokens} tokens")
-        for key, name in (("llm_generate_tok_s", "LLM.generate"), ("run_batch_tok_s", "run-batch"),
+        for key, name in (("llm_generate_tok_s", "LLM.generate"), ("async_llm_tok_s", "AsyncLLM"),
+                          ("run_batch_tok_s", "run-batch"),
                           ("batch_api_tok_s", "Batch API")):
             print(f"{name:14s} {results[key]:8.1f} output tok/s  ratio {results[key] / base:.3f}")
         if not ns.skip_rss:

@@ -147,6 +147,8 @@ def test_concurrent_requests_are_counted_in_statistics(client, url):
     assert stats[0]["inference_count"] - before == 16 * 4
     assert stats[0]["inference_stats"]["success"]["count"] >= 16
     assert sum(b["compute_infer"]["count"] for b in stats[0]["batch_stats"]) == stats[0]["execution_count"]
+    metrics = httpx.get(url + "/metrics", timeout=30).text                           # collected for the scrape
+    assert f'nv_inference_count{{model="scale",version="1"}} {stats[0]["inference_count"]}' in metrics.splitlines()
 
 
 def test_v2_health_metadata_config_and_index(client, url):

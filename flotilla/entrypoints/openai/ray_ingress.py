@@ -7,6 +7,7 @@ deployments behind it are ``flotilla.deploy.ray_serve``'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from ray import serve
@@ -65,7 +66,7 @@ class OpenAIIngress:
             self.repository.start()
         app, self.served = build_openai_app(self.engines, self._routes, self._server_config, self._seed,
                                             repository=self.repository)
-        return app
+        return app if self.repository is None else FreshRepositoryMetrics(app, self.repository)
 
     async def drain(self) -> int:
         self.served.tracker.draining = True
@@ -79,6 +80,20 @@ class OpenAIIngress:
             engine.shutdown()
         if getattr(self, "repository", None) is not None:
             self.repository.close()
+
+
+class FreshRepositoryMetrics:
+    """ASGI middleware: before ``GET /metrics`` answers, the repository collects its replicas' statistics (the
+    Triton ``nv_inference_*`` metrics then count every request answered before the scrape)."""
+
+    def __init__(self, app, repository):
+        self.app, self.repository = app, repository
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == "/metrics":
+            with contextlib.suppress(Exception):     # a replica that does not answer: its last report
+                await self.repository.refresh_statistics()
+        await self.app(scope, receive, send)
 
 
 def server_config_for(config, api_key: str | None, host: str = "127.0.0.1", port: int = 8000, base=None):

@@ -82,7 +82,10 @@ def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address
         drain_s = drain_budget(http.shutdown_timeout)
         logger.info("signal received: draining in-flight requests (up to %.0f s)", drain_s)
         left = drain_ingress(serve.get_deployment_handle(INGRESS_NAME, app_name=APP_NAME), drain_s, interrupted)
-        logger.info("drained" if left == 0 else "shutting down with %d request(s) still in flight", left)
+        if left == 0:
+            logger.info("drained")
+        else:
+            logger.info("shutting down with %d request(s) still in flight", left)
         return 0
     finally:
         _shutdown(owns_ray)

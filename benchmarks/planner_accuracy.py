@@ -5,7 +5,9 @@
 
 The machine is shared: the hardware is measured, and each configuration run, holding the shared lock
 (``--lock``, as tests that start servers do) once the 1-minute load average is below ``--quiet-load`` (or
-after ``--max-wait-s``); the load before and after each run is recorded.
+after ``--max-wait-s``); the load before and after each run is recorded. With ``--nice N`` (negative: needs
+root) the script and everything it starts (the servers, their engine and worker processes, the client) run
+at that niceness, so other work on the machine yields to the measured system, as on a dedicated machine.
 
 Each configuration TPxPPxREPLICASxMAX_NUM_SEQS is sized and simulated by the planner on this machine's
 measured hardware (``--hardware local``), then served for real (``flotilla serve --config`` with the plan's
@@ -42,7 +44,10 @@ def main() -> None:
     ap.add_argument("--quiet-load", type=float, default=1.0)
     ap.add_argument("--max-wait-s", type=float, default=1800)
     ap.add_argument("--refresh-hardware", action="store_true")
+    ap.add_argument("--nice", type=int, default=0)
     args = ap.parse_args()
+    if args.nice:
+        os.nice(args.nice)
     quiet = lambda: quiet_lock(args.lock, args.quiet_load, args.max_wait_s)  # noqa: E731
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
@@ -101,6 +106,7 @@ def main() -> None:
     summary = summarize(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"cpu": cpu_model(), "cores": hw.devices_per_node, "python": platform.python_version(), "commit": commit,
+           "niceness": os.nice(0),
            "model": args.model, "dtype": dtype, "workload": workload.describe(), "slo": slo.describe(),
            "stored_calibration": vars(load_calibration(hw)), "refit_all": vars(full), "summary": summary,
            "rows": [_row_json(row) for row in rows]}

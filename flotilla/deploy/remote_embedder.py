@@ -109,6 +109,18 @@ class RemoteEmbedder:
         return Embedder.check_params(self, params)  # type: ignore[arg-type]
 
     # ---- requests ----------------------------------------------------------------------------------------
+    async def embed_many(self, token_ids: list[list[int]], params: PoolingParams) -> list:
+        """One request's inputs, in order (``AsyncEmbedder.embed_many``): their ``embed`` calls start in the same
+        event-loop iteration, so they travel in one message to the replica. If one fails (or this is cancelled)
+        the others are cancelled."""
+        tasks = [asyncio.ensure_future(self.embed(ids, params)) for ids in token_ids]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def embed(self, token_ids: list[int], params: PoolingParams) -> np.ndarray:
         if self.dead_error is not None:
             raise EngineDeadError(str(self.dead_error))

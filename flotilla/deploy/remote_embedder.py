@@ -9,10 +9,9 @@ repository's dynamic batcher. Messages are ``flotilla.deploy.tensor_wire``'s, ne
 Contract (``AsyncEmbedder``'s, as the OpenAI and KServe layers use it):
 - ``check_params(params)`` validates ``PoolingParams`` exactly as the replica's ``Embedder`` does;
   ``input_processor`` tokenizes as the replica's model does (sentence-transformers' truncation).
-- ``await embed_many(token_ids_list, params)`` returns the float32 rows of one request's inputs: one message
-  to one replica, where they enter its batcher together. ``await embed(token_ids, params)`` returns the row
-  of one input; the ``embed`` calls started in one event-loop iteration with the same parameters go to one
-  replica in one message too.
+- ``await embed(token_ids, params)`` returns the float32 embedding row of one input. The ``embed`` calls
+  started in one event-loop iteration with the same parameters (the inputs of one request: the OpenAI layer
+  starts them together) go to one replica in one message, where each input joins that replica's batcher.
   A replica's rejection raises ``InvalidRequestError`` (400), a stopped model ``EngineDeadError`` (503), a
   failed forward pass ``RuntimeError`` with its message; a replica that dies before answering is an
   ``EngineDeadError`` ("retry it"). When every caller of a message is cancelled, the replica's work is
@@ -110,22 +109,22 @@ class RemoteEmbedder:
         return Embedder.check_params(self, params)  # type: ignore[arg-type]
 
     # ---- requests ----------------------------------------------------------------------------------------
-    async def embed_many(self, token_ids: list[list[int]], params: PoolingParams) -> list[np.ndarray]:
-        """The rows of one request's inputs, in order: one message to one replica, where they enter its
-        batcher together (``AsyncEmbedder.embed_many``). Cancelling this cancels them in the replica."""
-        self._check_alive()
-        ids = [list(t) for t in token_ids]
-        task = asyncio.get_running_loop().create_task(self._call(ids, params))
-        self._sent.add(task)
-        task.add_done_callback(self._sent.discard)
-        self._in_flight += len(ids)
+    async def embed_many(self, token_ids: list[list[int]], params: PoolingParams) -> list:
+        """One request's inputs, in order (``AsyncEmbedder.embed_many``): their ``embed`` calls start in the same
+        event-loop iteration, so they travel in one message to the replica. If one fails (or this is cancelled)
+        the others are cancelled."""
+        tasks = [asyncio.ensure_future(self.embed(ids, params)) for ids in token_ids]
         try:
-            return list(await task)        # cancelling this task cancels ``task`` (the one it awaits)
+            return await asyncio.gather(*tasks)
         finally:
-            self._in_flight -= len(ids)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def embed(self, token_ids: list[int], params: PoolingParams) -> np.ndarray:
-        self._check_alive()
+        if self.dead_error is not None:
+            raise EngineDeadError(str(self.dead_error))
+        self.ensure_stats_task()
         key = (params.dimensions, params.normalize)
         message = self._pending.get(key)
         if message is None:
@@ -147,24 +146,18 @@ class RemoteEmbedder:
             self._in_flight -= 1
         return rows[index]
 
-    def _check_alive(self) -> None:
-        if self.dead_error is not None:
-            raise EngineDeadError(str(self.dead_error))
-        self.ensure_stats_task()
-
     def _send(self, key: tuple) -> None:
         message = self._pending.pop(key)
         if message.waiting == 0:           # every caller left before it was sent
             message.rows.cancel()
             return
-        message.task = asyncio.get_running_loop().create_task(self._call(message.token_ids, message.params))
+        message.task = asyncio.get_running_loop().create_task(self._call(message))
         message.task.add_done_callback(lambda task: _settle(message.rows, task))
         self._sent.add(message.task)
         message.task.add_done_callback(self._sent.discard)
 
-    async def _call(self, token_ids: list[list[int]], params: PoolingParams) -> np.ndarray:
-        """The rows of ``token_ids`` from one replica: (inputs, dim) float32."""
-        request = EmbedMessage(token_ids, params.dimensions, params.normalize)
+    async def _call(self, message: _Message) -> np.ndarray:
+        request = EmbedMessage(message.token_ids, message.params.dimensions, message.params.normalize)
         response = self._handle.embed.remote(EMBED_MESSAGE.encode(request))
         try:
             data = await response
@@ -185,7 +178,7 @@ class RemoteEmbedder:
                 raise EngineDeadError(result.message)
             raise RuntimeError(result.message)
         rows = np.frombuffer(result.data, dtype="<f4").astype(np.float32)
-        return rows.reshape(len(token_ids), result.dim)      # (inputs, dim)
+        return rows.reshape(len(message.token_ids), result.dim)      # (inputs, dim)
 
     # ---- stats -------------------------------------------------------------------------------------------
     def ensure_stats_task(self) -> None:

@@ -57,6 +57,14 @@ def test_the_plan_deploys_what_tritonserver_would_load(repo):
     assert everything.deployed == plan.deployed
 
 
+def test_an_ensemble_with_a_step_on_a_file_model_gets_no_deployment(repo):
+    write(repo / "chat_pipe" / "config.pbtxt", ENSEMBLE.replace('"pipe"', '"chat_pipe"').replace('"scale"', '"chat"'))
+    (repo / "chat_pipe" / "1").mkdir()
+    plan = plan_repository(RepositorySpec(paths=(str(repo),)), file_models=("chat",))
+    assert "chat_pipe" not in plan.deployed and "pipe" in plan.deployed
+    assert "step(s) on the deployment file's model(s) 'chat'" in plan.unavailable["chat_pipe"]
+
+
 def test_poll_mode_and_missing_directories_are_refused(repo, tmp_path):
     with pytest.raises(ValueError, match="'poll' is not available with --ray"):
         plan_repository(RepositorySpec(paths=(str(repo),), model_control_mode="poll"))

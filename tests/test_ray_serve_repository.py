@@ -186,10 +186,15 @@ def test_errors_have_tritons_shape(url):
     assert r.status_code == 401
 
 
-def test_embeddings_on_their_own_deployment_equal_embedded_mode(url, client):
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    """Embedded mode's rows of ``SENTENCES`` (flotilla's in-process ``LLM.embed`` on the same model)."""
     from flotilla import LLM
-    reference = np.array([o.outputs.embedding for o in LLM(model="all-minilm-l6-v2", num_threads=1).embed(SENTENCES)],
-                         dtype=np.float32)                                              # (6, 384)
+    llm = LLM(model="all-minilm-l6-v2", num_threads=1)
+    return np.array([o.outputs.embedding for o in llm.embed(SENTENCES)], dtype=np.float32)    # (6, 384)
+
+
+def test_embeddings_on_their_own_deployment_equal_embedded_mode(url, client, reference):
     oa = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     response = oa.embeddings.create(model="minilm", input=SENTENCES)                   # base64, the client's default
     ours = np.array([d.embedding for d in response.data], dtype=np.float32)
@@ -218,6 +223,35 @@ def test_inputs_of_one_request_share_forward_passes_in_the_replica(url):
     response = oa.embeddings.create(model="minilm", input=[f"sentence number {i}" for i in range(32)])
     assert len(response.data) == 32
     assert passes() - before < 16              # 32 inputs, batched by the replica's dynamic batcher
+
+
+def test_remote_embedder_one_message_per_request(url, reference):
+    """The ingress's ``RemoteEmbedder`` over the deployment handle, here in the test process: ``embed_many``
+    (one request's inputs) and ``embed`` calls started together both reach one replica in one message."""
+    import asyncio
+
+    from flotilla.deploy.remote_embedder import RemoteEmbedder
+    from flotilla.engine.arg_utils import EngineArgs
+    from flotilla.pooling_params import PoolingParams
+    handle = serve.get_deployment_handle("minilm", app_name="flotilla")
+
+    async def run():
+        engine = RemoteEmbedder("minilm", handle, EngineArgs(model="all-minilm-l6-v2", num_threads=1))
+        try:
+            ids = [engine.input_processor.process(t, "input") for t in SENTENCES]
+            params = engine.check_params(PoolingParams())
+            many = await engine.embed_many(ids, params)
+            single = await asyncio.gather(*(engine.embed(i, params) for i in ids))
+            with pytest.raises(Exception) as e:
+                await engine.embed_many([[engine.model_config.vocab_size + 5]], params)
+            return many, single, e.value
+        finally:
+            engine.shutdown()
+
+    many, single, error = asyncio.run(asyncio.wait_for(run(), 120))
+    assert_cosine(np.stack(many), reference)
+    assert_cosine(np.stack(single), reference)
+    assert type(error).__name__ == "InvalidRequestError" and "outside the vocabulary" in str(error)
 
 
 def test_the_llm_serves_next_to_the_repository(url):

@@ -138,7 +138,7 @@ class RepositoryModelServer:
             versions.append(VersionInfo(
                 v, served.ready(), meta.platform, [TensorInfo(t.name, t.datatype, list(t.shape)) for t in meta.inputs],
                 [TensorInfo(t.name, t.datatype, list(t.shape)) for t in meta.outputs],
-                served.config().SerializeToString(deterministic=True), served.statistics()))
+                served.config().SerializeToString(deterministic=True), served.statistics(), _pending(served)))
         if versions:
             rows = [IndexRow(v.version, "READY" if v.ready else "UNAVAILABLE") for v in versions]
         else:   # not loaded (its reason): the index (a repository scan: not on every call of a serving model)
@@ -161,6 +161,12 @@ class RepositoryModelServer:
             logger.warning("repository model %s: closing failed: %s", getattr(self, "model_name", "?"), e)
         finally:
             loop.stop()
+
+
+def _pending(served) -> int:
+    """Requests queued in a version's batcher (``pending_request_count`` where the model has one)."""
+    count = getattr(served, "pending_request_count", None)
+    return int(count()) if count is not None else 0
 
 
 async def _start_repository(paths: list[str], model_name: str):
@@ -228,7 +234,11 @@ class EmbeddingServer:
 
 
 async def _embed_all(engine, token_ids: list[list[int]], params) -> list:
-    """Every input's embedding, in order; if one fails (or this is cancelled) the others are cancelled."""
+    """Every input's embedding, in order, entering the batcher together (``embed_many`` where the engine has
+    it); if one fails (or this is cancelled) the others are cancelled."""
+    many = getattr(engine, "embed_many", None)
+    if many is not None:
+        return list(await many(token_ids, params))
     tasks = [asyncio.ensure_future(engine.embed(ids, params)) for ids in token_ids]
     try:
         return await asyncio.gather(*tasks)

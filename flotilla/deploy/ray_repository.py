@@ -10,11 +10,12 @@ section. Each replica reserves ``REPOSITORY_NUM_CPUS`` CPU.
 Contracts:
 - ``check_repository_on_ray(spec)``: ValueError for what Ray does not serve: model control mode ``poll`` (a
   Serve application's deployments are fixed when it is deployed; redeploy to change them).
-- ``plan_repository(spec)`` -> ``RepositoryPlan``: mode ``none`` deploys every model of the repositories;
-  ``explicit`` the ``load_models`` (``*``: all) and, as tritonserver's explicit load does, every model their
-  ensembles use (recursively). A model whose directory or configuration is invalid (a duplicate name, a config
-  that does not parse, no version the policy selects) gets no deployment: the ingress lists it UNAVAILABLE
-  with the reason. Other models of the repositories are listed in the index as not loaded. A repository
+- ``plan_repository(spec, file_models)`` -> ``RepositoryPlan``: mode ``none`` deploys every model of the
+  repositories; ``explicit`` the ``load_models`` (``*``: all) and, as tritonserver's explicit load does, every
+  model their ensembles use (recursively). A model whose directory or configuration is invalid (a duplicate
+  name, a config that does not parse, no version the policy selects) gets no deployment: the ingress lists it
+  UNAVAILABLE with the reason. So does an ensemble with a step on one of the deployment file's models
+  (``file_models``: an LLM pipeline; embedded mode runs those, a repository replica on Ray has no LLM). Other models of the repositories are listed in the index as not loaded. A repository
   directory that does not exist is a ValueError.
 - ``repository_deployments(plan)`` -> ``{model: bound deployment}``, ready to hand to the ingress.
 - An ensemble's replica loads its composing models itself (each step through that model's batcher in the same
@@ -68,8 +69,9 @@ def check_repository_on_ray(spec: RepositorySpec) -> None:
                          "redeploy (flotilla serve --ray) to change the models")
 
 
-def plan_repository(spec: RepositorySpec) -> RepositoryPlan:
-    """The ``RepositoryPlan`` of ``spec`` (see the module contract)."""
+def plan_repository(spec: RepositorySpec, file_models=()) -> RepositoryPlan:
+    """The ``RepositoryPlan`` of ``spec`` next to the deployment file's models ``file_models`` (names; see
+    the module contract)."""
     from flotilla.deploy.model_repository import visible_gpus
     from flotilla.repository.control import resolve_target, scan_repositories
     from flotilla.repository.ensemble import ensemble_steps, is_ensemble
@@ -103,9 +105,15 @@ def plan_repository(spec: RepositorySpec) -> RepositoryPlan:
         if target.error is not None:
             unavailable[name] = target.error
             continue
+        steps = [s.model_name for s in ensemble_steps(target.config)] if is_ensemble(target.config) else []
+        outside = sorted({s for s in steps if s in file_models})
+        if outside:
+            unavailable[name] = (f"ensemble '{name}' has step(s) on the deployment file's model(s) "
+                                 f"{', '.join(repr(s) for s in outside)}: on Ray Serve an ensemble's steps must be "
+                                 f"repository models (serve it without --ray)")
+            continue
         deployed.append(name)
-        if is_ensemble(target.config):   # its composing models are loaded too (those the repository has)
-            wanted.extend(s.model_name for s in ensemble_steps(target.config) if s.model_name in every)
+        wanted.extend(s for s in steps if s in every)    # its composing models are loaded too
     not_loaded = tuple(n for n in every if n not in seen)
     return RepositoryPlan(tuple(spec.paths), spec.model_control_mode, spec.strict_readiness, tuple(sorted(deployed)),
                           unavailable, not_loaded)

@@ -390,7 +390,7 @@ def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None 
             spec.name, args, stall)
     plan = repository_models = None
     if config.model_repository is not None:
-        plan = plan_repository(config.model_repository)
+        plan = plan_repository(config.model_repository, config.model_names)
         _check_repository_names(config, plan)
         repository_models = repository_deployments(plan)
     options = dict(name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
@@ -421,7 +421,7 @@ def cpus_needed(config) -> int:
     repository models' replicas included."""
     total = 0.0
     if config.model_repository is not None:
-        total += repository_cpus(plan_repository(config.model_repository))
+        total += repository_cpus(plan_repository(config.model_repository, config.model_names))
     for spec in config.models:
         args = spec.engine_args()
         auto = getattr(spec, "autoscaling", None)

@@ -64,6 +64,7 @@ class _Version:
     info: VersionInfo
     ready: bool
     statistics: dict[str, Any]
+    pending: int = 0
 
 
 class _Deployment:
@@ -113,10 +114,11 @@ class _Deployment:
             for v in info.versions:
                 seen = versions.get(v.version)
                 if seen is None:
-                    versions[v.version] = _Version(v, v.ready, v.statistics)
+                    versions[v.version] = _Version(v, v.ready, v.statistics, v.pending)
                 else:
                     seen.ready = seen.ready or v.ready
                     seen.statistics = merge_statistics([seen.statistics, v.statistics])
+                    seen.pending += v.pending
         self.versions = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
         if versions:
             self.rows = [RepositoryEntry(self.name, v, "READY" if s.ready else "UNAVAILABLE")
@@ -265,6 +267,10 @@ class RemoteModel:
 
     def statistics(self) -> dict[str, Any]:
         return self._state().statistics
+
+    def pending_request_count(self) -> int:
+        """Requests queued in the version's batchers of every replica, at their last report."""
+        return self._state().pending
 
     async def infer(self, inputs, *, requested_outputs: Sequence[str] = (), parameters=None, priority: int = 0,
                     timeout_us: int = 0) -> InferOutcome:

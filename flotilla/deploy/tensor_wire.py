@@ -85,7 +85,7 @@ class TensorInfo(WireStruct):
 class VersionInfo(WireStruct):
     """One loaded version in a replica: ``ready`` (admitting requests), ``platform``, inputs and outputs as
     v2 metadata, ``config`` the effective ``ModelConfig`` serialized, ``statistics`` Triton's
-    ``ModelStatistics`` JSON of this replica."""
+    ``ModelStatistics`` JSON of this replica, ``pending`` the requests in its batcher's queue now."""
 
     version: str
     ready: bool
@@ -94,6 +94,7 @@ class VersionInfo(WireStruct):
     outputs: list[TensorInfo]
     config: bytes
     statistics: dict[str, Any]
+    pending: int = 0
 
 
 class IndexRow(WireStruct):

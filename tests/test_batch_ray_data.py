@@ -123,3 +123,18 @@ def test_http_request_processor_against_flotilla_serve(local_ray, tiny_llama, ti
     expected = tiny_llama_engine.generate(prompts, GREEDY)
     assert [(r["text"], r["finish_reason"]) for r in rows] == [(o.outputs[0].text, o.outputs[0].finish_reason)
                                                                for o in expected]
+
+
+def test_bad_configs_fail_before_any_job(tiny_llama):
+    path, _ = tiny_llama
+    with pytest.raises(ValueError, match="concurrency must be a positive integer"):
+        FlotillaEngineProcessorConfig(model_source=path, concurrency=0)
+    with pytest.raises(ValueError, match="top_p"):
+        FlotillaEngineProcessorConfig(model_source=path, sampling_params={"top_p": 2.0})
+    with pytest.raises(ValueError, match="unknown engine setting"):
+        build_processor(FlotillaEngineProcessorConfig(model_source=path, engine_kwargs={"max_num_seq": 4}))
+    with pytest.raises(ValueError, match="runs them on the Ray executor"):
+        FlotillaEngineProcessorConfig(model_source=path, engine_kwargs={"tensor_parallel_size": 2,
+                                                                        "distributed_executor_backend": "mp"}).resolve()
+    with pytest.raises(TypeError, match="ray.data.llm.build_processor"):
+        build_processor({"model_source": path})

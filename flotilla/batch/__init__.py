@@ -18,6 +18,7 @@ answers.
 | ``batches`` | the Batch API's status machine over the store; resumes unfinished batches on start |
 | ``engine_cache`` | the engine a batch job resolves (a model or a deployment-file entry), one per worker process |
 | ``spark`` | Spark: a pandas UDF / ``predict_batch_udf`` with one engine per Python worker |
+| ``ray_data`` | Ray Data: a ``ray.data.llm``-shaped processor, engines in a fixed actor pool (TP/PP on placement groups) |
 """
 
 # The engine priority of batch requests (vLLM's convention: lower values run first; online requests have 0).

@@ -67,7 +67,8 @@ def test_error_names_the_file_and_the_key_exactly(tmp_path, monkeypatch):
     write(tmp_path, "models:\n  - {name: a, model: m, parallel: {tensr: 2}}\n")
     with pytest.raises(DeploymentConfigError) as e:
         load_deployment_config("deploy.yaml")
-    assert str(e.value) == "deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline)"
+    assert str(e.value) == ("deploy.yaml: models[0].parallel.tensr: unknown key "
+                            "(expected one of: tensor, pipeline, auto)")
     assert e.value.key == "models[0].parallel.tensr" and e.value.source == "deploy.yaml"
 
 

@@ -10,7 +10,7 @@ dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
     models:
       - name: chat-v1                    # the name clients send as "model"
         model: smollm2-135m-instruct     # alias, HF directory or .gguf (relative: to this file's directory)
-        parallel: {tensor: 1, pipeline: 1}
+        parallel: {tensor: 1, pipeline: 1}   # or auto: flotilla.planner picks sizes and replicas
         replicas: 2                      # or autoscaling: {min: 1, max: 4, target_ongoing_requests: 8}
         engine: {max_num_seqs: 32, kv_cache_memory: 1}   # EngineArgs fields
         ray: {num_cpus: 1}               # Ray Serve settings (schema.RaySettings; ignored when embedded)
@@ -27,8 +27,8 @@ dataclasses of ``flotilla.deploy.spec``, re-exported here. Example::
 
 Contract: ``load_deployment_config`` / ``parse_deployment_config`` return a validated, frozen
 ``DeploymentConfig`` or raise ``DeploymentConfigError`` whose message starts with the file and the key path
-(``deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline)``); a YAML syntax
-error (or a duplicated key) names the line. Nothing here loads a model.
+(``deploy.yaml: models[0].parallel.tensr: unknown key (expected one of: tensor, pipeline, auto)``); a YAML
+syntax error (or a duplicated key) names the line. Nothing here loads a model.
 
 Validation is the pydantic schema of ``flotilla.deploy.schema`` (strict types, unknown keys refused at every
 level, every number finite, an optional key set to null takes its default); the first problem is reported,
@@ -126,6 +126,7 @@ def _model_spec(entry, base_dir: str | None) -> ModelSpec:
         upscale_delay_s=auto.upscale_delay_s, downscale_delay_s=auto.downscale_delay_s)
     return ModelSpec(name=entry.name, model=_resolve_path(entry.model, base_dir),
                      tensor_parallel_size=entry.parallel.tensor, pipeline_parallel_size=entry.parallel.pipeline,
+                     parallel_auto=entry.parallel.auto,
                      replicas=auto.min if auto is not None else entry.replicas, autoscaling=autoscaling,
                      engine=entry.engine.model_dump(exclude_unset=True), ray=entry.ray.model_dump(exclude_unset=True))
 

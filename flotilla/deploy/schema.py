@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from flotilla.config import SCHEDULING_POLICIES
 from flotilla.deploy.engine_args import ENGINE_KEYS_SET_ELSEWHERE
 from flotilla.deploy.routing import ROUTING_POLICIES
 from flotilla.deploy.spec import (DEFAULT_ROUTING, DEFAULT_TARGET_ONGOING_REQUESTS, MODEL_CONTROL_MODES,
@@ -31,7 +32,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Early checks of engine overrides (the engine validates everything again when it starts).
 ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": ("gguf", "int8", "int4", "none"),
                   "distributed_executor_backend": ("uni", "mp", "ray", "external"),
-                  "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling")}
+                  "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling"),
+                  "scheduling_policy": SCHEDULING_POLICIES}
 ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,
                   "max_num_batched_tokens": 1, "num_threads": 1}
 ENGINE_POSITIVE = ("kv_cache_memory",)
@@ -116,8 +118,28 @@ class Section(BaseModel):
 
 
 class Parallel(Section):
+    """``parallel: {tensor, pipeline}``, or ``parallel: auto`` (``auto: true``): the planner chooses the sizes
+    and the replicas when the file is served (``flotilla.planner.resolve_deployment``)."""
+
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
+    auto: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            if data != "auto":
+                raise fail(f"expected a mapping {{tensor, pipeline}} or auto, got {kind(data)}")
+            return {"auto": True}
+        return data
+
+    @model_validator(mode="after")
+    def _auto_alone(self):
+        if self.auto and ({"tensor", "pipeline"} & self.model_fields_set):
+            raise fail("auto chooses the tensor and pipeline sizes: remove them, or remove auto",
+                       ("tensor" if "tensor" in self.model_fields_set else "pipeline",))
+        return self
 
 
 class Autoscaling(Section):
@@ -205,6 +227,13 @@ class ModelEntry(Section):
         if isinstance(data, dict) and data.get("replicas") is not None and data.get("autoscaling") is not None:
             raise fail("give either replicas or autoscaling, not both", ("replicas",))
         return data
+
+    @model_validator(mode="after")
+    def _auto_parallel_picks_replicas(self):
+        if self.parallel.auto and ({"replicas", "autoscaling"} & self.model_fields_set):
+            key = "replicas" if "replicas" in self.model_fields_set else "autoscaling"
+            raise fail(f"parallel: auto chooses the replicas too: remove {key}, or set the parallel sizes", (key,))
+        return self
 
 
 class Ingress(Section):

@@ -45,7 +45,9 @@ class ModelSpec:
     .gguf path; relative paths that exist next to the file are made absolute). ``replicas`` is the fixed
     replica count, or ``autoscaling.min_replicas`` when ``autoscaling`` is set (they are exclusive in the
     file). ``engine`` holds validated ``EngineArgs`` overrides (only the keys given); ``ray`` holds
-    Ray-only options, ignored in embedded mode. Instances compare by value (do not hash them)."""
+    Ray-only options, ignored in embedded mode. ``parallel_auto`` (the file's ``parallel: auto``): the sizes
+    and replicas are placeholders until ``flotilla.planner.resolve_deployment`` fills them in (``flotilla
+    serve`` does); ``engine_args`` refuses an unresolved spec. Instances compare by value (do not hash them)."""
 
     name: str
     model: str
@@ -55,10 +57,14 @@ class ModelSpec:
     autoscaling: AutoscalingSpec | None = None
     engine: dict[str, Any] = field(default_factory=dict)
     ray: dict[str, Any] = field(default_factory=dict)
+    parallel_auto: bool = False
 
     def engine_args(self):
         """The ``EngineArgs`` of one replica (``served_model_name`` is ``name``)."""
         from flotilla.engine.arg_utils import EngineArgs
+        if self.parallel_auto:
+            raise DeploymentConfigError("<deployment>", f"model {self.name!r} parallel",
+                                        "auto is resolved by flotilla.planner.resolve_deployment before serving")
         return EngineArgs(model=self.model, served_model_name=self.name, tensor_parallel_size=self.tensor_parallel_size,
                           pipeline_parallel_size=self.pipeline_parallel_size, **self.engine)
 

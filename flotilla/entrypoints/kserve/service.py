@@ -78,6 +78,13 @@ class KServeService:
                               f"(flotilla serve --model-repository)")
         return self.repository
 
+    async def refresh_statistics(self) -> None:
+        """Let a repository whose models run elsewhere (``RemoteRepository`` on Ray Serve) collect their
+        statistics now (a no-op for an in-process repository)."""
+        refresh = getattr(self.repository, "refresh_statistics", None)
+        if refresh is not None:
+            await refresh()
+
     async def load(self, name: str, config: str | None = None, files: Mapping[str, bytes] | None = None) -> None:
         await self._repository_for(name, "load").load(name, config=config, files=files)
 

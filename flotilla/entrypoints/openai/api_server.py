@@ -1,6 +1,7 @@
 """The FastAPI app: routes, and the ASGI middleware stack around them.
 
-Contract: ``build_app(engines, config, routes=None, seed=None, repository=None)`` returns ``(asgi_app, served)`` where
+Contract: ``build_app(engines, config, routes=None, seed=None, repository=None, batches=None)`` returns
+``(asgi_app, served)`` where
 ``served`` is the app's ``ServedModels``. ``engines`` is one ``EngineClient`` (served as
 ``config.served_model_name``), a mapping ``{model name: EngineClient}`` (AsyncLLM, ReplicaSet or a remote
 proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: weight}``. The app owns its
@@ -13,7 +14,9 @@ to an engine), ``GET /version``, ``POST /tokenize``,
 ``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /tokenizer_info`` (only with
 ``config.enable_tokenizer_info_endpoint``), ``GET /metrics``, and the KServe v2 / Triton routes under ``/v2``
 (``flotilla.entrypoints.kserve.http``) for every served model and, with ``repository``, the repository's
-models; ``/metrics`` then also carries Triton's ``nv_inference_*`` per model and version. No CORS headers.
+models; ``/metrics`` then also carries Triton's ``nv_inference_*`` per model and version. With ``batches`` (a
+``serving_batches.BatchAPI``) the Files and Batches API: ``/v1/files`` (``serving_files``) and ``/v1/batches``
+(``serving_batches``). No CORS headers.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from flotilla.entrypoints.openai.serving_embedding import create_embedding
 from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize, tokenizer_info
 
 
-def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None, repository=None):
+def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None, repository=None, batches=None):
     """The ASGI app serving ``engines`` (see the module contract) and its ``ServedModels``; every model also
     answers the KServe v2 routes (``served.kserve``: the app's ``InferenceService``), and with ``repository``
-    (a model repository's ``InferenceService``) its models too (``engines`` may then be empty)."""
+    (a model repository's ``InferenceService``) its models too (``engines`` may then be empty); with
+    ``batches`` the Files and Batches API."""
     if isinstance(engines, ServedModels):
         served = engines
     else:
@@ -55,6 +59,11 @@ def build_app(engines, config: ServerConfig, routes=None, seed: int | None = Non
     _add_info_routes(app, served)
     _add_token_routes(app, served)
     _add_kserve_routes(app, served, repository, config)
+    if batches is not None:
+        from flotilla.entrypoints.openai.serving_batches import batches_router
+        from flotilla.entrypoints.openai.serving_files import files_router
+        app.include_router(files_router(batches))
+        app.include_router(batches_router(batches))
     asgi = BodySizeLimitMiddleware(app, config.max_body_bytes)
     if config.api_key:
         asgi = ApiKeyMiddleware(asgi, config.api_key)

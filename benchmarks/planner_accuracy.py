@@ -1,0 +1,186 @@
+"""How well does ``flotilla plan`` predict, and does its pick hold up when measured?
+
+    .venv/bin/python benchmarks/planner_accuracy.py [--model qwen2.5-coder-0.5b-instruct] \
+        [--configs 1x1x1x4,...] [--out benchmarks/results/planner_accuracy.json] [--quiet-load 1.0]
+
+The machine is shared: the hardware is measured, and each configuration run, holding the shared lock
+(``--lock``, as tests that start servers do) once the 1-minute load average is below ``--quiet-load`` (or
+after ``--max-wait-s``); the load before and after each run is recorded. With ``--nice N`` (negative: needs
+root) the script and everything it starts (the servers, their engine and worker processes, the client) run
+at that niceness, so other work on the machine yields to the measured system, as on a dedicated machine.
+
+Each configuration TPxPPxREPLICASxMAX_NUM_SEQS is sized and simulated by the planner on this machine's
+measured hardware (``--hardware local``), then served for real (``flotilla serve --config`` with the plan's
+deployment file: mp executor for TP/PP, embedded replicas) and driven with the same workload by the bench
+client. Reported per configuration: predicted (with the priors, and leave-one-out: calibration refit on the
+other configurations' measurements only) and measured output tok/s, TPOT p50, TTFT p99 and goodput.
+Summary: median absolute error of throughput and TPOT (priors, leave-one-out), and the planner's top pick
+(by predicted goodput; priors, and calibration refit on all runs) against the best measured goodput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+DEFAULT_CONFIGS = "1x1x1x4,1x1x1x16,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x1x2x16"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="TPxPPxREPLICASxMAX_NUM_SEQS, comma-separated")
+    ap.add_argument("--workload", default="isl=256,osl=64,range=0.25,concurrency=16,requests=48")
+    ap.add_argument("--slo", default="ttft_p99=8s,tpot_p99=250ms")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
+    ap.add_argument("--lock", default="/tmp/flotilla-ray-tests.lock")
+    ap.add_argument("--quiet-load", type=float, default=1.0)
+    ap.add_argument("--max-wait-s", type=float, default=1800)
+    ap.add_argument("--refresh-hardware", action="store_true")
+    ap.add_argument("--nice", type=int, default=0)
+    args = ap.parse_args()
+    if args.nice:
+        os.nice(args.nice)
+    quiet = lambda: quiet_lock(args.lock, args.quiet_load, args.max_wait_s)  # noqa: E731
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    from flotilla.planner.api import get_hardware
+    from flotilla.planner.calibration import load_calibration
+    from flotilla.planner.cost import Calibration, Plan
+    from flotilla.planner.measure import cpu_model
+    from flotilla.planner.metrics import parse_slo
+    from flotilla.planner.model import load_model_desc
+    from flotilla.planner.probe import refit_from_probes, run_plan
+    from flotilla.planner.search import PlanReport, evaluate, predict
+    from flotilla.planner.workload import parse_workload
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    model = load_model_desc(args.model)
+    with quiet():
+        hw = get_hardware("local", model, args.dtype, refresh=args.refresh_hardware, log=log)
+    workload, slo = parse_workload(args.workload), parse_slo(args.slo)
+    prior = Calibration.prior(hw)
+    dtype = model.runtime_dtype("cpu", hw.bf16_native, args.dtype)
+    report = PlanReport(model, hw, workload, slo, prior, dtype)
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    rows = []
+    for tp, pp, r, seqs in configs:
+        plan = Plan(tp=tp, pp=pp, replicas=r, max_num_seqs=seqs, dtype=dtype,
+                    max_model_len=max(2048, workload.max_seq_len))
+        ev = evaluate(model, hw, workload, slo, prior, plan)
+        if ev.metrics is None:
+            log(f"{ev.label}: not runnable: {ev.rejected}")
+            continue
+        with quiet():
+            load_before = os.getloadavg()[0]
+            start = time.monotonic()
+            run = run_plan(report, ev, log=log)
+            rows.append({"config": ev.label, "run": run, "wall_s": time.monotonic() - start,
+                         "load_before": load_before, "load_after": os.getloadavg()[0]})
+        with open(args.out + ".partial", "w", encoding="utf-8") as f:  # measurements so far, in case of a crash
+            json.dump([{"config": r["config"], "load_before": r["load_before"], "load_after": r["load_after"],
+                        "predicted_prior": _metrics_json(r["run"].evaluated.metrics),
+                        "measured": _metrics_json(r["run"].measured)} for r in rows], f, indent=1)
+        m = run.measured
+        log(f"{ev.label}: predicted {ev.metrics.output_throughput:.1f} tok/s TPOT {ev.metrics.tpot_p50 * 1e3:.1f} ms, "
+            f"measured {m.output_throughput:.1f} tok/s TPOT {m.tpot_p50 * 1e3:.1f} ms (load {load_before:.1f})")
+    runs = [row["run"] for row in rows]
+
+    def pred(calibration, run):
+        return predict(model, hw, workload, slo, calibration, run.evaluated)
+
+    full = refit_from_probes(report, runs, store=False)
+    for i, row in enumerate(rows):
+        others = [r for j, r in enumerate(runs) if j != i]
+        row["loo"] = pred(refit_from_probes(report, others, store=False), row["run"])
+        row["refit_all"] = pred(full, row["run"])
+        log(f"{row['config']}: leave-one-out {row['loo'].output_throughput:.1f} tok/s "
+            f"TPOT {row['loo'].tpot_p50 * 1e3:.1f} ms")
+    summary = summarize(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    doc = {"cpu": cpu_model(), "cores": hw.devices_per_node, "python": platform.python_version(), "commit": commit,
+           "niceness": os.nice(0),
+           "model": args.model, "dtype": dtype, "workload": workload.describe(), "slo": slo.describe(),
+           "stored_calibration": vars(load_calibration(hw)), "refit_all": vars(full), "summary": summary,
+           "rows": [_row_json(row) for row in rows]}
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    print(markdown(doc))
+
+
+@contextlib.contextmanager
+def quiet_lock(path: str, load: float, max_wait_s: float):
+    """Hold the shared lock, taken once the 1-minute load average is below ``load`` (or ``max_wait_s``)."""
+    import fcntl
+    deadline = time.monotonic() + max_wait_s
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(15)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _err(pred: float, meas: float) -> float:
+    return abs(pred / meas - 1) if meas else float("inf")
+
+
+def summarize(rows: list[dict]) -> dict:
+    measured = [row["run"].measured for row in rows]
+    best = max(m.goodput for m in measured)
+    out = {"best_measured_goodput": best}
+    for name, get in (("prior", lambda row: row["run"].evaluated.metrics), ("loo", lambda row: row["loo"]),
+                      ("refit_all", lambda row: row["refit_all"])):
+        preds = [get(row) for row in rows]
+        out[f"{name}_median_abs_err_throughput"] = statistics.median(
+            _err(p.output_throughput, m.output_throughput) for p, m in zip(preds, measured))
+        out[f"{name}_median_abs_err_tpot"] = statistics.median(_err(p.tpot_p50, m.tpot_p50)
+                                                              for p, m in zip(preds, measured))
+        pick = max(range(len(rows)), key=lambda i: (preds[i].goodput, preds[i].output_throughput))
+        out[f"{name}_pick"] = rows[pick]["config"]
+        out[f"{name}_pick_share_of_best"] = measured[pick].goodput / best if best else 0.0
+    return out
+
+
+def _metrics_json(m) -> dict:
+    return {"tok_s": m.output_throughput, "req_s": m.request_throughput, "ttft_p50": m.ttft_p50,
+            "ttft_p99": m.ttft_p99, "tpot_p50": m.tpot_p50, "tpot_p99": m.tpot_p99, "goodput": m.goodput}
+
+
+def _row_json(row: dict) -> dict:
+    run = row["run"]
+    return {"config": row["config"], "wall_s": row["wall_s"], "load_before": row["load_before"],
+            "load_after": row["load_after"], "startup_s": run.startup_s, "kv_blocks": run.evaluated.kv_blocks,
+            "num_threads": run.evaluated.plan.num_threads, "predicted_prior": _metrics_json(run.evaluated.metrics),
+            "predicted_loo": _metrics_json(row["loo"]), "predicted_refit_all": _metrics_json(row["refit_all"]),
+            "measured": _metrics_json(run.measured)}
+
+
+def markdown(doc: dict) -> str:
+    lines = ["| config | tok/s prior / LOO / measured | TPOT p50 ms prior / LOO / measured | TTFT p99 s "
+             "measured | goodput req/s LOO / measured |", "| --- | --- | --- | --- | --- |"]
+    for row in doc["rows"]:
+        p, q, m = row["predicted_prior"], row["predicted_loo"], row["measured"]
+        lines.append(f"| {row['config']} | {p['tok_s']:.1f} / {q['tok_s']:.1f} / {m['tok_s']:.1f} | "
+                     f"{p['tpot_p50'] * 1e3:.0f} / {q['tpot_p50'] * 1e3:.0f} / {m['tpot_p50'] * 1e3:.0f} | "
+                     f"{m['ttft_p99']:.2f} | {q['goodput']:.2f} / {m['goodput']:.2f} |")
+    s = doc["summary"]
+    lines += ["", f"median |error| throughput: prior {s['prior_median_abs_err_throughput']:.1%}, leave-one-out "
+                  f"{s['loo_median_abs_err_throughput']:.1%}; TPOT: prior {s['prior_median_abs_err_tpot']:.1%}, "
+                  f"leave-one-out {s['loo_median_abs_err_tpot']:.1%}",
+              f"top pick (prior): {s['prior_pick']} = {s['prior_pick_share_of_best']:.0%} of the best measured "
+              f"goodput; (refit on all runs): {s['refit_all_pick']} = {s['refit_all_pick_share_of_best']:.0%}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

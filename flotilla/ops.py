@@ -40,6 +40,12 @@ def kernels_enabled() -> bool:
     return envs.cpu_kernels_enabled() if switch is None else switch
 
 
+def switched_off() -> bool:
+    """Whether ``set_kernels_enabled(False)`` is in force in this process (a list read: cheap enough for a
+    check per matmul, where ``kernels_enabled`` reads the environment)."""
+    return _switch[0] is False
+
+
 def set_kernels_enabled(enabled: bool | None) -> bool | None:
     """Switch the kernels on or off in this process (None: follow FLOTILLA_CPU_KERNELS again); returns the
     previous switch. Child processes follow the environment variable."""

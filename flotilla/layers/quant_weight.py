@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flotilla.ops import use_kernels
+from flotilla.ops import switched_off, use_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class QuantizedWeight:
 
     def __init__(self, rows: int, cols: int, segments: list[Segment], dtype: torch.dtype):
         self.rows, self.cols, self.segments, self.dtype = rows, cols, segments, dtype
+        only = segments[0] if len(segments) == 1 and segments[0].packed is not None else None
+        ops = use_kernels(only.packed) if only is not None else None
+        # the decode path: one op, the kernel library bound once (packing needed it, so it is loaded)
+        self._one = (ops.quant_linear, only.packed, only.qtype) if ops is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -117,16 +121,16 @@ class QuantizedWeight:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T (+ bias)``: x (..., cols) -> (..., rows) in x's dtype."""
+        if self._one is not None and not switched_off():
+            op, packed, qtype = self._one
+            return op(x, packed, qtype, self.rows, bias)
         ops = use_kernels(x)
-        seg = self.segments[0]
-        if ops is not None and seg.packed is not None and len(self.segments) == 1:  # one op on the decode path
-            return ops.quant_linear(x, seg.packed, seg.qtype, self.rows, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.cols)  # (M, cols)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if len(self.segments) == 1:
-            y = self._segment_mm(ops, seg, x2, None)
+            y = self._segment_mm(ops, self.segments[0], x2, None)
         else:
             y = x2.new_empty(x2.shape[0], self.rows)  # (M, rows)
             for seg in self.segments:

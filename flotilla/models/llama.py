@@ -15,6 +15,7 @@ from flotilla.distributed.utils import get_pp_layer_range
 from flotilla.layers.activation import SiluAndMul
 from flotilla.layers.attention import Attention, AttentionContext
 from flotilla.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from flotilla.layers.fused_decode import FusedDecodeLayer
 from flotilla.layers.layernorm import RMSNorm
 from flotilla.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flotilla.layers.pipeline import IntermediateTensors, PPMissingLayer
@@ -64,6 +65,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    fused_decode: FusedDecodeLayer | None = None  # one op per decode step where it applies (enable_fused_decode)
+
     def __init__(self, config, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, o_bias: bool,
                  rotary: RotaryEmbedding):
         super().__init__()
@@ -74,6 +77,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype, bias=bool(getattr(config, "mlp_bias", False)))
 
     def forward(self, positions, hidden, residual, ctx: AttentionContext):
+        if self.fused_decode is not None:
+            out = self.fused_decode(positions, hidden, residual, ctx)
+            if out is not None:
+                return out
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -204,6 +211,17 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(self, self._stage_weights(weights), self.stacked_params)
+
+    def enable_fused_decode(self) -> int:
+        """Give each local decoder layer whose linear weights are all packed quantized weights its one-op decode
+        path (layers/fused_decode.py); returns how many layers got one."""
+        count = 0
+        for i in self.local_layer_indices:
+            layer = self.model.layers[i]
+            layer.fused_decode = FusedDecodeLayer.build(layer.input_layernorm, layer.self_attn,
+                                                        layer.post_attention_layernorm, layer.mlp)
+            count += layer.fused_decode is not None
+        return count
 
     def _stage_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         """The tensors this stage owns; with tied embeddings on a last stage that is not first, the

@@ -73,6 +73,8 @@ class Worker:
             logger.info("GGUF weights kept quantized: %d weights packed", finalize_quantized_(model))
         elif mc.quantization in ("int8", "int4"):
             quantize_model_(model, mc.quantization)
+        if (keep or mc.quantization == "int4") and hasattr(model, "enable_fused_decode"):
+            logger.info("one-op decode layers: %d", model.enable_fused_decode())
         if mc.batch_invariant:
             packed = make_batch_invariant_(model)  # instead of oneDNN's prepacking (its order depends on M)
             logger.info("batch-invariant execution: %s", f"{packed} weights packed for the kernel" if packed

@@ -14,6 +14,7 @@ It returns a ``SequenceCheck`` so a test can also bound how many positions diver
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ class SequenceCheck:
     num_positions: int
     divergences: list[int] = field(default_factory=list)
     max_logprob_gap: float = 0.0
+    sum_logprob_gap: float = 0.0
 
 
 def oracle_logprobs(hf_model, prompt_ids: list[int], gen_ids: list[int]) -> torch.Tensor:
@@ -63,6 +65,7 @@ def check_against_oracle(hf_model, prompt_ids: list[int], gen_ids: list[int], ge
                 f"{ref_top[t]}, flotilla's {sorted(mine)}")
         gap = abs(step[tok].logprob - ref[t, tok].item())
         check.max_logprob_gap = max(check.max_logprob_gap, gap)
+        check.sum_logprob_gap += gap
         assert gap <= logprob_tol, (f"{label} position {t}: token {tok} has logprob {step[tok].logprob:.5f} in "
                                     f"flotilla, {ref[t, tok].item():.5f} in the oracle (tolerance {logprob_tol})")
     return check
@@ -77,3 +80,52 @@ def check_outputs_against_oracle(hf_model, outputs, logprob_tol: float) -> list[
         checks.append(check_against_oracle(hf_model, list(out.prompt_token_ids), list(got.token_ids),
                                            got.logprobs, logprob_tol, label=f"prompt {out.prompt!r}"))
     return checks
+
+
+ACT_BLOCK = 32
+# |flotilla - oracle| logprob of a kept-quantized model against the rounded-activation oracle. Float32 summation
+# order alone would leave ~1e-5, but a rounding step is discontinuous: a last-bit difference moves an activation
+# across a rounding boundary (by a whole step d, large in the blocks of SmolLM2's outlier channels), and such
+# flips compound over the layers. Measured on SmolLM2 (float32) up to 0.075.
+ROUNDED_LOGPROB_TOL = 0.15
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> the activations the quantized-weight kernels multiply (flotilla/csrc/quant_matmul.cpp,
+    llama.cpp's Q8 activations): per block of 32 values, d = max|x| / 127 and q = round(x * 127 / max|x|) (half
+    to even) in float32, the values q * d. K must be a multiple of 32."""
+    shape = x.shape
+    xb = x.float().reshape(-1, shape[-1] // ACT_BLOCK, ACT_BLOCK)  # (rows, blocks, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(shape).to(x.dtype)
+
+
+@contextmanager
+def rounded_activations(hf_model, module_names):
+    """Inside the block, the inputs of ``hf_model``'s linear modules named in ``module_names`` (e.g.
+    ``model.layers.0.self_attn.q_proj``, ``lm_head``) are rounded as ``round_activations``: with the weights
+    the quantized file's values (dequantized), the oracle of flotilla's kept-quantized path up to float32
+    summation order."""
+    modules = dict(hf_model.named_modules())
+    missing = sorted(set(module_names) - set(modules))
+    assert not missing, f"no such modules in the oracle: {missing[:5]}"
+    hooks = [modules[name].register_forward_pre_hook(lambda _m, args: (round_activations(args[0]), *args[1:]))
+             for name in module_names]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def packed_linear_names(reader, hf_model) -> list[str]:
+    """The oracle's linear modules whose weights flotilla keeps quantized for the GGUF file ``reader``
+    (``gguf_file.open_gguf``): matmul weights of a type with a packed layout; the LM head is the token
+    embedding when the file has no ``output.weight`` (tied). The others run float weights on both sides."""
+    from flotilla.layers.quant_weight import PACKED_TYPES
+    from flotilla.models.loader import gguf_to_hf_name
+    types = {gguf_to_hf_name(t.name): int(t.tensor_type) for t in reader.tensors}
+    types.setdefault("lm_head.weight", types["model.embed_tokens.weight"])
+    linears = {name for name, m in hf_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(name for name in linears if types.get(f"{name}.weight") in PACKED_TYPES)

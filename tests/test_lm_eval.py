@@ -2,10 +2,11 @@
 
 The test writes a 20-question ``multiple_choice`` task (a JSONL file and its task YAML, ``dataset_path: json``)
 into a temporary folder and runs it with lm-eval's Python API against ``flotilla serve`` of the embedded
-SmolLM2-135M-Instruct in float32: ``simple_evaluate`` with the ``local-completions`` model, the folder as include
-path and ``log_samples``, which is what ``lm_eval run --model local-completions --include_path DIR --log_samples``
-runs. lm-eval scores each choice with ``echo: true, logprobs: 1, max_tokens: 1`` completions and sums the echoed
-prompt logprobs of the choice's tokens. The oracle is transformers loading the same GGUF file in float32: every
+SmolLM2-135M-Instruct in float32, dequantized (``--quantization none``): ``simple_evaluate`` with the
+``local-completions`` model, the folder as include path and ``log_samples``, which is what
+``lm_eval run --model local-completions --include_path DIR --log_samples`` runs. lm-eval scores each choice
+with ``echo: true, logprobs: 1, max_tokens: 1`` completions and sums the echoed prompt logprobs of the choice's
+tokens. The oracle is transformers loading the same GGUF file in float32: every
 per-choice loglikelihood lm-eval logged must equal the oracle's within 1e-3, its ``is_greedy`` must agree with
 the oracle's argmax, and the accuracy lm-eval reports must be the oracle's.
 
@@ -73,7 +74,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(None, "--dtype", "float32", "--enable-tokenizer-info-endpoint")
+    srv = ServerProcess(None, "--dtype", "float32", "--quantization", "none", "--enable-tokenizer-info-endpoint")
     yield srv
     assert srv.stop() == 0, srv.output()
 

@@ -134,17 +134,33 @@ def test_killing_a_worker_fails_cleanly(tiny_llama):
 
 
 def test_embedded_smollm2_tp3_and_pp2():
-    """SmolLM2 has 9 heads and 3 KV heads: TP 3 splits both; PP 2 splits its 30 layers 15/15."""
+    """SmolLM2 has 9 heads and 3 KV heads: TP 3 splits both; PP 2 splits its 30 layers 15/15. Its GGUF blocks
+    stay quantized (the CPU default): each rank packs its own shards (TP 3 cuts o_proj's and down_proj's
+    inputs on block boundaries, 192 and 512 columns) and the LM head's vocabulary rows."""
     prompts = ["The capital of France is", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     # float32: bfloat16 partial sums all-reduced across ranks round differently from one process's matmul
-    ref = tokens(LLM(max_model_len=256, num_kv_blocks=64, dtype="float32"), prompts, params)
+    single = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32")
+    assert single.engine.config.model.quantization == "gguf"
+    ref = tokens(single, prompts, params)
     for kw in ({"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
         llm = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", **kw)
         try:
+            assert llm.engine.config.model.quantization == "gguf"
             assert tokens(llm, prompts, params) == ref, kw
         finally:
             llm.engine.shutdown()
+
+
+def test_int4_tensor_parallel_equals_single_process(tiny_llama):
+    """``--quantization int4`` quantizes each rank's shard at load: groups of 32 inputs fall on the same
+    boundaries as in one process (o_proj and down_proj are cut at 32 and 64 inputs)."""
+    ref = tokens(make(tiny_llama[0], quantization="int4"))
+    llm = make(tiny_llama[0], quantization="int4", tensor_parallel_size=2)
+    try:
+        assert tokens(llm) == ref
+    finally:
+        llm.engine.shutdown()
 
 
 def test_internal_sockets_listen_on_loopback_only(tiny_llama):

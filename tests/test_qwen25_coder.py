@@ -9,6 +9,9 @@ flotilla dequantizes with its own torch code (``flotilla.models.loader.gguf_dequ
 against the ``gguf`` package's ``gguf.quants.dequantize`` in tests/test_gguf_dequant.py; the weight checks
 here test the name mapping, shapes and layout of the dequantized tensors against transformers' loader.
 
+The default on the CPU, the file's blocks kept quantized, is checked against the same transformers model with
+the inputs of its quantized linear layers rounded as flotilla's kernels round them (tests/oracle_helpers.py).
+
 Skipped (with the install command) when the model's packages are not installed; ``scripts/setup.sh``
 installs them. Loading both models takes about a minute on a 2-core machine: the module is marked slow.
 """
@@ -24,6 +27,9 @@ from flotilla import LLM, SamplingParams
 from flotilla.models.loader import get_alias, gguf_to_hf_name, resolve_model
 from flotilla.models.loader.gguf_file import field_value, open_gguf
 from flotilla.models.loader.gguf_loader import iterate_gguf
+
+from oracle_helpers import (ROUNDED_LOGPROB_TOL, check_outputs_against_oracle, packed_linear_names,
+                            rounded_activations)
 
 ALIAS = "qwen2.5-coder-0.5b-instruct"
 MAX_NEW = 16
@@ -49,7 +55,8 @@ def reader(resolved):
 
 @pytest.fixture(scope="module")
 def llm(resolved):
-    engine = LLM(model=ALIAS, dtype="float32", max_model_len=512)  # float32 like the oracle
+    # float32 and the GGUF dequantized (not kept quantized, the CPU default), like the oracle
+    engine = LLM(model=ALIAS, dtype="float32", quantization="none", max_model_len=512)
     yield engine
     engine.engine.shutdown()
 
@@ -148,3 +155,21 @@ def test_stops_at_im_end_in_chat(llm):
                    SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == IM_END
     assert out.text.strip().lower().rstrip(".") == "yes"
+
+
+def test_kept_quantized_follows_the_rounded_activation_oracle(resolved, reader, hf_model):
+    """The default (Q4_K/Q5_0/Q6_K/Q8_0 blocks kept quantized) against the rounded-activation oracle
+    (tests/oracle_helpers.py), under DESIGN.md's top-5 rule."""
+    llm = LLM(model=ALIAS, dtype="float32", max_model_len=512, num_kv_blocks=32)
+    try:
+        assert llm.engine.config.model.quantization == "gguf"
+        names = packed_linear_names(reader, hf_model)
+        assert len(names) == 24 * 7 + 1  # every matmul weight of the file and the untied LM head
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+        outs = llm.generate(PLAIN, params)
+        with rounded_activations(hf_model, names):
+            checks = check_outputs_against_oracle(hf_model, outs, ROUNDED_LOGPROB_TOL)
+        print("rounded-activation oracle: divergences", [c.divergences for c in checks], "max logprob gap",
+              max(c.max_logprob_gap for c in checks))
+    finally:
+        llm.engine.shutdown()

@@ -1,7 +1,9 @@
 """The embedded SmolLM2-135M-Instruct (GGUF) against transformers loading the same file.
 
 Greedy tokens must be identical; per DESIGN.md, where a near-tie makes the two diverge, both tokens must
-be in the other side's top-5 and comparison stops there.
+be in the other side's top-5 and comparison stops there. The equality tests run the GGUF dequantized
+(``quantization="none"``: the float weights transformers has); the default, the file's blocks kept quantized,
+has its own oracle in tests/test_quant_gguf.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32")  # no model given: the embedded default; float32 like the oracle
+    # no model given: the embedded default; float32 and dequantized weights like the oracle
+    return LLM(dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def test_bfloat16_matches_transformers_in_bfloat16():
     path = smollm2_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.bfloat16).eval()
-    llm = LLM(dtype="bfloat16", max_model_len=256, num_kv_blocks=64)
+    llm = LLM(dtype="bfloat16", quantization="none", max_model_len=256, num_kv_blocks=64)
     try:
         params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
         for out in llm.generate(PLAIN, params):

@@ -84,10 +84,11 @@ def check_outputs_against_oracle(hf_model, outputs, logprob_tol: float) -> list[
 
 ACT_BLOCK = 32
 # |flotilla - oracle| logprob of a kept-quantized model against the rounded-activation oracle. Float32 summation
-# order alone would leave ~1e-5, but a rounding step is discontinuous: a last-bit difference moves an activation
-# across a rounding boundary (by a whole step d, large in the blocks of SmolLM2's outlier channels), and such
-# flips compound over the layers. Measured on SmolLM2 (float32) up to 0.075.
-ROUNDED_LOGPROB_TOL = 0.15
+# order alone leaves ~1e-6 (the tiny int4 Qwen2: 3e-6), but rounding is discontinuous: a last-bit difference
+# moves an activation across a rounding step (a whole step d, large in the blocks of SmolLM2's outlier
+# channels), and such flips compound over the layers. Measured up to 0.14 on SmolLM2 (mean 0.033, against
+# 0.037 for the float model), 0.08 on Qwen2.5-Coder-0.5B, 0.02 on the tiny int4 Llama (mean 5e-4 against 0.05).
+ROUNDED_LOGPROB_TOL = 0.3
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:

@@ -133,21 +133,41 @@ def test_killing_a_worker_fails_cleanly(tiny_llama):
     assert all(p.poll() is not None for p in engine.executor.procs)
 
 
+def assert_same_or_near_tie(got, ref) -> None:
+    """DESIGN.md's rule between two greedy runs with top-5 logprobs: the same tokens, or at the first
+    difference each run's token in the other's top-5 (the comparison stops there)."""
+    for a, b in zip(got, ref):
+        a, b = a.outputs[0], b.outputs[0]
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                assert x in b.logprobs[i] and y in a.logprobs[i], f"diverged at {i}: {x} vs {y}"
+                break
+        else:
+            assert len(a.token_ids) == len(b.token_ids)
+
+
 def test_embedded_smollm2_tp3_and_pp2():
     """SmolLM2 has 9 heads and 3 KV heads: TP 3 splits both; PP 2 splits its 30 layers 15/15. Its GGUF blocks
     stay quantized (the CPU default): each rank packs its own shards (TP 3 cuts o_proj's and down_proj's
-    inputs on block boundaries, 192 and 512 columns) and the LM head's vocabulary rows."""
+    inputs on block boundaries, 192 and 512 columns) and the LM head's vocabulary rows. PP 2 runs each layer
+    as one process does: the same tokens. TP 3 adds row-parallel partial sums in another order, and the
+    next layer rounds its activations to int8: a last-bit difference can move a value across a rounding step,
+    so near-ties may resolve differently (DESIGN.md's rule, as against transformers)."""
     prompts = ["The capital of France is", "Once upon a time"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     # float32: bfloat16 partial sums all-reduced across ranks round differently from one process's matmul
     single = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32")
     assert single.engine.config.model.quantization == "gguf"
-    ref = tokens(single, prompts, params)
+    ref = single.generate(prompts, params)
     for kw in ({"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
         llm = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", **kw)
         try:
             assert llm.engine.config.model.quantization == "gguf"
-            assert tokens(llm, prompts, params) == ref, kw
+            got = llm.generate(prompts, params)
+            if "pipeline_parallel_size" in kw:
+                assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref], kw
+            else:
+                assert_same_or_near_tie(got, ref)
         finally:
             llm.engine.shutdown()
 

@@ -6,9 +6,12 @@ dequantized int4 values), teacher-forced over flotilla's whole sequence (tests/o
 
 - the exact one: the inputs of every linear layer whose weight flotilla keeps quantized rounded as the
   kernels round them (int8 per block of 32, ``rounded_activations``). What is left is float32 summation
-  order, and the activations it moves across a rounding boundary (see ``ROUNDED_LOGPROB_TOL``); it must be
-  closer on average than the float model. The portable (scalar) kernels are checked too, by capping the
-  kernels' instruction set in the engine's process; the default run takes the CPU's widest path.
+  order, and the activations it moves across a rounding boundary (see ``ROUNDED_LOGPROB_TOL``): on the tiny
+  int4 models it is nearly exact (mean gap under a tenth of the float model's); on SmolLM2, whose outlier
+  channels make the rounding chaotic, it is only a little closer on average than the float model (measured:
+  0.032 against 0.034), so there both are checked under the same rule. The portable (scalar) kernels are
+  checked too, by capping the kernels' instruction set in the engine's process; the default run takes the
+  CPU's widest path.
 - llama.cpp's view: the float model itself, under DESIGN.md's rule (same greedy token, or each side's token in
   the other's top-5), logprobs within the activation-rounding error measured below.
 """
@@ -72,10 +75,10 @@ def mean_gap(checks) -> float:
     return sum(c.sum_logprob_gap for c in checks) / sum(c.num_positions for c in checks)
 
 
-def check_both_oracles(hf_model, names, outs, plain_tol: float, label: str) -> None:
+def check_both_oracles(hf_model, names, outs, plain_tol: float, label: str, closer: float | None = None) -> None:
     """The rounded-activation oracle within ``ROUNDED_LOGPROB_TOL``, the float model within ``plain_tol``
-    (both under DESIGN.md's top-5 rule), and the rounded oracle closer on average: it models what the
-    kernels compute."""
+    (both under DESIGN.md's top-5 rule), and with ``closer`` the rounded oracle's mean gap below ``closer``
+    times the float model's: it models what the kernels compute."""
     with rounded_activations(hf_model, names):
         rounded = check_outputs_against_oracle(hf_model, outs, ROUNDED_LOGPROB_TOL)
     plain = check_outputs_against_oracle(hf_model, outs, plain_tol)
@@ -83,7 +86,8 @@ def check_both_oracles(hf_model, names, outs, plain_tol: float, label: str) -> N
           max(c.max_logprob_gap for c in rounded), "mean gap", mean_gap(rounded), "| float oracle: divergences",
           [c.divergences for c in plain], "max gap", max(c.max_logprob_gap for c in plain), "mean gap",
           mean_gap(plain))
-    assert mean_gap(rounded) < mean_gap(plain)
+    if closer is not None:
+        assert mean_gap(rounded) < closer * mean_gap(plain)
 
 
 @pytest.mark.parametrize("isa", ["default", "scalar"])
@@ -120,7 +124,7 @@ def test_int4_follows_the_dequantized_oracle(family, tiny_llama, tiny_qwen2):
     outs = llm.generate(PROMPTS, GREEDY)
     oracle = int4_oracle(hf_model)
     names = [name for name, m in oracle.named_modules() if isinstance(m, torch.nn.Linear)]  # all int4
-    check_both_oracles(oracle, names, outs, INT4_LOGPROB_TOL, family)
+    check_both_oracles(oracle, names, outs, INT4_LOGPROB_TOL, family, closer=0.1)  # measured 0.01 and 2e-5
 
 
 def test_int4_rounds_to_the_nearest_of_sixteen_levels():

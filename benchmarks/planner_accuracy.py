@@ -35,7 +35,8 @@ DEFAULT_CONFIGS = "1x1x1x4,1x1x1x16,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="TPxPPxREPLICASxMAX_NUM_SEQS, comma-separated")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help="TPxPPxREPLICASxMAX_NUM_SEQS[tTHREADS], comma-separated")
     ap.add_argument("--workload", default="isl=256,osl=64,range=0.25,concurrency=16,requests=48")
     ap.add_argument("--slo", default="ttft_p99=8s,tpot_p99=250ms")
     ap.add_argument("--dtype", default="auto")
@@ -69,10 +70,9 @@ def main() -> None:
     prior = Calibration.prior(hw)
     dtype = model.runtime_dtype("cpu", hw.bf16_native, args.dtype)
     report = PlanReport(model, hw, workload, slo, prior, dtype)
-    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     rows = []
-    for tp, pp, r, seqs in configs:
-        plan = Plan(tp=tp, pp=pp, replicas=r, max_num_seqs=seqs, dtype=dtype,
+    for tp, pp, r, seqs, threads in (parse_config(c) for c in args.configs.split(",")):
+        plan = Plan(tp=tp, pp=pp, replicas=r, max_num_seqs=seqs, dtype=dtype, num_threads=threads,
                     max_model_len=max(2048, workload.max_seq_len))
         ev = evaluate(model, hw, workload, slo, prior, plan)
         if ev.metrics is None:
@@ -113,6 +113,13 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     print(markdown(doc))
+
+
+def parse_config(text: str) -> tuple:
+    """``TPxPPxREPLICASxSEQS`` with an optional ``tTHREADS`` (threads per rank; default: the cores' share)."""
+    shape, _, threads = text.partition("t")
+    tp, pp, r, seqs = (int(x) for x in shape.split("x"))
+    return tp, pp, r, seqs, int(threads) if threads else None
 
 
 @contextlib.contextmanager

@@ -60,7 +60,8 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return f"TP{self.tp} PP{self.pp} x{self.replicas} seqs={self.max_num_seqs}"
+        threads = f" thr={self.num_threads}" if self.num_threads else ""
+        return f"TP{self.tp} PP{self.pp} x{self.replicas} seqs={self.max_num_seqs}{threads}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ class CostModel:
         self.elem = DTYPE_BYTES[plan.dtype]
         self.layers = model.stage_layers(plan.pp)
         self.ranks_on_node = math.ceil(plan.num_devices / hardware.nodes) if hardware.shared else 1
-        self.bw = hardware.bandwidth(self.ranks_on_node)
+        self.threads = plan.num_threads or hardware.threads_per_rank(self.ranks_on_node)
+        self.bw = hardware.bandwidth(self.ranks_on_node, self.threads)
         int8_curve = plan.quantization == "int8" and "int8" in (hardware.matmul_curves or {})
         self.linear_dtype = "int8" if int8_curve else plan.dtype
         tp = plan.tp
@@ -172,14 +174,14 @@ class CostModel:
         if m == 0:
             return StageCost(0.0, 0.0, 0.0, 0.0, overhead)
         k, scale = self.ranks_on_node, self.calib.kernel_scale
-        rate = hw.matmul_rate(self.linear_dtype, m, k)
+        rate = hw.matmul_rate(self.linear_dtype, m, k, self.threads)
         lin_flops = 2.0 * m * self.lin_params * layers
         lin_bytes = layers * (self.lin_bytes + m * self.act_elems_per_token * self.elem)
         linear = max(lin_flops / rate, lin_bytes / self.bw)
         heads = model.num_heads // plan.tp
         attn_flops = 4.0 * heads * model.head_dim * work.attn_pairs * layers
         kv_bytes = model.kv_bytes_per_token(plan.tp, layers, self.elem) * (work.kv_read_tokens + m)
-        attn_rate = hw.matmul_rate(plan.dtype, max(1, m // max(1, work.num_seqs)), k)
+        attn_rate = hw.matmul_rate(plan.dtype, max(1, m // max(1, work.num_seqs)), k, self.threads)
         attention = max(attn_flops / attn_rate, kv_bytes / self.bw)
         comm = layers * 2 * hw.all_reduce_time(m * model.hidden_size * self.elem, plan.tp)
         if stage == 0:
@@ -189,7 +191,7 @@ class CostModel:
             s = work.num_sampled
             head_flops = 2.0 * s * self.head_params
             head_io = self.head_bytes + s * model.padded_vocab(plan.tp) // plan.tp * LOGITS_BYTES
-            head = max(head_flops / hw.matmul_rate(self.linear_dtype, s, k), head_io / self.bw)
+            head = max(head_flops / hw.matmul_rate(self.linear_dtype, s, k, self.threads), head_io / self.bw)
             head += s * model.vocab_size * LOGITS_BYTES / self.bw  # the sampler reads every logit once
             comm += hw.all_gather_time(s * model.padded_vocab(plan.tp) * self.elem, plan.tp)
         return StageCost(scale * linear, scale * attention, scale * head, self.calib.comm_scale * comm, overhead)

@@ -112,22 +112,26 @@ class Hardware:
         return dtype in self.flops or bool(self.matmul_curves and dtype in self.matmul_curves)
 
     # ------------------------------------------------------------------ compute and memory
-    def matmul_rate(self, dtype: str, m: int, ranks_on_node: int = 1) -> float:
-        """FLOP/s one rank gets for a matmul with ``m`` activation rows in ``dtype``."""
+    def matmul_rate(self, dtype: str, m: int, ranks_on_node: int = 1, threads: int | None = None) -> float:
+        """FLOP/s one rank gets for a matmul with ``m`` activation rows in ``dtype``; on a shared node with
+        ``threads`` threads (default: its share of the cores, ``threads_per_rank``)."""
+        threads = threads or self.threads_per_rank(ranks_on_node)
         curves = (self.matmul_curves or {}).get(dtype)
         if curves:
             return _thread_interpolate({t: _log_interp(pts, m) for t, pts in curves.items()},
-                                       self.threads_per_rank(ranks_on_node)) * self._oversubscription(ranks_on_node)
+                                       threads) * self._oversubscription(ranks_on_node)
         if dtype not in self.flops:
             raise ValueError(f"{self.name} lists no FLOP/s for {dtype} (it lists: {', '.join(self.flops)})")
-        return self.flops[dtype] * self.matmul_efficiency / (ranks_on_node if self.shared else 1)
+        if not self.shared:
+            return self.flops[dtype] * self.matmul_efficiency
+        return self.flops[dtype] * self.matmul_efficiency * min(threads, self.devices_per_node) / self.devices_per_node
 
-    def bandwidth(self, ranks_on_node: int = 1) -> float:
-        """Memory bytes/s one rank gets."""
+    def bandwidth(self, ranks_on_node: int = 1, threads: int | None = None) -> float:
+        """Memory bytes/s one rank gets (on a shared node, with ``threads`` threads: see ``matmul_rate``)."""
+        threads = threads or self.threads_per_rank(ranks_on_node)
         if self.bandwidth_by_threads:
-            t = self.threads_per_rank(ranks_on_node)
             node = max(self.bandwidth_by_threads.values())
-            return min(_thread_interpolate(self.bandwidth_by_threads, t), node / ranks_on_node) \
+            return min(_thread_interpolate(self.bandwidth_by_threads, threads), node / ranks_on_node) \
                 * self._oversubscription(ranks_on_node)
         return self.memory_bandwidth * self.memory_efficiency / (ranks_on_node if self.shared else 1)
 

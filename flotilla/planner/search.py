@@ -198,10 +198,14 @@ def _size(model: ModelDesc, hw: Hardware, workload: Workload, plan: Plan, calib:
     blocks = min(max(want_blocks, min_blocks), int(max(0.0, free_per_rank) // per_block))
     label = plan.label
     if blocks < min_blocks:
-        need = max(fixed) / GiB
+        usable = (hw.memory * hw.memory_utilization / (cost.ranks_on_node if hw.shared else 1)) / GiB
+        if free_per_rank <= 0:
+            return Evaluated(plan, label, rejected=(
+                f"memory: weights and activations need {max(fixed) / GiB:.1f} GiB per rank, "
+                f"{usable:.1f} GiB usable"))
         return Evaluated(plan, label, rejected=(
-            f"memory: {need:.1f} GiB of weights and activations per rank leave room for {blocks} KV blocks, "
-            f"fewer than one {plan.max_model_len}-token sequence needs ({min_blocks})"))
+            f"memory: the {free_per_rank / GiB:.2f} GiB per rank left for the KV cache hold {blocks} blocks, fewer "
+            f"than one {plan.max_model_len}-token sequence needs ({min_blocks})"))
     threads = (plan.num_threads or hw.threads_per_rank(cost.ranks_on_node)) if hw.shared else None
     plan = replace(plan, kv_cache_bytes=blocks * per_block, num_threads=threads)
     cost = CostModel(model, hw, plan, calib)

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import time
 
-DEFAULT_CONFIGS = "1x1x1x4,1x1x1x16,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x1x2x16"
+DEFAULT_CONFIGS = "1x1x1x4,1x1x1x16,1x1x1x16t1,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x1x2x16"
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS,
                     help="TPxPPxREPLICASxMAX_NUM_SEQS[tTHREADS], comma-separated")
-    ap.add_argument("--workload", default="isl=256,osl=64,range=0.25,concurrency=16,requests=48")
-    ap.add_argument("--slo", default="ttft_p99=8s,tpot_p99=250ms")
+    ap.add_argument("--workload", default="isl=128,osl=32,range=0.25,rate=2,concurrency=16,requests=32")
+    ap.add_argument("--slo", default="ttft_p99=15s,tpot_p99=250ms")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
     ap.add_argument("--lock", default="/tmp/flotilla-ray-tests.lock")

@@ -9,6 +9,11 @@ after ``--max-wait-s``); the load before and after each run is recorded. With ``
 root) the script and everything it starts (the servers, their engine and worker processes, the client) run
 at that niceness, so other work on the machine yields to the measured system, as on a dedicated machine.
 
+The default configurations give every rank one thread: TP 1 (with ``thr=1``) / 2, PP 1 / 2, replicas 1 / 2,
+``max_num_seqs`` 4 / 16. On this shared two-core machine a rank with two OpenMP threads runs a small matmul in
+0.3 ms or 30 ms depending on what the other sessions do at that moment (measured minutes apart), which no
+model, and no single measurement, predicts.
+
 Each configuration TPxPPxREPLICASxMAX_NUM_SEQS is sized and simulated by the planner on this machine's
 measured hardware (``--hardware local``), then served for real (``flotilla serve --config`` with the plan's
 deployment file: mp executor for TP/PP, embedded replicas) and driven with the same workload by the bench
@@ -25,11 +30,13 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import time
 
-DEFAULT_CONFIGS = "1x1x1x4,1x1x1x16,1x1x1x16t1,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x1x2x16"
+DEFAULT_CONFIGS = "1x1x1x4t1,1x1x1x16t1,2x1x1x4,2x1x1x16,1x2x1x4,1x2x1x16,1x1x2x4,1x1x2x16"
 
 
 def main() -> None:
@@ -47,6 +54,7 @@ def main() -> None:
     ap.add_argument("--refresh-hardware", action="store_true")
     ap.add_argument("--nice", type=int, default=0)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop a probed server on the way out
     if args.nice:
         os.nice(args.nice)
     quiet = lambda: quiet_lock(args.lock, args.quiet_load, args.max_wait_s)  # noqa: E731

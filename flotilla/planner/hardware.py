@@ -170,14 +170,15 @@ class Hardware:
 
 
 def _log_interp(points: list[tuple[int, float]], m: int) -> float:
-    """Piecewise-linear interpolation in log(M) over measured (M, rate) points, flat beyond the ends."""
+    """Piecewise power law through measured (M, rate) points (linear in log M and log rate: a memory-bound
+    matmul's rate grows about linearly with M, so its time stays flat between the points), flat beyond."""
     pts = sorted(points)
     if m <= pts[0][0]:
         return pts[0][1]
     for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
         if m <= m1:
             w = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
-            return r0 + w * (r1 - r0)
+            return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
     return pts[-1][1]
 
 

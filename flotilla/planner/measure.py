@@ -4,7 +4,9 @@ model and core count.
 * **Matmul rate** per dtype at the model's shapes: flotilla's own linear layers (``ReplicatedLinear``, with the
   engine's oneDNN prepacking for bfloat16 or its int8 weights), the four matmuls of a decoder layer (each
   dimension capped at 2048), at ``M`` = 1 .. 2048 rows, with one thread and with every core; the rate at M is
-  the layer's FLOP over its time (the fastest of 5 runs). Cached per dtype and shape.
+  the layers' FLOP over their time (the fastest of 5 runs). Below 128 rows a pass runs over enough copies of
+  the layer (256 MiB of weights, at most 64 copies) that they stream from memory as a model's do, not from
+  the cache: that is the rate a decode step gets. Cached per dtype and shape.
 
 Everything is measured as the machine is at the time: on a machine busy with other work, more threads can
 be slower than one (OpenMP threads wait for a descheduled peer at every operator), and the planner then
@@ -34,7 +36,9 @@ from flotilla.planner.model import ModelDesc
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+STREAM_BYTES = 256 << 20  # weights a small-M pass reads: far beyond any CPU's last-level cache
+MAX_COPIES = 64  # (a tiny model's layers would be thousands of copies, all operator overhead)
 ROWS = (1, 8, 32, 128, 512, 2048)
 SHAPE_CAP = 2048
 MESSAGE_BYTES = (256, 4096, 65536, 1 << 20, 4 << 20)
@@ -188,6 +192,13 @@ def _time(fn, repeats: int, best: bool = False) -> float:
     return min(times) if best else statistics.median(times)
 
 
+def _as_the_engine() -> None:
+    """Load what the engine's ranks load before they compute: flotilla's CPU kernel library (when the kernels
+    are on; it is an OpenMP library too), so the measuring process runs torch's operators as a rank does."""
+    from flotilla import ops
+    ops.cpu_kernels()
+
+
 def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int = 5) -> dict[str, list]:
     """{threads: [[M, FLOP/s], ...]} for 1 thread and every core (see the module docstring); the fastest of
     ``repeats`` runs."""
@@ -195,12 +206,16 @@ def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int =
 
     from flotilla.layers.linear import ReplicatedLinear
     from flotilla.layers.quantization import prepack_model_, quantize_model_
+    _as_the_engine()
     act = torch.bfloat16 if dtype == "int8" else getattr(torch, dtype)
     shapes = layer_shapes(model)
+    per_layer = sum(k * n for k, n in shapes)
+    copies = min(MAX_COPIES, max(1, -(-STREAM_BYTES // (per_layer * (1 if dtype == "int8" else act.itemsize)))))
     with torch.inference_mode():
         gen = torch.Generator().manual_seed(0)
-        layers = torch.nn.ModuleList(ReplicatedLinear(k, n, dtype=act) for k, n in shapes)
-        for layer, (k, _) in zip(layers, shapes):
+        layers = torch.nn.ModuleList(ReplicatedLinear(k, n, dtype=act) for _ in range(copies) for k, n in shapes)
+        for layer in layers:
+            k = layer.weight.shape[1]
             layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=gen) / k ** 0.5)
         if dtype == "int8":
             quantize_model_(layers, "int8")
@@ -211,9 +226,11 @@ def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int =
             with _threads(threads):
                 points = []
                 for m in rows:
+                    used = layers if m < 128 else layers[:len(shapes)]  # large M: compute-bound, one copy
                     xs = [torch.randn(m, k, generator=gen).to(act) for k, _ in shapes]
-                    seconds = _time(lambda: [layer(x) for layer, x in zip(layers, xs)], repeats, best=True)
-                    points.append([m, 2.0 * m * sum(k * n for k, n in shapes) / seconds])
+                    seconds = _time(lambda: [layer(xs[i % len(xs)]) for i, layer in enumerate(used)], repeats,
+                                    best=True)
+                    points.append([m, 2.0 * m * per_layer * (len(used) // len(shapes)) / seconds])
                 out[str(threads)] = points
     return out
 
@@ -222,6 +239,7 @@ def measure_bandwidth(size_mib: int = 256, repeats: int = 5) -> dict[str, float]
     """{threads: bytes/s} of copying ``size_mib`` MiB (reads + writes), 1 thread and every core; the fastest
     of ``repeats`` copies."""
     import torch
+    _as_the_engine()
     out = {}
     with torch.inference_mode():
         src = torch.ones(size_mib * 2**20 // 4)
@@ -280,6 +298,7 @@ def _collective_rank(rank: int, port: int, queue) -> None:
 
         from flotilla.distributed.parallel_state import (destroy_distributed, get_tp_group, get_world_group,
                                                           init_distributed)
+        _as_the_engine()
         torch.set_num_threads(1)
         init_distributed(2, rank, tp_size=2, pp_size=1, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
         tp, world = get_tp_group(), get_world_group()

@@ -6,11 +6,12 @@ Heavy modules load lazily so ``import flotilla`` stays cheap.
 
 from flotilla.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from flotilla.pooling_params import PoolingParams
+from flotilla.request import BATCH_PRIORITY
 from flotilla.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "EmbeddingRequestOutput", "EmbeddingOutput", "__version__"]
+           "Logprob", "EmbeddingRequestOutput", "EmbeddingOutput", "BATCH_PRIORITY", "__version__"]
 
 
 def __getattr__(name):

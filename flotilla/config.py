@@ -132,19 +132,27 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Token-budget scheduling: at most ``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests per
-    step. With ``enable_chunked_prefill`` a prompt larger than the remaining budget is split across steps."""
+    step. With ``enable_chunked_prefill`` a prompt larger than the remaining budget is split across steps.
+    ``policy`` (vLLM's ``--scheduling-policy``): "fcfs" or "priority" (how request priorities are honoured:
+    ``flotilla.scheduler.scheduler.Scheduler``)."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

@@ -156,3 +156,70 @@ def repository_server(repo: Path, api_key: str, *args: str):
                         "*", "--grpc-port", str(grpc_port), *args, api_key=api_key)
     srv.http_url, srv.grpc_url = f"127.0.0.1:{srv.port}", f"127.0.0.1:{grpc_port}"
     return srv
+
+
+# An LLM pipeline (Triton's pre-process -> LLM -> post-process ensemble): a Python model writes the prompt into
+# a template, the server's LLM (named by the step, not a repository model) generates, a Python model
+# upper-cases every response. Streamed, each LLM response flows through the post-processing step.
+TEMPLATE = "Question: {}\nAnswer:"
+
+PIPELINE_PRE = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)[0].decode()
+            text = np.array([("Question: " + prompt + "\\nAnswer:").encode()], dtype=np.object_)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("TEXT", text)]))
+        return responses
+'''
+
+PIPELINE_POST = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)[0]
+            upper = np.array([text.upper()], dtype=np.object_)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("RESPONSE", upper)]))
+        return responses
+'''
+
+
+def write_llm_pipeline(repo: Path, llm: str, name: str = "llm_pipeline") -> None:
+    """Models ``<name>_pre``, ``<name>_post`` and the ensemble ``name`` (inputs PROMPT, optional stream and
+    max_tokens; output RESPONSE) around the server's LLM ``llm``."""
+    for suffix, code, io in (("pre", PIPELINE_PRE, ('PROMPT', 'TEXT')), ("post", PIPELINE_POST, ('TEXT', 'RESPONSE'))):
+        model = f"{name}_{suffix}"
+        (repo / model / "1").mkdir(parents=True)
+        (repo / model / "1" / "model.py").write_text(code)
+        (repo / model / "config.pbtxt").write_text(
+            f'name: "{model}" backend: "python" max_batch_size: 0\n'
+            f'input [{{ name: "{io[0]}" data_type: TYPE_STRING dims: [1] }}]\n'
+            f'output [{{ name: "{io[1]}" data_type: TYPE_STRING dims: [1] }}]\n')
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(f"""
+name: "{name}" platform: "ensemble" max_batch_size: 0
+input [{{ name: "PROMPT" data_type: TYPE_STRING dims: [1] }},
+       {{ name: "stream" data_type: TYPE_BOOL dims: [1] optional: true }},
+       {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [1] optional: true }}]
+output [{{ name: "RESPONSE" data_type: TYPE_STRING dims: [1] }}]
+ensemble_scheduling {{ step [
+  {{ model_name: "{name}_post" model_version: -1 input_map {{ key: "TEXT" value: "generated" }}
+    output_map {{ key: "RESPONSE" value: "RESPONSE" }} }},
+  {{ model_name: "{llm}" model_version: -1 input_map {{ key: "text_input" value: "templated" }}
+    input_map {{ key: "stream" value: "stream" }}
+    input_map {{ key: "exclude_input_in_output" value: "exclude_input_in_output" }}
+    output_map {{ key: "text_output" value: "generated" }} }},
+  {{ model_name: "{name}_pre" model_version: -1 input_map {{ key: "PROMPT" value: "PROMPT" }}
+    output_map {{ key: "TEXT" value: "templated" }} }}
+] }}
+""")

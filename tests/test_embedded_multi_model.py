@@ -53,7 +53,7 @@ class FakeEngine:
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
-    async def generate(self, prompt, params, request_id, output_kind=OutputKind.CUMULATIVE):
+    async def generate(self, prompt, params, request_id, output_kind=OutputKind.CUMULATIVE, priority=0):
         for i in range(self.n_out):
             await asyncio.sleep(0)
             yield f"{self.model_config.model}:{request_id}:{i}"

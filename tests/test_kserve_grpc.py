@@ -18,11 +18,13 @@ import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from kserve_helpers import ALL_TYPES, ENCODER_SEED, REPOSITORY_MODELS, torch_oracle, write_repository
+from kserve_helpers import (ALL_TYPES, ENCODER_SEED, REPOSITORY_MODELS, TEMPLATE, torch_oracle, write_llm_pipeline,
+                            write_repository)
 from test_server_helpers import free_port
 from triton_repository import SCALE_PY, make_encoder, reference_embedding, texts_array
 
 KEY = "kserve-grpc-key"
+PIPELINE_MODELS = {"llm_pipeline", "llm_pipeline_pre", "llm_pipeline_post"}
 AUTH = (("authorization", f"Bearer {KEY}"),)
 
 pytestmark = pytest.mark.slow
@@ -37,6 +39,7 @@ def server(tmp_path_factory, tiny_llama):
     from test_server_helpers import ServerProcess
     root = tmp_path_factory.mktemp("kserve-grpc")
     repo = write_repository(root)
+    write_llm_pipeline(repo, "tiny")
     deploy = root / "deploy.yaml"
     deploy.write_text(f"""\
 models:
@@ -210,10 +213,11 @@ def test_statistics_and_repository(client):
     client.infer("py_text", [infer_input("TEXT", np.array([["a"], ["b"]], dtype=object))], headers=auth())
     stats = client.get_inference_statistics("py_text", headers=auth(), as_json=True)["model_stats"][0]
     assert stats["name"] == "py_text" and int(stats["inference_count"]) >= 2
+    served = REPOSITORY_MODELS | PIPELINE_MODELS | {"tiny", "minilm"}
     names = {s.name for s in client.get_inference_statistics(headers=auth()).model_stats}
-    assert names == REPOSITORY_MODELS | {"tiny", "minilm"}
+    assert names == served
     index = client.get_model_repository_index(headers=auth())
-    assert {(m.name, m.state) for m in index.models} == {(n, "READY") for n in REPOSITORY_MODELS | {"tiny", "minilm"}}
+    assert {(m.name, m.state) for m in index.models} == {(n, "READY") for n in served}
     client.unload_model("py_text", headers=auth())
     assert not client.is_model_ready("py_text", headers=auth())
     with pytest.raises(InferenceServerException) as info:
@@ -275,10 +279,10 @@ def test_embedding_model_matches_v1_embeddings(client, server):
 PROMPT = "The capital of France is"
 
 
-def greedy_completion(server, max_tokens: int) -> str:
+def greedy_completion(server, max_tokens: int, prompt: str = PROMPT) -> str:
     import httpx
     r = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
-                   json={"model": "tiny", "prompt": PROMPT, "temperature": 0, "max_tokens": max_tokens})
+                   json={"model": "tiny", "prompt": prompt, "temperature": 0, "max_tokens": max_tokens})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
 
@@ -369,6 +373,52 @@ def test_triton_generate_extension_over_http(server):
     assert r.status_code == 501 and r.json()["error"]
 
 
+def test_llm_pipeline_ensemble_streams_every_token_through_post_processing(server):
+    """pre-process -> the server's LLM -> post-process (Triton's LLM ensemble), streamed over gRPC: one
+    response per LLM response, each upper-cased by the post-processing model; not streamed: one response."""
+    import httpx
+    prompt = "Name a city"
+    expected = greedy_completion(server, 12, TEMPLATE.format(prompt))
+    client = tg.InferenceServerClient(server.grpc_url)
+    config = client.get_model_config("llm_pipeline", headers=auth()).config
+    assert config.model_transaction_policy.decoupled            # auto-completed: a step streams
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
+    try:
+        inputs = [infer_input("PROMPT", np.array([prompt.encode()], dtype=object)),
+                  infer_input("stream", np.array([True]))]
+        client.async_stream_infer("llm_pipeline", inputs, request_id="pipe-1", enable_empty_final_response=True,
+                                  parameters={"temperature": 0, "max_tokens": 12})
+        pieces = []
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            assert response.id == "pipe-1" and response.model_name == "llm_pipeline"
+            if response.parameters["triton_final_response"].bool_param:
+                break
+            pieces.append(result.as_numpy("RESPONSE")[0].decode())
+    finally:
+        client.stop_stream()
+        client.close()
+    assert len(pieces) > 1 and "".join(pieces) == expected.upper()
+    body = {"inputs": [{"name": "PROMPT", "shape": [1], "datatype": "BYTES", "data": [prompt]},
+                       {"name": "exclude_input_in_output", "shape": [1], "datatype": "BOOL", "data": [True]}],
+            "parameters": {"temperature": 0, "max_tokens": 12}}
+    r = httpx.post(server.url + "/v2/models/llm_pipeline/infer", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [expected.upper()], r.text
+    # Triton's generate extension on the ensemble: JSON fields named like its inputs become those inputs.
+    from test_server_helpers import sse_events
+    with httpx.stream("POST", server.url + "/v2/models/llm_pipeline/generate_stream", headers=server.headers,
+                      timeout=60, json={"PROMPT": prompt, "stream": True,
+                                        "parameters": {"temperature": 0, "max_tokens": 12}}) as response:
+        assert response.status_code == 200
+        events = sse_events(response.iter_lines())
+    assert len(events) > 1 and "".join(e["RESPONSE"] for e in events) == expected.upper()
+    stats = httpx.get(server.url + "/v2/models/llm_pipeline/stats", headers=server.headers).json()
+    assert stats["model_stats"][0]["inference_stats"]["success"]["count"] == 3
+
+
 def aborted_requests(server) -> float:
     import httpx
     text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -412,6 +462,8 @@ def test_sigterm_drains_grpc_requests_in_flight_and_refuses_new_ones(server, cli
     """Last in this module: it stops the module's server (SIGTERM), as the fixture's teardown would."""
     import signal
     import time
+
+    import httpx
     gate_dir = server.repo / "gate"
     results: queue.Queue = queue.Queue()
     client.async_infer("gate", [infer_input("X", np.array([4.0], np.float32))], headers=auth(),
@@ -420,6 +472,13 @@ def test_sigterm_drains_grpc_requests_in_flight_and_refuses_new_ones(server, cli
     while not (gate_dir / "started").exists():
         assert time.monotonic() < deadline, "the request never reached the model"
         time.sleep(0.01)
+    # A second request waits behind the first (one instance, no batching): Triton's pending-request gauge.
+    client.async_infer("gate", [infer_input("X", np.array([5.0], np.float32))], headers=auth(),
+                       callback=lambda result, error: results.put((result, error)))
+    pending = 'nv_inference_pending_request_count{model="gate",version="1"} 1'
+    while pending not in httpx.get(server.url + "/metrics", timeout=10).text:
+        assert time.monotonic() < deadline, "the queued request never showed in nv_inference_pending_request_count"
+        time.sleep(0.02)
     server.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 60
     while client.is_server_ready():          # draining: not ready, and new inferences are refused
@@ -429,6 +488,7 @@ def test_sigterm_drains_grpc_requests_in_flight_and_refuses_new_ones(server, cli
         client.infer("onnx_linear", [infer_input("x", x_rows(1))], headers=auth())
     assert status_of(info.value) == "StatusCode.UNAVAILABLE" and "shutting down" in info.value.message()
     (gate_dir / "release").touch()
-    result, error = results.get(timeout=60)
-    assert error is None and result.as_numpy("Y").tolist() == [4.0]
+    answers = [results.get(timeout=60) for _ in range(2)]
+    assert all(error is None for _, error in answers), answers
+    assert sorted(result.as_numpy("Y").tolist()[0] for result, _ in answers) == [4.0, 5.0]
     assert server.proc.wait(timeout=60) == 0, server.output()

@@ -18,10 +18,10 @@ import flotilla
 # peers: they may not import each other either.
 LAYERS: list[tuple[str, ...]] = [
     ("entrypoints",),                        # protocol adapters (OpenAI, KServe) and the ``flotilla`` CLI
-    ("bench",),                              # benchmark clients: a top-level tool the CLI registers
     ("k8s",),                                # manifests from a DeploymentConfig
     ("batch",),                              # batch jobs (OpenAI batch files, Spark, Ray Data)
-    ("planner",),                            # cost model, simulator, plan search
+    ("planner",),                            # cost model, simulator, plan search (its probe runs bench)
+    ("bench",),                              # benchmark clients, datasets, vLLM's metric definitions
     ("deploy",),                             # deployment file, engine arguments, replica sets, Ray Serve
     ("repository",),                         # Triton-style model repository
     ("flotilla",),                           # the package facade: re-exports LLM, AsyncLLM, EngineArgs

@@ -293,3 +293,44 @@ def test_poll_mode_picks_up_changes_on_a_fake_clock(repo_dir):
         finally:
             await repo.close()
     run(main())
+
+
+# --------------------------------------------------------------------- models served next to the repository
+
+def test_external_models_are_ensemble_steps_and_their_names_are_taken(tmp_path):
+    """The server's other models (here: a model of a second repository) may be ensemble steps; a repository
+    model of the same name is not loaded and says why."""
+    server_dir, repo_dir = tmp_path / "server", tmp_path / "repo"
+    write_scale(server_dir, 1, factor=3.0)                      # "scale" is the server's model
+    write_scale(repo_dir, 1, factor=5.0)                        # ... so the repository's "scale" must not load
+    write_scale(repo_dir, 1, factor=2.0, name="double")
+    write(repo_dir / "chain" / "config.pbtxt", """
+name: "chain" platform: "ensemble" max_batch_size: 4
+input [{ name: "X" data_type: TYPE_FP32 dims: [2] }]
+output [{ name: "Y" data_type: TYPE_FP32 dims: [2] }]
+ensemble_scheduling { step [
+  { model_name: "double" model_version: -1 input_map { key: "X" value: "X" } output_map { key: "Y" value: "d" } },
+  { model_name: "scale" model_version: -1 input_map { key: "X" value: "d" } output_map { key: "Y" value: "Y" } }
+] }
+""")
+    (repo_dir / "chain" / "1").mkdir()
+
+    async def main():
+        server = ModelRepository([server_dir])
+        await server.start()
+        repo = ModelRepository([repo_dir], strict_readiness=False)
+        repo.set_external_models({"scale": server.model("scale")})
+        await repo.start()
+        try:
+            found = states(repo)
+            assert found[("scale", "")][0] == "UNAVAILABLE" and "already served" in found[("scale", "")][1]
+            assert found[("chain", "1")][0] == "READY"
+            out = await repo.model("chain").infer(x(1.0, rows=2))
+            np.testing.assert_allclose(out.outputs["Y"], np.full((2, 2), 6.0))      # 1 * 2 (double) * 3 (server)
+            with pytest.raises(InferError) as info:
+                repo.model("scale")
+            assert info.value.code == "NOT_FOUND"
+        finally:
+            await repo.close()
+            await server.close()
+    run(main())

@@ -85,7 +85,8 @@ def test_file_errors_name_the_key(tmp_path, text, key, needle):
      "--repository-poll-secs: must be > 0"),
     (["--model-control-mode", "explicit"], "--model-control-mode needs --model-repository"),
     (["--model-repository", "{repo}", "--max-num-seqs", "4"], "--max-num-seqs needs a MODEL to serve"),
-    (["--model-repository", "{repo}", "--ray"], "--ray does not serve a model repository"),
+    (["--model-repository", "{repo}", "--model-control-mode", "poll", "--ray"],
+     "model control mode 'poll' is not available with --ray"),
     (["--config", "{deploy}", "--model-repository", "{repo}"], "--config cannot be combined"),
     (["--config", "{bad_deploy}"], "model_repository.load_models: models to load at startup need model control"),
 ])

@@ -162,3 +162,13 @@ def test_openai_sdk_calls_still_work(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=M, max_tokens=2, store=True)
     assert info.value.body["param"] == "store" and "not supported" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "hi", "max_tokens": 2, "priority": 1}),
+                                        ("/v1/chat/completions", {"messages": M, "max_tokens": 2, "priority": -5})])
+def test_nonzero_priority_without_the_priority_policy_is_400(server, path, body):
+    """vLLM's ``priority`` needs ``--scheduling-policy priority`` (this server runs fcfs): 400 naming it.
+    Under the priority policy it reaches the engine (``test_request_priority.py``)."""
+    err = error_of(post(server, path, body))
+    assert err["param"] == "priority", err
+    assert "priority scheduling is not enabled" in err["message"] and "--scheduling-policy priority" in err["message"]

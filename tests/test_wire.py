@@ -87,7 +87,8 @@ def _members(union) -> set[type]:
 
 # ------------------------------------------------------------------------------- frontend <-> engine core
 def test_request_with_every_sampling_field_roundtrips():
-    req = EngineCoreRequest("2_req-é", [1, 0, 49151, 17], every_field_params(), time.monotonic(), "tenant-✓")
+    req = EngineCoreRequest("2_req-é", [1, 0, 49151, 17], every_field_params(), time.monotonic(), "tenant-✓",
+                            -(2**63))
     back = roundtrip(TO_CORE, AddRequest(req)).request
     assert back == req
     assert isinstance(back.sampling_params, SamplingParams)
@@ -169,9 +170,10 @@ def test_control_endpoints_and_tensor_headers_roundtrip():
 # ------------------------------------------------------------------------------- Ray Serve ingress <-> replica
 def test_serve_request_and_output_roundtrip():
     request = GenerateRequest("cmpl-1", "héllo 😀", [1, 17, 49151], every_field_params(), OutputKind.FINAL_ONLY,
-                              "tenant-✓")
+                              "tenant-✓", priority=2**63 - 1)
     back = roundtrip(GENERATE_REQUEST, request)
     assert back == request and back.output_kind is OutputKind.FINAL_ONLY and back.cache_salt == "tenant-✓"
+    assert back.priority == 2**63 - 1
     assert isinstance(back.sampling_params, SamplingParams) and back.sampling_params.stop == ["\n\n", "END", "é✓"]
     assert prompt_token_ids_of(GENERATE_REQUEST.encode(request)) == [1, 17, 49151]
     assert GENERATE_REQUEST.decode(GENERATE_REQUEST.encode(
@@ -247,7 +249,7 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
         cache=CacheConfig(**_with_bools_flipped(CacheConfig, dict(block_size=32, kv_cache_memory=2.5,
                                                                   num_blocks=77))),
         scheduler=SchedulerConfig(**_with_bools_flipped(SchedulerConfig, dict(
-            max_num_batched_tokens=8192, max_num_seqs=7, max_model_len=4096))),
+            max_num_batched_tokens=8192, max_num_seqs=7, max_model_len=4096, policy="priority"))),
         parallel=ParallelConfig(**_with_bools_flipped(ParallelConfig, dict(
             tensor_parallel_size=3, pipeline_parallel_size=2, executor_backend="ray", distributed_backend="gloo",
             pipeline_partition=(1, 1), ray_address="10.0.0.1:6379", collective_timeout_s=12.5))),
@@ -295,6 +297,7 @@ def test_engine_config_decoding_is_strict(config_dir):
 def test_engine_args_with_every_field_set_roundtrip():
     given = dict(model="m", dtype="bfloat16", quantization="int8", max_model_len=4096, kv_cache_memory=2.5,
                  num_kv_blocks=99, block_size=32, max_num_seqs=3, max_num_batched_tokens=512,
+                 scheduling_policy="priority",
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7,

@@ -25,7 +25,7 @@ import argparse
 import json
 import math
 
-from flotilla.config import STRUCTURED_OUTPUTS_BACKENDS
+from flotilla.config import SCHEDULING_POLICIES, STRUCTURED_OUTPUTS_BACKENDS
 from flotilla.deploy.spec import DeploymentConfig, ModelSpec
 
 # EngineArgs field -> the model entry's key that sets it in a deployment file.
@@ -71,6 +71,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                   help="fcfs: first come first served (requests with a positive priority, such as batch work, wait "
+                        "behind priority-0 ones); priority: serve by the request's priority (lower first), preempting "
+                        "worse running requests (vLLM's)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--batch-invariant", action="store_true",
@@ -132,6 +136,7 @@ def engine_args_from(ns: argparse.Namespace):
     return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len,
                       kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
                       max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+                      scheduling_policy=ns.scheduling_policy,
                       enable_prefix_caching=ns.enable_prefix_caching,
                       enable_chunked_prefill=ns.enable_chunked_prefill,
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,

@@ -1,12 +1,17 @@
 """flotilla on Ray Serve: one deployment per model, and the application builder that puts an ingress in front.
 
 Layout of the Serve application ``flotilla`` (route prefix ``/``):
-- one ``ModelServer`` deployment per model (named after the model): each replica is one ``AsyncLLM`` whose
-  engine core runs in a child process; with tensor/pipeline parallelism its ranks are Ray actors in a
-  placement group made by flotilla's Ray executor (they may span nodes). ``replicas`` becomes
+- one ``ModelServer`` deployment per generative model (named after the model): each replica is one
+  ``AsyncLLM`` whose engine core runs in a child process; with tensor/pipeline parallelism its ranks are Ray
+  actors in a placement group made by flotilla's Ray executor (they may span nodes). ``replicas`` becomes
   ``num_replicas``, ``autoscaling`` Serve's ``autoscaling_config`` (driven by ongoing requests); replicas
   are chosen by ``FlotillaRequestRouter`` with the file's ``routing`` policy (``prefix_aware``: the replica
   that has the prompt's prefix cached unless it is overloaded, else power of two choices).
+- one ``EmbeddingServer`` deployment per embedding model (named after the model; ``replicas`` /
+  ``autoscaling`` as above, Serve's default router): each replica an ``AsyncEmbedder`` batched by the model
+  repository's dynamic batcher (``flotilla.deploy.ray_replicas``).
+- with a ``model_repository``: one ``RepositoryModelServer`` deployment per repository model,
+  ``repo-<model>`` (``flotilla.deploy.ray_repository`` says which models and with what options).
 - one ingress deployment (``INGRESS_NAME``, the file's ``ingress.replicas`` replicas), passed to
   ``build_ray_app`` by the layer above: flotilla's OpenAI ingress (``flotilla.entrypoints.openai.ray_ingress``,
   which also holds ``build_openai_ray_app``); ``flotilla serve --ray`` is
@@ -36,6 +41,9 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from flotilla.deploy.ray_replicas import EmbeddingServer, replica_id
+from flotilla.deploy.ray_repository import (deployment_name, plan_repository, repository_cpus,
+                                            repository_deployments)
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
 from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
 from flotilla.deploy.serve_wire import (ENGINE_DEAD, GENERATE_REQUEST, Accepted, GenerateFailure, encode_frame,
@@ -114,7 +122,7 @@ class ModelServer:
         self.stall_timeout_s = stall_timeout_s
         self.args = replica_engine_args(engine_args, ray.get_runtime_context().gcs_address)
         self.engine = AsyncLLM(self.args)
-        self.replica_id = _replica_id()
+        self.replica_id = replica_id()
         self._inflight = 0
         self._ongoing: set[str] = set()
         self.requests_total = 0
@@ -138,7 +146,8 @@ class ModelServer:
         stream = None
         try:
             yield encode_frame(Accepted(self.replica_id))
-            stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind)
+            stream = self.engine.generate(prompt, req.sampling_params, req.request_id, req.output_kind,
+                                          priority=req.priority)
             async for out in stream:
                 self._outputs_seen += 1
                 finished = out.finished
@@ -234,13 +243,6 @@ def _exit_this_actor() -> None:
     ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (tests constructing the class directly)
-        return f"local-{os.getpid()}"
-
-
 # ---- building the application ----------------------------------------------------------------------------
 
 def _ray_setting(spec, key: str, default=None):
@@ -320,42 +322,106 @@ def model_deployment_options(spec, routing: str = "prefix_aware", seed: int | No
     return options
 
 
+# ray: settings that only generative models' deployments use
+GENERATIVE_ONLY_SETTINGS = ("stall_timeout_s", "routing_stats_period_s", "routing_kwargs", "placement_strategy")
+
+
+def embedding_deployment_options(spec) -> dict:
+    """The keyword arguments of ``Deployment.options`` for an embedding model's deployment: name, replicas or
+    autoscaling, actor resources, ``max_ongoing_requests`` and health checks (Serve's default router: no
+    prefix to route by). The generative-only ``ray:`` settings are warned about, not applied."""
+    _check_ray_settings(spec)
+    unused = [key for key in GENERATIVE_ONLY_SETTINGS if key in (getattr(spec, "ray", None) or {})]
+    if unused:
+        logger.warning("model %s: ray settings %s apply to generative models only; an embedding model's "
+                       "deployment does not use them", spec.name, unused)
+    args = spec.engine_args()
+    options = dict(name=spec.name, ray_actor_options=replica_resources(args, spec),
+                   max_ongoing_requests=_ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs)),
+                   health_check_period_s=_ray_setting(spec, "health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S),
+                   health_check_timeout_s=_ray_setting(spec, "health_check_timeout_s",
+                                                       DEFAULT_HEALTH_CHECK_TIMEOUT_S))
+    grace = _ray_setting(spec, "graceful_shutdown_timeout_s")
+    if grace is not None:
+        options["graceful_shutdown_timeout_s"] = grace
+    auto = autoscaling_config(spec)
+    if auto is not None:
+        options["autoscaling_config"] = auto
+    else:
+        options["num_replicas"] = spec.replicas
+    return options
+
+
+def embedding_models(config) -> list[str]:
+    """The names of the deployment's embedding models (the pooling runner), in file order."""
+    from flotilla.engine.async_embedder import is_pooling_model
+    return [spec.name for spec in config.models if is_pooling_model(spec.engine_args())]
+
+
 def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None = None, **ingress_kwargs):
-    """The Serve application for a deployment: a ``ModelServer`` deployment per model behind ``ingress``.
+    """The Serve application for a deployment: a deployment per model (``ModelServer``, or ``EmbeddingServer``
+    for an embedding model) and per repository model (``RepositoryModelServer``) behind ``ingress``.
 
     ``ingress`` is the application's HTTP entry, a class made with ``serve.ingress`` (flotilla's OpenAI one
     is ``flotilla.entrypoints.openai.ray_ingress.OpenAIIngress``); it runs as the deployment ``INGRESS_NAME``
     with ``config.ingress_replicas`` replicas (no CPU reserved: Serve's proxy spreads requests over them and
     routes around a dead one) and is constructed with ``models`` (model name -> deployment handle),
     ``engine_args`` (model name -> EngineArgs), ``routes`` (the aliases' traffic splits), ``seed`` and
-    ``ingress_kwargs``. ``graceful_shutdown_timeout_s`` (None: Serve's default) is how long Serve lets an
-    ingress replica it stops finish its requests: the server's drain limit, so Serve never cuts a drain short.
-    A deployment with a ``model_repository`` is refused (ValueError): it is not served on Ray Serve yet.
+    ``ingress_kwargs``, plus ``embedding_models`` (the names of the models that are embedding models),
+    ``repository`` (the ``RepositoryPlan`` of the file's ``model_repository``, or None) and
+    ``repository_models`` (repository model name -> its deployment handle).
+    ``graceful_shutdown_timeout_s`` (None: Serve's default) is how long Serve lets an ingress replica it stops
+    finish its requests: the server's drain limit, so Serve never cuts a drain short. ValueError (before
+    anything deploys) for a repository Ray cannot serve (``check_repository_on_ray``) and for a name that
+    would be both a model of the file and a repository model, or both a model's and a repository model's
+    deployment.
     """
-    if config.model_repository is not None:
-        raise ValueError("a model repository (model_repository:) is not served on Ray Serve yet; serve it "
-                         "embedded (flotilla serve without --ray)")
+    embedding = set(embedding_models(config))
     handles, engine_args = {}, {}
     for spec in config.models:
         args = spec.engine_args()
         engine_args[spec.name] = args
+        if spec.name in embedding:
+            handles[spec.name] = serve.deployment(EmbeddingServer).options(
+                **embedding_deployment_options(spec)).bind(spec.name, args)
+            continue
         stall = _ray_setting(spec, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
         handles[spec.name] = model_deployment(spec, config.routing, config.seed).bind(
             spec.name, args, stall)
+    plan = repository_models = None
+    if config.model_repository is not None:
+        plan = plan_repository(config.model_repository, config.model_names)
+        _check_repository_names(config, plan)
+        repository_models = repository_deployments(plan)
     options = dict(name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
                    ray_actor_options={"num_cpus": 0})
     if graceful_shutdown_timeout_s is not None:
         options["graceful_shutdown_timeout_s"] = graceful_shutdown_timeout_s
     deployment = serve.deployment(ingress).options(**options)
     return deployment.bind(models=handles, engine_args=engine_args, routes=dict(config.routes or {}),
-                           seed=config.seed, **ingress_kwargs)
+                           seed=config.seed, embedding_models=sorted(embedding), repository=plan,
+                           repository_models=repository_models, **ingress_kwargs)
+
+
+def _check_repository_names(config, plan) -> None:
+    both = sorted(set(config.model_names) & set(plan.names))
+    if both:
+        raise ValueError(f"model name(s) {both} are both models of the deployment file and repository models")
+    taken = {*config.model_names, INGRESS_NAME}
+    clash = sorted(deployment_name(m) for m in plan.deployed if deployment_name(m) in taken)
+    if clash:
+        raise ValueError(f"Ray Serve deployment name(s) {clash} of repository models are taken by models of the "
+                         f"deployment file; rename those models")
 
 
 # ---- the cluster ---------------------------------------------------------------------------------------
 
 def cpus_needed(config) -> int:
-    """Logical CPUs a local Ray instance needs so every replica (at its maximum count) and rank fits."""
-    total = 0
+    """Logical CPUs a local Ray instance needs so every replica (at its maximum count) and rank fits, the
+    repository models' replicas included."""
+    total = 0.0
+    if config.model_repository is not None:
+        total += repository_cpus(plan_repository(config.model_repository, config.model_names))
     for spec in config.models:
         args = spec.engine_args()
         auto = getattr(spec, "autoscaling", None)

@@ -29,6 +29,7 @@ from flotilla.engine.llm_engine import load_tokenizer
 from flotilla.engine.output_processor import OutputKind
 from flotilla.errors import EngineDeadError, InvalidRequestError
 from flotilla.outputs import RequestOutput
+from flotilla.request import check_priority
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.scheduler import SchedulerStats, add_step_counts
 
@@ -134,15 +135,17 @@ class RemoteEngine:
 
     # ---- requests ---------------------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+                       output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
             raise EngineDeadError(str(self.dead_error))
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        check_priority(priority)
         processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
         self.ensure_stats_task()
         request = GenerateRequest(request_id, processed.prompt, processed.prompt_token_ids, processed.params,
-                                  output_kind, processed.cache_salt)
+                                  output_kind, processed.cache_salt, priority=priority)
         clock = _Rebase(time.monotonic(), keep_first_token_time=output_kind == OutputKind.FINAL_ONLY)
         self._queued.add(request_id)
         state = _Attempt(request_id)

@@ -87,13 +87,13 @@ class ReplicaSet:
                               iteration_tokens_sum=sum(s.iteration_tokens_sum for s in stats))
 
     async def generate(self, prompt, sampling_params, request_id: str,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator:
+                       output_kind: OutputKind = OutputKind.CUMULATIVE, priority: int = 0) -> AsyncIterator:
         if request_id in self._owner:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         replica_id = self._route(prompt)
         self._owner[request_id] = replica_id
         self.num_ongoing[replica_id] += 1
-        stream = self._by_id[replica_id].generate(prompt, sampling_params, request_id, output_kind)
+        stream = self._by_id[replica_id].generate(prompt, sampling_params, request_id, output_kind, priority=priority)
         try:
             async for out in stream:
                 yield out

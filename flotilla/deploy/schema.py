@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from flotilla.config import SCHEDULING_POLICIES
 from flotilla.deploy.engine_args import ENGINE_KEYS_SET_ELSEWHERE
 from flotilla.deploy.routing import ROUTING_POLICIES
 from flotilla.deploy.spec import (DEFAULT_ROUTING, DEFAULT_TARGET_ONGOING_REQUESTS, MODEL_CONTROL_MODES,
@@ -31,7 +32,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Early checks of engine overrides (the engine validates everything again when it starts).
 ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantization": ("int8",),
                   "distributed_executor_backend": ("uni", "mp", "ray", "external"),
-                  "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling")}
+                  "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling"),
+                  "scheduling_policy": SCHEDULING_POLICIES}
 ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,
                   "max_num_batched_tokens": 1, "num_threads": 1}
 ENGINE_POSITIVE = ("kv_cache_memory",)

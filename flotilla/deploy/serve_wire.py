@@ -23,8 +23,9 @@ class GenerateRequest(WireStruct):
     outputs), else None; ``prompt_token_ids``: the prompt the engine runs (and the prefix the request router
     matches); ``sampling_params``: how to decode; ``output_kind``: deltas (the default), cumulative outputs
     or the final output only; ``cache_salt``: the request's prefix-cache salt (None: unsalted);
-    ``exclude_replicas``: replica ids this request must not be routed to (those it already failed on; the
-    request router honours it, waiting for another replica rather than using one of them).
+    ``priority``: the engine request's scheduling priority (lower is served earlier); ``exclude_replicas``:
+    replica ids this request must not be routed to (those it already failed on; the request router honours it,
+    waiting for another replica rather than using one of them).
     """
 
     request_id: str
@@ -34,6 +35,7 @@ class GenerateRequest(WireStruct):
     output_kind: OutputKind = OutputKind.DELTA
     cache_salt: str | None = None
     exclude_replicas: list[str] = []
+    priority: int = 0
 
 
 class Accepted(WireStruct, tag="accepted"):

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from flotilla.config import (STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
-                             ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
+from flotilla.config import (SCHEDULING_POLICIES, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig,
+                             EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
 from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.models.loader import load_hf_config, resolve_model
@@ -34,6 +34,10 @@ class EngineArgs:
     ``runner`` (vLLM's ``--runner``): "auto" detects it from the architecture, as vLLM does: a decoder
     (``*ForCausalLM``) runs on the "generate" runner, an encoder (``BertModel``) on the "pooling" runner
     (embeddings, ``pooling_engine_config``); naming the other one is an ``InvalidRequestError``.
+
+    ``scheduling_policy`` (vLLM's ``--scheduling-policy``): "fcfs" (the default: first come first served;
+    requests with a positive priority, such as batch work, wait behind priority-0 ones but never preempt) or
+    "priority" (requests served by their ``priority``, lower first; a better one preempts worse running ones).
     """
 
     model: str | None = None
@@ -47,6 +51,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None
+    scheduling_policy: str = "fcfs"  # fcfs | priority (vLLM's --scheduling-policy)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # uni | mp | ray | external (None: uni or mp)
@@ -74,6 +79,9 @@ class EngineArgs:
         dtype = self._dtype(hf_config)
         self._check_quantization(dtype)
         self._check_batch_invariant()
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise InvalidRequestError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
+                                      f"{self.scheduling_policy!r}", "scheduling_policy")
         model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
                             source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
                             max_model_len=max_len, served_model_name=self.served_model_name,
@@ -83,7 +91,8 @@ class EngineArgs:
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
                             num_blocks=self.num_kv_blocks, enable_prefix_caching=self.enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
-                                    max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill)
+                                    max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill,
+                                    policy=self.scheduling_policy)
         parallel = ParallelConfig(
             self.tensor_parallel_size, self.pipeline_parallel_size, executor_backend=self.distributed_executor_backend,
             distributed_backend=self.distributed_backend,

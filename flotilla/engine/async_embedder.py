@@ -26,13 +26,14 @@ class AsyncEmbedder:
     Contract: ``check_params`` validates ``PoolingParams`` against the model (``InvalidRequestError``);
     ``input_processor.process(input, param)`` tokenizes one input (call it on a tokenizer lane);
     ``await embed(token_ids, params)`` returns the float32 embedding row (a 1-D array) of one processed input, batched
-    with whatever else is waiting; ``EngineDeadError`` after ``shutdown()``. ``num_blocks`` is 0 (no KV
+    with whatever else is waiting; ``await embed_many(token_ids_list, params)`` those of one request's inputs,
+    which enter the batcher together; ``EngineDeadError`` after ``shutdown()``. ``num_blocks`` is 0 (no KV
     cache); ``latest_stats`` reports the inputs running and waiting and, as vLLM's ``iteration_tokens`` per
     engine step, the tokens of each forward pass (real tokens, not padding).
 
     ``batcher_factory(run_batch, max_num_seqs, max_num_batched_tokens)`` makes the batcher: an object with
     ``await submit(token_ids, params)`` (the result of ``run_batch`` for that input, batched with others;
-    ``EngineDeadError`` once closed), ``close()``, ``num_waiting``, ``num_running`` and ``dead_error``.
+    ``EngineDeadError`` once closed), ``await submit_many(token_ids_list, params)`` (several inputs at once), ``close()``, ``num_waiting``, ``num_running`` and ``dead_error``.
     """
 
     runner = "pooling"
@@ -88,6 +89,10 @@ class AsyncEmbedder:
 
     async def embed(self, token_ids: list[int], params: PoolingParams):
         return await self.batcher.submit(token_ids, params)
+
+    async def embed_many(self, token_ids: list[list[int]], params: PoolingParams) -> list:
+        """The embedding rows of one request's inputs, in order, submitted to the batcher together."""
+        return await self.batcher.submit_many(token_ids, params)
 
     def shutdown(self) -> None:
         self.batcher.close()

@@ -23,6 +23,7 @@ from flotilla.engine.messages import AbortRequests, AddRequest, Failed, Outputs
 from flotilla.engine.output_processor import OutputKind, OutputProcessor
 from flotilla.errors import EngineDeadError, InvalidRequestError
 from flotilla.outputs import RequestOutput
+from flotilla.request import check_priority
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.scheduler import SchedulerStats
 
@@ -42,6 +43,8 @@ class AsyncLLM:
     ``latest_stats`` is the core's last scheduler snapshot (refreshed after every step, and after aborts
     while idle); ``num_queued_requests`` counts requests not yet scheduled. Outputs' ``metrics`` carry
     ``arrival_time``, ``first_scheduled_time`` and ``first_token_time`` (``time.monotonic()``).
+    ``generate(..., priority=0)``: the request's scheduling priority (vLLM's: lower is served earlier; see
+    ``LLMEngine``); a value that is not a 64-bit integer is an ``InvalidRequestError``.
     """
 
     def __init__(self, args: EngineArgs):
@@ -81,11 +84,13 @@ class AsyncLLM:
         return len(self.output_processor.requests)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+                       output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         self._check_alive()
+        check_priority(priority)
         processed = self.input_processor.process(prompt, sampling_params or SamplingParams())
         queue: asyncio.Queue = asyncio.Queue()
-        self._add(request_id, processed, output_kind, (asyncio.get_running_loop(), queue))
+        self._add(request_id, processed, output_kind, (asyncio.get_running_loop(), queue), priority)
         finished = False
         try:
             while not finished:
@@ -100,7 +105,7 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    def _add(self, request_id: str, processed, output_kind: OutputKind, target) -> None:
+    def _add(self, request_id: str, processed, output_kind: OutputKind, target, priority: int) -> None:
         with self._lock:
             self._check_alive()  # under the lock: a concurrent failure either sees this queue or we see it
             if request_id in self._queues or request_id in self.output_processor.requests:
@@ -110,7 +115,7 @@ class AsyncLLM:
             self._queues[request_id] = target
             self._queued.add(request_id)
         children = make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
-                                       time.monotonic(), processed.cache_salt)
+                                       time.monotonic(), processed.cache_salt, priority)
         try:
             for child in children:
                 self._client.send(AddRequest(child))

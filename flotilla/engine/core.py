@@ -30,7 +30,9 @@ class EngineCoreRequest(WireStruct):
 
     ``request_id``: the sequence's id; ``prompt_token_ids``: its prompt; ``sampling_params``: validated,
     with the model's EOS ids filled in; ``arrival_time``: ``time.monotonic()`` of the frontend when it came;
-    ``cache_salt``: prefix-cache blocks are shared only between requests of the same salt (None: unsalted).
+    ``cache_salt``: prefix-cache blocks are shared only between requests of the same salt (None: unsalted);
+    ``priority``: the scheduling priority (vLLM's: lower is served earlier, default 0; a 64-bit integer,
+    checked by the frontend).
     """
 
     request_id: str
@@ -38,6 +40,7 @@ class EngineCoreRequest(WireStruct):
     sampling_params: SamplingParams
     arrival_time: float
     cache_salt: str | None = None
+    priority: int = 0
 
 
 class EngineCoreOutputs(WireStruct):
@@ -52,16 +55,16 @@ class EngineCoreOutputs(WireStruct):
 
 
 def make_child_requests(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                        child_ids: list[str], arrival_time: float,
-                        cache_salt: str | None = None) -> list[EngineCoreRequest]:
-    """Fan a request out into one core request per sample (all with the request's cache salt); seeded
-    samples get seed + i."""
+                        child_ids: list[str], arrival_time: float, cache_salt: str | None = None,
+                        priority: int = 0) -> list[EngineCoreRequest]:
+    """Fan a request out into one core request per sample (all with the request's cache salt and priority);
+    seeded samples get seed + i."""
     children = []
     for i, cid in enumerate(child_ids):
         child_params = params
         if params.n > 1:
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-        children.append(EngineCoreRequest(cid, prompt_token_ids, child_params, arrival_time, cache_salt))
+        children.append(EngineCoreRequest(cid, prompt_token_ids, child_params, arrival_time, cache_salt, priority))
     return children
 
 
@@ -90,7 +93,7 @@ class EngineCore:
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, req.sampling_params,
-                                           req.arrival_time, cache_salt=req.cache_salt))
+                                           req.arrival_time, cache_salt=req.cache_salt, priority=req.priority))
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED):
         self.scheduler.finish_requests(request_ids, status)

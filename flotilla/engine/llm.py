@@ -14,6 +14,7 @@ from flotilla.engine.output_processor import OutputKind
 from flotilla.errors import InvalidRequestError
 from flotilla.outputs import EmbeddingRequestOutput, RequestOutput
 from flotilla.pooling_params import PoolingParams
+from flotilla.request import check_priority
 from flotilla.sampling_params import SamplingParams
 
 ChatMessages = list[dict]
@@ -25,7 +26,9 @@ class LLM:
     ``LLM(model=None)`` loads the embedded default (SmolLM2-135M-Instruct). ``generate`` accepts one prompt
     or many (strings, token-id lists or ``{"prompt_token_ids": [...]}``) with one SamplingParams or one per
     prompt, and returns outputs in input order. Every prompt is validated before any is queued, so a bad
-    one raises ``InvalidRequestError`` and leaves the engine idle and usable.
+    one raises ``InvalidRequestError`` and leaves the engine idle and usable. ``priority`` (as vLLM's): one
+    integer per prompt (lower is served earlier, default 0; see ``EngineArgs.scheduling_policy``), a list as
+    long as the prompts; ``chat`` takes one per conversation.
 
     An embedding model (an encoder such as ``"all-minilm-l6-v2"``: ``runner="auto"`` detects it from its
     architecture, as vLLM does; ``runner="pooling"`` insists) loads an ``Embedder`` instead: ``embed`` returns
@@ -66,29 +69,30 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         self._require("generate", "LLM.generate()")
         prompts = self._as_list(prompts)
         params = self._params_for(prompts, sampling_params)
+        priorities = self._priorities_for(prompts, priority)
         processed = [self.engine.input_processor.process(p, sp) for p, sp in zip(prompts, params)]
         ids = []
-        for item in processed:
+        for item, prio in zip(processed, priorities):
             rid = self.engine.next_request_id()
-            self.engine.add_processed_request(rid, item, OutputKind.FINAL_ONLY)
+            self.engine.add_processed_request(rid, item, OutputKind.FINAL_ONLY, priority=prio)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: ChatMessages | Sequence[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or many, then generate."""
         self._require("generate", "LLM.chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.engine.tokenizer.apply_chat_template(
             conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)}
             for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -132,6 +136,19 @@ class LLM:
         if prompts and isinstance(prompts[0], int):
             return [prompts]  # a single token-id list
         return prompts
+
+    @staticmethod
+    def _priorities_for(prompts: list, priority) -> list[int]:
+        """One checked priority per prompt (all 0 when None); ValueError when the list's length differs."""
+        if priority is None:
+            return [0] * len(prompts)
+        if isinstance(priority, (int, str, bytes)):
+            raise InvalidRequestError(f"priority must be a list with one integer per prompt (as in vLLM), got "
+                                      f"{type(priority).__name__}", "priority")
+        priority = [check_priority(p) for p in priority]
+        if len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
+        return priority
 
     @staticmethod
     def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:

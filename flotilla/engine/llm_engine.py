@@ -15,7 +15,7 @@ from flotilla.engine.output_processor import OutputKind, OutputProcessor
 from flotilla.engine.core import EngineCore, make_child_requests
 from flotilla.errors import InvalidRequestError
 from flotilla.outputs import RequestOutput
-from flotilla.request import RequestStatus
+from flotilla.request import RequestStatus, check_priority
 from flotilla.sampling_params import SamplingParams
 from flotilla.tokenizer import Tokenizer
 
@@ -44,7 +44,9 @@ class LLMEngine:
 
     Contract: a request that fails validation raises ``InvalidRequestError`` and leaves the engine
     unchanged; ``abort_request`` frees the request's KV blocks at once; each ``step`` returns a
-    RequestOutput for every request that made progress (per its OutputKind).
+    RequestOutput for every request that made progress (per its OutputKind). ``priority`` (vLLM's: an
+    integer, lower is served earlier, default 0) orders the waiting queue under either scheduling policy and
+    preempts worse running requests under "priority" (``flotilla.scheduler.scheduler.Scheduler``).
     """
 
     def __init__(self, config: EngineConfig):
@@ -79,19 +81,22 @@ class LLMEngine:
         return str(self._counter)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    output_kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: float | None = None) -> None:
+                    output_kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
         params = params or SamplingParams()
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        check_priority(priority)
         processed = self.input_processor.process(prompt, params)
-        self.add_processed_request(request_id, processed, output_kind, arrival_time)
+        self.add_processed_request(request_id, processed, output_kind, arrival_time, priority)
 
-    def add_processed_request(self, request_id, processed, output_kind, arrival_time=None) -> None:
+    def add_processed_request(self, request_id, processed, output_kind, arrival_time=None, priority: int = 0) -> None:
+        check_priority(priority)
         child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
                                                       processed.params, output_kind)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for child in make_child_requests(request_id, processed.prompt_token_ids, processed.params, child_ids,
-                                         arrival, processed.cache_salt):
+                                         arrival, processed.cache_salt, priority):
             self.core.add_request(child)
 
     def abort_request(self, request_ids: str | list[str]) -> None:

@@ -1,8 +1,9 @@
 """The ``EngineConfig`` of an embedding model (the "pooling" runner), from ``EngineArgs``.
 
 An encoder runs in the serving process, one forward pass per batch, with no KV cache and no parallelism:
-``tensor_parallel_size`` and ``pipeline_parallel_size`` above 1, ``quantization`` and ``batch_invariant``
-are ``InvalidRequestError``s naming the field. The rest of the engine arguments mean:
+``tensor_parallel_size`` and ``pipeline_parallel_size`` above 1, ``quantization``, ``batch_invariant`` and a
+``scheduling_policy`` other than "fcfs" are ``InvalidRequestError``s naming the field. The rest of the engine
+arguments mean:
 
 - ``max_model_len``: inputs are truncated to this many tokens, special tokens included (sentence-transformers'
   truncation). Default: the model's ``max_seq_length`` (``sentence_bert_config.json``), else the smaller of
@@ -58,6 +59,10 @@ def _check_unsupported(args) -> None:
         raise InvalidRequestError("quantization is not supported for embedding models", "quantization")
     if args.batch_invariant:
         raise InvalidRequestError("--batch-invariant is not supported for embedding models", "batch_invariant")
+    if args.scheduling_policy != "fcfs":
+        raise InvalidRequestError(f"scheduling_policy {args.scheduling_policy!r}: embedding models batch their "
+                                  f"inputs first come first served (request priorities are for generation)",
+                                  "scheduling_policy")
 
 
 def _max_model_len(args, directory: str, hf_config, pooler: PoolerConfig) -> int:

@@ -37,10 +37,12 @@ class EngineClient(Protocol):
       raises ``EngineDeadError`` and open streams end with it.
     - ``num_queued_requests``: requests not yet scheduled (admission control: 429 past the limit);
       ``num_unfinished_requests``: requests added and not finished.
-    - ``generate(prompt, params, request_id, output_kind)``: an async iterator of ``RequestOutput`` (deltas
-      with ``OutputKind.DELTA``); the request is added on the first iteration; leaving the iteration early
-      aborts it. ``prompt`` is what ``input_processor.process`` accepts (the server passes
-      ``{"prompt": text, "prompt_token_ids": ids}``).
+    - ``generate(prompt, params, request_id, output_kind, priority=0)``: an async iterator of
+      ``RequestOutput`` (deltas with ``OutputKind.DELTA``); the request is added on the first iteration;
+      leaving the iteration early aborts it. ``prompt`` is what ``input_processor.process`` accepts (the
+      server passes ``{"prompt": text, "prompt_token_ids": ids}``). ``priority`` is the engine request's
+      scheduling priority (lower is served earlier); an implementation that forwards requests carries it to
+      the engine (or raises), never drops it. ``config.scheduler.policy`` is the engine's scheduling policy.
     - ``abort(request_id | [ids])``: ends those requests (their streams end without finishing); unknown
       ids are ignored.
     - ``shutdown()``: stops the engine; called by whoever created it, never by the server app.
@@ -64,7 +66,7 @@ class EngineClient(Protocol):
     def num_unfinished_requests(self) -> int: ...
 
     def generate(self, prompt: Any, sampling_params: "SamplingParams | None", request_id: str,
-                 output_kind: "OutputKind" = ...) -> AsyncIterator["RequestOutput"]: ...
+                 output_kind: "OutputKind" = ..., priority: int = 0) -> AsyncIterator["RequestOutput"]: ...
 
     def abort(self, request_id: str | list[str]) -> None: ...
 

@@ -1,5 +1,5 @@
 """The ``flotilla`` command line: ``serve`` (the OpenAI-compatible server, and a model repository with
-``--model-repository``), ``generate``, ``models`` and ``bench``.
+``--model-repository``), ``generate``, ``run-batch`` (an OpenAI batch file), ``models`` and ``bench``.
 
 The engine flags and their resolution into ``EngineArgs`` live in ``flotilla.deploy.engine_args`` (shared
 with the deployment file and Ray Serve)."""
@@ -68,6 +68,12 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=command.run)
 
 
+def add_k8s_command(sub) -> None:
+    """``flotilla k8s``: Kubernetes manifests (plain, KServe, KubeRay) from a deployment file (flotilla.k8s)."""
+    from flotilla.k8s.cli import add_k8s_parser
+    add_k8s_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flotilla.deploy.repository_args import add_repository_args
     from flotilla.entrypoints.openai.cli_args import add_serve_args
@@ -89,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+    from flotilla.entrypoints.openai.run_batch import add_run_batch_parser
+    add_run_batch_parser(sub)
     models = sub.add_parser("models", help="list model aliases and whether they are installed")
     models.set_defaults(func=cmd_models)
     from flotilla.bench.cli import add_bench_parser
     add_bench_parser(sub)
     add_plan_parser(sub)
+    add_k8s_command(sub)
     return parser
 
 

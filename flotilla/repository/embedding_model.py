@@ -121,23 +121,39 @@ class DynamicEmbeddingBatcher:
 
     async def submit(self, token_ids: list[int], params: PoolingParams):
         """The embedding (a float32 numpy row) of one validated input, once its batch ran."""
+        return (await self.submit_many([token_ids], params))[0]
+
+    async def submit_many(self, token_ids: list[list[int]], params: PoolingParams) -> list:
+        """The embeddings of one request's inputs, in order. They enter the batcher's queue together (one step
+        of its loop), so they share a batch whenever its limits allow: the same request sent alone again gets
+        the same batch, hence the same bits. If one fails (or this is cancelled) the others are cancelled."""
         if (dead := self.dead_error) is not None:
             raise dead
-        inputs = {INPUT_IDS: np.asarray(token_ids, dtype=np.int64)[None]}   # (1, len)
+        inputs = [{INPUT_IDS: np.asarray(ids, dtype=np.int64)[None]} for ids in token_ids]   # each (1, len)
         parameters = {"dimensions": params.dimensions, "normalize": params.normalize}
         with self._lock:
-            self._in_flight += 1
+            self._in_flight += len(inputs)
         try:
-            future = asyncio.run_coroutine_threadsafe(self.batcher.infer(inputs, parameters=parameters), self._loop)
-            outputs = await asyncio.wrap_future(future)   # cancelling this cancels the request in the batcher
+            future = asyncio.run_coroutine_threadsafe(self._infer_all(inputs, parameters), self._loop)
+            outputs = await asyncio.wrap_future(future)   # cancelling this cancels the requests in the batcher
         except InferError as e:
             if self._closed or not self.batcher.accepting:
                 raise self.dead_error or EngineDeadError("the embedding model stopped") from None
             raise RuntimeError(e.message) from None
         finally:
             with self._lock:
-                self._in_flight -= 1
-        return outputs[EMBEDDING][0]
+                self._in_flight -= len(inputs)
+        return [out[EMBEDDING][0] for out in outputs]
+
+    async def _infer_all(self, inputs: list[dict], parameters: dict) -> list[dict]:
+        """On the batcher's loop: every input enqueued before the batcher looks at its queue again."""
+        tasks = [asyncio.ensure_future(self.batcher.infer(one, parameters=parameters)) for one in inputs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
         """Stop admitting; fail the queued inputs (EngineDeadError); let the running batch finish."""

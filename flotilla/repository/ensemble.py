@@ -20,6 +20,15 @@ Contracts:
   cancels its running steps. Statistics: success / fail and durations of the ensemble requests; queue and
   compute are the sums over the requests' steps (as Triton's ensemble statistics aggregate the composing
   models'); an ensemble has no batch statistics of its own (its steps' models do).
+- Decoupled steps (``decoupled_steps``: a model that streams its responses, such as an LLM of the server named
+  by a step, see ``external``): the ensemble's effective config is then decoupled too, and ``infer_stream``
+  yields one response per response of such a step, each flowing through the steps after it (Triton's ensemble
+  over a decoupled model, e.g. pre-process -> LLM -> post-process streaming token by token). A streamed request
+  runs its steps one at a time in step order. ``infer`` (not streamed) asks every step for one response.
+- ``generate(text_input, parameters)`` (Triton's generate extension on an ensemble): ``text_input`` and every
+  parameter named like an ensemble input become that input (one element, the input's data type); the other
+  parameters are the request's. Yields one dict per response (``infer_stream`` for a decoupled ensemble):
+  each output as a value (a one-element tensor as its element, BYTES decoded as UTF-8), else a list.
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import numpy as np
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from flotilla.repository import dtypes
 from flotilla.repository.config import ENSEMBLE_PLATFORM, WILDCARD_DIM, ModelConfig
 from flotilla.repository.errors import InferError, ModelConfigError
 from flotilla.repository.served import RequestStats, StepTimes, model_metadata, statistics_json
@@ -124,6 +134,23 @@ def _reachable(config: ModelConfig, steps: Sequence[EnsembleStep]) -> set[str]:
                 done.add(i)
                 progress = True
     return ready
+
+
+def _step_order(config: ModelConfig, steps: Sequence[EnsembleStep]) -> list[int]:
+    """Step indices in an order where each step's inputs exist before it runs (config order among the
+    steps that could run; a step that never can is left out: the config validation rejects that)."""
+    ready = {i.name for i in config.input}
+    order: list[int] = []
+    progress = True
+    while progress:
+        progress = False
+        for i, step in enumerate(steps):
+            if i not in order and set(step.input_map.values()) <= ready:
+                ready |= set(step.output_map.values())
+                order.append(i)
+                progress = True
+                break
+    return order
 
 
 def _not_written(name: str, output: str, writers: Mapping[str, int], steps: Sequence[EnsembleStep],
@@ -259,12 +286,17 @@ class EnsembleModel:
     """One version of an ensemble (see the module contract). Event-loop thread only."""
 
     def __init__(self, config: ModelConfig, version: int, resolve: Resolve,
-                 versions_of: Callable[[], Sequence[str]]):
+                 versions_of: Callable[[], Sequence[str]], decoupled_steps: frozenset[int] = frozenset()):
         self.name = config.name
         self.version = str(version)
+        self._decoupled = frozenset(decoupled_steps)
+        if self._decoupled:
+            config = _copy(config)
+            config.model_transaction_policy.decoupled = True
         self._config = config
         self._io = ModelIO.from_config(config)
         self._steps = ensemble_steps(config)
+        self._order = _step_order(config, self._steps)    # a topological order (streamed requests)
         self._resolve = resolve
         self._versions_of = versions_of
         self._metadata = model_metadata(config, (self.version,))
@@ -309,30 +341,114 @@ class EnsembleModel:
     async def infer_timed(self, inputs: Mapping[str, np.ndarray], *, requested_outputs: Sequence[str] = (),
                           parameters: Mapping[str, Any] | None = None, priority: int = 0,
                           timeout_us: int = 0) -> tuple[InferOutcome, StepTimes]:
-        if not self._accepting:
-            raise InferError("UNAVAILABLE", f"ensemble '{self.name}' version {self.version} is not at ready state")
+        self._admit()
         start, ok = time.perf_counter(), False
-        self._in_flight += 1
-        self._idle.clear()
         try:
             names = self._io.select_outputs(requested_outputs)
             batch_size, _, checked = self._io.check_request(inputs)
+            checked = self._with_absent(checked)
             run = dict(parameters or {}), priority, timeout_us
             tensors, times = await self._run_steps(checked, run)
-            outputs = {}
-            for name in names:
-                if name not in tensors:
-                    raise InferError("INTERNAL", f"ensemble '{self.name}' did not produce output '{name}'")
-                outputs[name] = tensors[name]
+            outcome = self._outcome(names, tensors)
             ok = True
         finally:
-            self._requests.record(ok, time.perf_counter() - start)
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._settle(ok, start)
         self._inference_count += batch_size
         self._times = self._times + times
-        return InferOutcome(outputs), times
+        return outcome, times
+
+    async def infer_stream(self, inputs: Mapping[str, np.ndarray], *, requested_outputs: Sequence[str] = (),
+                           parameters: Mapping[str, Any] | None = None, priority: int = 0,
+                           timeout_us: int = 0) -> AsyncIterator[InferOutcome]:
+        """One response per response of the decoupled steps (see the module contract)."""
+        self._admit()
+        start, ok = time.perf_counter(), False
+        times = StepTimes()
+        try:
+            names = self._io.select_outputs(requested_outputs)
+            batch_size, _, checked = self._io.check_request(inputs)
+            checked = self._with_absent(checked)
+            run = dict(parameters or {}), priority, timeout_us
+            async for tensors, step_times in self._flow(checked, 0, run):
+                times = times + step_times
+                yield self._outcome(names, tensors)
+            ok = True
+        finally:
+            self._settle(ok, start)
+            self._times = self._times + times
+        self._inference_count += batch_size
+
+    def _with_absent(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+        """The request's tensors plus ``None`` for each optional ensemble input it left out: a step mapping
+        one runs without that input (as in Triton)."""
+        absent = {name: None for name, spec in self._io.inputs.items() if spec.optional and name not in tensors}
+        return {**tensors, **absent}
+
+    def _admit(self) -> None:
+        """Count a request in (``_settle`` counts it out); InferError UNAVAILABLE once this version stopped."""
+        if not self._accepting:
+            raise InferError("UNAVAILABLE", f"ensemble '{self.name}' version {self.version} is not at ready state")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _settle(self, ok: bool, start: float) -> None:
+        self._requests.record(ok, time.perf_counter() - start)
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _outcome(self, names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> InferOutcome:
+        outputs = {}
+        for name in names:
+            if name not in tensors:
+                raise InferError("INTERNAL", f"ensemble '{self.name}' did not produce output '{name}'")
+            outputs[name] = tensors[name]
+        return InferOutcome(outputs)
+
+    async def _flow(self, tensors: dict[str, np.ndarray], first: int, run: tuple):
+        """The streamed DAG from position ``first`` of the step order on: yields (tensors, StepTimes) once per
+        response that reached the end; a decoupled step forks the flow once per response it sends."""
+        times = StepTimes()
+        for position in range(first, len(self._order)):
+            i = self._order[position]
+            step = self._steps[i]
+            if not set(step.input_map.values()) <= tensors.keys():
+                raise InferError("INTERNAL", f"ensemble '{self.name}': step {i} ('{step.model_name}') can never "
+                                             f"run (inputs not produced)")
+            if i in self._decoupled:
+                async for outcome, step_times in self._stream_step(step, tensors, run):
+                    branch = dict(tensors)
+                    self._store(step, outcome, branch)
+                    async for done, rest in self._flow(branch, position + 1, run):
+                        yield done, times + step_times + rest
+                        times = StepTimes()            # counted once
+                return
+            outcome, step_times = await self._step(step, tensors, run)
+            times = times + step_times
+            self._store(step, outcome, tensors)
+        yield tensors, times
+
+    async def _stream_step(self, step: EnsembleStep, tensors: Mapping[str, np.ndarray], run: tuple):
+        parameters, priority, timeout_us = run
+        model = self._resolve(step.model_name, step.model_version)
+        inputs = _step_inputs(step, tensors)
+        stream = getattr(model, "infer_stream", None)
+        if stream is None:
+            yield await self._step(step, tensors, run)
+            return
+        start = time.perf_counter()
+        async for outcome in stream(inputs, requested_outputs=list(step.output_map), parameters=parameters,
+                                    priority=priority, timeout_us=timeout_us):
+            now = time.perf_counter()
+            yield outcome, StepTimes(compute_infer_s=now - start)
+            start = time.perf_counter()
+
+    def _store(self, step: EnsembleStep, outcome: InferOutcome, tensors: dict[str, np.ndarray]) -> None:
+        for model_output, tensor in step.output_map.items():
+            if model_output not in outcome.outputs:
+                raise InferError("INTERNAL", f"model '{step.model_name}' did not produce output "
+                                             f"'{model_output}' for ensemble '{self.name}'")
+            tensors[tensor] = outcome.outputs[model_output]
 
     async def _run_steps(self, tensors: dict[str, np.ndarray], run: tuple) -> tuple[dict[str, np.ndarray], StepTimes]:
         """Run the DAG: a step starts once every tensor its input_map names exists."""
@@ -354,11 +470,7 @@ class EnsembleModel:
                     step = self._steps[running.pop(task)]
                     outcome, step_times = task.result()      # a step's InferError fails the request
                     times = times + step_times
-                    for model_output, tensor in step.output_map.items():
-                        if model_output not in outcome.outputs:
-                            raise InferError("INTERNAL", f"model '{step.model_name}' did not produce output "
-                                                         f"'{model_output}' for ensemble '{self.name}'")
-                        tensors[tensor] = outcome.outputs[model_output]
+                    self._store(step, outcome, tensors)
         finally:
             for task in running:
                 task.cancel()
@@ -369,7 +481,7 @@ class EnsembleModel:
     async def _step(self, step: EnsembleStep, tensors: Mapping[str, np.ndarray], run: tuple):
         parameters, priority, timeout_us = run
         model = self._resolve(step.model_name, step.model_version)
-        inputs = {model_input: tensors[tensor] for model_input, tensor in step.input_map.items()}
+        inputs = _step_inputs(step, tensors)
         return await model.infer_timed(inputs, requested_outputs=list(step.output_map), parameters=parameters,
                                        priority=priority, timeout_us=timeout_us)
 
@@ -380,5 +492,56 @@ class EnsembleModel:
                                compute=(r.success_count, t.compute_input_s, t.compute_infer_s,
                                         t.compute_output_s))
 
-    def generate(self, text_input: str, parameters: Mapping[str, Any]):
-        raise InferError("UNSUPPORTED", f"ensemble '{self.name}' does not support the generate extension")
+    async def generate(self, text_input: str | None, parameters: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Triton's generate extension (see the module contract)."""
+        inputs, request_parameters = self._generate_inputs(text_input, parameters)
+        if self._decoupled:
+            async for outcome in self.infer_stream(inputs, parameters=request_parameters):
+                yield _as_values(outcome.outputs)
+            return
+        outcome = await self.infer(inputs, parameters=request_parameters)
+        yield _as_values(outcome.outputs)
+
+    def _generate_inputs(self, text_input: str, parameters: Mapping[str, Any]):
+        values = dict(parameters) if text_input is None else {"text_input": text_input, **parameters}
+        inputs, rest = {}, {}
+        for key, value in values.items():
+            spec = self._io.inputs.get(key)
+            if spec is None:
+                if key == "text_input":
+                    raise InferError("INVALID_ARG", f"ensemble '{self.name}' has no input 'text_input'")
+                rest[key] = value
+                continue
+            rank = len(spec.dims) + (1 if self._io.batching else 0)
+            try:
+                array = (dtypes.as_bytes_array(np.array(value, dtype=np.object_)) if spec.type.is_bytes
+                         else np.array(value, dtype=spec.type.numpy))
+            except (TypeError, ValueError) as e:
+                raise InferError("INVALID_ARG", f"generate parameter '{key}' is not a valid {spec.datatype} "
+                                                f"value for input '{key}' of ensemble '{self.name}': {e}") from None
+            inputs[key] = array.reshape((1,) * max(rank - array.ndim, 0) + array.shape)
+        return inputs, rest
+
+
+def _step_inputs(step: EnsembleStep, tensors: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """A step's inputs from the ensemble tensors (an absent optional ensemble input is left out)."""
+    return {model_input: tensors[tensor] for model_input, tensor in step.input_map.items()
+            if tensors[tensor] is not None}
+
+
+def _copy(config: ModelConfig) -> ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    return out
+
+
+def _as_values(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A generate response: a one-element tensor as its element (BYTES as UTF-8 text), others as lists."""
+    values: dict[str, Any] = {}
+    for name, array in outputs.items():
+        if array.dtype == np.object_:
+            array = np.vectorize(lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b,
+                                 otypes=[object])(array)
+        values[name] = array.reshape(-1)[0].item() if array.size == 1 and array.dtype != np.object_ else (
+            array.reshape(-1)[0] if array.size == 1 else array.tolist())
+    return values

@@ -23,6 +23,9 @@ Contracts:
   models first; ``unload(..., unload_dependents=True)`` also unloads composing models that were not loaded
   explicitly and no other ensemble uses.
 - ``load`` / ``unload`` outside explicit mode, and every failure, raise ``InferError`` with Triton's code.
+- ``set_external_models(models)`` names the server's other models (its LLMs and embedding models, ``ServedModel``s
+  with version 1): an ensemble step may name one (``external.ExternalStep``), and a repository model of the same
+  name is never loaded (UNAVAILABLE, the reason says which model holds the name). Call it before ``start()``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from flotilla.repository.ensemble import (
     validate_ensemble_scheduling,
 )
 from flotilla.repository.errors import InferError, ModelConfigError, ModelControlError
+from flotilla.repository.external import EXTERNAL_VERSION, ExternalStep, is_decoupled
 from flotilla.repository.overrides import parse_config_override, write_model_files
 from flotilla.repository.served import ServedVersion
 from flotilla.repository.service import ModelMetadata, RepositoryEntry
@@ -85,6 +89,7 @@ class ModelRepository:
         self._gpu_count = gpu_count
         self.strict_readiness = strict_readiness
         self._models: dict[str, _Model] = {}
+        self._external: dict[str, Any] = {}       # the server's other models, by name (ServedModel)
         self._lock: asyncio.Lock | None = None
         self._poll_task: asyncio.Task | None = None
         self._poll_wake: asyncio.Event | None = None
@@ -93,6 +98,16 @@ class ModelRepository:
     @property
     def mode(self) -> ModelControlMode:
         return self._control.mode
+
+    def set_external_models(self, models: Mapping[str, Any]) -> None:
+        """The server's models outside the repository (see the module contract)."""
+        self._external = dict(models)
+
+    def _name_taken(self, name: str) -> str | None:
+        if name in self._external:
+            return (f"model name '{name}' is already served by this server's configuration (not the model "
+                    f"repository); rename the repository model")
+        return None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -185,13 +200,15 @@ class ModelRepository:
         m.explicit = m.explicit or explicit
         if target.error is not None:
             m.reason = target.error
+        elif self._name_taken(target.name):
+            m.reason = self._name_taken(target.name)
         return m
 
     async def _apply(self, target: ModelTarget, *, explicit: bool) -> None:
         """Load or reload one non-ensemble target. Raises ModelControlError with the reason when it fails."""
         m = self._want(target, explicit)
-        if target.error is not None:
-            raise ModelControlError(target.error, code="INVALID_ARG")
+        if target.error is not None or self._name_taken(target.name):
+            raise ModelControlError(m.reason, code="INVALID_ARG")
         try:
             snapshot = snapshot_model(target.path)  # a changed label file (or directory) reloads every version
         except OSError as e:                        # the directory went away since the scan
@@ -250,6 +267,8 @@ class ModelRepository:
     # --------------------------------------------------------------------------------- ensembles
 
     def _lookup(self, name: str):
+        if name in self._external:                   # the server's model holds the name
+            return {EXTERNAL_VERSION: self._external[name].config()}, None
         m = self._models.get(name)
         if m is None or (m.target is None and not m.versions and m.reason in ("", UNLOADED)):
             return None
@@ -261,6 +280,8 @@ class ModelRepository:
         return [s.model_name for s in ensemble_steps(config)] if is_ensemble(config) else None
 
     def _ensemble_error(self, config: ModelConfig) -> str | None:
+        if self._name_taken(config.name):
+            return self._name_taken(config.name)
         try:
             validate_ensemble_scheduling(config)
             cycle = ensemble_cycle(config.name, self._steps_of)
@@ -270,6 +291,24 @@ class ModelRepository:
         except ModelConfigError as e:
             return str(e)
         return None
+
+    def _decoupled_steps(self, config: ModelConfig) -> frozenset[int]:
+        """The steps of a (valid) ensemble whose model streams its responses (``external.is_decoupled``)."""
+        found = set()
+        for i, step in enumerate(ensemble_steps(config)):
+            versions, _ = self._lookup(step.model_name) or ({}, None)
+            version = max(versions) if step.model_version == LATEST and versions else step.model_version
+            if is_decoupled(versions.get(version)):
+                found.add(i)
+        return frozenset(found)
+
+    def _resolve_step(self, name: str, version: int):
+        """An ensemble step's model: a repository model's ready version, else an external model (version 1)."""
+        if name in self._external:
+            if version not in (LATEST, EXTERNAL_VERSION):
+                raise InferError("NOT_FOUND", f"Request for unknown model: '{name}' version {version} is not found")
+            return ExternalStep(self._external[name])
+        return self._resolve(name, version)
 
     async def _refresh_ensembles(self) -> None:
         """Load the wanted ensembles that are valid now and retire the loaded ones that are not, to a fixpoint
@@ -292,8 +331,10 @@ class ModelRepository:
                         changed = True
                 elif key != m.config_key or set(m.versions) != set(target.versions):
                     retire = [s for v, s in m.versions.items()]
-                    m.versions = {v: EnsembleModel(target.config, v, self._resolve,
-                                                   lambda name=m.name: self.model_versions(name))
+                    decoupled = self._decoupled_steps(target.config)
+                    m.versions = {v: EnsembleModel(target.config, v, self._resolve_step,
+                                                   lambda name=m.name: self.model_versions(name),
+                                                   decoupled_steps=decoupled)
                                   for v in target.versions}
                     m.config_key, m.reason = key, ""
                     for served in retire:
@@ -490,6 +531,10 @@ class _Latest:
 
     async def infer(self, inputs, **kwargs):
         return await self._current().infer(inputs, **kwargs)
+
+    def infer_stream(self, inputs, **kwargs):
+        """A decoupled ensemble's responses (``EnsembleModel.infer_stream``)."""
+        return self._current().infer_stream(inputs, **kwargs)
 
     def statistics(self) -> dict[str, Any]:
         return self._current().statistics()

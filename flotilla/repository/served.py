@@ -189,6 +189,10 @@ class ServedVersion:
         times = StepTimes(result.queue_s, result.compute_input_s, result.compute_infer_s, result.compute_output_s)
         return InferOutcome(result.outputs, result.parameters), times
 
+    def pending_request_count(self) -> int:
+        """Requests queued in the dynamic batcher now (Triton's ``nv_inference_pending_request_count``)."""
+        return self.batcher.stats().queue_length
+
     def statistics(self) -> dict[str, Any]:
         s: BatcherStats = self.batcher.stats()
         batches = {size: (n, *s.batch_compute_s.get(size, (0.0, 0.0, 0.0))) for size, n in s.batch_sizes.items()}

@@ -59,7 +59,12 @@ class InferOutcome:
 
 
 class ServedModel(Protocol):
-    """One version of one model, ready to serve."""
+    """One version of one model, ready to serve.
+
+    Optional members (callers use ``getattr``): ``infer_stream(inputs, **same keywords as infer)``, an async
+    iterator of ``InferOutcome``s, one per response, for a decoupled model (``model_transaction_policy
+    { decoupled: true }``: the LLMs, and ensembles with such a step); ``pending_request_count()``, the requests
+    accepted and not yet executing (Triton's ``nv_inference_pending_request_count``)."""
 
     name: str
     version: str

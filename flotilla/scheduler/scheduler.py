@@ -1,4 +1,5 @@
-"""The token-budget scheduler (vLLM v1 style): continuous batching, chunked prefill, prefix hits, preemption.
+"""The token-budget scheduler (vLLM v1 style): continuous batching, chunked prefill, prefix hits, preemption,
+request priorities (vLLM's ``--scheduling-policy fcfs|priority``).
 
 Pure Python, no torch. One engine step is ``schedule()`` -> workers -> ``update_from_output()``.
 """
@@ -6,17 +7,18 @@ Pure Python, no torch. One engine step is ``schedule()`` -> workers -> ``update_
 from __future__ import annotations
 
 import bisect
-
-from collections import deque
+import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from flotilla.config import CacheConfig, SchedulerConfig
 from flotilla.errors import InvalidRequestError
 from flotilla.kv_cache.kv_cache_manager import KVCacheManager
-from flotilla.request import Request, RequestStatus
+from flotilla.request import Request, RequestStatus, check_priority
 from flotilla.scheduler.output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                        SchedulerOutput)
+from flotilla.scheduler.request_queue import WaitingQueue
 
 
 # Upper bounds of vLLM's ``iteration_tokens_total`` histogram (tokens scheduled in one engine step).
@@ -56,11 +58,21 @@ class _Step:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     preempted: set[str] = field(default_factory=set)
+    out_of_blocks: bool = False  # a running request had to preempt others to grow: admit no waiting request
 
     def add(self, request: Request, num_tokens: int, block_ids: list[int]) -> None:
         self.scheduled.append((request, num_tokens))
         self.new_block_ids[request.request_id] = block_ids
         self.budget -= num_tokens
+
+
+# Why the waiting queue's head was or was not admitted (plain ints: this is the hot path).
+_ADMITTED = 0
+_NO_BUDGET = 1  # the step's token budget cannot take it: it waits, nothing is preempted for it
+_NO_ROOM = 2  # no KV blocks or no max_num_seqs seat for it: with "priority", worse running requests may go
+
+
+_QUEUE_KEY = operator.attrgetter("queue_key")
 
 
 class Scheduler:
@@ -69,12 +81,27 @@ class Scheduler:
     Contract:
     - Every request has a target (``num_tokens``) and ``num_computed_tokens``; ``schedule()`` grants running
       requests first (in order: decodes get 1 token, prefills up to the remaining budget), then waiting
-      requests in FIFO order while budget and ``max_num_seqs`` allow. ``num_computed_tokens`` of scheduled
-      requests is advanced inside ``schedule()``.
-    - When the KV cache is full, the newest running request not yet scheduled this step is preempted by
-      recompute (blocks freed, back to the front of the waiting queue); no waiting request is admitted in a
-      step with a preemption. A request asking for prompt logprobs reads no prefix-cache hits until it has
-      output (its whole prompt is computed); the blocks it computes are cached for others as usual.
+      requests in queue order while budget and ``max_num_seqs`` allow; the queue's head blocks the requests
+      behind it (nothing overtakes it). ``num_computed_tokens`` of scheduled requests is advanced inside
+      ``schedule()``.
+    - Priorities (vLLM's convention): every request has an integer ``priority``, default 0, lower served
+      earlier. The waiting queue is always in ``(priority, arrival)`` order (``WaitingQueue``; arrival is the
+      order ``add_request`` received them). ``SchedulerConfig.policy``:
+      - "fcfs" (the default): running requests in admission order, then the waiting queue. Priority-0
+        traffic is plain first-come first-served; a request with a positive priority (offline batch work,
+        ``flotilla.request.BATCH_PRIORITY``) waits behind every priority-0 request in the waiting queue but
+        never preempts anything (and, once running, is treated like any other).
+      - "priority": running requests are kept in ``(priority, arrival)`` order and a step hands out its
+        budget over running and waiting requests together in that order (a running request first on equal
+        priority). A waiting request that cannot be admitted for lack of KV blocks or of a ``max_num_seqs``
+        seat preempts the worst running requests (largest priority, latest arrival) not yet scheduled this
+        step, one at a time while their priority is strictly worse than its own (vLLM's priority policy).
+    - When the KV cache is full, the last running request (fcfs: the newest; priority: the worst) not yet
+      scheduled this step is preempted by recompute (blocks freed, back to the waiting queue, where its
+      priority and arrival put it: ahead of later arrivals of its priority); no waiting request is admitted
+      in a step with such a preemption. Every preemption (priority ones too) counts in ``num_preemptions``.
+      A request asking for prompt logprobs reads no prefix-cache hits until it has output (its whole prompt
+      is computed); the blocks it computes are cached for others as usual.
     - ``SchedulerOutput`` carries diffs: first scheduling (and resume after preemption) in
       ``scheduled_new_reqs``, later steps in ``scheduled_cached_reqs`` with only the new tokens and blocks.
       ``finished_req_ids`` lists requests finished, aborted or preempted since the previous ``schedule()``
@@ -93,9 +120,14 @@ class Scheduler:
         self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
                                                enable_caching=cache_config.enable_prefix_caching)
         self.max_model_len = min(scheduler_config.max_model_len, num_blocks * cache_config.block_size)
+        self.policy = scheduler_config.policy
+        self._by_priority = scheduler_config.policy == "priority"
+        self._max_num_seqs = scheduler_config.max_num_seqs
+        self._chunked = scheduler_config.enable_chunked_prefill
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
+        self._arrivals = itertools.count()
         self.num_preemptions = 0
         self._step_counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)  # see SchedulerStats.iteration_tokens
         self._step_tokens = 0
@@ -105,15 +137,17 @@ class Scheduler:
     # ----------------------------------------------------------------- requests in and out
     def add_request(self, request: Request) -> None:
         """Queue a new request (status WAITING). Raises InvalidRequestError for a duplicate id, an empty
-        prompt, or a prompt longer than the sequence cap."""
+        prompt, a prompt longer than the sequence cap, or a priority that is not a 64-bit integer."""
         if request.request_id in self.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
         if not 0 < request.num_tokens <= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {request.num_tokens} tokens; it must have 1 to {self.max_model_len}", "prompt")
+        check_priority(request.priority)
         request.status = RequestStatus.WAITING
+        request.arrival_seq = next(self._arrivals)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.push(request)
 
     def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish (abort, or stop on a stop string) waiting or running requests and free their blocks now.
@@ -151,8 +185,10 @@ class Scheduler:
         requests into several micro-batches that are in flight together)."""
         step = _Step(budget=self.scheduler_config.max_num_batched_tokens,
                      max_reqs=max_num_reqs or self.scheduler_config.max_num_seqs)
-        self._schedule_running(step)
-        if not step.preempted:
+        if self._by_priority:
+            self._schedule_by_priority(step)
+        else:
+            self._schedule_running(step)
             self._schedule_waiting(step)
         out = SchedulerOutput(preempted_req_ids=step.preempted)
         for request, num_tokens in step.scheduled:
@@ -179,21 +215,25 @@ class Scheduler:
         return out
 
     def _schedule_running(self, step: _Step) -> None:
-        i = 0
-        while i < len(self.running) and step.budget > 0 and len(step.scheduled) < step.max_reqs:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
-            if num_new <= 0:  # nothing to compute until its sampled token arrives
-                i += 1
-                continue
-            block_ids = self._allocate_or_preempt(request, num_new, step)
-            if block_ids is None:  # the request preempted itself: nothing left to take blocks from
-                break
-            step.add(request, num_new, block_ids)
-            i += 1
+        i: int | None = 0
+        while i is not None and i < len(self.running) and step.budget > 0 and len(step.scheduled) < step.max_reqs:
+            i = self._schedule_running_at(i, step)
+
+    def _schedule_running_at(self, i: int, step: _Step) -> int | None:
+        """Grant ``running[i]`` its next tokens; the index of the next running request, or None when it had to
+        preempt itself (nothing is left to take blocks from)."""
+        request = self.running[i]
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        if num_new <= 0:  # nothing to compute until its sampled token arrives
+            return i + 1
+        block_ids = self._allocate_or_preempt(request, num_new, step)
+        if block_ids is None:
+            return None
+        step.add(request, num_new, block_ids)
+        return i + 1
 
     def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
-        """Allocate, preempting the newest running request (never one scheduled this step: those precede
+        """Allocate, preempting the last running request (never one scheduled this step: those precede
         ``request`` in the running list) until it fits. None if ``request`` itself had to go."""
         while True:
             block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -202,6 +242,7 @@ class Scheduler:
             victim = self.running.pop()
             self._preempt(victim)
             step.preempted.add(victim.request_id)
+            step.out_of_blocks = True
             if victim is request:
                 return None
 
@@ -213,29 +254,70 @@ class Scheduler:
         self.num_preemptions += 1
         self._num_tokens_sent.pop(request.request_id, None)
         self._finished_req_ids.add(request.request_id)
-        self.waiting.appendleft(request)
+        self.waiting.push(request)
 
     def _schedule_waiting(self, step: _Step) -> None:
-        max_num_seqs = self.scheduler_config.max_num_seqs
-        chunked = self.scheduler_config.enable_chunked_prefill
-        while (self.waiting and step.budget > 0 and len(self.running) < max_num_seqs
-               and len(step.scheduled) < step.max_reqs):
-            request = self.waiting[0]
-            hits, num_hit_tokens = self._cache_hits(request)
-            num_new = request.num_tokens - num_hit_tokens
-            if not chunked and num_new > step.budget:
-                break
-            num_new = min(num_new, step.budget)
-            block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hits)
-            if block_ids is None:
-                break  # FIFO: do not let later requests overtake the head
-            self.waiting.popleft()
-            request.num_computed_tokens = num_hit_tokens
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            step.add(request, num_new, block_ids)
+        if step.out_of_blocks:
+            return
+        waiting = self.waiting
+        while waiting.head is not None and step.budget > 0 and len(step.scheduled) < step.max_reqs:
+            if self._admit_head(waiting.head, step) != _ADMITTED:
+                break  # the head blocks the queue: later requests do not overtake it
+
+    def _schedule_by_priority(self, step: _Step) -> None:
+        """The "priority" policy's step: running and waiting requests together in ``(priority, arrival)``
+        order (a running request first on equal priority); see the class contract. ``running[:i]`` are the
+        running requests already granted (or passed over) this step: never preempted for a waiting one."""
+        i: int | None = 0
+        admitting = True
+        while i is not None and step.budget > 0 and len(step.scheduled) < step.max_reqs:
+            head = self.waiting.head if admitting and not step.out_of_blocks else None
+            if i < len(self.running) and (head is None or self.running[i].priority <= head.priority):
+                i = self._schedule_running_at(i, step)
+                continue
+            if head is None:
+                return
+            verdict = self._admit_head(head, step)
+            if verdict == _ADMITTED:
+                i += 1  # the admitted request sorts before running[i] (its priority is better): skip past it
+            elif not (verdict == _NO_ROOM and self._preempt_for(head, i, step)):
+                admitting = False  # the head waits for a later step; so does everything behind it
+
+    def _preempt_for(self, head: Request, first: int, step: _Step) -> bool:
+        """Preempt the worst running request for ``head`` if its priority is strictly worse and it is not among
+        ``running[:first]`` (granted this step); False if there is no such request."""
+        if len(self.running) <= first or self.running[-1].priority <= head.priority:
+            return False
+        victim = self.running.pop()
+        self._preempt(victim)
+        step.preempted.add(victim.request_id)
+        return True
+
+    def _admit_head(self, request: Request, step: _Step) -> int:
+        """Move ``request``, the waiting queue's head, to running with its first tokens if a seat, the budget
+        and the KV cache allow (``_ADMITTED``); otherwise change nothing and say what it lacks."""
+        if len(self.running) >= self._max_num_seqs:
+            return _NO_ROOM
+        hits, num_hit_tokens = self._cache_hits(request)
+        num_new = request.num_tokens - num_hit_tokens
+        if not self._chunked and num_new > step.budget:
+            return _NO_BUDGET
+        num_new = min(num_new, step.budget)
+        block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+        if block_ids is None:
+            return _NO_ROOM
+        self.waiting.pop()
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        running = self.running
+        if self._by_priority and running and running[-1].queue_key > request.queue_key:
+            bisect.insort(running, request, key=_QUEUE_KEY)  # kept in (priority, arrival) order
+        else:
+            running.append(request)
+        step.add(request, num_new, block_ids)
+        return _ADMITTED
 
     def _cache_hits(self, request: Request):
         """The prefix-cache hits ``request`` may use. A request that wants prompt logprobs and has no output
@@ -302,8 +384,7 @@ class Scheduler:
 
     def _drop_finished_from_queues(self) -> None:
         self.running = [r for r in self.running if not r.is_finished()]
-        if any(r.is_finished() for r in self.waiting):
-            self.waiting = deque(r for r in self.waiting if not r.is_finished())
+        self.waiting.remove_finished()
 
     # ----------------------------------------------------------------- misc
     def reset_prefix_cache(self) -> bool:

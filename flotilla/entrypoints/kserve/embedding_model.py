@@ -113,6 +113,10 @@ class EmbeddingModel:
             else:
                 self._fail += 1
 
+    def pending_request_count(self) -> int:
+        """Inputs waiting for the model's dynamic batcher now."""
+        return int(getattr(getattr(self.ctx.engine, "batcher", None), "num_waiting", 0) or 0)
+
     def statistics(self) -> dict[str, Any]:
         return {"name": self.name, "version": VERSION, "last_inference": self._last_ms,
                 "inference_count": self._rows, "execution_count": self._success,

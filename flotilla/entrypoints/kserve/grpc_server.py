@@ -34,6 +34,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from flotilla.entrypoints.kserve import grpc_codec, messages
 from flotilla.entrypoints.kserve.infer_call import (InferCall, generation_arguments, parse_version, run_infer,
                                                     to_infer_error, unsupported)
+from flotilla.repository.config import ENSEMBLE_PLATFORM
 from flotilla.repository.errors import InferError, invalid_arg
 from flotilla.repository.service import InferenceService
 
@@ -170,8 +171,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 call = grpc_codec.decode_infer_request(request)
                 version = parse_version(request.model_version)
                 model = self.service.model(request.model_name, version)
-                if model.config().model_transaction_policy.decoupled:
-                    await self._generate(model, call, responses)
+                config = model.config()
+                if config.model_transaction_policy.decoupled:
+                    if config.platform == ENSEMBLE_PLATFORM:      # an ensemble over an LLM: its responses
+                        await self._stream_responses(model, call, responses)
+                    else:
+                        await self._generate(model, call, responses)
                     return
                 model, outcome = await run_infer(self.service, request.model_name, version, call)
                 outcome.parameters.setdefault("triton_final_response", True)
@@ -185,6 +190,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                            model_version=request.model_version)
             failed.parameters["triton_final_response"].bool_param = True
             responses.put_nowait(pb.ModelStreamInferResponse(error_message=err.message, infer_response=failed))
+
+    async def _stream_responses(self, model, call: InferCall, responses: asyncio.Queue) -> None:
+        """A decoupled ensemble's responses (``infer_stream``), then the empty final one when asked for."""
+        outcomes = model.infer_stream(call.inputs, requested_outputs=tuple(call.outputs), parameters=call.parameters,
+                                      priority=call.priority, timeout_us=call.timeout_us)
+        async for outcome in outcomes:
+            outcome.parameters.setdefault("triton_final_response", False)
+            response = grpc_codec.encode_infer_response(call, model.name, model.version, outcome)
+            responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+        if call.empty_final_response:
+            final = grpc_codec.generate_response(call, model.name, model.version, {}, final=True)
+            responses.put_nowait(pb.ModelStreamInferResponse(infer_response=final))
 
     async def _generate(self, model, call: InferCall, responses: asyncio.Queue) -> None:
         text, params = generation_arguments(call.inputs, call.parameters)

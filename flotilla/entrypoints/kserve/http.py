@@ -14,6 +14,8 @@ Contracts:
   answers 200 or 400 with an empty body, model readiness 200 or 400 ``Model version not ready``.
 - Bodies: JSON needs no Content-Type; ``Content-Encoding: gzip|deflate`` is inflated within the body limit
   (413 past it) and responses are compressed when ``Accept-Encoding`` asks; binary tensors per ``http_codec``.
+- Statistics: a service with ``async refresh_statistics()`` (models served elsewhere, e.g. on Ray Serve) is
+  asked to collect them before ``.../stats`` answers.
 - ``tracker`` (``draining``: bool) makes infer and repository changes answer 503 while the server drains, and
   ``/v2/health/ready`` 400; ``ready`` adds a condition of the rest of the server (e.g. its LLM engines).
 - A client that disconnects during an inference cancels it: a queued request leaves the batcher's queue, an
@@ -121,10 +123,18 @@ class KServeHttp:
         return JSONResponse(messages.config_json(served.config()))
 
     async def model_stats(self, model: str, version: str | None) -> Response:
+        await self._fresh_statistics()
         return JSONResponse({"model_stats": messages.model_statistics(self.service, model, version)})
 
     async def all_stats(self) -> Response:
+        await self._fresh_statistics()
         return JSONResponse({"model_stats": messages.model_statistics(self.service)})
+
+    async def _fresh_statistics(self) -> None:
+        """A service whose models run elsewhere (on Ray Serve) collects their statistics first."""
+        refresh = getattr(self.service, "refresh_statistics", None)
+        if refresh is not None:
+            await refresh()
 
     async def infer(self, request: Request, model: str, version: str | None) -> Response:
         self._admit()

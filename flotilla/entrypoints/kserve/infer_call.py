@@ -134,13 +134,14 @@ def sampling_parameters(value: Any) -> dict:
     return parsed
 
 
-def generate_request_arguments(doc: Mapping[str, Any]) -> tuple[str, dict]:
-    """(prompt, parameters) of Triton's generate extension body: ``text_input`` (a string), ``parameters`` (an
-    object) and every other key as a parameter (``sampling_parameters``, a JSON string, merged in); ``id`` is
-    the request's. INVALID_ARG otherwise."""
+def generate_request_arguments(doc: Mapping[str, Any]) -> tuple[str | None, dict]:
+    """(prompt, parameters) of Triton's generate extension body: ``text_input`` (a string; None when absent:
+    an ensemble may take other inputs, an LLM refuses it), ``parameters`` (an object) and every other key as a
+    parameter (``sampling_parameters``, a JSON string, merged in); ``id`` is the request's. INVALID_ARG
+    otherwise."""
     text = doc.get(TEXT_INPUT)
-    if not isinstance(text, str):
-        raise invalid_arg(f"a generate request needs '{TEXT_INPUT}': a string (the prompt)")
+    if text is not None and not isinstance(text, str):
+        raise invalid_arg(f"'{TEXT_INPUT}' of a generate request must be a string (the prompt)")
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise invalid_arg("Unable to parse 'parameters': expected a JSON object")

@@ -110,7 +110,19 @@ class LLMModel:
         whole = "".join(c[TEXT_OUTPUT] for c in chunks)
         return InferOutcome({TEXT_OUTPUT: np.array([whole.encode("utf-8")], dtype=np.object_)})
 
+    async def infer_stream(self, inputs, *, requested_outputs: Sequence[str] = (), parameters=None,
+                           priority: int = 0, timeout_us: int = 0) -> AsyncIterator[InferOutcome]:
+        """``generate`` as tensors: one ``text_output`` response per chunk (a step of an ensemble that streams)."""
+        for name in requested_outputs:
+            if name != TEXT_OUTPUT:
+                raise invalid_arg(f"unexpected inference output '{name}' for model '{self.name}'")
+        text, params = generation_arguments(inputs, parameters or {})
+        async for chunk in self.generate(text, params):
+            yield InferOutcome({TEXT_OUTPUT: np.array([chunk[TEXT_OUTPUT].encode("utf-8")], dtype=np.object_)})
+
     async def generate(self, text_input: str, parameters: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if not isinstance(text_input, str):
+            raise invalid_arg(f"a generate request needs '{TEXT_INPUT}': a string (the prompt)")
         sp, stream, exclude_input = sampling_params(parameters)
         start = time.monotonic_ns()
         counters, ok = self._counters, False
@@ -142,6 +154,10 @@ class LLMModel:
                 counters.last_inference_ms = int(time.time() * 1000)
             else:
                 counters.fail += 1
+
+    def pending_request_count(self) -> int:
+        """Admitted requests of this model without output yet (the OpenAI side's count, shared)."""
+        return self.ctx.waiting.num_waiting
 
     def statistics(self) -> dict[str, Any]:
         c = self._counters

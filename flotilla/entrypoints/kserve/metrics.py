@@ -4,7 +4,10 @@ Names, help texts and labels (``model``, ``version``) are Triton's, so Triton da
 ``nv_inference_request_success`` / ``_failure``, ``nv_inference_count``, ``nv_inference_exec_count`` (counters)
 and the cumulative durations ``nv_inference_request_duration_us``, ``nv_inference_queue_duration_us``,
 ``nv_inference_compute_input_duration_us``, ``nv_inference_compute_infer_duration_us``,
-``nv_inference_compute_output_duration_us``; plus ``<prefix>:inference_batch_size``, a histogram of the
+``nv_inference_compute_output_duration_us``; the gauge ``nv_inference_pending_request_count`` (requests
+accepted and not yet executing: a repository model's dynamic-batcher queue, an LLM's or embedding model's
+admitted requests without output yet; ``ServedModel.pending_request_count()``, 0 for a model without one, such
+as an ensemble, whose steps' models count theirs); plus ``<prefix>:inference_batch_size``, a histogram of the
 executed batch sizes, under each of the server's metric prefixes (``--metrics-prefixes``: ``flotilla``,
 ``vllm``), as every flotilla metric. Each scrape reads ``ServedModel.statistics()`` of every ready model version, so the
 values are those of ``GET /v2/models/stats``.
@@ -40,6 +43,8 @@ COUNTERS = (
     ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds "
      "(does not include cached requests)", ("inference_stats", "compute_output", "ns")),
 )
+PENDING = ("nv_inference_pending_request_count",
+           "Instantaneous number of pending requests awaiting execution per-model.")
 BATCH_SIZE = "inference_batch_size"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -78,6 +83,9 @@ class TritonMetrics:
         for name, doc, path in COUNTERS:
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
             lines += [f"{name}{{{_labels(s)}}} {_number(_value(s, path))}" for s in stats]
+        name, doc = PENDING
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{{{_labels(s)}}} {self._pending(s)}" for s in stats]
         for prefix in self.prefixes:
             name = f"{prefix}:{BATCH_SIZE}"
             lines += [f"# HELP {name} Batch sizes of the model executions (dynamic batcher).",
@@ -85,6 +93,15 @@ class TritonMetrics:
             for s in stats:
                 lines += _batch_histogram(name, s)
         return "\n".join(lines) + "\n"
+
+
+    def _pending(self, stats: dict) -> int:
+        try:
+            model = self.service.model(str(stats.get("name", "")), str(stats.get("version", "")) or None)
+            count = getattr(model, "pending_request_count", None)
+            return int(count()) if count is not None else 0
+        except Exception:  # noqa: BLE001 - unloaded since the statistics were read
+            return 0
 
 
 def _batch_histogram(metric: str, stats: dict) -> list[str]:

@@ -2,6 +2,8 @@
 
 It serves the app's engine models (``LLMModel`` / ``EmbeddingModel``: version "1", always loaded) and, when
 given, a model repository's models (every call about another name goes to the repository). The repository
+learns the engine models (``set_external_models``, before it starts): its ensembles may use them as steps
+(an LLM between a pre- and a post-processing model), and it loads no model of the same name. The repository
 API cannot load or unload an engine model (UNSUPPORTED: it changes with the server's configuration); without a
 repository, load/unload are UNSUPPORTED. Server metadata lists the protocol extensions the server offers.
 """
@@ -24,6 +26,8 @@ class KServeService:
 
     def __init__(self, engine_models: Mapping[str, ServedModel], repository: InferenceService | None = None):
         self.engine_models, self.repository = dict(engine_models), repository
+        if repository is not None and hasattr(repository, "set_external_models"):
+            repository.set_external_models(self.engine_models)
         names = {e.name for e in repository.index()} if repository is not None else set()
         overlap = sorted(set(self.engine_models) & names)
         if overlap:
@@ -73,6 +77,13 @@ class KServeService:
             raise unsupported(f"this server has no model repository to {verb} '{name}' from "
                               f"(flotilla serve --model-repository)")
         return self.repository
+
+    async def refresh_statistics(self) -> None:
+        """Let a repository whose models run elsewhere (``RemoteRepository`` on Ray Serve) collect their
+        statistics now (a no-op for an in-process repository)."""
+        refresh = getattr(self.repository, "refresh_statistics", None)
+        if refresh is not None:
+            await refresh()
 
     async def load(self, name: str, config: str | None = None, files: Mapping[str, bytes] | None = None) -> None:
         await self._repository_for(name, "load").load(name, config=config, files=files)

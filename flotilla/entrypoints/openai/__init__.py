@@ -24,9 +24,13 @@ Module map (one job each):
 | ``serving_embedding`` | ``/v1/embeddings``: inputs tokenized on a lane, each joined to the model's batcher, float or base64 |
 | ``api_server`` | ``build_app``: the FastAPI app over one engine or ``{name: EngineClient}``: routes, health, models, tokenize, metrics, and the KServe v2 routes (``flotilla.entrypoints.kserve``) |
 | ``banner`` | the startup banner (every model, the routes, the server settings) |
+| ``serving_files`` | the Batch API's ``/v1/files``: multipart uploads validated up front, content, listing, delete |
+| ``serving_batches`` | the Batch API's ``/v1/batches`` over ``flotilla.batch.batches``; ``BatchAPI`` (on, or off with the reason) |
+| ``in_process`` | ``InProcessClient``: a request through the app's ASGI stack without a socket (batch jobs), with the batch priority |
+| ``run_batch`` | ``flotilla run-batch``: a batch file through the app in-process (plan, engines, job, summary, exit code) |
 | ``server`` | ``flotilla serve``: the deployment (flags or ``--config``), engine lifetimes, uvicorn with a draining SIGTERM, the KServe v2 gRPC server (``--grpc-port``) on the same loop |
 | ``listen`` | the listening socket, bound before any model loads |
-| ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s; ``build_openai_ray_app`` |
+| ``ray_ingress`` | ``OpenAIIngress``: the same app on Ray Serve over ``RemoteEngine``s, ``RemoteEmbedder``s and a ``RemoteRepository``; ``build_openai_ray_app`` |
 | ``ray_server`` | ``flotilla serve --ray``: ``run_on_ray`` (cluster, Serve start, signals, drain, shutdown) |
 | ``ray_proxy`` | runs in Serve's HTTP proxy: the errors Serve answers itself become OpenAI JSON |
 """

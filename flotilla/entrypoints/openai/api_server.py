@@ -1,6 +1,7 @@
 """The FastAPI app: routes, and the ASGI middleware stack around them.
 
-Contract: ``build_app(engines, config, routes=None, seed=None, repository=None)`` returns ``(asgi_app, served)`` where
+Contract: ``build_app(engines, config, routes=None, seed=None, repository=None, batches=None)`` returns
+``(asgi_app, served)`` where
 ``served`` is the app's ``ServedModels``. ``engines`` is one ``EngineClient`` (served as
 ``config.served_model_name``), a mapping ``{model name: EngineClient}`` (AsyncLLM, ReplicaSet or a remote
 proxy), or a ready ``ServedModels``; ``routes`` maps aliases to ``{model name: weight}``. The app owns its
@@ -13,7 +14,9 @@ to an engine), ``GET /version``, ``POST /tokenize``,
 ``POST /detokenize`` (both take ``model``; ``serving_tokenization``), ``GET /tokenizer_info`` (only with
 ``config.enable_tokenizer_info_endpoint``), ``GET /metrics``, and the KServe v2 / Triton routes under ``/v2``
 (``flotilla.entrypoints.kserve.http``) for every served model and, with ``repository``, the repository's
-models; ``/metrics`` then also carries Triton's ``nv_inference_*`` per model and version. No CORS headers.
+models; ``/metrics`` then also carries Triton's ``nv_inference_*`` per model and version. With ``batches`` (a
+``serving_batches.BatchAPI``) the Files and Batches API: ``/v1/files`` (``serving_files``) and ``/v1/batches``
+(``serving_batches``). No CORS headers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import flotilla
+# The app serves both protocols: this module composes the OpenAI routes with the KServe v2 ones (kserve/ uses
+# the OpenAI side's shared HTTP pieces: errors, SSE, disconnect handling, admission; never this module).
+from flotilla.entrypoints.kserve.embedding_model import EmbeddingModel
+from flotilla.entrypoints.kserve.http import kserve_router
+from flotilla.entrypoints.kserve.llm_model import LLMModel
+from flotilla.entrypoints.kserve.metrics import TritonMetrics
+from flotilla.entrypoints.kserve.service import KServeService
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import error_response, install_error_handlers
 from flotilla.entrypoints.openai.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, InFlightMiddleware
@@ -33,10 +43,11 @@ from flotilla.entrypoints.openai.serving_embedding import create_embedding
 from flotilla.entrypoints.openai.serving_tokenization import detokenize, tokenize, tokenizer_info
 
 
-def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None, repository=None):
+def build_app(engines, config: ServerConfig, routes=None, seed: int | None = None, repository=None, batches=None):
     """The ASGI app serving ``engines`` (see the module contract) and its ``ServedModels``; every model also
     answers the KServe v2 routes (``served.kserve``: the app's ``InferenceService``), and with ``repository``
-    (a model repository's ``InferenceService``) its models too (``engines`` may then be empty)."""
+    (a model repository's ``InferenceService``) its models too (``engines`` may then be empty); with
+    ``batches`` the Files and Batches API."""
     if isinstance(engines, ServedModels):
         served = engines
     else:
@@ -48,6 +59,11 @@ def build_app(engines, config: ServerConfig, routes=None, seed: int | None = Non
     _add_info_routes(app, served)
     _add_token_routes(app, served)
     _add_kserve_routes(app, served, repository, config)
+    if batches is not None:
+        from flotilla.entrypoints.openai.serving_batches import batches_router
+        from flotilla.entrypoints.openai.serving_files import files_router
+        app.include_router(files_router(batches))
+        app.include_router(batches_router(batches))
     asgi = BodySizeLimitMiddleware(app, config.max_body_bytes)
     if config.api_key:
         asgi = ApiKeyMiddleware(asgi, config.api_key)
@@ -104,11 +120,6 @@ def engines_ready(served: ServedModels) -> bool:
 
 
 def _add_kserve_routes(app: FastAPI, served: ServedModels, repository, config: ServerConfig) -> None:
-    from flotilla.entrypoints.kserve.embedding_model import EmbeddingModel
-    from flotilla.entrypoints.kserve.http import kserve_router
-    from flotilla.entrypoints.kserve.llm_model import LLMModel
-    from flotilla.entrypoints.kserve.metrics import TritonMetrics
-    from flotilla.entrypoints.kserve.service import KServeService
     models = {name: (EmbeddingModel(ctx) if ctx.runner == "pooling" else LLMModel(ctx))
               for name, ctx in served.contexts.items()}
     served.kserve = KServeService(models, repository)

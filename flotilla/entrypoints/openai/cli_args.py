@@ -57,21 +57,26 @@ class ServerConfig:
     grpc_port_required: bool = False  # --grpc-port given: failing to bind it is an error, not a warning
 
 
+def add_model_selection_args(p: argparse.ArgumentParser, verb: str = "serve") -> None:
+    """MODEL, ``--config`` and ``--served-model-name`` (``serve`` and ``run-batch``)."""
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help=f"model to {verb} (same as --model; default: smollm2-135m-instruct)")
+    p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
+                   help=f"{verb} every model of a deployment file in this process (model and engine settings "
+                        "then come from the file, not from flags)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name requests send (default: the model argument)")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Add the server flags; the engine flags (``flotilla.deploy.engine_args.add_engine_args``) must be added by
     the caller."""
-    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="model to serve (same as --model; default: smollm2-135m-instruct)")
-    p.add_argument("--config", default=None, metavar="DEPLOY_YAML",
-                   help="serve every model of a deployment file in this process (model and engine settings "
-                        "then come from the file, not from flags)")
+    add_model_selection_args(p)
     p.add_argument("--ray", action="store_true",
                    help="run the deployment on Ray Serve (one deployment per model, an OpenAI ingress); with "
                         "--ray-address join that cluster, else start a local one bound to loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: the model argument)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route except /health and /metrics")
     p.add_argument("--max-queued-requests", type=int, default=1024,
@@ -83,6 +88,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-prefixes", default="flotilla,vllm", metavar="PREFIXES",
                    help="comma-separated prefixes /metrics exports every metric under, from flotilla,vllm "
                         "(same values under each; vllm: matches dashboards written for vLLM)")
+    add_chat_args(p)
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info: the tokenizer's configuration, special tokens and chat template "
+                        "(vLLM's flag; lm-evaluation-harness then tokenizes through the server)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help=f"KServe v2 / Triton gRPC port on --host (default {DEFAULT_GRPC_PORT}, Triton's; 0 turns "
+                        f"gRPC off). A default port that is in use only logs a warning")
+    p.add_argument("--batch-data-dir", default=None, metavar="DIR",
+                   help="where the Batch API (/v1/files, /v1/batches) keeps its files and batch states; unfinished "
+                        "batches resume when a server starts on it (default: FLOTILLA_CACHE_DIR/batches)")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """The chat template and tool-calling flags (``serve`` and ``run-batch``)."""
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="the jinja2 chat template for chat requests and /tokenize, instead of the tokenizer's: a "
                         "file, or the template text itself (vLLM's flag)")
@@ -96,14 +117,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(<tool_call>{...}</tool_call>, Hermes and Qwen2.5 models), llama3_json "
                         "({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), pythonic ([f(a=1), g()], "
                         "Llama 3.2/4, ToolACE)")
-    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
-                   help="serve GET /tokenizer_info: the tokenizer's configuration, special tokens and chat template "
-                        "(vLLM's flag; lm-evaluation-harness then tokenizes through the server)")
-    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
-                   help=f"KServe v2 / Triton gRPC port on --host (default {DEFAULT_GRPC_PORT}, Triton's; 0 turns "
-                        f"gRPC off). A default port that is in use only logs a warning")
-    p.add_argument("--uvicorn-log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
 
 
 def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: str | None = None) -> ServerConfig:
@@ -120,6 +133,17 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     if grpc_port is not None and grpc_port != 0 and grpc_port == ns.port:
         raise ValueError(f"--grpc-port {grpc_port} is also the HTTP --port; choose another (or 0: no gRPC)")
     prefixes = check_prefixes(getattr(ns, "metrics_prefixes", "flotilla,vllm").split(","))
+    return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
+                        api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
+                        shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
+                        metrics_prefixes=prefixes, **chat_settings_from(ns),
+                        enable_tokenizer_info_endpoint=bool(getattr(ns, "enable_tokenizer_info_endpoint", False)),
+                        grpc_port=DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
+                        grpc_port_required=grpc_port is not None)
+
+
+def chat_settings_from(ns: argparse.Namespace) -> dict:
+    """The ``ServerConfig`` fields of ``add_chat_args``' flags, validated (ValueError naming the flag)."""
     from flotilla.entrypoints.openai.chat_templates import load_chat_template
     chat_template = load_chat_template(getattr(ns, "chat_template", None))
     parser = check_tool_parser(getattr(ns, "tool_call_parser", None))
@@ -127,12 +151,6 @@ def server_config_from(ns: argparse.Namespace, served_model_name: str, api_key: 
     if auto_tools and parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (available: "
                          f"{', '.join(sorted(TOOL_PARSERS))})")
-    return ServerConfig(host=ns.host, port=ns.port, served_model_name=served_model_name,
-                        api_key=ns.api_key or api_key, max_queued_requests=ns.max_queued_requests,
-                        shutdown_timeout=ns.shutdown_timeout, max_body_bytes=ns.max_request_body_bytes, log_level=ns.uvicorn_log_level,
-                        metrics_prefixes=prefixes, chat_template=chat_template,
-                        trust_request_chat_template=bool(getattr(ns, "trust_request_chat_template", False)),
-                        enable_auto_tool_choice=auto_tools, tool_call_parser=parser,
-                        enable_tokenizer_info_endpoint=bool(getattr(ns, "enable_tokenizer_info_endpoint", False)),
-                        grpc_port=DEFAULT_GRPC_PORT if grpc_port is None else grpc_port,
-                        grpc_port_required=grpc_port is not None)
+    return {"chat_template": chat_template,
+            "trust_request_chat_template": bool(getattr(ns, "trust_request_chat_template", False)),
+            "enable_auto_tool_choice": auto_tools, "tool_call_parser": parser}

@@ -22,13 +22,22 @@ observed); ``close()`` (or cancelling the task iterating it, then ``close()``) a
 every unfinished engine request (the engine frees its blocks; a request still queued is never prefilled);
 metrics and the waiting count are settled exactly once per engine request, whether it finished, was
 aborted or failed.
+
+Request priority (``request_priority``, vLLM's ``priority`` extra field): the body's ``priority`` (an
+integer, lower is served earlier, default 0) reaches the engine only when it runs ``--scheduling-policy
+priority``; under "fcfs" a nonzero value is a 400 naming ``priority`` (as vLLM: priority scheduling is not
+enabled). In-process callers that call the ASGI app directly (the batch runner, the Batches API) set the ASGI
+scope key ``PRIORITY_SCOPE_KEY`` (``"flotilla.priority"``, an int; usually ``flotilla.request.BATCH_PRIORITY``)
+to run their requests at that priority under either policy: the engine priority is the scope's value plus the
+body's. HTTP clients cannot set ASGI scope keys (the server builds the scope), so only code in the serving
+process can lower (or raise) a request's priority this way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,11 +47,33 @@ from flotilla.entrypoints.openai.admission import RequestTracker, WaitingCount, 
 from flotilla.entrypoints.openai.cli_args import ServerConfig
 from flotilla.entrypoints.openai.errors import APIError
 from flotilla.entrypoints.openai.metrics import ModelMetrics, RequestMetrics
+from flotilla.errors import InvalidRequestError
 from flotilla.outputs import RequestOutput
 from flotilla.procutil import release_free_memory
+from flotilla.request import PRIORITY_MAX, PRIORITY_MIN, check_priority
 from flotilla.sampling_params import SamplingParams
 
 LARGE_REQUEST_CHARS = 32_768
+PRIORITY_SCOPE_KEY = "flotilla.priority"  # ASGI scope key: in-process callers' base priority (module docstring)
+
+
+def request_priority(requested: int | None, scope: Mapping, policy: str | None) -> int:
+    """The engine priority of one HTTP request: the scope's ``PRIORITY_SCOPE_KEY`` (0 when absent or None) plus the
+    body's ``priority`` (None: 0). ``policy``: the engine's scheduling policy (read only when the body asks for
+    a nonzero priority). InvalidRequestError (400) for a nonzero body priority unless ``policy`` is "priority",
+    or a sum outside 64 bits; TypeError / ValueError for a scope value that is not a 64-bit int (a bug of the
+    in-process caller, not of the client)."""
+    base = scope.get(PRIORITY_SCOPE_KEY) or 0
+    if isinstance(base, bool) or not isinstance(base, int):
+        raise TypeError(f"ASGI scope key {PRIORITY_SCOPE_KEY!r} must be an int, got {type(base).__name__}")
+    if not PRIORITY_MIN <= base <= PRIORITY_MAX:
+        raise ValueError(f"ASGI scope key {PRIORITY_SCOPE_KEY!r} must fit in 64 bits, got {base}")
+    if not requested:
+        return base
+    if policy != "priority":
+        raise InvalidRequestError(f"priority scheduling is not enabled: priority {requested} needs a server started "
+                                  f"with --scheduling-policy priority (leave priority out, or 0)", "priority")
+    return check_priority(base + requested)
 
 
 @dataclass
@@ -116,13 +147,18 @@ class ServingContext:
             raise APIError(decision.status, decision.message, headers=headers)
         self.waiting.add_waiting(num_requests)
 
+    def priority(self, requested: int | None, scope: Mapping) -> int:
+        """``request_priority`` under this model's engine's scheduling policy."""
+        return request_priority(requested, scope, self.engine.config.scheduler.policy if requested else None)
+
     def start(self, base_id: str, prepared: list[ProcessedPrompt], params: SamplingParams,
-              stream: bool = True) -> "EngineRun":
+              stream: bool = True, priority: int = 0) -> "EngineRun":
         """Admit (APIError 429/503 otherwise) and set up the engine requests of one HTTP request (``stream``:
-        the client streams; see the module contract for the output kind)."""
+        the client streams; see the module contract for the output kind) at engine priority ``priority``."""
         self.admit(len(prepared))
         final_only = not stream and getattr(self.engine, "reruns_unstarted_requests", False)
-        return EngineRun(self, base_id, prepared, params, OutputKind.FINAL_ONLY if final_only else OutputKind.DELTA)
+        return EngineRun(self, base_id, prepared, params, OutputKind.FINAL_ONLY if final_only else OutputKind.DELTA,
+                         priority)
 
 
 class EngineRun:
@@ -130,14 +166,15 @@ class EngineRun:
     iterate ``outputs()`` at most once; always ``await close()`` (idempotent), even if never iterated."""
 
     def __init__(self, ctx: ServingContext, base_id: str, prepared: list[ProcessedPrompt],
-                 params: SamplingParams, output_kind: OutputKind = OutputKind.DELTA):
+                 params: SamplingParams, output_kind: OutputKind = OutputKind.DELTA, priority: int = 0):
         self.ctx, self.base_id, self.prepared, self.output_kind = ctx, base_id, prepared, output_kind
         self.waiting = [True] * len(prepared)
         self.recorders = [RequestMetrics(ctx.metrics, len(p.prompt_token_ids), params.n,
                                          params.max_tokens or ctx.max_model_len - len(p.prompt_token_ids))
                           for p in prepared]
         self.streams = [ctx.engine.generate({"prompt": p.prompt, "prompt_token_ids": p.prompt_token_ids,
-                                             "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", output_kind)
+                                             "cache_salt": p.cache_salt}, params, f"{base_id}-{i}", output_kind,
+                                            priority=priority)
                         for i, p in enumerate(prepared)]
         self._merged = _single(self.streams[0]) if len(self.streams) == 1 else merge_streams(self.streams)
         self._outputs = self._iterate()

@@ -79,6 +79,9 @@ class _SamplingFields(StructuredFields, _Request):
     allowed_token_ids: list[Int64] | None = None  # vLLM: only these tokens may be sampled
     bad_words: list[str] | None = None  # vLLM: words never generated
     best_of: Int64 | None = None  # vLLM: sample best_of, return the n with the highest cumulative logprob
+    # vLLM: the scheduling priority (lower is served earlier); nonzero needs --scheduling-policy priority
+    # (checked by ``generation.request_priority``, which knows the engine's policy)
+    priority: Int64 | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -76,20 +76,37 @@ def run_on_ray(config, *, host: str = "127.0.0.1", port: int = 8000, ray_address
         except Exception as e:  # noqa: BLE001 - a deployment that cannot start
             print(f"error: the flotilla application failed to deploy: {e}", file=sys.stderr)
             return 1
-        shown = f"[{host}]" if ":" in host else host
-        names = ", ".join(spec.name for spec in config.models)
-        print(f"flotilla on Ray Serve: models {names}; OpenAI API on http://{shown}:{port}/v1", flush=True)
+        print(ray_banner(config, host, port), flush=True)
         while not stop.wait(1.0):
             pass
         drain_s = drain_budget(http.shutdown_timeout)
         logger.info("signal received: draining in-flight requests (up to %.0f s)", drain_s)
         left = drain_ingress(serve.get_deployment_handle(INGRESS_NAME, app_name=APP_NAME), drain_s, interrupted)
-        logger.info("drained" if left == 0 else "shutting down with %d request(s) still in flight", left)
+        if left == 0:
+            logger.info("drained")
+        else:
+            logger.info("shutting down with %d request(s) still in flight", left)
         return 0
     finally:
         _shutdown(owns_ray)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def ray_banner(config, host: str, port: int) -> str:
+    """What ``run_on_ray`` prints once the application is deployed: the models, the repository models'
+    deployments, and where the OpenAI and KServe v2 APIs listen."""
+    shown = f"[{host}]" if ":" in host else host
+    names = ", ".join(spec.name for spec in config.models) or "none"
+    lines = [f"flotilla on Ray Serve: models {names}; OpenAI API on http://{shown}:{port}/v1, KServe v2 on "
+             f"http://{shown}:{port}/v2"]
+    if config.model_repository is not None:
+        from flotilla.deploy.ray_repository import deployment_name, plan_repository
+        plan = plan_repository(config.model_repository, config.model_names)
+        deployed = ", ".join(f"{m} ({deployment_name(m)})" for m in plan.deployed) or "none"
+        lines.append(f"  model repository ({plan.mode} model control): {deployed}")
+        lines += [f"  {name:24s}UNAVAILABLE: {reason}" for name, reason in plan.unavailable.items()]
+    return "\n".join(lines)
 
 
 def drain_budget(shutdown_timeout_s: float) -> float:

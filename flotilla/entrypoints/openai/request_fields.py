@@ -67,7 +67,6 @@ UNIMPLEMENTED_FIELDS: dict[str, NoOp] = {
     # vLLM
     "use_beam_search": _false,
     "length_penalty": _one_of(1.0, 1),
-    "priority": _one_of(0),
     "truncate_prompt_tokens": _absent,
     "spaces_between_special_tokens": _true,
     "add_special_tokens": _absent,

@@ -18,8 +18,15 @@ once it starts, and it stops (2 s grace) after the HTTP server, before the model
 Model repository (``--model-repository`` & co., or the file's ``model_repository:``): its directories must
 exist (else exit code 2, before binding); the ``ModelRepository`` is built here, started on the serving loop
 before HTTP is served (it loads its models) and closed after uvicorn stopped (every batcher drains, every
-backend is finalized). Without a MODEL, ``--model-repository`` serves no LLM. ``--ray`` does not serve a model
-repository (exit code 2).
+backend is finalized). Without a MODEL, ``--model-repository`` serves no LLM. With ``--ray`` each repository
+model is a Ray Serve deployment (``flotilla.deploy.ray_repository``); model control mode poll is a usage
+error there (exit code 2), as is ``--grpc-port`` (the Ray Serve ingress is HTTP only).
+
+Batch API (``/v1/files``, ``/v1/batches``; embedded mode only): its state lives in ``--batch-data-dir``
+(default FLOTILLA_CACHE_DIR/batches), locked by this server (a second server on the same directory serves
+without it: those routes answer 503). Unfinished batches resume before HTTP is served; batch requests go
+through the app in-process (``in_process``) and bypass nothing: on SIGTERM they drain like HTTP requests,
+then the batches stop unfinished and resume at the next start.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -92,7 +100,7 @@ def _run_on_ray(deployment, ns: argparse.Namespace, api_key: str | None) -> int:
     except ImportError as e:
         print(f"error: --ray needs Ray Serve (pip install 'flotilla[ray]'): {e}", file=sys.stderr)
         return 2
-    config = server_config_from(ns, deployment.models[0].name, api_key)
+    config = server_config_from(ns, deployment.models[0].name if deployment.models else "model", api_key)
     return run_on_ray(deployment, host=ns.host, port=ns.port, ray_address=ns.ray_address,
                       api_key=ns.api_key or api_key, server_config=config)
 
@@ -108,8 +116,8 @@ def run_server(ns: argparse.Namespace) -> int:
             from flotilla.deploy.model_repository import check_repository_paths
             check_repository_paths(deployment.model_repository)
             if getattr(ns, "ray", False):
-                raise ValueError("--ray does not serve a model repository (--model-repository / model_repository:) "
-                                 "yet; serve it without --ray")
+                from flotilla.deploy.ray_repository import check_repository_on_ray
+                check_repository_on_ray(deployment.model_repository)
     except ValueError as e:  # DeploymentConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -119,11 +127,6 @@ def run_server(ns: argparse.Namespace) -> int:
                   "/v2 REST routes serve KServe v2)", file=sys.stderr)
             return 2
         check_parallel_sizes(deployment)  # on the driver, before Ray starts (embedded: in start_engines)
-        embedding = _embedding_models(deployment)
-        if embedding:
-            print(f"error: --ray serves generative models only; embedding model(s) {', '.join(embedding)} run in "
-                  f"embedded mode (flotilla serve without --ray)", file=sys.stderr)
-            return 2
         return _run_on_ray(deployment, ns, api_key)
     try:
         sock = bind_socket(ns.host, ns.port)
@@ -148,11 +151,6 @@ def run_server(ns: argparse.Namespace) -> int:
             shutdown_engines(engines)
     finally:
         sock.close()
-
-
-def _embedding_models(deployment) -> list[str]:
-    from flotilla.engine.async_embedder import is_pooling_model
-    return [spec.name for spec in deployment.models if is_pooling_model(spec.engine_args())]
 
 
 def deployment_from_args(ns: argparse.Namespace):
@@ -200,20 +198,43 @@ def _serve(engines: dict, deployment, ns: argparse.Namespace, sock: socket.socke
         from flotilla.deploy.model_repository import build_model_repository
         repository = build_model_repository(deployment.model_repository)
     served = ServedModels(engines, config, deployment.routes, deployment.seed, allow_empty=repository is not None)
-    app, served = build_app(served, config, repository=repository)
+    batches = batch_api(ns, deployment, config)
+    app, served = build_app(served, config, repository=repository, batches=batches)
+    if batches.running is not None:
+        from flotilla.entrypoints.openai.in_process import InProcessClient
+        batches.running.send = InProcessClient(app, config.api_key).send
     shown_url = url(ns.host, sock.getsockname()[1])
     print(format_banner(engines, config, shown_url, deployment.routes, deployment.routing), flush=True)
-    return run_app(app, served, config, sock, repository=repository, grpc_port=grpc_port)
+    return run_app(app, served, config, sock, repository=repository, grpc_port=grpc_port, batches=batches.running)
 
 
-def run_app(app, served: ServedModels, config, sock: socket.socket, *, repository=None, grpc_port: int = 0) -> int:
+def batch_api(ns: argparse.Namespace, deployment, config):
+    """The Batch API over ``--batch-data-dir`` (default FLOTILLA_CACHE_DIR/batches; off when another server holds
+    that directory)."""
+    from flotilla import envs
+    from flotilla.entrypoints.openai.serving_batches import batch_window, open_batch_api
+    data_dir = getattr(ns, "batch_data_dir", None) or os.path.join(envs.cache_dir(), "batches")
+    seqs = sum(spec.engine_args().max_num_seqs * spec.replicas for spec in deployment.models)
+    api = open_batch_api(data_dir, batch_window(seqs, config.max_queued_requests))
+    if api.running is not None:
+        print(f"flotilla serve: Batch API data in {api.running.data.root} ({api.running.window} batch requests in "
+              f"flight at most)", flush=True)
+    return api
+
+
+def run_app(app, served: ServedModels, config, sock: socket.socket, *, repository=None, grpc_port: int = 0,
+            batches=None) -> int:
     """Serve ``app`` on ``sock`` until signalled (see ``DrainingServer``); with ``grpc_port`` also the app's
     KServe v2 gRPC endpoint (``served.kserve``) on ``config.host``, started with the HTTP server and stopped
     after it drained. A ``repository`` (``ModelRepository``) is started on the serving loop first (it loads its
-    models) and closed last. Returns the exit code (1 when a --grpc-port given explicitly cannot be bound; the
+    models) and closed last; ``batches`` (a ``BatchManager``) resumes its unfinished batches before HTTP is
+    served and is stopped after it (the batches stay unfinished for the next start). Returns the exit code (1 when a --grpc-port given explicitly cannot be bound; the
     default port only logs a warning)."""
+    # HTTP parsed by h11 whatever else is installed: it bounds a request's head (h11_max_incomplete_event_size,
+    # 16 KiB: larger headers get 431/400 or a closed connection, RELIABILITY.md); uvicorn's httptools protocol
+    # (its "auto" choice when httptools is importable) buffers headers without a limit.
     uv_config = uvicorn.Config(app, log_level=config.log_level, timeout_graceful_shutdown=2, lifespan="off",
-                               access_log=config.log_level in ("info", "debug", "trace"))
+                               http="h11", access_log=config.log_level in ("info", "debug", "trace"))
     server = DrainingServer(uv_config, served, config.shutdown_timeout)
     grpc_server = None
     if served.kserve is not None and grpc_port:
@@ -223,7 +244,7 @@ def run_app(app, served: ServedModels, config, sock: socket.socket, *, repositor
                                  tracker=served.tracker, ready=lambda: engines_ready(served),
                                  max_message_bytes=config.max_body_bytes)
     try:
-        asyncio.run(_serve_all(server, sock, repository, grpc_server, config.grpc_port_required))
+        asyncio.run(_serve_all(server, sock, repository, grpc_server, config.grpc_port_required, batches))
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -234,12 +255,14 @@ def run_app(app, served: ServedModels, config, sock: socket.socket, *, repositor
 
 
 async def _serve_all(server: DrainingServer, sock: socket.socket, repository, grpc_server,
-                     grpc_required: bool = True) -> None:
-    """Load the repository's models, start gRPC, serve HTTP; then stop gRPC and close the repository (drain,
-    finalize) after uvicorn."""
+                     grpc_required: bool = True, batches=None) -> None:
+    """Load the repository's models, resume the batches, start gRPC, serve HTTP; then stop gRPC, the batches
+    and close the repository (drain, finalize) after uvicorn."""
     if repository is not None:
         await repository.start()
         print(repository_banner(repository), flush=True)
+    if batches is not None:
+        await batches.start()
     try:
         if grpc_server is not None:
             try:
@@ -255,6 +278,8 @@ async def _serve_all(server: DrainingServer, sock: socket.socket, repository, gr
             if grpc_server is not None:
                 await grpc_server.stop(grace=2.0)
     finally:
+        if batches is not None:
+            await batches.close()
         if repository is not None:
             await repository.close()
 

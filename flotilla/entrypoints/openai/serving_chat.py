@@ -12,7 +12,9 @@ an ``{"error": ...}`` event then ``[DONE]``. ``logprobs`` + ``top_logprobs`` use
 ``prompt_logprobs: k`` adds a top-level ``prompt_logprobs`` (non-streaming only). A client that disconnects
 aborts the engine request. ``tools`` / ``tool_choice`` (``tool_calling``): the plan constrains the sampling
 (required, named) and each choice's text becomes ``tool_calls``; streamed, a choice's deltas are what its
-``ChoiceTools`` makes of the generated text (a chunk with nothing to say yet is skipped).
+``ChoiceTools`` makes of the generated text (a chunk with nothing to say yet is skipped). vLLM's ``priority``
+and the in-process ``"flotilla.priority"`` ASGI scope key set the engine request's priority
+(``generation.request_priority``).
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def chat_size(messages: list[dict]) -> int:
 async def create_chat_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
     ctx = served.resolve(req.model, req.user, runner="generate")
+    priority = ctx.priority(req.priority, request.scope)
     tools = req.tool_plan(ctx.config.enable_auto_tool_choice, ctx.config.tool_call_parser)
     params = with_tool_constraint(req.to_sampling_params(), tools)
     prepared = await prepare_chat(ctx, req, params, tools.template_tools)
-    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream))
+    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority)
     job = _ChatJob(ctx, req, prepared, run, tools)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

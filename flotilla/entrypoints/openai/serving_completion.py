@@ -11,7 +11,8 @@ its first chunk when streaming); with ``logprobs: k`` the legacy logprobs object
 (the first one's logprob and top_logprobs null) before the generated ones, and ``max_tokens: 0`` returns the
 prompt alone (finish_reason "length"), which is how lm-evaluation-harness scores text. vLLM's
 ``prompt_logprobs: k`` adds each choice's ``prompt_logprobs`` (non-streaming only). Non-streaming responses carry
-``usage``. A client that disconnects aborts the engine requests.
+``usage``. A client that disconnects aborts the engine requests. vLLM's ``priority`` and the in-process
+``"flotilla.priority"`` ASGI scope key set the engine requests' priority (``generation.request_priority``).
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ class _Job:
 async def create_completion(served: ServedModels, request: Request) -> Response:
     req = await parse_body(request, CompletionRequest)
     ctx = served.resolve(req.model, req.user, runner="generate")
+    priority = ctx.priority(req.priority, request.scope)
     prompts = req.prompts()
     params = req.to_sampling_params()
     prepared = await ctx.prepare(prompts, params, req.cache_salt)
-    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream))
+    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority)
     job = _Job(ctx, req, prepared, run)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

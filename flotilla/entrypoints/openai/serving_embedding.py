@@ -77,14 +77,9 @@ def _tokenize_all(processor, inputs: list) -> list[list[int]]:
 
 
 async def embed_all(engine, token_ids: list[list[int]], params: PoolingParams) -> list:
-    """Every input's embedding, in order; if one fails (or this is cancelled) the others are cancelled."""
-    tasks = [asyncio.ensure_future(engine.embed(ids, params)) for ids in token_ids]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    """Every input's embedding, in order, submitted together (``AsyncEmbedder.embed_many``: the same request
+    alone gets the same batch, so the same bits); if one fails (or this is cancelled) the others are cancelled."""
+    return await engine.embed_many(token_ids, params)
 
 
 def _floats(row) -> list[float]:

@@ -276,7 +276,10 @@ def predict(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, 
 def evaluate(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, calibration: Calibration,
              plan: Plan) -> Evaluated:
     """One given plan sized and simulated, without the search's pruning (benchmarks compare every plan);
-    ``rejected`` is set when it does not fit or misses the SLO."""
+    ``rejected`` is set when its shape does not split (heads, layers), it does not fit or misses the SLO."""
+    problem = model.tp_problem(plan.tp) or model.pp_problem(plan.pp)
+    if problem is not None:
+        return Evaluated(plan, plan.label, rejected=problem)
     c = _size(model, hardware, workload, plan, calibration)
     if c.rejected is None:
         c.estimate, _ = _estimate(model, hardware, workload, c, calibration)

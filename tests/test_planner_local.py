@@ -24,6 +24,7 @@ def local(tiny, tmp_path_factory):
         mp.setenv("FLOTILLA_CACHE_DIR", str(tmp_path_factory.mktemp("planner_cache")))
         mp.setattr(measure, "ROWS", (1, 16, 64))
         mp.setattr(measure, "MAX_COPIES", 4)
+        mp.setattr(measure, "SYNC_ITERATIONS", 20)
         mp.setattr(measure, "MESSAGE_BYTES", (256, 65536, 1 << 20))
         real_bandwidth = measure.measure_bandwidth
         mp.setattr(measure, "measure_bandwidth", lambda: real_bandwidth(size_mib=32))
@@ -40,6 +41,7 @@ def test_local_hardware_is_measured_then_cached(local):
     assert hw.shared and hw.devices_per_node == measure.num_cores()
     ar, sr = hw.collectives["all_reduce"], hw.collectives["send_recv"]
     assert ar.alpha > 0 and sr.alpha > 0 and ar.beta > 0  # gloo between two processes: latency and bytes cost
+    assert hw.oversubscribed_sync >= 0 and hw.sync_penalty(hw.devices_per_node) == 0.0
     # one thread (two threads' speed swings with what else runs on a shared machine)
     assert hw.matmul_rate("float32", 64, threads=1) > hw.matmul_rate("float32", 1, threads=1) > 0
     assert hw.bandwidth(1) > 0

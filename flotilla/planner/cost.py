@@ -7,6 +7,7 @@ pipeline stage ``s`` (``L_s`` layers, tensor-parallel size ``t``, ``M`` tokens, 
     attn    = max(4 (heads/t) head_dim pairs / F(M/seqs), KV_read / BW)   pairs: query x key positions
     head    = max(2 S V/t h / F(S), V/t h / BW)                  last stage: the LM head on sampled rows only
     comm    = L_s * 2 all_reduce(M h) [+ embedding all-reduce, logits all-gather]   (t > 1)
+              (+ the measured wait for a descheduled rank per collective when a shared node is oversubscribed)
     stage   = kernel_scale (linear + attn + head) + comm_scale comm + per_layer L_s
               (+ step + per_seq seqs on stage 0, which hosts the driver)
 
@@ -146,6 +147,7 @@ class CostModel:
         self.elem = DTYPE_BYTES[plan.dtype]
         self.layers = model.stage_layers(plan.pp)
         self.ranks_on_node = math.ceil(plan.num_devices / hardware.nodes) if hardware.shared else 1
+        self.sync = hardware.sync_penalty(self.ranks_on_node)
         self.threads = plan.num_threads or hardware.threads_per_rank(self.ranks_on_node)
         self.bw = hardware.bandwidth(self.ranks_on_node, self.threads)
         int8_curve = plan.quantization == "int8" and "int8" in (hardware.matmul_curves or {})
@@ -183,6 +185,7 @@ class CostModel:
         kv_bytes = model.kv_bytes_per_token(plan.tp, layers, self.elem) * (work.kv_read_tokens + m)
         attn_rate = hw.matmul_rate(plan.dtype, max(1, m // max(1, work.num_seqs)), k, self.threads)
         attention = max(attn_flops / attn_rate, kv_bytes / self.bw)
+        syncs = (2 * layers + (stage == 0)) if plan.tp > 1 else 0
         comm = layers * 2 * hw.all_reduce_time(m * model.hidden_size * self.elem, plan.tp)
         if stage == 0:
             comm += hw.all_reduce_time(m * model.hidden_size * self.elem, plan.tp)  # vocab-parallel embedding
@@ -194,6 +197,8 @@ class CostModel:
             head = max(head_flops / hw.matmul_rate(self.linear_dtype, s, k, self.threads), head_io / self.bw)
             head += s * model.vocab_size * LOGITS_BYTES / self.bw  # the sampler reads every logit once
             comm += hw.all_gather_time(s * model.padded_vocab(plan.tp) * self.elem, plan.tp)
+            syncs += plan.tp > 1
+        comm += syncs * self.sync
         return StageCost(scale * linear, scale * attention, scale * head, self.calib.comm_scale * comm, overhead)
 
     def stage_times(self, work: StepWork) -> list[float]:
@@ -202,7 +207,7 @@ class CostModel:
     def hop_time(self, work: StepWork, hop: int = 0) -> float:
         """Seconds to hand ``work``'s activations (hidden + residual) from stage ``hop`` to ``hop + 1``."""
         nbytes = 2 * work.num_tokens * self.model.hidden_size * self.elem
-        return self.calib.comm_scale * self.hw.send_time(nbytes, self.hop_inter_node[hop])
+        return self.calib.comm_scale * (self.hw.send_time(nbytes, self.hop_inter_node[hop]) + self.sync)
 
     def step_time(self, work: StepWork) -> float:
         """Seconds of one step alone (no other micro-batch in flight): every stage and hop in turn."""

@@ -74,8 +74,9 @@ class Hardware:
     """A cluster of ``nodes`` x ``devices_per_node`` devices (see the module docstring). ``memory``,
     ``memory_bandwidth`` and ``flops`` are per device, or per node when ``shared``. ``matmul_curves``
     (measured machines): dtype -> threads -> [(M, FLOP/s)]; ``bandwidth_by_threads``: threads -> bytes/s;
-    ``collectives``: measured {"all_reduce", "send_recv"} alpha-betas. ``key`` names the machine in the
-    calibration store."""
+    ``collectives``: measured {"all_reduce", "send_recv"} alpha-betas; ``oversubscribed_sync``: seconds a
+    collective or pipeline hand-off costs beyond them when a shared node runs more ranks than it has devices
+    (the wait for a descheduled rank; measured). ``key`` names the machine in the calibration store."""
 
     name: str
     source: str
@@ -97,6 +98,7 @@ class Hardware:
     matmul_curves: dict[str, dict[int, list[tuple[int, float]]]] | None = None
     bandwidth_by_threads: dict[int, float] | None = None
     collectives: dict[str, AlphaBeta] | None = None
+    oversubscribed_sync: float = 0.0
     bf16_native: bool = True
     key: str = ""
 
@@ -134,6 +136,10 @@ class Hardware:
             return min(_thread_interpolate(self.bandwidth_by_threads, threads), node / ranks_on_node) \
                 * self._oversubscription(ranks_on_node)
         return self.memory_bandwidth * self.memory_efficiency / (ranks_on_node if self.shared else 1)
+
+    def sync_penalty(self, ranks_on_node: int) -> float:
+        """Seconds each collective or hand-off waits for a descheduled rank (0 unless oversubscribed)."""
+        return self.oversubscribed_sync if self.shared and ranks_on_node > self.devices_per_node else 0.0
 
     def _oversubscription(self, ranks_on_node: int) -> float:
         """Fraction of a core a rank gets when a shared node runs more ranks than it has cores."""

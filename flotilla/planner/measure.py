@@ -17,6 +17,11 @@ prefers plans with fewer threads per rank, as it should. ``--refresh-hardware`` 
   hand-off (``send_tensors`` / ``recv_tensors`` ping-pong) between two local processes over gloo, through
   ``flotilla.distributed``'s groups; a least-squares fit over 256 B .. 4 MiB messages (about 10 s with the
   processes' start).
+* **Oversubscribed synchronization**: what a collective costs when the node runs more ranks than it has cores
+  (TP 3 on two cores): one-thread ranks alternate a short compute chunk (``SYNC_CHUNK_OPS`` small matmuls,
+  about a decoder layer's share on a small model) with an all-reduce, once as ``cores`` ranks and once as
+  ``cores + 1``; with fair time sharing the larger group would take ``(cores + 1) / cores`` times as long per
+  iteration, and what it takes beyond that is the wait for a descheduled rank at every collective (about 10 s).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ ROWS = (1, 8, 32, 128, 512, 2048)
 SHAPE_CAP = 2048
 MESSAGE_BYTES = (256, 4096, 65536, 1 << 20, 4 << 20)
 OPS_PER_LAYER = 10
+SYNC_CHUNK_OPS = 4  # small matmuls between two all-reduces when measuring oversubscribed synchronization
+SYNC_ITERATIONS = 300
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -97,6 +104,10 @@ def local_hardware(model: ModelDesc, dtypes: list[str], refresh: bool = False,
                 "bf16_native": _bf16_native(), "bandwidth": measure_bandwidth(), "op_seconds": measure_op_seconds(),
                 "collectives": measure_collectives(), "matmul": {}}
         changed = True
+    if "oversubscribed_sync" not in data:  # added to the cache after its version 2: measured on its own
+        log("measuring collectives with more ranks than cores ...")
+        data["oversubscribed_sync"] = measure_oversubscribed_sync()
+        changed = True
     for dtype in dtypes:
         key = f"{dtype}|{shape_key(model)}"
         if key not in data["matmul"]:
@@ -126,7 +137,7 @@ def hardware_from_cache(data: dict, model: ModelDesc, dtypes: list[str]) -> Hard
         intra_node=loopback, inter_node=loopback, memory_utilization=0.9,
         overheads=Overheads(step=1e-3, per_seq=5e-5, per_layer=OPS_PER_LAYER * float(data["op_seconds"])),
         matmul_curves=curves, bandwidth_by_threads=bw, collectives=coll, bf16_native=bool(data["bf16_native"]),
-        key=machine_key())
+        oversubscribed_sync=float(data.get("oversubscribed_sync", 0.0)), key=machine_key())
 
 
 def _read(path: str) -> dict:
@@ -321,6 +332,68 @@ def _collective_rank(rank: int, port: int, queue) -> None:
         destroy_distributed()
         if rank == 0:
             queue.put(result)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        if rank == 0:
+            queue.put(f"{type(e).__name__}: {e}")
+
+
+def measure_oversubscribed_sync(timeout_s: float = 120.0) -> float:
+    """Seconds a collective costs beyond fair time sharing when a node runs ``cores + 1`` one-thread ranks
+    (see the module docstring); 0 when none is seen."""
+    cores = num_cores()
+    fair, over = _sync_iteration(cores, timeout_s), _sync_iteration(cores + 1, timeout_s)
+    return max(0.0, over - (cores + 1) / cores * fair)
+
+
+def _sync_iteration(ranks: int, timeout_s: float) -> float:
+    """Seconds per compute-chunk + all-reduce iteration with ``ranks`` one-thread ranks (one rank: no
+    collective)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_rank, args=(rank, ranks, port, queue), daemon=True) for rank in range(ranks)]
+    for p in procs:
+        p.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if isinstance(result, str):
+        raise RuntimeError(f"measuring oversubscribed collectives failed: {result}")
+    return result
+
+
+def _sync_rank(rank: int, ranks: int, port: int, queue) -> None:
+    try:
+        import torch
+
+        from flotilla.distributed.parallel_state import destroy_distributed, get_tp_group, init_distributed
+        _as_the_engine()
+        torch.set_num_threads(1)
+        x, w = torch.randn(8, 512), torch.randn(512, 512)
+
+        def chunk():
+            for _ in range(SYNC_CHUNK_OPS):
+                torch.nn.functional.linear(x, w)
+        init_distributed(ranks, rank, tp_size=ranks, pp_size=1, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+        tp = get_tp_group()
+        small = torch.ones(512)
+        for _ in range(20):  # warm-up
+            chunk()
+            tp.all_reduce(small)
+        tp.barrier()
+        start = time.perf_counter()
+        for _ in range(SYNC_ITERATIONS):
+            chunk()
+            tp.all_reduce(small)
+        per_iteration = (time.perf_counter() - start) / SYNC_ITERATIONS
+        destroy_distributed()
+        if rank == 0:
+            queue.put(per_iteration)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         if rank == 0:
             queue.put(f"{type(e).__name__}: {e}")

@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--max-wait-s", type=float, default=1800)
     ap.add_argument("--refresh-hardware", action="store_true")
     ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--from", dest="from_file", default=None, metavar="JSON",
+                    help="re-predict the measured runs of an earlier output (same --model, --workload, --slo) "
+                         "with the current cost model, without serving anything")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop a probed server on the way out
     if args.nice:
@@ -81,6 +84,7 @@ def main() -> None:
     prior = Calibration.prior(hw)
     dtype = model.runtime_dtype("cpu", hw.bf16_native, args.dtype)
     report = PlanReport(model, hw, workload, slo, prior, dtype)
+    earlier = _load_earlier(args.from_file, workload.describe(), slo.describe()) if args.from_file else None
     rows, rejected = [], []
     for tp, pp, r, seqs, threads in (parse_config(c) for c in args.configs.split(",")):
         plan = Plan(tp=tp, pp=pp, replicas=r, max_num_seqs=seqs, dtype=dtype, num_threads=threads,
@@ -89,6 +93,12 @@ def main() -> None:
         if ev.metrics is None:
             log(f"{ev.label}: not runnable: {ev.rejected}")
             rejected.append({"config": ev.label, "rejected": ev.rejected})
+            continue
+        if earlier is not None:
+            if ev.label not in earlier:
+                log(f"{ev.label}: not in {args.from_file}")
+                continue
+            rows.append(_replayed_row(earlier[ev.label], ev))
             continue
         with quiet():
             load_before = os.getloadavg()[0]
@@ -118,13 +128,40 @@ def main() -> None:
     summary = summarize(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"cpu": cpu_model(), "cores": hw.devices_per_node, "python": platform.python_version(), "commit": commit,
-           "niceness": os.nice(0),
+           "niceness": os.nice(0), "measurements_from": args.from_file and {
+               "file": args.from_file, "commit": earlier_doc_commit(args.from_file)},
            "model": args.model, "dtype": dtype, "workload": workload.describe(), "slo": slo.describe(),
            "stored_calibration": vars(load_calibration(hw)), "refit_all": vars(full), "summary": summary,
            "rows": [_row_json(row) for row in rows], "rejected": rejected}
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     print(markdown(doc))
+
+
+def _load_earlier(path: str, workload: str, slo: str) -> dict:
+    """{config label: row} of an earlier output, checked to be of the same workload and SLO."""
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if (doc["workload"], doc["slo"]) != (workload, slo):
+        raise SystemExit(f"{path} was measured with workload {doc['workload']!r}, SLO {doc['slo']!r}: pass the same "
+                         f"--workload and --slo (got {workload!r}, {slo!r})")
+    return {row["config"]: row for row in doc["rows"]}
+
+
+def earlier_doc_commit(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("commit", "?")
+
+
+def _replayed_row(row: dict, evaluated) -> dict:
+    """A row of this run from an earlier measurement of the same configuration (``--from``)."""
+    from flotilla.planner.metrics import PlanMetrics
+    from flotilla.planner.probe import ProbeRun
+    m = row["measured"]
+    measured = PlanMetrics(m["tok_s"], m["req_s"], m["ttft_p50"], m["ttft_p99"], m["tpot_p50"], m["tpot_p99"],
+                           m["goodput"], m["goodput"] / m["req_s"] if m["req_s"] else 0.0, 0)
+    return {"config": row["config"], "run": ProbeRun(evaluated, measured, row["startup_s"]), "wall_s": row["wall_s"],
+            "load_before": row["load_before"], "load_after": row["load_after"]}
 
 
 def parse_config(text: str) -> tuple:

@@ -148,6 +148,23 @@ def test_oversubscribed_node_pays_the_measured_sync_per_collective(smollm2):
     assert hops_over[0] - hops[0] == pytest.approx(1e-3)  # four ranks on two cores
 
 
+def test_serving_processes_slow_ranks_only_when_they_fill_the_cores(smollm2):
+    """``host_cores`` 0.5 of two cores: one one-thread rank keeps its core (the server has the other); two
+    ranks, or one rank with two threads, keep 1.5 cores between them (kernels 1/0.75 as long)."""
+    hw = Hardware(name="cpu", source="test", device_kind="cpu", nodes=1, devices_per_node=2, shared=True,
+                  memory=64e9, memory_bandwidth=100e9, flops={"bfloat16": 400e9},
+                  intra_node=Link(5e9, 2e-5), inter_node=Link(5e9, 2e-5), overheads=Overheads(0.0, 0.0, 0.0))
+    work = StepWork.decode(4, 64)
+
+    def linear(host_cores, threads, replicas=1):
+        plan = Plan(tp=1, pp=1, replicas=replicas, max_num_seqs=4, dtype="bfloat16", max_model_len=2048,
+                    num_threads=threads)
+        return CostModel(smollm2, hw, plan, Calibration(0.0, 0.0, 0.0, host_cores=host_cores)).stage_cost(work, 0)
+    assert linear(0.5, 1).linear == linear(0.0, 1).linear
+    assert linear(0.5, 2).linear == pytest.approx(linear(0.0, 2).linear / 0.75)
+    assert linear(0.5, 1, replicas=2).linear == pytest.approx(linear(0.0, 1, replicas=2).linear / 0.75)
+
+
 def test_refit_recovers_overheads_from_measured_runs():
     """Three runs of different batch sizes measured on a machine whose true step overhead is 4 ms and whose
     kernels are 1.5x slower than the roofline: the refit (starting from 1 ms, 1x) predicts them within 5%."""

@@ -8,10 +8,12 @@ pipeline stage ``s`` (``L_s`` layers, tensor-parallel size ``t``, ``M`` tokens, 
     head    = max(2 S V/t h / F(S), V/t h / BW)                  last stage: the LM head on sampled rows only
     comm    = L_s * 2 all_reduce(M h) [+ embedding all-reduce, logits all-gather]   (t > 1)
               (+ the measured wait for a descheduled rank per collective when a shared node is oversubscribed)
-    stage   = kernel_scale (linear + attn + head) + comm_scale comm + per_layer L_s
+    stage   = kernel_scale (linear + attn + head) / host + comm_scale comm + per_layer L_s
               (+ step + per_seq seqs on stage 0, which hosts the driver)
 
-and a pipeline hop sends hidden + residual (``2 M h`` elements). ``F(M)`` and ``BW`` are the rates one rank
+and a pipeline hop sends hidden + residual (``2 M h`` elements). ``host`` (shared CPU nodes) is the share of
+their cores the ranks keep next to the serving processes: ``min(1, (cores - host_cores) / (ranks x threads))``
+over the ``min(1, cores / (ranks x threads))`` the rates already assume (1 when a core is left over). ``F(M)`` and ``BW`` are the rates one rank
 gets (``Hardware.matmul_rate`` / ``bandwidth``: a shared CPU node splits its cores among all ranks of all
 replicas); all-reduce and send use the hardware's alpha-beta. ``Calibration`` holds the runtime overheads
 and the two scales; ``flotilla.planner.calibration`` refits them from measured runs.
@@ -113,11 +115,12 @@ class Calibration:
     kernel_scale: float = 1.0
     comm_scale: float = 1.0
     fitted_from: int = 0
+    host_cores: float = 0.0
 
     @classmethod
     def prior(cls, hardware: Hardware) -> Calibration:
         o = hardware.overheads
-        return cls(step=o.step, per_seq=o.per_seq, per_layer=o.per_layer)
+        return cls(step=o.step, per_seq=o.per_seq, per_layer=o.per_layer, host_cores=o.host_cores)
 
     def with_values(self, **values) -> Calibration:
         return replace(self, **values)
@@ -149,6 +152,7 @@ class CostModel:
         self.ranks_on_node = math.ceil(plan.num_devices / hardware.nodes) if hardware.shared else 1
         self.sync = hardware.sync_penalty(self.ranks_on_node)
         self.threads = plan.num_threads or hardware.threads_per_rank(self.ranks_on_node)
+        self.host = self._host_share()
         self.bw = hardware.bandwidth(self.ranks_on_node, self.threads)
         int8_curve = plan.quantization == "int8" and "int8" in (hardware.matmul_curves or {})
         self.linear_dtype = "int8" if int8_curve else plan.dtype
@@ -165,6 +169,13 @@ class CostModel:
         self.hop_inter_node = [((s + 1) * tp - 1) // per_node != ((s + 1) * tp) // per_node
                                for s in range(plan.pp - 1)] if not hardware.shared else [False] * (plan.pp - 1)
 
+    def _host_share(self) -> float:
+        """The share of the ranks' compute left next to the serving processes (see the module docstring)."""
+        if not self.hw.shared or self.calib.host_cores <= 0:
+            return 1.0
+        cores, wanted = self.hw.devices_per_node, self.ranks_on_node * self.threads
+        return min(1.0, max(cores - self.calib.host_cores, 0.1) / wanted) / min(1.0, cores / wanted)
+
     # ------------------------------------------------------------------ time
     def stage_cost(self, work: StepWork, stage: int) -> StageCost:
         """The time one rank of ``stage`` spends on ``work``."""
@@ -175,7 +186,7 @@ class CostModel:
             overhead += self.calib.step + self.calib.per_seq * work.num_seqs
         if m == 0:
             return StageCost(0.0, 0.0, 0.0, 0.0, overhead)
-        k, scale = self.ranks_on_node, self.calib.kernel_scale
+        k, scale = self.ranks_on_node, self.calib.kernel_scale / self.host
         rate = hw.matmul_rate(self.linear_dtype, m, k, self.threads)
         lin_flops = 2.0 * m * self.lin_params * layers
         lin_bytes = layers * (self.lin_bytes + m * self.act_elems_per_token * self.elem)

@@ -62,11 +62,15 @@ class AlphaBeta:
 class Overheads:
     """Runtime cost of an engine step beyond its kernels: ``step`` seconds per step (scheduling, inputs, the
     driver's round trip), ``per_seq`` seconds per scheduled sequence (sampling, detokenizing and streaming
-    its token), ``per_layer`` seconds per decoder layer a stage runs (operator dispatch)."""
+    its token), ``per_layer`` seconds per decoder layer a stage runs (operator dispatch); ``host_cores``
+    (shared CPU nodes): the cores' worth of CPU the serving processes (HTTP server, one engine core per
+    replica) take from the ranks while they serve, which slows the ranks once their threads want more
+    cores than are left."""
 
     step: float = 1e-3
     per_seq: float = 1e-5
     per_layer: float = 1e-5
+    host_cores: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ MESSAGE_BYTES = (256, 4096, 65536, 1 << 20, 4 << 20)
 OPS_PER_LAYER = 10
 SYNC_CHUNK_OPS = 4  # small matmuls between two all-reduces when measuring oversubscribed synchronization
 SYNC_ITERATIONS = 300
+HOST_CORES_PRIOR = 0.5  # the serving processes' CPU while ranks compute (a prior: --probe refits it)
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -135,7 +136,8 @@ def hardware_from_cache(data: dict, model: ModelDesc, dtypes: list[str]) -> Hard
         source=f"measured, {cache_path()}", device_kind="cpu", nodes=1, devices_per_node=cores, shared=True,
         memory=float(data["memory"]), memory_bandwidth=max(bw.values()), flops=peak,
         intra_node=loopback, inter_node=loopback, memory_utilization=0.9,
-        overheads=Overheads(step=1e-3, per_seq=5e-5, per_layer=OPS_PER_LAYER * float(data["op_seconds"])),
+        overheads=Overheads(step=1e-3, per_seq=5e-5, per_layer=OPS_PER_LAYER * float(data["op_seconds"]),
+                            host_cores=HOST_CORES_PRIOR),
         matmul_curves=curves, bandwidth_by_threads=bw, collectives=coll, bf16_native=bool(data["bf16_native"]),
         oversubscribed_sync=float(data.get("oversubscribed_sync", 0.0)), key=machine_key())
 

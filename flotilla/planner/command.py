@@ -101,5 +101,6 @@ def _probe(report, n: int, log) -> int:
               f"{p.tpot_p50 * 1e3:>7.1f}/{m.tpot_p50 * 1e3:<8.1f} {p.ttft_p99:>6.2f}/{m.ttft_p99:<7.2f} "
               f"{p.goodput:>5.2f}/{m.goodput:<6.2f} {q.output_throughput:>11.1f} {q.tpot_p50 * 1e3:>8.1f}ms")
     print(f"calibration refit on {len(runs)} run(s) and stored: step {fitted.step * 1e3:.2f} ms, per sequence "
-          f"{fitted.per_seq * 1e6:.0f} us, kernel scale {fitted.kernel_scale:.2f}, comm scale {fitted.comm_scale:.2f}")
+          f"{fitted.per_seq * 1e6:.0f} us, kernel scale {fitted.kernel_scale:.2f}, comm scale {fitted.comm_scale:.2f}, "
+          f"serving processes' cores {fitted.host_cores:.2f}")
     return 0

@@ -13,10 +13,11 @@ pipeline stage ``s`` (``L_s`` layers, tensor-parallel size ``t``, ``M`` tokens, 
 
 and a pipeline hop sends hidden + residual (``2 M h`` elements). ``host`` (shared CPU nodes) is the share of
 their cores the ranks keep next to the serving processes: ``min(1, (cores - host_cores) / (ranks x threads))``
-over the ``min(1, cores / (ranks x threads))`` the rates already assume (1 when a core is left over). ``F(M)`` and ``BW`` are the rates one rank
-gets (``Hardware.matmul_rate`` / ``bandwidth``: a shared CPU node splits its cores among all ranks of all
-replicas); all-reduce and send use the hardware's alpha-beta. ``Calibration`` holds the runtime overheads
-and the two scales; ``flotilla.planner.calibration`` refits them from measured runs.
+over the ``min(1, cores / (ranks x threads))`` the rates already assume (1 when a core is left over).
+``F(M)`` and ``BW`` are the rates one rank gets (``Hardware.matmul_rate`` / ``bandwidth``: a shared CPU node
+splits its cores among all ranks of all replicas); all-reduce and send use the hardware's alpha-beta.
+``Calibration`` holds the runtime overheads, the two scales and ``host_cores``;
+``flotilla.planner.calibration`` refits them from measured runs.
 
 The pipeline's micro-batches are timed by the simulator stage by stage (a stage is busy while it computes),
 so bubbles follow from the schedule; ``pipeline_time`` is the closed form for m equal micro-batches.

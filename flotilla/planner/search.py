@@ -13,8 +13,8 @@ CPU node, two thread counts per rank (its share of the cores and half of it):
    sequence is rejected (the engine refuses to start then).
 3. **Estimate**: a closed-form steady state (decode batch plus amortized prefill) ranks the candidates;
    those whose estimated TPOT is over 3x the SLO are rejected without simulating.
-4. **Simulation** of the best by the estimate, ``max_simulations`` distinct replica simulations (``flotilla.planner.simulate``, one replica,
-   its share of the load), scaled to the replicas. Plans are ranked by goodput; plans that miss the SLO's
+4. **Simulation** of the best by the estimate, ``max_simulations`` distinct replica simulations
+   (``flotilla.planner.simulate``, one replica, its share of the load), scaled to the replicas. Plans are ranked by goodput; plans that miss the SLO's
    percentiles are listed as rejected ("SLO: ...") after those that meet it.
 """
 

@@ -203,3 +203,22 @@ def test_kserve_container_serves_and_answers_its_probes(deploy_file):
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
     finally:
         assert server.stop() == 0
+
+
+
+def test_kserve_repository_container_serves_and_answers_its_probes(deploy_file):
+    """The repository's InferenceService on the same runtime: its own file (the repository alone) and KServe v2
+    readiness probes; it serves the repository's model."""
+    objects = generate_from_file(deploy_file, K8sOptions(target="kserve"))
+    isvc = find(objects, "InferenceService", "flotilla-repository")
+    container, pod_spec = kserve_container(find(objects, "ClusterServingRuntime"), isvc)
+    server = LocalContainer(container, pod_spec, objects, SECRETS)
+    try:
+        server.wait_until(container["startupProbe"])
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert server.probe(container[probe]) == 200, probe
+        r = httpx.post(server.url + "/v2/models/scale/infer", headers=AUTH, timeout=60, json={
+            "inputs": [{"name": "X", "shape": [1, 2], "datatype": "FP32", "data": [3.0, -1.0]}]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [3.0 * FACTOR, -1.0 * FACTOR], r.text
+    finally:
+        assert server.stop() == 0

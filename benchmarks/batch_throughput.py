@@ -5,7 +5,8 @@ A fourth row, ``AsyncLLM`` (all requests handed at once to the engine client tha
 engine core in its own process), separates the cost of that process split from the cost of the batch path.
 
 Usage: .venv/bin/python benchmarks/batch_throughput.py [--num-requests 2000] [--max-tokens 32]
-           [--max-num-seqs 128] [--rss-lines 10000,100000] [--skip-rss] [--json results/batch.json]
+           [--max-num-seqs 128] [--rss-lines 1000,10000,100000] [--skip-rss]
+           [--paths llm,async,run-batch,batch-api] [--json results/batch.json]
 
 Output tok/s is generated tokens over the job's own time, engine start excluded everywhere: ``LLM.generate``'s
 call; run-batch's job (its summary line: from the first request to the last result); the Batch API from
@@ -30,6 +31,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:
@@ -42,8 +44,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+_PROMPTS: dict[int, list[str]] = {}
+
+
 def prompt(i: int) -> str:
-    return f"Request {i}: write one sentence about the number {i}."
+    """The ``i``-th of the requests ``batch_spark_raydata.py`` runs (its first prompt set, seed 0), so both tables
+    time the same requests; a negative ``i`` gives warm-up prompts (another seed) that share no cached prefix."""
+    from batch_spark_raydata import make_prompts
+    seed, index = (0, i) if i >= 0 else (99, -1 - i)
+    have = _PROMPTS.get(seed, [])
+    if index >= len(have):  # make_prompts(n) starts with make_prompts(k) for k < n
+        have = _PROMPTS[seed] = make_prompts(max(2 * len(have), index + 1, 64), seed)
+    return have[index]
 
 
 def write_input(path: str, n: int, max_tokens: int, tiny: bool = False) -> None:
@@ -62,7 +74,7 @@ def bench_llm(ns) -> float:
     from flotilla import LLM, SamplingParams
     llm = LLM(max_num_seqs=ns.max_num_seqs, max_model_len=512)
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
-    llm.generate([prompt(i) for i in range(8)], params)  # warm up
+    llm.generate([prompt(-1 - i) for i in range(8)], params)  # warm up
     start = time.perf_counter()
     outs = llm.generate([prompt(i) for i in range(ns.num_requests)], params)
     elapsed = time.perf_counter() - start
@@ -122,7 +134,7 @@ def bench_batch_api(ns, workdir: str) -> float:
                         startup_timeout=600)
     try:
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", timeout=600)
-        client.completions.create(model="smollm2-135m-instruct", prompt=prompt(0), max_tokens=4)  # warm up
+        client.completions.create(model="smollm2-135m-instruct", prompt=prompt(-1), max_tokens=4)  # warm up
         with open(src, "rb") as f:
             file = client.files.create(file=f, purpose="batch")
         start = time.perf_counter()
@@ -175,35 +187,43 @@ def peak_rss(ns, workdir: str, lines: int) -> tuple[float, float, float]:
     return front / 1024, core / 1024, time.perf_counter() - start
 
 
+PATHS = {"llm": ("llm_generate_tok_s", "LLM.generate"), "async": ("async_llm_tok_s", "AsyncLLM"),
+         "run-batch": ("run_batch_tok_s", "run-batch"), "batch-api": ("batch_api_tok_s", "Batch API")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-requests", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--rss-lines", default="10000,100000", help="comma-separated input sizes of the RSS check")
+    ap.add_argument("--rss-lines", default="1000,10000,100000", help="comma-separated input sizes of the RSS check")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--paths", default=",".join(PATHS), help="throughput rows to run (none: '')")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ns = ap.parse_args()
     results: dict = {"cpu": cpu_model(), "cores": os.cpu_count(), "num_requests": ns.num_requests,
                      "max_tokens": ns.max_tokens, "max_num_seqs": ns.max_num_seqs}
     with tempfile.TemporaryDirectory(prefix="flotilla-batch-bench-") as workdir:
-        results["llm_generate_tok_s"] = bench_llm(ns)
-        results["async_llm_tok_s"] = bench_async_llm(ns)
-        results["run_batch_tok_s"] = bench_run_batch(ns, workdir)
-        results["batch_api_tok_s"] = bench_batch_api(ns, workdir)
-        base = results["llm_generate_tok_s"]
-        print(f"CPU {results['cpu']} ({results['cores']} cores); {ns.num_requests} requests x {ns.max_tokens} tokens")
-        for key, name in (("llm_generate_tok_s", "LLM.generate"), ("async_llm_tok_s", "AsyncLLM"),
-                          ("run_batch_tok_s", "run-batch"),
-                          ("batch_api_tok_s", "Batch API")):
-            print(f"{name:14s} {results[key]:8.1f} output tok/s  ratio {results[key] / base:.3f}")
+        runs = {"llm": lambda: bench_llm(ns), "async": lambda: bench_async_llm(ns),
+                "run-batch": lambda: bench_run_batch(ns, workdir), "batch-api": lambda: bench_batch_api(ns, workdir)}
+        chosen = [p for p in ns.paths.split(",") if p]
+        for path in chosen:
+            results[PATHS[path][0]] = runs[path]()
+        if chosen:
+            base = results.get("llm_generate_tok_s")
+            print(f"CPU {results['cpu']} ({results['cores']} cores); {ns.num_requests} requests x {ns.max_tokens} "
+                  f"tokens")
+            for path in chosen:
+                key, name = PATHS[path]
+                ratio = f"  ratio {results[key] / base:.3f}" if base else ""
+                print(f"{name:14s} {results[key]:8.1f} output tok/s{ratio}", flush=True)
         if not ns.skip_rss:
             results["rss"] = {}
             for lines in (int(x) for x in ns.rss_lines.split(",")):
                 front, core, seconds = peak_rss(ns, workdir, lines)
                 results["rss"][lines] = {"run_batch_mib": front, "engine_core_mib": core, "seconds": seconds}
                 print(f"run-batch over {lines:>7d} lines (max_tokens 1): peak RSS {front:7.1f} MiB (engine core "
-                      f"{core:7.1f} MiB), {seconds:.0f} s")
+                      f"{core:7.1f} MiB), {seconds:.0f} s", flush=True)
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(results, f, indent=2)

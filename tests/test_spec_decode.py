@@ -234,7 +234,7 @@ def test_sampled_tokens_verified_against_a_draft_model_follow_the_target(tiny_ll
     llm = LLM(model=path, max_model_len=128, num_kv_blocks=512, speculative_config={
         "method": "draft_model", "model": tiny_qwen2[0], "num_speculative_tokens": 2})
     try:
-        n, prompt = 800, PROMPTS[2]
+        n, prompt = 400, PROMPTS[2]
         outs = llm.generate([{"prompt_token_ids": prompt}] * n, [SamplingParams(
             temperature=1.0, seed=s, max_tokens=3, ignore_eos=True) for s in range(n)], use_tqdm=False)
         stats = _spec_stats(llm)

@@ -7,7 +7,9 @@ For each scenario (model, H200 GPUs, fixed ISL/OSL, TTFT and TPOT targets) it ru
 with the shipped config and ``8xh200`` description (cut to the scenario's GPU count) under the auto load, and
 ``aiconfigurator cli default --serving-mode agg --backend vllm`` (aggregated serving as flotilla does it; its
 silicon-measured H200 database), and prints each tool's chosen TP x PP x replicas x batch with its predicted
-output tokens/s per GPU, TTFT and TPOT. The latency targets are given to flotilla as p50 targets
+output tokens/s per GPU, TTFT and TPOT. flotilla's tokens/s is its replay's (ramp-up and drain included, as a
+measured ``flotilla bench serve`` run would be); in parentheses the same plan's steady state by
+AIConfigurator's formula, ``batch x (OSL - 1) / (TTFT + (OSL - 1) x TPOT)``, from flotilla's simulated p50s. The latency targets are given to flotilla as p50 targets
 (``ttft_p50``, ``tpot_p50``), since AIConfigurator checks its single predicted TTFT and TPOT against them.
 """
 
@@ -40,9 +42,12 @@ def flotilla_plan(config: str, gpus: int, isl: int, osl: int, ttft_ms: float, tp
                   max_num_seqs=[8, 16, 32, 64, 128, 256, 512], max_simulations=16)
     best = report.best
     p, m = best.plan, best.metrics
+    # AIConfigurator's tokens/s: batch x (OSL - 1) / (TTFT + (OSL - 1) x TPOT), a steady state at full batch
+    steady = p.max_num_seqs * p.replicas * (osl - 1) / (m.ttft_p50 + (osl - 1) * m.tpot_p50)
     return {"plan": f"TP{p.tp} PP{p.pp} x{p.replicas}, max_num_seqs {p.max_num_seqs}",
-            "tokens_s_gpu": m.output_throughput / p.num_devices, "ttft_ms": m.ttft_p50 * 1e3,
-            "tpot_ms": m.tpot_p50 * 1e3, "meets_slo": best.rejected is None, "gpus_used": p.num_devices}
+            "tokens_s_gpu": m.output_throughput / p.num_devices, "steady_tokens_s_gpu": steady / p.num_devices,
+            "mean_batch": best.sim.mean_batch, "ttft_ms": m.ttft_p50 * 1e3, "tpot_ms": m.tpot_p50 * 1e3,
+            "meets_slo": best.rejected is None, "gpus_used": p.num_devices}
 
 
 def aiconfigurator_plan(model_path: str, gpus: int, isl: int, osl: int, ttft_ms: float, tpot_ms: float) -> dict:
@@ -79,14 +84,14 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
-    print("| scenario (ISL/OSL, TTFT/TPOT targets) | flotilla plan | tok/s/GPU | TTFT / TPOT | AIConfigurator plan "
-          "| tok/s/GPU | TTFT / TPOT |")
+    print("| scenario (ISL/OSL, TTFT/TPOT targets) | flotilla plan | tok/s/GPU replay (steady) | TTFT / TPOT p50 "
+          "| AIConfigurator plan | tok/s/GPU | TTFT / TPOT |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         f, a = r["flotilla"], r["aiconfigurator"]
         print(f"| {r['scenario']} ({r['isl']}/{r['osl']}, {r['ttft_ms']} ms / {r['tpot_ms']} ms) | {f['plan']} | "
-              f"{f['tokens_s_gpu']:.0f} | {f['ttft_ms']:.0f} / {f['tpot_ms']:.1f} ms | {a['plan']} | "
-              f"{a['tokens_s_gpu']:.0f} | {a['ttft_ms']:.0f} / {a['tpot_ms']:.1f} ms |")
+              f"{f['tokens_s_gpu']:.0f} ({f['steady_tokens_s_gpu']:.0f}) | {f['ttft_ms']:.0f} / {f['tpot_ms']:.1f} ms "
+              f"| {a['plan']} | {a['tokens_s_gpu']:.0f} | {a['ttft_ms']:.0f} / {a['tpot_ms']:.1f} ms |")
 
 
 if __name__ == "__main__":

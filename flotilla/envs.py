@@ -3,12 +3,6 @@
 import os
 
 
-def num_threads() -> int | None:
-    """FLOTILLA_NUM_THREADS: torch intra-op threads for the CPU model runner (default: torch's choice)."""
-    value = os.environ.get("FLOTILLA_NUM_THREADS")
-    return int(value) if value else None
-
-
 def log_level() -> str:
     """FLOTILLA_LOG_LEVEL: logging level name (default INFO)."""
     return os.environ.get("FLOTILLA_LOG_LEVEL", "INFO").upper()

@@ -8,8 +8,9 @@ CLI) takes the same path without a dashboard (flotilla's test clusters have none
 ``apply_config``. On one local Ray cluster (two nodes, loopback only): first the reference, ``flotilla serve
 --config deploy.yaml --ray --ray-address`` (stopped with SIGTERM, which deletes its application), then the
 RayService's ``serveConfigV2`` with one substitution: ``http_options`` (0.0.0.0:8000 in a pod) become the
-loopback address and the port Serve already listens on. Greedy completions, by model and by alias, must be
-equal.
+loopback address and the port Serve already listens on. The file has a generative model (and an alias), an
+embedding model and a model repository (the Python model ``scale``): greedy completions by model and by
+alias, embeddings and the repository model's outputs must be equal.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ models:
   - name: smol
     model: smollm2-135m-instruct
     engine: {max_model_len: 512, num_kv_blocks: 96, max_num_seqs: 8}
+  - name: minilm
+    model: all-minilm-l6-v2
+    engine: {num_threads: 1}
 routes:
   chat: {smol: 1}
+model_repository: {paths: [%s]}
 """
+X = [[1.0, -2.0], [0.5, 4.0]]
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -68,6 +74,19 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, log: str, timeout_s: f
         time.sleep(0.5)
 
 
+def answers(url: str) -> list:
+    """Greedy completions by model and alias, embeddings, and the repository model's outputs."""
+    out: list = completions(url)
+    r = httpx.post(url + "/v1/embeddings", headers=AUTH, timeout=120, json={"model": "minilm", "input": PROMPTS})
+    assert r.status_code == 200, r.text
+    out.append([d["embedding"] for d in r.json()["data"]])
+    r = httpx.post(url + "/v2/models/scale/infer", headers=AUTH, timeout=60, json={
+        "inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32", "data": X}]})
+    assert r.status_code == 200, r.text
+    out.append(r.json()["outputs"][0]["data"])
+    return out
+
+
 def completions(url: str) -> list[str]:
     out = []
     for model in ("smol", "chat"):
@@ -81,8 +100,10 @@ def completions(url: str) -> list[str]:
 
 
 def test_serve_config_v2_serves_what_flotilla_serve_ray_serves(tmp_path, monkeypatch):
+    from triton_repository import write_scale
+    write_scale(tmp_path / "triton", 1, factor=2.0)
     deploy = tmp_path / "deploy.yaml"
-    deploy.write_text(DEPLOY)
+    deploy.write_text(DEPLOY % (tmp_path / "triton"))   # absolute: the repository is in the image
     (service,) = generate_from_file(str(deploy), K8sOptions(target="kuberay"))
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
@@ -101,7 +122,7 @@ def test_serve_config_v2_serves_what_flotilla_serve_ray_serves(tmp_path, monkeyp
              cluster.address, "--host", LOOPBACK, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             wait_healthy(f"http://{LOOPBACK}:{port}", reference, log)
-            expected = completions(f"http://{LOOPBACK}:{port}")
+            expected = answers(f"http://{LOOPBACK}:{port}")
         finally:
             reference.send_signal(signal.SIGTERM)
             assert reference.wait(120) == 0, open(log).read()[-4000:]
@@ -113,5 +134,6 @@ def test_serve_config_v2_serves_what_flotilla_serve_ray_serves(tmp_path, monkeyp
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         ray.init(address=cluster.address)   # this process watches the application's status
         wait_healthy(f"http://{LOOPBACK}:{port}", None, log)
-        assert completions(f"http://{LOOPBACK}:{port}") == expected
+        assert answers(f"http://{LOOPBACK}:{port}") == expected
+        assert expected[-1] == [v * 2.0 for row in X for v in row]
         assert httpx.get(f"http://{LOOPBACK}:{port}/v1/models", timeout=30).status_code == 401

@@ -21,6 +21,7 @@ from flotilla.k8s import pod as k8s_pod
 from flotilla.k8s.options import GPU_RESOURCE, K8sError, K8sOptions
 from flotilla.k8s.render import generate_from_file, plans_for
 from flotilla.k8s.validate import validate_objects
+from k8s_helpers import find
 
 CRDS = os.path.join(os.path.dirname(__file__), "data", "k8s-crds")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ models:
     model: models/smol.gguf
     parallel: {tensor: 2}
     replicas: 2
-  - name: Embed.Small                 # not on kuberay: Ray Serve serves generative models only
+  - name: Embed.Small
     model: models/minilm
     engine: {runner: pooling}
 routes:
@@ -56,11 +57,23 @@ models:
     parallel: {tensor: 2}
     autoscaling: {min: 1, max: 3}
 """
-EMBED_ENTRY = CPU_FILE[CPU_FILE.index("  - name: Embed.Small"):CPU_FILE.index("routes:")]
+REPO_FILE = """
+api_key_env: FLOTILLA_API_KEY
+models:
+  - name: embed
+    model: models/minilm
+    engine: {runner: pooling}
+    replicas: 2
+model_repository:
+  paths: [triton]
+  model_control_mode: explicit
+  load_models: [scale]
+"""
 CASES = {  # name -> (file, options beyond the target)
     "cpu": (CPU_FILE, {"model_pvc": "models"}),
     "cpu-uri": (CPU_FILE, {"model_uri": "s3://bucket/flotilla", "namespace": "llm", "kserve_rollout": "stable"}),
     "gpu": (GPU_FILE, {"model_pvc": "weights", "device": GPU_RESOURCE, "gpus_per_node": 8}),
+    "repo": (REPO_FILE, {"model_uri": "gs://bucket/flotilla"}),
 }
 
 
@@ -70,12 +83,19 @@ def write(tmp_path, text: str) -> str:
     return str(path)
 
 
+def write_repository(root) -> None:
+    """A Triton-layout repository next to the file: the Python models ``scale`` and ``idle``."""
+    from triton_repository import write_scale
+    write_scale(root, 1, factor=2.0)
+    write_scale(root, 1, factor=3.0, name="idle")
+
+
 def case_objects(tmp_path, case: str, target: str) -> tuple[list[dict], K8sOptions, str]:
     text, extra = CASES[case]
     if case == "gpu" and target != "kuberay":     # multi-pod groups have fixed replicas on plain and KServe
         text = text.replace("autoscaling: {min: 1, max: 3}", "replicas: 1")
-    if target == "kuberay":
-        text = text.replace(EMBED_ENTRY, "")
+    if case == "repo" and not (tmp_path / "triton").exists():
+        write_repository(tmp_path / "triton")
     path = write(tmp_path, text)
     options = K8sOptions(target=target, **extra)
     return generate_from_file(path, options), options, path
@@ -227,7 +247,7 @@ def _check_resources(objects, plans, target):
             role = obj["metadata"]["labels"].get("flotilla/role")
             expected = {None: plan.replicas, "leader": 1, "worker": plan.nodes - 1}[role]
             assert obj["spec"]["replicas"] == expected
-        if obj["kind"] == "InferenceService":
+        if obj["kind"] == "InferenceService" and "flotilla/model-name" in obj["metadata"]["annotations"]:
             predictor = obj["spec"]["predictor"]
             plan = next(p for p in plans.values() if p.name == obj["metadata"]["annotations"]["flotilla/model-name"])
             assert predictor["model"]["resources"] == plan.resources()
@@ -242,7 +262,8 @@ def _check_resources(objects, plans, target):
                 assert obj["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "none"
                 assert predictor["model"]["storageUri"].startswith("pvc://")
         if obj["kind"] == "RayService":
-            groups = {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+            groups = {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                      if g["groupName"] != "repository"}
             assert set(groups) == set(plans)
             for label, plan in plans.items():
                 g = groups[label]
@@ -301,6 +322,7 @@ def test_kuberay_serve_config_is_a_ray_serve_config(tmp_path):
                         resources["num_gpus"] + (rank_gpu if world > 1 else 0))
             assert kuberay.replica_ray_resources(plan) == expected
     assert kuberay.PROXY_MIDDLEWARES == ray_proxy.IMPORT_PATH
+    assert (kuberay.APP_NAME, kuberay.INGRESS_NAME) == (ray_serve.APP_NAME, ray_serve.INGRESS_NAME)
     with pytest.raises(ValueError, match="not both"):
         ray_serve_app.AppArgs.model_validate({"deployment": {"models": []}, "config": "x.yaml"})
     with pytest.raises(ValueError):
@@ -342,14 +364,83 @@ def test_what_a_target_cannot_express_is_an_error(tmp_path, text, options, messa
         generate_from_file(write(tmp_path, text), K8sOptions(target="plain", **options))
 
 
-@pytest.mark.parametrize("entry", ["{name: e, model: models/minilm, engine: {runner: pooling}}",
-                                   "{name: e, model: all-minilm-l6-v2}"])
-def test_kuberay_refuses_embedding_models(tmp_path, entry):
-    with pytest.raises(K8sError, match="embedding model"):
-        generate_from_file(write(tmp_path, f"models: [{entry}]"), K8sOptions(target="kuberay", model_pvc="p"))
+def test_repository_and_embedding_models_on_each_target(tmp_path):
+    """The embedding model is a model like the others everywhere; the repository is one pod serving the file's
+    repository alone (plain: behind the router; kserve: the triton format of the runtime; kuberay: one
+    ``repo-<model>`` deployment per model the Ray app deploys, a worker pod each)."""
+    from flotilla.deploy.config import parse_deployment_config
+    from flotilla.deploy.ray_repository import plan_repository, repository_cpus
+    from flotilla.k8s import kserve
+    plain, options, _ = case_objects(tmp_path, "repo", "plain")
+    files = {c["metadata"]["name"]: c["data"] for c in plain if c["kind"] == "ConfigMap"}
+    repo_file = parse_deployment_config(yaml.safe_load(files["flotilla-repository"]["deploy.yaml"]))
+    assert repo_file.models == () and repo_file.model_repository.paths == ("/mnt/models/triton",)
+    assert (repo_file.model_repository.model_control_mode, repo_file.model_repository.load_models) == (
+        "explicit", ("scale",))
+    assert yaml.safe_load(files["flotilla-embed"]["deploy.yaml"])["models"][0]["engine"]["runner"] == "pooling"
+    dep = find(plain, "Deployment", "flotilla-repository")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["spec"]["replicas"] == 1 and container["args"][:3] == ["serve", "--config", "/etc/flotilla/deploy.yaml"]
+    assert container["readinessProbe"]["httpGet"]["path"] == k8s_pod.READY_PATH == "/v2/health/ready"
+    init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"] == ["gs://bucket/flotilla/triton", "/mnt/models/triton"]
+    service = find(plain, "Service", "flotilla-repository")
+    assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    router = yaml.safe_load(files["flotilla-router"]["router.yaml"])
+    assert router["repository"] == "http://flotilla-repository:8000" and set(router["backends"]) == {"embed"}
+
+    served, _, _ = case_objects(tmp_path, "repo", "kserve")
+    runtime = find(served, "ClusterServingRuntime")
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert {"flotilla", "huggingface", "triton"} <= formats
+    # KServe's protocol values (v1, v2, grpc-v1, grpc-v2; the CRD does not enumerate them, none is OpenAI's):
+    # flotilla speaks v2 over the runtime's one (HTTP) port; no gRPC port, so no grpc-v2.
+    assert runtime["spec"]["protocolVersions"] == kserve.PROTOCOL_VERSIONS == ["v2"]
+    assert [p["name"] for p in runtime["spec"]["containers"][0]["ports"]] == ["http1"]
+    isvc = find(served, "InferenceService", "flotilla-repository")["spec"]["predictor"]
+    assert isvc["model"]["modelFormat"] == {"name": "triton"} and isvc["model"]["runtime"] == runtime["metadata"]["name"]
+    assert isvc["model"]["storageUri"] == "gs://bucket/flotilla/triton"
+    assert isvc["model"]["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    kserve_file = yaml.safe_load(find(served, "ConfigMap", "flotilla-repository")["data"]["deploy.yaml"])
+    assert kserve_file["model_repository"]["paths"] == ["/mnt/models"]     # KServe mounts the storageUri there
+    assert find(served, "InferenceService", "flotilla-embed")["spec"]["predictor"]["minReplicas"] == 2
+
+    (ray_service,), _, _ = case_objects(tmp_path, "repo", "kuberay")
+    groups = {g["groupName"]: g for g in ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"embed", "repository"} and groups["embed"]["replicas"] == 2
+    app = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"][0]["args"]["deployment"]
+    assert app["model_repository"] == {"paths": ["/mnt/models/triton"], "model_control_mode": "explicit",
+                                       "strict_readiness": True, "load_models": ["scale"]}
+    # As many logical CPUs as the Ray app's repository deployments reserve (scale only: idle is not loaded).
+    deployed = plan_repository(parse_deployment_config(yaml.safe_load(REPO_FILE), base_dir=str(tmp_path))
+                               .model_repository, ["embed"])
+    repo = groups["repository"]
+    assert deployed.deployed == ("scale",)
+    assert repo["replicas"] * int(repo["rayStartParams"]["num-cpus"]) == repository_cpus(deployed) == 1
+    assert repo["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (("model_control_mode: explicit\n  load_models: [scale]", "model_control_mode: poll"), "poll"),
+    (("  - name: embed\n", "  - name: scale\n"), "both models of the deployment file and repository models"),
+    (("  - name: embed\n", "  - name: repo-scale\n"), "deployment name"),
+    (("paths: [triton]", "paths: [elsewhere]"), "readable here"),
+])
+def test_kuberay_refuses_what_ray_mode_refuses(tmp_path, change, message):
+    write_repository(tmp_path / "triton")
+    path = write(tmp_path, REPO_FILE.replace(*change))
+    with pytest.raises(K8sError, match=message):
+        generate_from_file(path, K8sOptions(target="kuberay", model_pvc="p"))
+    if message == "poll":   # a repository server of its own polls on plain Kubernetes and KServe
+        objects = generate_from_file(path, K8sOptions(target="plain", model_pvc="p"))
+        doc = yaml.safe_load(find(objects, "ConfigMap", "flotilla-repository")["data"]["deploy.yaml"])
+        assert doc["model_repository"]["repository_poll_secs"] == 15
 
 
 def test_kserve_limits_are_errors(tmp_path):
+    two = "model_repository: {paths: [a, b]}"
+    with pytest.raises(K8sError, match="one directory"):
+        generate_from_file(write(tmp_path, two), K8sOptions(target="kserve", model_pvc="p"))
     three = "models: [{name: a, model: m}, {name: b, model: m}, {name: c, model: m}]\nroutes: {r: {a: 1, b: 1, c: 1}}"
     with pytest.raises(K8sError, match="two revisions"):
         generate_from_file(write(tmp_path, three), K8sOptions(target="kserve", model_pvc="p"))
@@ -373,7 +464,6 @@ def test_cli_writes_files_and_reports_errors(tmp_path):
     assert validate_objects(docs, CRDS) == []
     bad = subprocess.run([*flotilla, "--target", "plain"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "model 'chat-v2'" in bad.stderr and "--model-pvc" in bad.stderr
-    write(tmp_path, CPU_FILE.replace(EMBED_ENTRY, ""))
     stdout = subprocess.run([*flotilla, "--target", "kuberay", "--model-pvc", "models"], capture_output=True,
                             text=True, timeout=120)
     assert stdout.returncode == 0 and list(yaml.safe_load_all(stdout.stdout))[0]["kind"] == "RayService"
@@ -403,8 +493,9 @@ def test_router_config_is_checked():
     from flotilla.entrypoints.router import parse_router_config
     ok = parse_router_config({"backends": {"a": "http://a:8000/"}, "routes": {"r": {"a": 1}}, "seed": 1})
     assert ok.backends == {"a": "http://a:8000"} and ok.routes == {"r": {"a": 1}}
+    assert parse_router_config({"repository": "http://r:8000/"}).repository == "http://r:8000"
     backend = {"backends": {"a": "http://a"}}
-    for bad in ({"backends": {}}, {"backends": {"a": "ftp://x"}}, {**backend, "routes": {"a": {"a": 1}}},
+    for bad in ({"backends": {}}, {"backends": {"a": "ftp://x"}}, {**backend, "repository": "r:8000"}, {**backend, "routes": {"a": {"a": 1}}},
                 {**backend, "routes": {"r": {"b": 1}}}, {**backend, "routes": {"r": {"a": -1}}},
                 {**backend, "extra": 1}, {**backend, "seed": "1"}):
         with pytest.raises(ValueError):

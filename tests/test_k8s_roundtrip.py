@@ -1,8 +1,10 @@
 """Round trips of the ``plain`` and ``kserve`` manifests on this machine: each target's server container (its
 command, args, env and mounted deployment file; ``k8s_helpers.LocalContainer`` lists the substitutions) serves
 SmolLM2 and answers the manifest's probes; the API key comes from the Secret variable the manifest sets; the
-plain target's router serves the models and the alias; SIGTERM drains as the probes and grace period assume
-(readiness 503, liveness 200, exit 0 well within the grace period). One server per target, module-scoped.
+plain target's router serves the models and the alias, and the repository server's models (a Triton-layout
+repository with the Python model ``scale``, written in-test); SIGTERM drains as the probes and grace period
+assume (readiness 503, liveness 200, exit 0 well within the grace period). One server per target,
+module-scoped.
 """
 
 from __future__ import annotations
@@ -34,15 +36,20 @@ models:
     engine: {max_model_len: 512, num_kv_blocks: 96, max_num_seqs: 8}
 routes:
   chat: {smol: 1}
+model_repository: {paths: [%s]}
 """
+FACTOR = 2.0
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 GREEDY: dict[str, list[str]] = {}   # target -> greedy completions of PROMPTS (compared across targets)
 
 
 @pytest.fixture(scope="module")
 def deploy_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("k8s") / "deploy.yaml"
-    path.write_text(DEPLOY)
+    from triton_repository import write_scale
+    root = tmp_path_factory.mktemp("k8s")
+    write_scale(root / "triton", 1, factor=FACTOR)
+    path = root / "deploy.yaml"
+    path.write_text(DEPLOY % (root / "triton"))     # absolute: the repository is in the image
     return str(path)
 
 
@@ -82,15 +89,33 @@ def test_plain_container_serves_and_answers_its_probes(plain):
     assert metrics.status_code == 200 and 'flotilla:num_requests_waiting{model_name="smol"}' in metrics.text
 
 
-def test_router_serves_models_and_aliases(plain):
+@pytest.fixture(scope="module")
+def repository(plain):
+    """The repository's server container (the file's model repository alone), started."""
+    objects = plain[0]
+    template = find(objects, "Deployment", "flotilla-repository")["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    server = LocalContainer(container, template["spec"], objects, SECRETS)
+    try:
+        server.wait_until(container["startupProbe"])
+        yield container, server
+    finally:
+        server.stop()
+
+
+def test_router_serves_models_and_aliases(plain, repository):
     objects, _, server = plain
+    repo_container, repo_server = repository
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert repo_server.probe(repo_container[probe]) == 200, probe
     template = find(objects, "Deployment", "flotilla-router")["spec"]["template"]
     container = template["spec"]["containers"][0]
 
     def local_backends(name: str, text: str) -> str:   # the Services' DNS names -> the local servers
         config = yaml.safe_load(text)
         assert config["backends"] == {"smol": "http://flotilla-smol:8000"}
-        return yaml.safe_dump({**config, "backends": {"smol": server.url}})
+        assert config["repository"] == "http://flotilla-repository:8000"
+        return yaml.safe_dump({**config, "backends": {"smol": server.url}, "repository": repo_server.url})
 
     router = LocalContainer(container, template["spec"], objects, SECRETS, rewrite=local_backends)
     try:
@@ -110,6 +135,16 @@ def test_router_serves_models_and_aliases(plain):
                                 "messages": [{"role": "user", "content": "Hi"}]}) as s:
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["model"] == "smol"
+        # KServe v2 for a model no backend serves goes to the repository's server.
+        x = [[1.0, -2.0], [0.5, 4.0]]
+        r = httpx.post(router.url + "/v2/models/scale/infer", headers=AUTH, timeout=60, json={
+            "inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32", "data": x}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["data"] == [v * FACTOR for row in x for v in row]
+        index = httpx.post(router.url + "/v2/repository/index", headers=AUTH, json={}, timeout=30)
+        assert index.status_code == 200 and [m["name"] for m in index.json()] == ["scale"]
+        # Answered by the repository's server (Triton's 400 for a model that is not ready), not the router's 404.
+        assert httpx.get(router.url + "/v2/models/nope/ready", headers=AUTH, timeout=30).status_code == 400
     finally:
         router.stop()
 
@@ -166,5 +201,24 @@ def test_kserve_container_serves_and_answers_its_probes(deploy_file):
         expected = GREEDY.get("plain") or greedy(server.url, "smol")   # the plain target's, when it ran
         assert greedy(server.url, "chat") == expected
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    finally:
+        assert server.stop() == 0
+
+
+
+def test_kserve_repository_container_serves_and_answers_its_probes(deploy_file):
+    """The repository's InferenceService on the same runtime: its own file (the repository alone) and KServe v2
+    readiness probes; it serves the repository's model."""
+    objects = generate_from_file(deploy_file, K8sOptions(target="kserve"))
+    isvc = find(objects, "InferenceService", "flotilla-repository")
+    container, pod_spec = kserve_container(find(objects, "ClusterServingRuntime"), isvc)
+    server = LocalContainer(container, pod_spec, objects, SECRETS)
+    try:
+        server.wait_until(container["startupProbe"])
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert server.probe(container[probe]) == 200, probe
+        r = httpx.post(server.url + "/v2/models/scale/infer", headers=AUTH, timeout=60, json={
+            "inputs": [{"name": "X", "shape": [1, 2], "datatype": "FP32", "data": [3.0, -1.0]}]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [3.0 * FACTOR, -1.0 * FACTOR], r.text
     finally:
         assert server.stop() == 0

@@ -124,6 +124,47 @@ def test_shared_cpu_node_splits_rates():
     assert hw.bandwidth(ranks_on_node=2) == pytest.approx(50e9) and hw.threads_per_rank(2) == 2
 
 
+def test_oversubscribed_node_pays_the_measured_sync_per_collective(smollm2):
+    """TP 3 on a two-core shared node: every all-reduce (2 per layer, the embedding's, the logits' gather) and
+    every pipeline hand-off waits the measured ``oversubscribed_sync``; TP 1 x 2 replicas (no collectives) and
+    PP 2 (two ranks on two cores) do not."""
+    import dataclasses
+    hw = Hardware(name="cpu", source="test", device_kind="cpu", nodes=1, devices_per_node=2, shared=True,
+                  memory=64e9, memory_bandwidth=100e9, flops={"bfloat16": 400e9},
+                  intra_node=Link(5e9, 2e-5), inter_node=Link(5e9, 2e-5), overheads=Overheads(0.0, 0.0, 0.0))
+    slow = dataclasses.replace(hw, oversubscribed_sync=1e-3)
+    work = StepWork.decode(4, 64)
+
+    def comm(hardware, tp=1, pp=1, replicas=1):
+        plan = Plan(tp=tp, pp=pp, replicas=replicas, max_num_seqs=4, dtype="bfloat16", max_model_len=2048)
+        cost = CostModel(smollm2, hardware, plan)
+        return [cost.stage_cost(work, s).comm for s in range(pp)], [cost.hop_time(work, h) for h in range(pp - 1)]
+    (base,), _ = comm(hw, tp=3)
+    (over,), _ = comm(slow, tp=3)
+    assert over - base == pytest.approx((2 * 30 + 1 + 1) * 1e-3)
+    assert comm(slow, tp=1, replicas=2) == comm(hw, tp=1, replicas=2)
+    assert comm(slow, pp=2) == comm(hw, pp=2)
+    (_, hops_over), (_, hops) = comm(slow, pp=2, replicas=2), comm(hw, pp=2, replicas=2)
+    assert hops_over[0] - hops[0] == pytest.approx(1e-3)  # four ranks on two cores
+
+
+def test_serving_processes_slow_ranks_only_when_they_fill_the_cores(smollm2):
+    """``host_cores`` 0.5 of two cores: one one-thread rank keeps its core (the server has the other); two
+    ranks, or one rank with two threads, keep 1.5 cores between them (kernels 1/0.75 as long)."""
+    hw = Hardware(name="cpu", source="test", device_kind="cpu", nodes=1, devices_per_node=2, shared=True,
+                  memory=64e9, memory_bandwidth=100e9, flops={"bfloat16": 400e9},
+                  intra_node=Link(5e9, 2e-5), inter_node=Link(5e9, 2e-5), overheads=Overheads(0.0, 0.0, 0.0))
+    work = StepWork.decode(4, 64)
+
+    def linear(host_cores, threads, replicas=1):
+        plan = Plan(tp=1, pp=1, replicas=replicas, max_num_seqs=4, dtype="bfloat16", max_model_len=2048,
+                    num_threads=threads)
+        return CostModel(smollm2, hw, plan, Calibration(0.0, 0.0, 0.0, host_cores=host_cores)).stage_cost(work, 0)
+    assert linear(0.5, 1).linear == linear(0.0, 1).linear
+    assert linear(0.5, 2).linear == pytest.approx(linear(0.0, 2).linear / 0.75)
+    assert linear(0.5, 1, replicas=2).linear == pytest.approx(linear(0.0, 1, replicas=2).linear / 0.75)
+
+
 def test_refit_recovers_overheads_from_measured_runs():
     """Three runs of different batch sizes measured on a machine whose true step overhead is 4 ms and whose
     kernels are 1.5x slower than the roofline: the refit (starting from 1 ms, 1x) predicts them within 5%."""

@@ -5,6 +5,7 @@ The config (``flotilla k8s`` writes it from the deployment file)::
 
     backends: {chat-v1: "http://flotilla-chat-v1:8000", chat-v2: "http://flotilla-chat-v2:8000"}
     routes: {chat: {chat-v1: 90, chat-v2: 10}}    # the deployment file's aliases
+    repository: "http://flotilla-repository:8000"  # optional: the server of the file's model repository
     seed: 0                                        # optional, as in the deployment file
     api_key_env: FLOTILLA_API_KEY                  # optional: the variable holding the API key
 
@@ -17,7 +18,9 @@ Contract (the same names and errors as one ``flotilla serve --config``):
   be reached is a JSON 503 with Retry-After; a backend that fails mid-stream cuts the client's response
   (never a truncated body that looks whole). Unknown model: 404; a body that is not a JSON object: 400.
 - ``GET /v1/models[/{id}]``: the backends' models (those that answer), then the aliases whose targets all
-  answered, with ``flotilla_route``. ``/v2/models/{name}/...`` (KServe v2) goes to that model's backend.
+  answered, with ``flotilla_route``. ``/v2/models/{name}/...`` (KServe v2) goes to that model's backend, or,
+  for a name no backend serves, to the ``repository`` server (404 without one), as does ``/v2/repository/...``
+  (the repository index and explicit loads).
 - ``/health``, ``/v2/health/live``, ``/v2/health/ready``: 200 while the router runs (its backends have
   their own probes); ``/metrics``: ``flotilla_router_requests_total{model, target, code}``.
 - The API key (when ``api_key_env`` is set; the variable must then be set) is checked here as by the
@@ -57,23 +60,28 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """``backends``: model name -> base URL; ``routes``: alias -> {model name: weight}."""
+    """``backends``: model name -> base URL; ``routes``: alias -> {model name: weight}; ``repository``: base
+    URL of the model repository's server, or None."""
 
     backends: dict[str, str]
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int | None = None
     api_key_env: str | None = None
+    repository: str | None = None
 
 
 def parse_router_config(data, source: str = "<router config>") -> RouterConfig:
     """Validate a router config mapping; ValueError naming ``source`` and the problem."""
-    if not isinstance(data, dict) or set(data) - {"backends", "routes", "seed", "api_key_env"}:
-        raise ValueError(f"{source}: expected a mapping with backends and optionally routes, seed, api_key_env")
-    backends, routes = data.get("backends"), data.get("routes") or {}
-    if not isinstance(backends, dict) or not backends or not all(
+    if not isinstance(data, dict) or set(data) - {"backends", "routes", "seed", "api_key_env", "repository"}:
+        raise ValueError(f"{source}: expected a mapping with backends and optionally routes, seed, api_key_env, "
+                         "repository")
+    backends, routes, repository = data.get("backends") or {}, data.get("routes") or {}, data.get("repository")
+    if repository is not None and not (isinstance(repository, str) and repository.startswith(("http://", "https://"))):
+        raise ValueError(f"{source}: repository must be an http(s) URL")
+    if not isinstance(backends, dict) or not (backends or repository) or not all(
             isinstance(k, str) and isinstance(v, str) and v.startswith(("http://", "https://"))
             for k, v in backends.items()):
-        raise ValueError(f"{source}: backends must map model names to http(s) URLs")
+        raise ValueError(f"{source}: backends must map model names to http(s) URLs (at least one, or a repository)")
     if not isinstance(routes, dict):
         raise ValueError(f"{source}: routes must map aliases to {{model: weight}}")
     for alias, weights in routes.items():
@@ -86,7 +94,8 @@ def parse_router_config(data, source: str = "<router config>") -> RouterConfig:
     if key_env is not None and not (isinstance(key_env, str) and key_env):
         raise ValueError(f"{source}: api_key_env must name an environment variable")
     return RouterConfig({k: v.rstrip("/") for k, v in backends.items()},
-                        {a: dict(w) for a, w in routes.items()}, seed, key_env)
+                        {a: dict(w) for a, w in routes.items()}, seed, key_env,
+                        repository.rstrip("/") if repository else None)
 
 
 class Router:
@@ -135,8 +144,10 @@ class Router:
             body = json.dumps({**doc, "model": target}).encode()
         return await self.forward(request, target, body, model or target)
 
-    async def forward(self, request: Request, target: str, body: bytes, model: str) -> Response:
-        url = self.config.backends[target] + request.url.path
+    async def forward(self, request: Request, target: str, body: bytes, model: str, base: str | None = None
+                      ) -> Response:
+        """Relay ``request`` to ``target``'s backend (or to ``base``, the repository's server)."""
+        url = (base or self.config.backends[target]) + request.url.path
         if request.url.query:
             url += "?" + request.url.query
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
@@ -197,9 +208,18 @@ def build_router_app(config: RouterConfig, api_key: str | None = None,
     @app.api_route("/v2/models/{name}/{rest:path}", methods=["GET", "POST"])
     @app.api_route("/v2/models/{name}", methods=["GET"])
     async def kserve(request: Request, name: str, rest: str = "") -> Response:
-        if name not in config.backends:
+        if name in config.backends:
+            return await router.forward(request, name, await request.body(), name)
+        if config.repository is None:
             raise APIError(404, f"Request for unknown model: '{name}' is not found")
-        return await router.forward(request, name, await request.body(), name)
+        return await router.forward(request, "repository", await request.body(), name, base=config.repository)
+
+    @app.api_route("/v2/repository/{rest:path}", methods=["GET", "POST"])
+    async def repository(request: Request, rest: str) -> Response:
+        if config.repository is None:
+            raise APIError(404, "this deployment has no model repository")
+        return await router.forward(request, "repository", await request.body(), "repository",
+                                    base=config.repository)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -4,7 +4,7 @@ is the file that was tested, never a hand-written copy.
 Module map:
 - ``options.py``: the settings beyond the file (image, namespace, storage, device, resources per rank).
 - ``plan.py``: per model, what it needs (pods per replica, GPUs/CPUs/memory, replica bounds, weights' place,
-  startup budget); pure.
+  startup budget), and the model repository's pods; pure.
 - ``pod.py``: the shared parts: the server container and its probes, the pod's deployment file, API key
   Secret, model storage, security contexts.
 - ``plain.py``, ``kserve.py``, ``kuberay.py``: the three targets.

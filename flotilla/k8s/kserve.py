@@ -2,9 +2,13 @@
 
 - The runtime (serving.kserve.io/v1alpha1, one per device, and one with a ``workerSpec`` for multi-node
   models) runs ``flotilla serve --config /etc/flotilla/deploy.yaml`` on KServe's port 8080: model formats
-  ``flotilla`` (auto-selected), ``gguf`` and ``huggingface`` (named explicitly), protocol ``v2`` (KServe v2
-  REST on /v2); flotilla serves the OpenAI API (/v1) on the same port (KServe defines no protocol-version
-  value for OpenAI, its own LLM runtimes serve it the same way). Probes as ``flotilla.k8s.pod`` describes.
+  ``flotilla`` (auto-selected), ``gguf`` and ``huggingface`` (generative and embedding models) and ``triton``
+  (a Triton-layout model repository: flotilla's onnxruntime, torch program and python backends, ensembles),
+  named explicitly; protocol ``v2`` (KServe v2 REST on /v2). Not ``grpc-v2``: the runtime exposes one port,
+  HTTP (the pod's gRPC server is off). flotilla serves the OpenAI API (/v1) on the same port: the CRD's
+  ``protocolVersions`` is a free list of strings and KServe's own values (``v1``, ``v2``, ``grpc-v1``,
+  ``grpc-v2``) have none for OpenAI; KServe's LLM runtimes serve it the same way. Probes as
+  ``flotilla.k8s.pod`` describes.
 - Each InferenceService (serving.kserve.io/v1beta1) names the runtime, the model's ``storageUri``
   (``--model-pvc`` -> ``pvc://``, ``--model-uri`` -> that URI; none for models in the image), its
   resources and pod deployment file (a ConfigMap), and min/max replicas from ``replicas`` / ``autoscaling``
@@ -16,6 +20,10 @@
   target at 100%), then the default ``canary``. Its pods also serve the alias name. A route has at most two
   targets here, and a model is the target of at most one route (a model in a route has no InferenceService
   of its own).
+- The file's ``model_repository``: one InferenceService ``<release>-repository`` (format ``triton``, the CPU
+  runtime, one replica: its model control state lives in its pod) whose ``storageUri`` is the repository's
+  directory (KServe mounts one storage URI: one directory, unless the repository is in the image), its own
+  deployment file (the repository alone) and KServe v2 readiness probes (``/v2/health/ready``).
 - A model whose ranks need more GPUs than one pod has gets ``workerSpec`` (tensor and pipeline parallel
   sizes: KServe starts ceil(world / GPUs per pod) pods, which join the head's Ray cluster), in KServe's
   ``Standard`` mode with ``autoscalerClass: none`` and a ``pvc://`` storageUri, as KServe requires.
@@ -30,10 +38,12 @@ from flotilla.k8s import pod
 from flotilla.k8s.names import MODEL_ANNOTATION, base_labels, dns_label, object_name
 from flotilla.k8s.options import GPU_RESOURCE, K8sError, K8sOptions
 from flotilla.k8s.plain import metadata
-from flotilla.k8s.plan import ModelPlan
+from flotilla.k8s.plan import ModelPlan, RepositoryPods
 
 RUNTIME_PORT = 8080          # KServe's default container port
 MODEL_FORMAT = "flotilla"
+REPOSITORY_FORMAT = "triton"   # a Triton-layout model repository
+PROTOCOL_VERSIONS = ["v2"]     # KServe v2 REST (see the module docstring)
 KNATIVE, STANDARD = "Knative", "Standard"
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
@@ -41,18 +51,19 @@ KNATIVE_DEFAULT_TIMEOUT_S = 300
 RAY_GCS_PORT = 6379
 
 
-def runtime_name(options: K8sOptions, plan: ModelPlan) -> str:
+def runtime_name(options: K8sOptions, plan: ModelPlan | RepositoryPods) -> str:
     kind = "gpu" if plan.device == GPU_RESOURCE else "cpu"
     return object_name(options.release, kind, *(["multinode"] if plan.multi_node else []))
 
 
-def kserve_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str) -> list[dict]:
-    """The runtimes, then a ConfigMap and an InferenceService per model or route."""
+def kserve_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str,
+                   repository: RepositoryPods | None = None) -> list[dict]:
+    """The runtimes, then a ConfigMap and an InferenceService per model or route (and the repository)."""
     api_key = pod.api_key_setting(config, options)
     by_name = {p.name: p for p in plans}
     routed = _routed_models(config, by_name)
-    runtimes: dict[str, list[ModelPlan]] = {}
-    for plan in plans:
+    runtimes: dict[str, list] = {}
+    for plan in [*plans, *([repository] if repository is not None else [])]:
         runtimes.setdefault(runtime_name(options, plan), []).append(plan)
     objects = [serving_runtime(name, members, options, version) for name, members in runtimes.items()]
     for plan in plans:
@@ -60,12 +71,15 @@ def kserve_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8
             objects += model_service(plan, plan.label, config, options, api_key, version)
     for alias, (stable, canary, percent) in _routes(config, by_name).items():
         objects += route_service(alias, stable, canary, percent, config, options, api_key, version)
+    if repository is not None:
+        objects += repository_service(repository, config, options, api_key, version)
     return objects
 
 
 # ---- the runtime ------------------------------------------------------------------------------------------
 
-def serving_runtime(name: str, plans: list[ModelPlan], options: K8sOptions, version: str) -> dict:
+def serving_runtime(name: str, plans: list, options: K8sOptions, version: str) -> dict:
+    """The runtime of ``plans`` (``ModelPlan``s, or the ``RepositoryPods``, of one device)."""
     first = plans[0]
     container = {"name": "kserve-container", "image": options.image_for(first.device),
                  "command": list(pod.SERVER_COMMAND), "args": pod.server_args(RUNTIME_PORT, options, grpc_port=0),
@@ -77,8 +91,9 @@ def serving_runtime(name: str, plans: list[ModelPlan], options: K8sOptions, vers
                             "prometheus.kserve.io/path": pod.METRICS_PATH},
             "supportedModelFormats": [{"name": MODEL_FORMAT, "version": "1", "autoSelect": True, "priority": 1},
                                       {"name": "gguf", "version": "1", "autoSelect": False},
-                                      {"name": "huggingface", "version": "1", "autoSelect": False}],
-            "protocolVersions": ["v2"], "containers": [container], **pod.pull_secrets(options)}
+                                      {"name": "huggingface", "version": "1", "autoSelect": False},
+                                      {"name": REPOSITORY_FORMAT, "version": "2", "autoSelect": False}],
+            "protocolVersions": list(PROTOCOL_VERSIONS), "containers": [container], **pod.pull_secrets(options)}
     if first.multi_node:
         _multinode_runtime(spec, container, first, options)
     return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "ClusterServingRuntime",
@@ -194,6 +209,34 @@ def route_service(alias: str, stable: ModelPlan, canary: ModelPlan | None, perce
     objects.append({"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
                     "metadata": metadata(name, labels, options, annotations), "spec": {"predictor": predictor}})
     return objects
+
+
+def repository_service(repository: RepositoryPods, config: DeploymentConfig, options: K8sOptions, api_key,
+                       version: str) -> list[dict]:
+    """The ConfigMap and InferenceService of the model repository."""
+    sources = repository.sources
+    if len(sources) > 1 and any(s.relpath is not None for s in sources):
+        raise K8sError("--target kserve: an InferenceService mounts one storage URI, so a model repository from "
+                       "--model-pvc / --model-uri must be one directory (or put the repositories in the image)")
+    name = _isvc_name(options, repository.label)
+    labels = base_labels(options.release, "repository", version)
+    document = pod.repository_document(repository, config, api_key, kserve=True)
+    cm = pod.config_map(name, metadata(name, labels, options), {pod.CONFIG_FILE: pod.dump_yaml(document)})
+    volume, mount = pod.config_volume(name)
+    probes = pod.probes(RUNTIME_PORT, repository.startup_timeout_s, ready_path=pod.READY_PATH)
+    model = {"modelFormat": {"name": REPOSITORY_FORMAT}, "runtime": runtime_name(options, repository),
+             "protocolVersion": "v2", "resources": repository.resources(), "env": pod.api_key_env(api_key),
+             "volumeMounts": [mount], "startupProbe": probes["startupProbe"],
+             "readinessProbe": probes["readinessProbe"]}
+    storage = sources[0].storage_uri(options)
+    if storage is not None:
+        model["storageUri"] = storage
+    predictor = {"minReplicas": 1, "maxReplicas": 1, "model": model, "volumes": [volume],
+                 "timeout": max(KNATIVE_DEFAULT_TIMEOUT_S, pod.grace_period_s(options.shutdown_timeout_s))}
+    annotations = {DEPLOYMENT_MODE: KNATIVE, "serving.kserve.io/enable-prometheus-scraping": "true"}
+    isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+            "metadata": metadata(name, labels, options, annotations), "spec": {"predictor": predictor}}
+    return [cm, isvc]
 
 
 def _routed_models(config: DeploymentConfig, by_name: dict) -> set[str]:

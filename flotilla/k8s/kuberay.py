@@ -14,13 +14,24 @@
   GPUs one replica asks for (``replica_ray_resources``, the rule of ``flotilla.deploy.ray_serve``), so Serve
   places one replica per pod. The autoscaler is on when any model autoscales (Serve asks for replicas, Ray's
   autoscaler adds pods).
+- Embedding models are Serve deployments like the others (``EmbeddingServer``), sized by the same rule.
+- The file's ``model_repository`` (paths as the pods see them) becomes one ``repo-<model>`` deployment per
+  repository model the application deploys (``flotilla.deploy.ray_repository.plan_repository``, run here on
+  the repository as this machine sees it: it must be readable, relative paths against the file's directory),
+  each one replica of ``REPOSITORY_NUM_CPUS`` CPU; the worker group ``repository`` has one pod per such
+  deployment (one CPU rank's resources, Ray ``num-cpus`` 1). Refused, as ``flotilla serve --ray`` refuses
+  them: model control mode ``poll`` (a Serve application's deployments are fixed when it is deployed), and a
+  repository model whose name or deployment name is taken by a model of the file (``ray_serve.
+  build_ray_app``'s check).
 - Every pod gets the model storage (the ingress reads every model's tokenizer), the API key from the
   Secret, and flotilla's proxy middleware setting (errors Serve's proxy answers itself become OpenAI JSON).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 
 from flotilla.deploy.config import parse_deployment_config
 from flotilla.deploy.spec import DeploymentConfig
@@ -29,10 +40,11 @@ from flotilla.k8s import pod
 from flotilla.k8s.names import base_labels, object_name, selector_labels
 from flotilla.k8s.options import GPU_RESOURCE, K8sError, K8sOptions
 from flotilla.k8s.plain import metadata
-from flotilla.k8s.plan import ModelPlan
+from flotilla.k8s.plan import ModelPlan, RepositoryPods
 
 APP_BUILDER = "flotilla.entrypoints.ray_serve_app:build_app"
 APP_NAME = "flotilla"                          # flotilla.deploy.ray_serve.APP_NAME
+INGRESS_NAME = "flotilla-ingress"              # flotilla.deploy.ray_serve.INGRESS_NAME
 PROXY_MIDDLEWARES = "flotilla.entrypoints.openai.ray_proxy.proxy_middlewares"   # ray_proxy.IMPORT_PATH
 SERVE_PORT = 8000
 RAY_METRICS_PORT = 8080
@@ -55,9 +67,11 @@ def replica_ray_resources(plan: ModelPlan) -> tuple[float, float]:
     return (options.get("num_cpus", 0) + (0 if cuda else ranks), options.get("num_gpus", 0) + (ranks if cuda else 0))
 
 
-def app_document(config: DeploymentConfig, plans: list[ModelPlan], api_key) -> dict:
-    """The deployment document the Serve application is built from: the file's, with the models' paths as
-    the pods see them and their engine device (the replicas pick Ray's executor themselves)."""
+def app_document(config: DeploymentConfig, plans: list[ModelPlan], api_key,
+                 repository: RepositoryPods | None = None) -> dict:
+    """The deployment document the Serve application is built from: the file's, with the models' (and the
+    repository's) paths as the pods see them and their engine device (the replicas pick Ray's executor
+    themselves)."""
     models = []
     for plan in plans:
         spec = plan.spec
@@ -78,6 +92,8 @@ def app_document(config: DeploymentConfig, plans: list[ModelPlan], api_key) -> d
             entry["ray"] = dict(spec.ray)
         models.append(entry)
     doc: dict = {"models": models, "routing": config.routing, "ingress": {"replicas": config.ingress_replicas}}
+    if repository is not None:
+        doc["model_repository"] = repository.section()
     if config.routes:
         doc["routes"] = {alias: dict(weights) for alias, weights in config.routes.items()}
     if api_key is not None:
@@ -88,10 +104,11 @@ def app_document(config: DeploymentConfig, plans: list[ModelPlan], api_key) -> d
     return doc
 
 
-def serve_config(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, api_key) -> dict:
+def serve_config(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, api_key,
+                 repository: RepositoryPods | None = None) -> dict:
     """The ``serveConfigV2`` document (``ServeDeploySchema``)."""
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": APP_BUILDER,
-           "args": {"deployment": app_document(config, plans, api_key),
+           "args": {"deployment": app_document(config, plans, api_key, repository),
                     "shutdown_timeout": options.shutdown_timeout_s}}
     return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
             "applications": [app]}
@@ -131,42 +148,72 @@ def worker_group(plan: ModelPlan, options: K8sOptions, env: list, storage: tuple
             "rayStartParams": params, "template": _template(group_labels, container, volumes, init, options)}
 
 
-def check_generative(plans: list[ModelPlan]) -> None:
-    """Ray Serve serves generative models only (as ``flotilla serve --ray``): refuse an embedding model when
-    the file says so (``engine.runner: pooling``) or an installed alias's config does."""
-    from flotilla.engine.arg_utils import EngineArgs
-    from flotilla.engine.async_embedder import is_pooling_model
-    from flotilla.models.loader.resolve import get_alias
-    for plan in plans:
-        runner = plan.spec.engine.get("runner", "auto")
-        alias = get_alias(plan.source.alias) if plan.source.alias else None
-        local = alias is not None and alias.kind == "hf_dir" and alias.locate() is not None
-        pooling = runner == "auto" and local and is_pooling_model(EngineArgs(model=plan.source.alias))
-        if runner == "pooling" or pooling:
-            raise K8sError(f"model {plan.name!r} is an embedding model, which Ray Serve does not serve yet (as "
-                           "flotilla serve --ray): use --target plain or kserve")
+def repository_deployments(config: DeploymentConfig, repository: RepositoryPods) -> tuple[str, ...]:
+    """The repository models the Serve application deploys (one ``repo-<model>`` deployment each), planned
+    as ``flotilla.deploy.ray_repository.plan_repository`` plans them, on the repository's directories here.
+    ``K8sError`` for what ``flotilla serve --ray`` refuses, and for a repository this machine cannot read."""
+    from flotilla.deploy.ray_repository import check_repository_on_ray, deployment_name, plan_repository
+    spec = repository.spec
+    try:
+        check_repository_on_ray(spec)
+    except ValueError as e:
+        raise K8sError(f"--target kuberay: {e}") from None
+    missing = [p for p in repository.local_paths if not os.path.isdir(p)]
+    if missing:
+        raise K8sError(f"--target kuberay sizes the Ray cluster from the repository's models, so the model "
+                       f"repository must be readable here: {', '.join(repr(p) for p in missing)} is not a "
+                       f"directory (relative paths are looked up next to the deployment file)")
+    try:
+        plan = plan_repository(dataclasses.replace(spec, paths=repository.local_paths), config.model_names)
+    except ValueError as e:
+        raise K8sError(f"the model repository: {e}") from None
+    both = sorted(set(config.model_names) & set(plan.names))
+    if both:
+        raise K8sError(f"model name(s) {both} are both models of the deployment file and repository models")
+    taken = {*config.model_names, INGRESS_NAME}
+    clash = sorted(deployment_name(m) for m in plan.deployed if deployment_name(m) in taken)
+    if clash:
+        raise K8sError(f"Ray Serve deployment name(s) {clash} of repository models are taken by models of the "
+                       f"deployment file; rename those models")
+    return plan.deployed
 
 
-def kuberay_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str) -> list[dict]:
+def repository_group(repository: RepositoryPods, count: int, options: K8sOptions, env: list, storage: tuple,
+                     labels: dict) -> dict:
+    """The worker group of the repository's deployments: ``count`` pods, each one replica's CPU for Ray."""
+    from flotilla.deploy.ray_repository import REPOSITORY_NUM_CPUS
+    volumes, mounts, init = storage
+    container = _container("ray-worker", options.image_for("cpu"), repository.resources(), env, list(mounts),
+                           [("serve", SERVE_PORT), ("metrics", RAY_METRICS_PORT)])
+    group_labels = {**labels, **selector_labels(options.release, "ray-worker", repository.label)}
+    return {"groupName": repository.label, "replicas": count, "minReplicas": count, "maxReplicas": count,
+            "rayStartParams": {"num-cpus": str(math.ceil(REPOSITORY_NUM_CPUS)), "num-gpus": "0"},
+            "template": _template(group_labels, container, list(volumes), init, options)}
+
+
+def kuberay_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str,
+                    repository: RepositoryPods | None = None) -> list[dict]:
     """The RayService (the API key Secret is the user's)."""
-    check_generative(plans)
+    deployed = repository_deployments(config, repository) if repository is not None else ()
     api_key = pod.api_key_setting(config, options)
     env = [*pod.api_key_env(api_key), {"name": PROXY_CALLBACK_SETTING, "value": PROXY_MIDDLEWARES}]
-    storage = pod.model_storage(plans, options)
+    storage = pod.model_storage(plans, options, repository)
     labels = base_labels(options.release, "ray", version)
     ingress = config.ingress_replicas
     head_amounts = {"cpu": str(1 + ingress), "memory": f"{4 + 2 * ingress}Gi"}
-    head = _container("ray-head", options.image_for(plans[0].device),
+    head = _container("ray-head", options.image_for(plans[0].device if plans else "cpu"),
                       {"requests": head_amounts, "limits": dict(head_amounts)}, env, storage[1], RAY_PORTS)
     head_labels = {**labels, **selector_labels(options.release, "ray-head")}
     cluster = {"rayVersion": options.ray_version,
                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
                                  "template": _template(head_labels, head, storage[0], storage[2], options)},
                "workerGroupSpecs": [worker_group(p, options, env, storage, labels) for p in plans]}
+    if deployed:
+        cluster["workerGroupSpecs"].append(repository_group(repository, len(deployed), options, env, storage, labels))
     if any(p.autoscaling is not None for p in plans):
         cluster["enableInTreeAutoscaling"] = True
         cluster["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 60}
     name = object_name(options.release)
     return [{"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": metadata(name, labels, options),
-             "spec": {"serveConfigV2": pod.dump_yaml(serve_config(config, plans, options, api_key)),
+             "spec": {"serveConfigV2": pod.dump_yaml(serve_config(config, plans, options, api_key, repository)),
                       "rayClusterConfig": cluster}}]

@@ -10,8 +10,14 @@ Service) and a worker Deployment (``ray start --address`` the leader's headless 
 by flotilla's Ray executor; a NetworkPolicy keeps the group's Ray ports to its own pods. Groups have fixed
 replicas (autoscaling one needs a group-aware controller: use ``--target kuberay``).
 
+The file's ``model_repository`` (``<release>-repository``): a ConfigMap with a deployment file of the
+repository alone, a Deployment of one pod (``flotilla serve --config``: its model control state, explicit
+loads and polls, lives in that pod), a Service and a PodDisruptionBudget; its probes are KServe v2's
+(``/v2/health/ready``: strict readiness while it loads, 400 while it drains). A repository pod is a CPU pod.
+
 In front of them: the router (``flotilla.entrypoints.router``, ``ingress.replicas`` pods) behind the
-Service ``<release>``, the one endpoint for every model and alias (the file's ``routes`` are its config).
+Service ``<release>``, the one endpoint for every model and alias (the file's ``routes`` are its config),
+and for the repository's models (KServe v2 requests for a model it does not know, and ``/v2/repository``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from flotilla.k8s import pod
 from flotilla.k8s.names import (GROUP_LABEL, MODEL_ANNOTATION, ROLE_LABEL, base_labels, object_name,
                                 selector_labels)
 from flotilla.k8s.options import K8sError, K8sOptions
-from flotilla.k8s.plan import ModelPlan
+from flotilla.k8s.plan import ModelPlan, RepositoryPods
 
 EXTERNAL_METRIC = "flotilla_num_requests_waiting"   # the Prometheus adapter's name for flotilla:num_requests_waiting
 ROUTER_MODULE = "flotilla.entrypoints.router"
@@ -33,13 +39,16 @@ RAY_GCS_PORT = 6379
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
-def plain_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str) -> list[dict]:
-    """Every object of the plain target, models first, then the router."""
+def plain_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, version: str,
+                  repository: RepositoryPods | None = None) -> list[dict]:
+    """Every object of the plain target, models (and the repository) first, then the router."""
     api_key = pod.api_key_setting(config, options)
     objects: list[dict] = []
     for plan in plans:
         objects += model_objects(plan, config, options, api_key, version)
-    return objects + router_objects(config, plans, options, api_key, version)
+    if repository is not None:
+        objects += repository_objects(repository, config, options, api_key, version)
+    return objects + router_objects(config, plans, options, api_key, version, repository)
 
 
 def metadata(name: str, labels: dict, options: K8sOptions, annotations: dict | None = None) -> dict:
@@ -185,6 +194,36 @@ def hpa(plan: ModelPlan, name: str, labels: dict, notes: dict, options: K8sOptio
             "metadata": metadata(name, labels, options, notes), "spec": spec}
 
 
+def repository_objects(repository: RepositoryPods, config: DeploymentConfig, options: K8sOptions,
+                       api_key: tuple[str, str] | None, version: str) -> list[dict]:
+    """The repository's ConfigMap, Deployment (one pod), Service and PodDisruptionBudget."""
+    name = object_name(options.release, repository.label)
+    labels = {**base_labels(options.release, "repository", version), **selector_labels(options.release, "repository")}
+    document = pod.dump_yaml(pod.repository_document(repository, config, api_key))
+    volume, mount = pod.config_volume(name)
+    storage_volumes, storage_mounts, init = pod.model_storage([], options, repository)
+    container = {"name": "flotilla", "image": options.image_for("cpu"), "command": list(pod.SERVER_COMMAND),
+                 "args": pod.server_args(options.port, options),
+                 "ports": [{"name": "http", "containerPort": options.port, "protocol": "TCP"},
+                           {"name": "grpc", "containerPort": pod.GRPC_PORT, "protocol": "TCP"}],
+                 "env": pod.api_key_env(api_key), "resources": repository.resources(),
+                 **pod.probes("http", repository.startup_timeout_s, ready_path=pod.READY_PATH),
+                 "lifecycle": pod.prestop(), "securityContext": pod.container_security(),
+                 "volumeMounts": [mount, *storage_mounts]}
+    spec = {"securityContext": pod.pod_security(), "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": pod.grace_period_s(options.shutdown_timeout_s),
+            **pod.pull_secrets(options), "containers": [container], "volumes": [volume, *storage_volumes]}
+    if init:
+        spec["initContainers"] = init
+    template = {"spec": spec, "annotations": {**pod.prometheus_annotations(options.port),
+                                              "flotilla/config-sha256": _checksum(document)}}
+    selector = selector_labels(options.release, "repository")
+    return [pod.config_map(name, metadata(name, labels, options), {pod.CONFIG_FILE: document}),
+            deployment(name, labels, {}, 1, None, template, options, selector),
+            service(name, labels, selector, options, grpc=True),
+            pdb(name, labels, selector, options)]
+
+
 # ---- multi-pod groups -----------------------------------------------------------------------------------
 
 def _ray_start(plan: ModelPlan) -> str:
@@ -251,11 +290,17 @@ def network_policy(plan: ModelPlan, name: str, labels: dict, options: K8sOptions
 # ---- the router --------------------------------------------------------------------------------------------
 
 def router_document(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions,
-                    api_key: tuple[str, str] | None) -> dict:
-    """The router's config: each model's Service URL, the file's routes and seed, the API key variable."""
+                    api_key: tuple[str, str] | None, repository: RepositoryPods | None = None) -> dict:
+    """The router's config: each model's Service URL (and the repository's), the file's routes and seed, the
+    API key variable."""
     suffix = f".{options.namespace}.svc" if options.namespace else ""
-    doc = {"backends": {p.name: f"http://{object_name(options.release, p.label)}{suffix}:{options.port}"
-                        for p in plans}}
+
+    def url(label: str) -> str:
+        return f"http://{object_name(options.release, label)}{suffix}:{options.port}"
+
+    doc: dict = {"backends": {p.name: url(p.label) for p in plans}}
+    if repository is not None:
+        doc["repository"] = url(repository.label)
     if config.routes:
         doc["routes"] = {alias: dict(weights) for alias, weights in config.routes.items()}
     if config.seed is not None:
@@ -266,10 +311,10 @@ def router_document(config: DeploymentConfig, plans: list[ModelPlan], options: K
 
 
 def router_objects(config: DeploymentConfig, plans: list[ModelPlan], options: K8sOptions, api_key,
-                   version: str) -> list[dict]:
+                   version: str, repository: RepositoryPods | None = None) -> list[dict]:
     name = object_name(options.release, "router")
     labels = {**base_labels(options.release, "router", version), **selector_labels(options.release, "router")}
-    text = pod.dump_yaml(router_document(config, plans, options, api_key))
+    text = pod.dump_yaml(router_document(config, plans, options, api_key, repository))
     volume, mount = pod.config_volume(name)
     amounts = {"cpu": "1", "memory": "1Gi"}
     container = {"name": "router", "image": options.image_for("cpu"), "command": ["python", "-m", ROUTER_MODULE],

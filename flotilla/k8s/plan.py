@@ -11,6 +11,9 @@ Sizing (one rank = one tensor x pipeline parallel shard):
 - The startup budget (the startup probe's window) is ``--startup-timeout``, else 300 s + 60 s per GiB of
   weights when their size is known here (an alias, or a path next to the file), else 1200 s; a multi-pod group
   gets 120 s more to form its Ray cluster.
+- The file's ``model_repository`` (``RepositoryPods``): its directories are found as models' are (absolute
+  paths inside the image, or relative to the model storage's root); a repository pod is sized as one CPU rank
+  (``cpus_per_rank``, ``memory_per_rank_gib``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from flotilla.deploy.spec import AutoscalingSpec, DeploymentConfig, ModelSpec
+from flotilla.deploy.spec import AutoscalingSpec, DeploymentConfig, ModelSpec, RepositorySpec
 from flotilla.k8s.names import dns_label
 from flotilla.k8s.options import GPU_RESOURCE, K8sError, K8sOptions
 
 MODELS_MOUNT = "/mnt/models"      # where a PVC or downloaded models appear in a container (KServe's path)
 GIB = 1 << 30
+REPOSITORY_LABEL = "repository"   # the Kubernetes name part of the repository's objects
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,11 @@ class ModelPlan:
     @property
     def cpu(self) -> str:
         """The CPU quantity of one pod ("2", "1500m")."""
-        millis = self.cpu_millis_per_pod
-        return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+        return _cpu_quantity(self.cpu_millis_per_pod)
 
     @property
     def memory(self) -> str:
-        mib = self.memory_mib_per_pod
-        return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+        return _memory_quantity(self.memory_mib_per_pod)
 
     def resources(self) -> dict:
         """A pod's container resources: requests = limits (Guaranteed QoS: never evicted first)."""
@@ -120,18 +122,83 @@ class ModelPlan:
 def plan_models(config: DeploymentConfig, options: K8sOptions, base_dir: str | None = None) -> list[ModelPlan]:
     """The plan of every model, in file order. ``base_dir`` (the file's directory) finds the size of a
     local model. Raises ``K8sError`` for what the options cannot express."""
-    if config.model_repository is not None:
-        raise K8sError("a model_repository is not supported by flotilla k8s yet: serve repository models with "
-                       "flotilla serve --model-repository (mount the repository into the pod yourself)")
     labels: dict[str, str] = {}
+    if config.model_repository is not None:
+        labels[REPOSITORY_LABEL] = "the model repository"
     plans = []
     for spec in config.models:
         label = dns_label(spec.name, 40)
         if label in labels:
-            raise K8sError(f"models {labels[label]!r} and {spec.name!r} map to the same Kubernetes name {label!r}")
+            raise K8sError(f"{labels[label] if label == REPOSITORY_LABEL else f'model {labels[label]!r}'} and "
+                           f"model {spec.name!r} map to the same Kubernetes name {label!r}; rename the model")
         labels[label] = spec.name
         plans.append(_plan(spec, label, options, base_dir))
     return plans
+
+
+@dataclass(frozen=True)
+class RepositoryPods:
+    """Where the file's ``model_repository`` runs on Kubernetes: ``spec`` (the file's settings, paths as
+    written), ``sources`` (one ``ModelSource`` per directory, as a pod finds it), ``local_paths`` (those
+    directories on this machine, relative paths against the file's directory; they may not exist here), one
+    pod's CPU and memory (one CPU rank) and its startup budget. ``device`` is always cpu."""
+
+    spec: RepositorySpec
+    sources: tuple[ModelSource, ...]
+    local_paths: tuple[str, ...]
+    cpu_millis_per_pod: int
+    memory_mib_per_pod: int
+    startup_timeout_s: int
+    label: str = REPOSITORY_LABEL
+    device: str = "cpu"
+
+    @property
+    def multi_node(self) -> bool:
+        return False
+
+    def container_paths(self, kserve: bool = False) -> list[str]:
+        return [s.container_path(kserve=kserve) for s in self.sources]
+
+    def section(self, kserve: bool = False) -> dict:
+        """The ``model_repository:`` section of a pod's deployment file."""
+        spec = self.spec
+        section = {"paths": self.container_paths(kserve), "model_control_mode": spec.model_control_mode,
+                   "strict_readiness": spec.strict_readiness}
+        if spec.load_models:
+            section["load_models"] = list(spec.load_models)
+        if spec.model_control_mode == "poll":
+            section["repository_poll_secs"] = spec.poll_secs
+        return section
+
+    def resources(self) -> dict:
+        """A repository pod's container resources: requests = limits."""
+        amounts = {"cpu": _cpu_quantity(self.cpu_millis_per_pod), "memory": _memory_quantity(self.memory_mib_per_pod)}
+        return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _cpu_quantity(millis: int) -> str:
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def _memory_quantity(mib: int) -> str:
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def plan_repository_pods(config: DeploymentConfig, options: K8sOptions,
+                    base_dir: str | None = None) -> RepositoryPods | None:
+    """The ``RepositoryPods`` of the file's ``model_repository`` (None without one). ``K8sError`` for a
+    directory the options cannot place."""
+    spec = config.model_repository
+    if spec is None:
+        return None
+    sources = tuple(_path_source("the model repository", path, options, is_file=False) for path in spec.paths)
+    local = tuple(p if os.path.isabs(p) or base_dir is None else os.path.join(base_dir, p) for p in spec.paths)
+    sizes = [weights_bytes(p) for p in local]
+    startup = options.startup_timeout_s or (1200 if None in sizes else 300 + 60 * math.ceil(sum(sizes) / GIB))
+    return RepositoryPods(spec=spec, sources=sources, local_paths=local,
+                          cpu_millis_per_pod=max(1, round(options.cpus_per_rank * 1000)),
+                          memory_mib_per_pod=max(1, math.ceil(options.memory_per_rank_gib * 1024)),
+                          startup_timeout_s=startup)
 
 
 def _plan(spec: ModelSpec, label: str, options: K8sOptions, base_dir: str | None) -> ModelPlan:
@@ -188,19 +255,23 @@ def _engine_overrides(spec: ModelSpec, device: str, per_pod: int, nodes: int, op
 def _source(spec: ModelSpec, options: K8sOptions) -> ModelSource:
     from flotilla.models.loader.resolve import get_alias
     model = spec.model
-    is_file = model.lower().endswith(".gguf")
     if get_alias(model) is not None:
         return ModelSource(alias=model, image_path=None, relpath=None, is_file=True)
+    return _path_source(f"model {spec.name!r}", model, options, is_file=model.lower().endswith(".gguf"))
+
+
+def _path_source(what: str, path: str, options: K8sOptions, is_file: bool) -> ModelSource:
+    """A path of the file as a pod finds it (``what`` names its owner in errors)."""
     if options.storage == "image":
-        if not os.path.isabs(model):
-            raise K8sError(f"model {spec.name!r}: {model!r} is neither an alias nor an absolute path inside the "
+        if not os.path.isabs(path):
+            raise K8sError(f"{what}: {path!r} is neither an alias nor an absolute path inside the "
                            f"image; give its storage with --model-pvc CLAIM or --model-uri URI (it is then "
                            f"looked up relative to the storage's root)")
-        return ModelSource(alias=None, image_path=model, relpath=None, is_file=is_file)
-    relpath = os.path.normpath(model).lstrip("/") if not os.path.isabs(model) else None
+        return ModelSource(alias=None, image_path=path, relpath=None, is_file=is_file)
+    relpath = os.path.normpath(path).lstrip("/") if not os.path.isabs(path) else None
     if relpath is None or relpath == "." or relpath.startswith(".."):
-        raise K8sError(f"model {spec.name!r}: with --model-pvc / --model-uri the model must be a path relative to "
-                       f"the storage's root, got {model!r}")
+        raise K8sError(f"{what}: with --model-pvc / --model-uri the path must be relative to "
+                       f"the storage's root, got {path!r}")
     return ModelSource(alias=None, image_path=None, relpath=relpath, is_file=is_file)
 
 

@@ -24,12 +24,13 @@ from flotilla.deploy.config import parse_deployment_config
 from flotilla.deploy.spec import DeploymentConfig
 from flotilla.k8s.names import object_name
 from flotilla.k8s.options import API_KEY_SECRET_KEY, DEFAULT_API_KEY_ENV, K8sOptions
-from flotilla.k8s.plan import MODELS_MOUNT, ModelPlan
+from flotilla.k8s.plan import MODELS_MOUNT, ModelPlan, RepositoryPods
 
 CONFIG_DIR = "/etc/flotilla"
 CONFIG_FILE = "deploy.yaml"
 HEALTH_PATH = "/health"
 LIVE_PATH = "/v2/health/live"
+READY_PATH = "/v2/health/ready"     # KServe v2 readiness: a repository server's (strict readiness, drain)
 METRICS_PATH = "/metrics"
 SERVER_COMMAND = ["flotilla"]
 GRPC_PORT = 8001
@@ -56,12 +57,13 @@ def http_get(path: str, port) -> dict:
     return {"httpGet": {"path": path, "port": port}}
 
 
-def probes(port, startup_timeout_s: int) -> dict:
-    """Startup, readiness and liveness probes of a flotilla server on ``port`` (a number or a port name)."""
+def probes(port, startup_timeout_s: int, ready_path: str = HEALTH_PATH) -> dict:
+    """Startup, readiness and liveness probes of a flotilla server on ``port`` (a number or a port name);
+    startup and readiness on ``ready_path``."""
     return {
-        "startupProbe": {**http_get(HEALTH_PATH, port), "periodSeconds": STARTUP_PERIOD_S, "timeoutSeconds": 5,
+        "startupProbe": {**http_get(ready_path, port), "periodSeconds": STARTUP_PERIOD_S, "timeoutSeconds": 5,
                          "failureThreshold": max(1, math.ceil(startup_timeout_s / STARTUP_PERIOD_S))},
-        "readinessProbe": {**http_get(HEALTH_PATH, port), "periodSeconds": 5, "timeoutSeconds": 5,
+        "readinessProbe": {**http_get(ready_path, port), "periodSeconds": 5, "timeoutSeconds": 5,
                            "failureThreshold": 2, "successThreshold": 1},
         "livenessProbe": {**http_get(LIVE_PATH, port), "periodSeconds": 10, "timeoutSeconds": 5,
                           "failureThreshold": 6},
@@ -131,6 +133,18 @@ def pod_document(plan: ModelPlan, config: DeploymentConfig, api_key: tuple[str, 
     return doc
 
 
+def repository_document(repository: RepositoryPods, config: DeploymentConfig, api_key: tuple[str, str] | None,
+                        *, kserve: bool = False) -> dict:
+    """The deployment file of the pod that serves the file's model repository alone (``flotilla serve
+    --config`` with no models: a server of repository models, KServe v2 over HTTP and gRPC), checked with the
+    deployment file's own schema."""
+    doc: dict = {"model_repository": repository.section(kserve=kserve), "models": []}
+    if api_key is not None:
+        doc["api_key_env"] = api_key[0]
+    parse_deployment_config(doc, "the pod deployment file of the model repository")
+    return doc
+
+
 def dump_yaml(doc) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
@@ -147,14 +161,16 @@ def config_volume(config_map_name: str) -> tuple[dict, dict]:
 
 # ---- model storage ------------------------------------------------------------------------------------
 
-def model_storage(plans: list[ModelPlan], options: K8sOptions) -> tuple[list[dict], list[dict], list[dict]]:
-    """``(volumes, mounts, init containers)`` that put the weights of ``plans`` under /mnt/models: the PVC
-    (read-only), or an emptyDir that KServe's storage initializer fills (``--model-uri``); nothing for models
-    in the image."""
+def model_storage(plans: list[ModelPlan], options: K8sOptions, repository: RepositoryPods | None = None
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(volumes, mounts, init containers)`` that put the weights of ``plans`` (and the ``repository``'s
+    directories) under /mnt/models: the PVC (read-only), or an emptyDir that KServe's storage initializer fills
+    (``--model-uri``); nothing for models in the image."""
     if options.storage == "pvc":
         return ([{"name": "models", "persistentVolumeClaim": {"claimName": options.model_pvc, "readOnly": True}}],
                 [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}], [])
-    pairs = [p.source.download(options.model_uri) for p in plans] if options.storage == "uri" else []
+    sources = [p.source for p in plans] + list(repository.sources if repository is not None else ())
+    pairs = [s.download(options.model_uri) for s in sources] if options.storage == "uri" else []
     pairs = [pair for pair in pairs if pair is not None]
     if not pairs:
         return [], [], []

@@ -11,7 +11,7 @@ import flotilla
 from flotilla.deploy.config import load_deployment_config, parse_deployment_config
 from flotilla.deploy.spec import DeploymentConfig
 from flotilla.k8s.options import K8sError, K8sOptions
-from flotilla.k8s.plan import ModelPlan, plan_models
+from flotilla.k8s.plan import ModelPlan, plan_models, plan_repository_pods
 
 
 def load_unresolved(path: str) -> DeploymentConfig:
@@ -31,11 +31,12 @@ def generate(config: DeploymentConfig, options: K8sOptions, base_dir: str | None
     from flotilla.k8s.kuberay import kuberay_objects
     from flotilla.k8s.plain import plain_objects
     options.check()
-    if not config.models:
+    if not config.models and config.model_repository is None:
         raise K8sError("the deployment file has no models")
     plans = plan_models(config, options, base_dir)
+    repository = plan_repository_pods(config, options, base_dir)
     build = {"plain": plain_objects, "kserve": kserve_objects, "kuberay": kuberay_objects}[options.target]
-    return build(config, plans, options, flotilla.__version__)
+    return build(config, plans, options, flotilla.__version__, repository=repository)
 
 
 def plans_for(path: str, options: K8sOptions) -> list[ModelPlan]:

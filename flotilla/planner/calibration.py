@@ -28,11 +28,14 @@ BASE_PARAMS = ("step", "per_seq", "kernel_scale")
 @dataclass(frozen=True)
 class Measured:
     """One measured run to fit: the predictor's input ``key`` (opaque to this module) and the ``metrics``
-    measured; ``parallel``: whether it ran with TP or PP > 1 (then ``comm_scale`` is fitted too)."""
+    measured; ``parallel``: whether it ran with TP or PP > 1 (then ``comm_scale`` is fitted too);
+    ``contended``: whether its ranks' threads wanted more cores than the serving processes left them (then
+    ``host_cores`` is fitted too)."""
 
     key: object
     metrics: PlanMetrics
     parallel: bool = False
+    contended: bool = False
 
 
 def calibration_path(hardware: Hardware) -> str:
@@ -44,7 +47,8 @@ def load_calibration(hardware: Hardware) -> Calibration:
     try:
         with open(calibration_path(hardware), encoding="utf-8") as f:
             data = json.load(f)
-        return Calibration(**{k: data[k] for k in Calibration.__dataclass_fields__ if k in data})
+        return Calibration.prior(hardware).with_values(
+            **{k: data[k] for k in Calibration.__dataclass_fields__ if k in data})
     except (OSError, ValueError, TypeError):
         return Calibration.prior(hardware)
 
@@ -68,7 +72,8 @@ def refit(runs: list[Measured], start: Calibration,
     import numpy as np
     if not runs:
         return start
-    names = list(BASE_PARAMS) + (["comm_scale"] if any(r.parallel for r in runs) else [])
+    names = list(BASE_PARAMS) + (["comm_scale"] if any(r.parallel for r in runs) else []) \
+        + (["host_cores"] if any(r.contended for r in runs) and start.host_cores > 0 else [])
     theta0 = np.array([math.log(max(getattr(start, n), 1e-9)) for n in names])
     theta = theta0.copy()
 

@@ -92,14 +92,15 @@ def _probe(report, n: int, log) -> int:
     fitted = refit_from_probes(report, runs)
     print("\npredicted vs measured (output tok/s, TPOT p50, TTFT p99, goodput req/s); refit: the new calibration's "
           "prediction")
-    print(f"{'plan':<26} {'tok/s pred/meas':>18} {'TPOT p50 ms':>16} {'TTFT p99 s':>14} {'goodput':>12} "
+    print(f"{'plan':<31} {'tok/s pred/meas':>18} {'TPOT p50 ms':>16} {'TTFT p99 s':>14} {'goodput':>12} "
           f"{'refit tok/s':>11} {'refit TPOT':>10}")
     for run in runs:
         p, m = run.evaluated.metrics, run.measured
         q = predict(report.model, report.hardware, report.workload, report.slo, fitted, run.evaluated)
-        print(f"{run.evaluated.label:<26} {p.output_throughput:>8.1f}/{m.output_throughput:<9.1f} "
+        print(f"{run.evaluated.label:<31} {p.output_throughput:>8.1f}/{m.output_throughput:<9.1f} "
               f"{p.tpot_p50 * 1e3:>7.1f}/{m.tpot_p50 * 1e3:<8.1f} {p.ttft_p99:>6.2f}/{m.ttft_p99:<7.2f} "
               f"{p.goodput:>5.2f}/{m.goodput:<6.2f} {q.output_throughput:>11.1f} {q.tpot_p50 * 1e3:>8.1f}ms")
     print(f"calibration refit on {len(runs)} run(s) and stored: step {fitted.step * 1e3:.2f} ms, per sequence "
-          f"{fitted.per_seq * 1e6:.0f} us, kernel scale {fitted.kernel_scale:.2f}, comm scale {fitted.comm_scale:.2f}")
+          f"{fitted.per_seq * 1e6:.0f} us, kernel scale {fitted.kernel_scale:.2f}, comm scale {fitted.comm_scale:.2f}, "
+          f"serving processes' cores {fitted.host_cores:.2f}")
     return 0

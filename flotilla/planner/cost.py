@@ -7,13 +7,17 @@ pipeline stage ``s`` (``L_s`` layers, tensor-parallel size ``t``, ``M`` tokens, 
     attn    = max(4 (heads/t) head_dim pairs / F(M/seqs), KV_read / BW)   pairs: query x key positions
     head    = max(2 S V/t h / F(S), V/t h / BW)                  last stage: the LM head on sampled rows only
     comm    = L_s * 2 all_reduce(M h) [+ embedding all-reduce, logits all-gather]   (t > 1)
-    stage   = kernel_scale (linear + attn + head) + comm_scale comm + per_layer L_s
+              (+ the measured wait for a descheduled rank per collective when a shared node is oversubscribed)
+    stage   = kernel_scale (linear + attn + head) / host + comm_scale comm + per_layer L_s
               (+ step + per_seq seqs on stage 0, which hosts the driver)
 
-and a pipeline hop sends hidden + residual (``2 M h`` elements). ``F(M)`` and ``BW`` are the rates one rank
-gets (``Hardware.matmul_rate`` / ``bandwidth``: a shared CPU node splits its cores among all ranks of all
-replicas); all-reduce and send use the hardware's alpha-beta. ``Calibration`` holds the runtime overheads
-and the two scales; ``flotilla.planner.calibration`` refits them from measured runs.
+and a pipeline hop sends hidden + residual (``2 M h`` elements). ``host`` (shared CPU nodes) is the share of
+their cores the ranks keep next to the serving processes: ``min(1, (cores - host_cores) / (ranks x threads))``
+over the ``min(1, cores / (ranks x threads))`` the rates already assume (1 when a core is left over).
+``F(M)`` and ``BW`` are the rates one rank gets (``Hardware.matmul_rate`` / ``bandwidth``: a shared CPU node
+splits its cores among all ranks of all replicas); all-reduce and send use the hardware's alpha-beta.
+``Calibration`` holds the runtime overheads, the two scales and ``host_cores``;
+``flotilla.planner.calibration`` refits them from measured runs.
 
 The pipeline's micro-batches are timed by the simulator stage by stage (a stage is busy while it computes),
 so bubbles follow from the schedule; ``pipeline_time`` is the closed form for m equal micro-batches.
@@ -60,7 +64,8 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return f"TP{self.tp} PP{self.pp} x{self.replicas} seqs={self.max_num_seqs}"
+        threads = f" thr={self.num_threads}" if self.num_threads else ""
+        return f"TP{self.tp} PP{self.pp} x{self.replicas} seqs={self.max_num_seqs}{threads}"
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,12 @@ class Calibration:
     kernel_scale: float = 1.0
     comm_scale: float = 1.0
     fitted_from: int = 0
+    host_cores: float = 0.0
 
     @classmethod
     def prior(cls, hardware: Hardware) -> Calibration:
         o = hardware.overheads
-        return cls(step=o.step, per_seq=o.per_seq, per_layer=o.per_layer)
+        return cls(step=o.step, per_seq=o.per_seq, per_layer=o.per_layer, host_cores=o.host_cores)
 
     def with_values(self, **values) -> Calibration:
         return replace(self, **values)
@@ -145,7 +151,10 @@ class CostModel:
         self.elem = DTYPE_BYTES[plan.dtype]
         self.layers = model.stage_layers(plan.pp)
         self.ranks_on_node = math.ceil(plan.num_devices / hardware.nodes) if hardware.shared else 1
-        self.bw = hardware.bandwidth(self.ranks_on_node)
+        self.sync = hardware.sync_penalty(self.ranks_on_node)
+        self.threads = plan.num_threads or hardware.threads_per_rank(self.ranks_on_node)
+        self.host = self._host_share()
+        self.bw = hardware.bandwidth(self.ranks_on_node, self.threads)
         int8_curve = plan.quantization == "int8" and "int8" in (hardware.matmul_curves or {})
         self.linear_dtype = "int8" if int8_curve else plan.dtype
         tp = plan.tp
@@ -161,6 +170,13 @@ class CostModel:
         self.hop_inter_node = [((s + 1) * tp - 1) // per_node != ((s + 1) * tp) // per_node
                                for s in range(plan.pp - 1)] if not hardware.shared else [False] * (plan.pp - 1)
 
+    def _host_share(self) -> float:
+        """The share of the ranks' compute left next to the serving processes (see the module docstring)."""
+        if not self.hw.shared or self.calib.host_cores <= 0:
+            return 1.0
+        cores, wanted = self.hw.devices_per_node, self.ranks_on_node * self.threads
+        return min(1.0, max(cores - self.calib.host_cores, 0.1) / wanted) / min(1.0, cores / wanted)
+
     # ------------------------------------------------------------------ time
     def stage_cost(self, work: StepWork, stage: int) -> StageCost:
         """The time one rank of ``stage`` spends on ``work``."""
@@ -171,16 +187,17 @@ class CostModel:
             overhead += self.calib.step + self.calib.per_seq * work.num_seqs
         if m == 0:
             return StageCost(0.0, 0.0, 0.0, 0.0, overhead)
-        k, scale = self.ranks_on_node, self.calib.kernel_scale
-        rate = hw.matmul_rate(self.linear_dtype, m, k)
+        k, scale = self.ranks_on_node, self.calib.kernel_scale / self.host
+        rate = hw.matmul_rate(self.linear_dtype, m, k, self.threads)
         lin_flops = 2.0 * m * self.lin_params * layers
         lin_bytes = layers * (self.lin_bytes + m * self.act_elems_per_token * self.elem)
         linear = max(lin_flops / rate, lin_bytes / self.bw)
         heads = model.num_heads // plan.tp
         attn_flops = 4.0 * heads * model.head_dim * work.attn_pairs * layers
         kv_bytes = model.kv_bytes_per_token(plan.tp, layers, self.elem) * (work.kv_read_tokens + m)
-        attn_rate = hw.matmul_rate(plan.dtype, max(1, m // max(1, work.num_seqs)), k)
+        attn_rate = hw.matmul_rate(plan.dtype, max(1, m // max(1, work.num_seqs)), k, self.threads)
         attention = max(attn_flops / attn_rate, kv_bytes / self.bw)
+        syncs = (2 * layers + (stage == 0)) if plan.tp > 1 else 0
         comm = layers * 2 * hw.all_reduce_time(m * model.hidden_size * self.elem, plan.tp)
         if stage == 0:
             comm += hw.all_reduce_time(m * model.hidden_size * self.elem, plan.tp)  # vocab-parallel embedding
@@ -189,9 +206,11 @@ class CostModel:
             s = work.num_sampled
             head_flops = 2.0 * s * self.head_params
             head_io = self.head_bytes + s * model.padded_vocab(plan.tp) // plan.tp * LOGITS_BYTES
-            head = max(head_flops / hw.matmul_rate(self.linear_dtype, s, k), head_io / self.bw)
+            head = max(head_flops / hw.matmul_rate(self.linear_dtype, s, k, self.threads), head_io / self.bw)
             head += s * model.vocab_size * LOGITS_BYTES / self.bw  # the sampler reads every logit once
             comm += hw.all_gather_time(s * model.padded_vocab(plan.tp) * self.elem, plan.tp)
+            syncs += plan.tp > 1
+        comm += syncs * self.sync
         return StageCost(scale * linear, scale * attention, scale * head, self.calib.comm_scale * comm, overhead)
 
     def stage_times(self, work: StepWork) -> list[float]:
@@ -200,7 +219,7 @@ class CostModel:
     def hop_time(self, work: StepWork, hop: int = 0) -> float:
         """Seconds to hand ``work``'s activations (hidden + residual) from stage ``hop`` to ``hop + 1``."""
         nbytes = 2 * work.num_tokens * self.model.hidden_size * self.elem
-        return self.calib.comm_scale * self.hw.send_time(nbytes, self.hop_inter_node[hop])
+        return self.calib.comm_scale * (self.hw.send_time(nbytes, self.hop_inter_node[hop]) + self.sync)
 
     def step_time(self, work: StepWork) -> float:
         """Seconds of one step alone (no other micro-batch in flight): every stage and hop in turn."""

@@ -62,11 +62,15 @@ class AlphaBeta:
 class Overheads:
     """Runtime cost of an engine step beyond its kernels: ``step`` seconds per step (scheduling, inputs, the
     driver's round trip), ``per_seq`` seconds per scheduled sequence (sampling, detokenizing and streaming
-    its token), ``per_layer`` seconds per decoder layer a stage runs (operator dispatch)."""
+    its token), ``per_layer`` seconds per decoder layer a stage runs (operator dispatch); ``host_cores``
+    (shared CPU nodes): the cores' worth of CPU the serving processes (HTTP server, one engine core per
+    replica) take from the ranks while they serve, which slows the ranks once their threads want more
+    cores than are left."""
 
     step: float = 1e-3
     per_seq: float = 1e-5
     per_layer: float = 1e-5
+    host_cores: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ class Hardware:
     """A cluster of ``nodes`` x ``devices_per_node`` devices (see the module docstring). ``memory``,
     ``memory_bandwidth`` and ``flops`` are per device, or per node when ``shared``. ``matmul_curves``
     (measured machines): dtype -> threads -> [(M, FLOP/s)]; ``bandwidth_by_threads``: threads -> bytes/s;
-    ``collectives``: measured {"all_reduce", "send_recv"} alpha-betas. ``key`` names the machine in the
-    calibration store."""
+    ``collectives``: measured {"all_reduce", "send_recv"} alpha-betas; ``oversubscribed_sync``: seconds a
+    collective or pipeline hand-off costs beyond them when a shared node runs more ranks than it has devices
+    (the wait for a descheduled rank; measured). ``key`` names the machine in the calibration store."""
 
     name: str
     source: str
@@ -97,6 +102,7 @@ class Hardware:
     matmul_curves: dict[str, dict[int, list[tuple[int, float]]]] | None = None
     bandwidth_by_threads: dict[int, float] | None = None
     collectives: dict[str, AlphaBeta] | None = None
+    oversubscribed_sync: float = 0.0
     bf16_native: bool = True
     key: str = ""
 
@@ -112,24 +118,32 @@ class Hardware:
         return dtype in self.flops or bool(self.matmul_curves and dtype in self.matmul_curves)
 
     # ------------------------------------------------------------------ compute and memory
-    def matmul_rate(self, dtype: str, m: int, ranks_on_node: int = 1) -> float:
-        """FLOP/s one rank gets for a matmul with ``m`` activation rows in ``dtype``."""
+    def matmul_rate(self, dtype: str, m: int, ranks_on_node: int = 1, threads: int | None = None) -> float:
+        """FLOP/s one rank gets for a matmul with ``m`` activation rows in ``dtype``; on a shared node with
+        ``threads`` threads (default: its share of the cores, ``threads_per_rank``)."""
+        threads = threads or self.threads_per_rank(ranks_on_node)
         curves = (self.matmul_curves or {}).get(dtype)
         if curves:
             return _thread_interpolate({t: _log_interp(pts, m) for t, pts in curves.items()},
-                                       self.threads_per_rank(ranks_on_node)) * self._oversubscription(ranks_on_node)
+                                       threads) * self._oversubscription(ranks_on_node)
         if dtype not in self.flops:
             raise ValueError(f"{self.name} lists no FLOP/s for {dtype} (it lists: {', '.join(self.flops)})")
-        return self.flops[dtype] * self.matmul_efficiency / (ranks_on_node if self.shared else 1)
+        if not self.shared:
+            return self.flops[dtype] * self.matmul_efficiency
+        return self.flops[dtype] * self.matmul_efficiency * min(threads, self.devices_per_node) / self.devices_per_node
 
-    def bandwidth(self, ranks_on_node: int = 1) -> float:
-        """Memory bytes/s one rank gets."""
+    def bandwidth(self, ranks_on_node: int = 1, threads: int | None = None) -> float:
+        """Memory bytes/s one rank gets (on a shared node, with ``threads`` threads: see ``matmul_rate``)."""
+        threads = threads or self.threads_per_rank(ranks_on_node)
         if self.bandwidth_by_threads:
-            t = self.threads_per_rank(ranks_on_node)
             node = max(self.bandwidth_by_threads.values())
-            return min(_thread_interpolate(self.bandwidth_by_threads, t), node / ranks_on_node) \
+            return min(_thread_interpolate(self.bandwidth_by_threads, threads), node / ranks_on_node) \
                 * self._oversubscription(ranks_on_node)
         return self.memory_bandwidth * self.memory_efficiency / (ranks_on_node if self.shared else 1)
+
+    def sync_penalty(self, ranks_on_node: int) -> float:
+        """Seconds each collective or hand-off waits for a descheduled rank (0 unless oversubscribed)."""
+        return self.oversubscribed_sync if self.shared and ranks_on_node > self.devices_per_node else 0.0
 
     def _oversubscription(self, ranks_on_node: int) -> float:
         """Fraction of a core a rank gets when a shared node runs more ranks than it has cores."""
@@ -166,14 +180,15 @@ class Hardware:
 
 
 def _log_interp(points: list[tuple[int, float]], m: int) -> float:
-    """Piecewise-linear interpolation in log(M) over measured (M, rate) points, flat beyond the ends."""
+    """Piecewise power law through measured (M, rate) points (linear in log M and log rate: a memory-bound
+    matmul's rate grows about linearly with M, so its time stays flat between the points), flat beyond."""
     pts = sorted(points)
     if m <= pts[0][0]:
         return pts[0][1]
     for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
         if m <= m1:
             w = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
-            return r0 + w * (r1 - r0)
+            return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
     return pts[-1][1]
 
 

@@ -4,7 +4,9 @@ model and core count.
 * **Matmul rate** per dtype at the model's shapes: flotilla's own linear layers (``ReplicatedLinear``, with the
   engine's oneDNN prepacking for bfloat16 or its int8 weights), the four matmuls of a decoder layer (each
   dimension capped at 2048), at ``M`` = 1 .. 2048 rows, with one thread and with every core; the rate at M is
-  the layer's FLOP over its time (the fastest of 5 runs). Cached per dtype and shape.
+  the layers' FLOP over their time (the fastest of 5 runs). Below 128 rows a pass runs over enough copies of
+  the layer (256 MiB of weights, at most 64 copies) that they stream from memory as a model's do, not from
+  the cache: that is the rate a decode step gets. Cached per dtype and shape.
 
 Everything is measured as the machine is at the time: on a machine busy with other work, more threads can
 be slower than one (OpenMP threads wait for a descheduled peer at every operator), and the planner then
@@ -15,6 +17,11 @@ prefers plans with fewer threads per rank, as it should. ``--refresh-hardware`` 
   hand-off (``send_tensors`` / ``recv_tensors`` ping-pong) between two local processes over gloo, through
   ``flotilla.distributed``'s groups; a least-squares fit over 256 B .. 4 MiB messages (about 10 s with the
   processes' start).
+* **Oversubscribed synchronization**: what a collective costs when the node runs more ranks than it has cores
+  (TP 3 on two cores): one-thread ranks alternate a short compute chunk (``SYNC_CHUNK_OPS`` small matmuls,
+  about a decoder layer's share on a small model) with an all-reduce, once as ``cores`` ranks and once as
+  ``cores + 1``; with fair time sharing the larger group would take ``(cores + 1) / cores`` times as long per
+  iteration, and what it takes beyond that is the wait for a descheduled rank at every collective (about 10 s).
 """
 
 from __future__ import annotations
@@ -34,11 +41,16 @@ from flotilla.planner.model import ModelDesc
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+STREAM_BYTES = 256 << 20  # weights a small-M pass reads: far beyond any CPU's last-level cache
+MAX_COPIES = 64  # (a tiny model's layers would be thousands of copies, all operator overhead)
 ROWS = (1, 8, 32, 128, 512, 2048)
 SHAPE_CAP = 2048
 MESSAGE_BYTES = (256, 4096, 65536, 1 << 20, 4 << 20)
 OPS_PER_LAYER = 10
+SYNC_CHUNK_OPS = 4  # small matmuls between two all-reduces when measuring oversubscribed synchronization
+SYNC_ITERATIONS = 300
+HOST_CORES_PRIOR = 0.5  # the serving processes' CPU while ranks compute (a prior: --probe refits it)
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -93,6 +105,10 @@ def local_hardware(model: ModelDesc, dtypes: list[str], refresh: bool = False,
                 "bf16_native": _bf16_native(), "bandwidth": measure_bandwidth(), "op_seconds": measure_op_seconds(),
                 "collectives": measure_collectives(), "matmul": {}}
         changed = True
+    if "oversubscribed_sync" not in data:  # added to the cache after its version 2: measured on its own
+        log("measuring collectives with more ranks than cores ...")
+        data["oversubscribed_sync"] = measure_oversubscribed_sync()
+        changed = True
     for dtype in dtypes:
         key = f"{dtype}|{shape_key(model)}"
         if key not in data["matmul"]:
@@ -120,9 +136,10 @@ def hardware_from_cache(data: dict, model: ModelDesc, dtypes: list[str]) -> Hard
         source=f"measured, {cache_path()}", device_kind="cpu", nodes=1, devices_per_node=cores, shared=True,
         memory=float(data["memory"]), memory_bandwidth=max(bw.values()), flops=peak,
         intra_node=loopback, inter_node=loopback, memory_utilization=0.9,
-        overheads=Overheads(step=1e-3, per_seq=5e-5, per_layer=OPS_PER_LAYER * float(data["op_seconds"])),
+        overheads=Overheads(step=1e-3, per_seq=5e-5, per_layer=OPS_PER_LAYER * float(data["op_seconds"]),
+                            host_cores=HOST_CORES_PRIOR),
         matmul_curves=curves, bandwidth_by_threads=bw, collectives=coll, bf16_native=bool(data["bf16_native"]),
-        key=machine_key())
+        oversubscribed_sync=float(data.get("oversubscribed_sync", 0.0)), key=machine_key())
 
 
 def _read(path: str) -> dict:
@@ -188,6 +205,13 @@ def _time(fn, repeats: int, best: bool = False) -> float:
     return min(times) if best else statistics.median(times)
 
 
+def _as_the_engine() -> None:
+    """Load what the engine's ranks load before they compute: flotilla's CPU kernel library (when the kernels
+    are on; it is an OpenMP library too), so the measuring process runs torch's operators as a rank does."""
+    from flotilla import ops
+    ops.cpu_kernels()
+
+
 def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int = 5) -> dict[str, list]:
     """{threads: [[M, FLOP/s], ...]} for 1 thread and every core (see the module docstring); the fastest of
     ``repeats`` runs."""
@@ -195,12 +219,16 @@ def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int =
 
     from flotilla.layers.linear import ReplicatedLinear
     from flotilla.layers.quantization import prepack_model_, quantize_model_
+    _as_the_engine()
     act = torch.bfloat16 if dtype == "int8" else getattr(torch, dtype)
     shapes = layer_shapes(model)
+    per_layer = sum(k * n for k, n in shapes)
+    copies = min(MAX_COPIES, max(1, -(-STREAM_BYTES // (per_layer * (1 if dtype == "int8" else act.itemsize)))))
     with torch.inference_mode():
         gen = torch.Generator().manual_seed(0)
-        layers = torch.nn.ModuleList(ReplicatedLinear(k, n, dtype=act) for k, n in shapes)
-        for layer, (k, _) in zip(layers, shapes):
+        layers = torch.nn.ModuleList(ReplicatedLinear(k, n, dtype=act) for _ in range(copies) for k, n in shapes)
+        for layer in layers:
+            k = layer.weight.shape[1]
             layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=gen) / k ** 0.5)
         if dtype == "int8":
             quantize_model_(layers, "int8")
@@ -211,9 +239,11 @@ def measure_matmul_curve(model: ModelDesc, dtype: str, rows=ROWS, repeats: int =
             with _threads(threads):
                 points = []
                 for m in rows:
+                    used = layers if m < 128 else layers[:len(shapes)]  # large M: compute-bound, one copy
                     xs = [torch.randn(m, k, generator=gen).to(act) for k, _ in shapes]
-                    seconds = _time(lambda: [layer(x) for layer, x in zip(layers, xs)], repeats, best=True)
-                    points.append([m, 2.0 * m * sum(k * n for k, n in shapes) / seconds])
+                    seconds = _time(lambda: [layer(xs[i % len(xs)]) for i, layer in enumerate(used)], repeats,
+                                    best=True)
+                    points.append([m, 2.0 * m * per_layer * (len(used) // len(shapes)) / seconds])
                 out[str(threads)] = points
     return out
 
@@ -222,6 +252,7 @@ def measure_bandwidth(size_mib: int = 256, repeats: int = 5) -> dict[str, float]
     """{threads: bytes/s} of copying ``size_mib`` MiB (reads + writes), 1 thread and every core; the fastest
     of ``repeats`` copies."""
     import torch
+    _as_the_engine()
     out = {}
     with torch.inference_mode():
         src = torch.ones(size_mib * 2**20 // 4)
@@ -280,6 +311,7 @@ def _collective_rank(rank: int, port: int, queue) -> None:
 
         from flotilla.distributed.parallel_state import (destroy_distributed, get_tp_group, get_world_group,
                                                           init_distributed)
+        _as_the_engine()
         torch.set_num_threads(1)
         init_distributed(2, rank, tp_size=2, pp_size=1, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
         tp, world = get_tp_group(), get_world_group()
@@ -302,6 +334,68 @@ def _collective_rank(rank: int, port: int, queue) -> None:
         destroy_distributed()
         if rank == 0:
             queue.put(result)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        if rank == 0:
+            queue.put(f"{type(e).__name__}: {e}")
+
+
+def measure_oversubscribed_sync(timeout_s: float = 120.0) -> float:
+    """Seconds a collective costs beyond fair time sharing when a node runs ``cores + 1`` one-thread ranks
+    (see the module docstring); 0 when none is seen."""
+    cores = num_cores()
+    fair, over = _sync_iteration(cores, timeout_s), _sync_iteration(cores + 1, timeout_s)
+    return max(0.0, over - (cores + 1) / cores * fair)
+
+
+def _sync_iteration(ranks: int, timeout_s: float) -> float:
+    """Seconds per compute-chunk + all-reduce iteration with ``ranks`` one-thread ranks (one rank: no
+    collective)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_rank, args=(rank, ranks, port, queue), daemon=True) for rank in range(ranks)]
+    for p in procs:
+        p.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if isinstance(result, str):
+        raise RuntimeError(f"measuring oversubscribed collectives failed: {result}")
+    return result
+
+
+def _sync_rank(rank: int, ranks: int, port: int, queue) -> None:
+    try:
+        import torch
+
+        from flotilla.distributed.parallel_state import destroy_distributed, get_tp_group, init_distributed
+        _as_the_engine()
+        torch.set_num_threads(1)
+        x, w = torch.randn(8, 512), torch.randn(512, 512)
+
+        def chunk():
+            for _ in range(SYNC_CHUNK_OPS):
+                torch.nn.functional.linear(x, w)
+        init_distributed(ranks, rank, tp_size=ranks, pp_size=1, backend="gloo", init_method=f"tcp://127.0.0.1:{port}")
+        tp = get_tp_group()
+        small = torch.ones(512)
+        for _ in range(20):  # warm-up
+            chunk()
+            tp.all_reduce(small)
+        tp.barrier()
+        start = time.perf_counter()
+        for _ in range(SYNC_ITERATIONS):
+            chunk()
+            tp.all_reduce(small)
+        per_iteration = (time.perf_counter() - start) / SYNC_ITERATIONS
+        destroy_distributed()
+        if rank == 0:
+            queue.put(per_iteration)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         if rank == 0:
             queue.put(f"{type(e).__name__}: {e}")

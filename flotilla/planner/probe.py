@@ -92,8 +92,8 @@ def run_plan(report: PlanReport, evaluated: Evaluated, log: Callable[[str], None
 
 def refit_from_probes(report: PlanReport, runs: list[ProbeRun], store: bool = True) -> Calibration:
     """Fit the calibration to ``runs`` (``flotilla.planner.calibration.refit``) and store it for this machine."""
-    measured = [Measured(key=r.evaluated, metrics=r.measured, parallel=r.evaluated.plan.world_size > 1)
-                for r in runs]
+    measured = [Measured(key=r.evaluated, metrics=r.measured, parallel=r.evaluated.plan.world_size > 1,
+                         contended=_contended(report, r.evaluated)) for r in runs]
 
     def predicted(calibration: Calibration, evaluated: Evaluated) -> PlanMetrics:
         return predict(report.model, report.hardware, report.workload, report.slo, calibration, evaluated)
@@ -102,6 +102,12 @@ def refit_from_probes(report: PlanReport, runs: list[ProbeRun], store: bool = Tr
     if store:
         save_calibration(report.hardware, fitted)
     return fitted
+
+
+def _contended(report: PlanReport, evaluated: Evaluated) -> bool:
+    """Whether the plan's ranks' threads want more cores than the serving processes leave them."""
+    from flotilla.planner.cost import CostModel
+    return CostModel(report.model, report.hardware, evaluated.plan, report.calibration).host < 1.0
 
 
 def _free_port() -> int:

@@ -42,12 +42,12 @@ def row(i: int | str, e: Evaluated) -> str:
     mem = f"{e.memory_per_device / GiB:.2f} GiB"
     kv = f"{e.kv_blocks}"
     if m is None:
-        return f"{i!s:>3}  {e.label:<26} {kv:>7} {mem:>10}"
-    return (f"{i!s:>3}  {e.label:<26} {kv:>7} {mem:>10} {m.output_throughput:>9.1f} {m.request_throughput:>7.2f} "
+        return f"{i!s:>3}  {e.label:<31} {kv:>7} {mem:>10}"
+    return (f"{i!s:>3}  {e.label:<31} {kv:>7} {mem:>10} {m.output_throughput:>9.1f} {m.request_throughput:>7.2f} "
             f"{_lat(m.ttft_p50, m.ttft_p99):>15} {_lat(m.tpot_p50, m.tpot_p99):>15} {m.goodput:>8.2f}")
 
 
-COLUMNS = (f"{'#':>3}  {'plan':<26} {'KV blk':>7} {'mem/dev':>10} {'tok/s':>9} {'req/s':>7} "
+COLUMNS = (f"{'#':>3}  {'plan':<31} {'KV blk':>7} {'mem/dev':>10} {'tok/s':>9} {'req/s':>7} "
            f"{'TTFT p50/p99':>15} {'TPOT p50/p99':>15} {'goodput':>8}")
 
 
@@ -67,9 +67,9 @@ def format_report(report: PlanReport, top: int = 5) -> str:
         for e in shown:
             if e.metrics is not None:
                 lines.append(row("-", e))
-                lines.append(f"{'':5}{'':26} why: {e.rejected}")
+                lines.append(f"{'':5}{'':31} why: {e.rejected}")
             else:
-                lines.append(f"{'-':>3}  {e.label:<26} why: {e.rejected}")
+                lines.append(f"{'-':>3}  {e.label:<31} why: {e.rejected}")
         hidden = len(report.rejected) - len(shown)
         if hidden:
             reasons: dict[str, int] = {}

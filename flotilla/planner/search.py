@@ -2,7 +2,8 @@
 
 For every tensor size (powers of two and the sizes the model's heads allow, up to a node) and pipeline size
 (powers of two, up to the cluster), every replica count that fits (only the most that fit under saturating
-load on dedicated devices, where fewer replicas only lose) and every ``max_num_seqs`` candidate:
+load on dedicated devices, where fewer replicas only lose), every ``max_num_seqs`` candidate and, on a shared
+CPU node, two thread counts per rank (its share of the cores and half of it):
 
 1. **Shape checks**: the heads / KV heads / MLP must split ``tp`` ways, the layers ``pp`` ways; TP stays
    inside a node; the plan needs no more devices than the hardware has.
@@ -12,8 +13,8 @@ load on dedicated devices, where fewer replicas only lose) and every ``max_num_s
    sequence is rejected (the engine refuses to start then).
 3. **Estimate**: a closed-form steady state (decode batch plus amortized prefill) ranks the candidates;
    those whose estimated TPOT is over 3x the SLO are rejected without simulating.
-4. **Simulation** of the best by the estimate, ``max_simulations`` distinct replica simulations (``flotilla.planner.simulate``, one replica,
-   its share of the load), scaled to the replicas. Plans are ranked by goodput; plans that miss the SLO's
+4. **Simulation** of the best by the estimate, ``max_simulations`` distinct replica simulations
+   (``flotilla.planner.simulate``, one replica, its share of the load), scaled to the replicas. Plans are ranked by goodput; plans that miss the SLO's
    percentiles are listed as rejected ("SLO: ...") after those that meet it.
 """
 
@@ -111,7 +112,9 @@ def search(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, c
             for seqs in max_num_seqs or MAX_NUM_SEQS:
                 plan = Plan(tp=t, pp=p, replicas=r, max_num_seqs=seqs, dtype=run_dtype, max_model_len=max_len,
                             max_num_batched_tokens=max_num_batched_tokens, quantization=quantization, block_size=block)
-                candidates.append(_size(model, hardware, workload, plan, calibration))
+                for threads in _thread_options(hardware, plan):
+                    candidates.append(_size(model, hardware, workload, replace(plan, num_threads=threads),
+                                            calibration))
     feasible = [c for c in candidates if c.rejected is None]
     report.rejected.extend(c for c in candidates if c.rejected is not None)
     for c in feasible:
@@ -165,6 +168,15 @@ def _shapes(model: ModelDesc, hw: Hardware, tps, pps, report: PlanReport):
                 yield t, p
 
 
+def _thread_options(hw: Hardware, plan: Plan) -> list[int | None]:
+    """Torch threads per rank to try on a shared node: its share of the cores, and half of it (on a busy
+    machine fewer threads can be faster, and they leave cores to the server's own processes)."""
+    if not hw.shared:
+        return [None]
+    share = hw.threads_per_rank(math.ceil(plan.num_devices / hw.nodes))
+    return sorted({share, max(1, share // 2)}, reverse=True)
+
+
 def _fitting_tp(model: ModelDesc) -> list[int]:
     return [t for t in range(1, model.num_heads + 1) if model.tp_problem(t) is None]
 
@@ -186,11 +198,15 @@ def _size(model: ModelDesc, hw: Hardware, workload: Workload, plan: Plan, calib:
     blocks = min(max(want_blocks, min_blocks), int(max(0.0, free_per_rank) // per_block))
     label = plan.label
     if blocks < min_blocks:
-        need = max(fixed) / GiB
+        usable = (hw.memory * hw.memory_utilization / (cost.ranks_on_node if hw.shared else 1)) / GiB
+        if free_per_rank <= 0:
+            return Evaluated(plan, label, rejected=(
+                f"memory: weights and activations need {max(fixed) / GiB:.1f} GiB per rank, "
+                f"{usable:.1f} GiB usable"))
         return Evaluated(plan, label, rejected=(
-            f"memory: {need:.1f} GiB of weights and activations per rank leave room for {blocks} KV blocks, "
-            f"fewer than one {plan.max_model_len}-token sequence needs ({min_blocks})"))
-    threads = hw.threads_per_rank(cost.ranks_on_node) if hw.shared else None
+            f"memory: the {free_per_rank / GiB:.2f} GiB per rank left for the KV cache hold {blocks} blocks, fewer "
+            f"than one {plan.max_model_len}-token sequence needs ({min_blocks})"))
+    threads = (plan.num_threads or hw.threads_per_rank(cost.ranks_on_node)) if hw.shared else None
     plan = replace(plan, kv_cache_bytes=blocks * per_block, num_threads=threads)
     cost = CostModel(model, hw, plan, calib)
     memory = max(cost.memory_per_rank(s) for s in range(plan.pp)) + (CPU_RANK_RESERVE if hw.shared else 0)
@@ -222,7 +238,7 @@ def _sim_key(model, hw, workload: Workload, calib, c: Evaluated) -> tuple:
     """What one replica's simulation depends on: plans with equal keys share it."""
     plan = c.plan
     ranks = CostModel(model, hw, plan, calib).ranks_on_node
-    return plan.tp, plan.pp, plan.max_num_seqs, c.kv_blocks, c.load, ranks
+    return plan.tp, plan.pp, plan.max_num_seqs, plan.num_threads, c.kv_blocks, c.load, ranks
 
 
 def _simulate(model, hw, workload: Workload, slo: SLO, calib, c: Evaluated, cache: dict) -> None:
@@ -260,7 +276,10 @@ def predict(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, 
 def evaluate(model: ModelDesc, hardware: Hardware, workload: Workload, slo: SLO, calibration: Calibration,
              plan: Plan) -> Evaluated:
     """One given plan sized and simulated, without the search's pruning (benchmarks compare every plan);
-    ``rejected`` is set when it does not fit or misses the SLO."""
+    ``rejected`` is set when its shape does not split (heads, layers), it does not fit or misses the SLO."""
+    problem = model.tp_problem(plan.tp) or model.pp_problem(plan.pp)
+    if problem is not None:
+        return Evaluated(plan, plan.label, rejected=problem)
     c = _size(model, hardware, workload, plan, calibration)
     if c.rejected is None:
         c.estimate, _ = _estimate(model, hardware, workload, c, calibration)

@@ -230,6 +230,55 @@ class StructuredOutputsConfig:
                              f"got {self.backend!r}")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``--speculative-config``: propose ``num_speculative_tokens`` (k) tokens per running request and step,
+    verified by the target model in the same forward pass as the request's next token (speculative tokens are
+    scheduled tokens). ``method`` None disables speculation.
+
+    - "ngram" (prompt lookup, no draft model): the last n tokens (n from ``prompt_lookup_max`` down to
+      ``prompt_lookup_min``) are searched for earlier in the request's prompt + output; the k tokens that
+      followed the most recent match are proposed.
+    - "draft_model": a smaller model with the same vocabulary (``draft_source``/``draft_source_kind``, the
+      resolved ``model`` of the JSON; ``draft_model`` the name the user gave) proposes k tokens
+      autoregressively, run by the same worker in its own KV cache over the target's block tables.
+    Acceptance keeps the target's distribution exactly (``flotilla.spec_decode.rejection``).
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    draft_model: str | None = None
+    draft_source: str | None = None
+    draft_source_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            return
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be 1 to 16, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if (self.method == "draft_model") != (self.draft_source is not None):
+            raise ValueError("a draft_model speculative config needs a draft model source, and only it has one")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+    @property
+    def k(self) -> int:
+        """Speculative tokens per step (0 when disabled)."""
+        return self.num_speculative_tokens if self.enabled else 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, validated together (the tensor-parallel size must fit the model:
@@ -241,6 +290,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.max_model_len != self.model.max_model_len:

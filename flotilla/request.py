@@ -63,7 +63,8 @@ class Request:
     (maintained by the KV cache manager). ``cache_salt`` separates tenants' prefix caches.
     ``priority`` (vLLM's: lower is served earlier, default 0) and ``arrival_seq`` (the order in which the
     scheduler received it, set by ``Scheduler.add_request``) give its place in the waiting queue:
-    ``queue_key = (priority, arrival_seq)``, smallest first.
+    ``queue_key = (priority, arrival_seq)``, smallest first. ``spec_token_ids``: draft tokens proposed for it
+    (speculative decoding), scheduled after its known tokens in its next step.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -83,6 +84,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[bytes] = []
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in its next step (speculative decoding)
 
     @property
     def queue_key(self) -> tuple[int, int]:

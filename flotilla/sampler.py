@@ -267,6 +267,18 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+        logits = self.process(logits, metadata, owned)  # (B, V)
+        sampled = self.sample(logits, metadata)  # (B,)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    @staticmethod
+    def process(logits: torch.Tensor, metadata: SamplingMetadata, owned: bool = False) -> torch.Tensor:
+        """The float32 logits (B, V) after the grammar bitmask, allowed_token_ids, bad_words, min_tokens,
+        logit_bias and penalties, before temperature and the top-k/top-p/min-p filters. The input is modified
+        in place only when ``owned`` (and may be returned as is when nothing applies to a greedy batch)."""
         read_only = metadata.all_greedy and metadata.no_penalties and metadata.min_tokens_rows is None \
             and metadata.grammar_rows is None and metadata.no_token_extras
         logits = logits.to(torch.float32, copy=not (read_only or owned))  # (B, V), ours to modify in place
@@ -278,11 +290,7 @@ class Sampler:
             logits.index_put_((metadata.logit_bias_rows, metadata.logit_bias_ids), metadata.logit_bias_values,
                               accumulate=True)
         apply_penalties(logits, metadata)
-        sampled = self.sample(logits, metadata)  # (B,)
-        logprobs = None
-        if raw_logprobs is not None:
-            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        return logits
 
     @staticmethod
     def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),                             # LLMEngine, AsyncLLM, LLM, the core process
     ("executor",),                           # uniproc / multiproc / ray executors
     ("worker",),                             # model runner and the per-rank worker process
+    ("spec_decode",),                        # speculative decoding: proposers, rejection sampling
     ("scheduler",),                          # token-budget scheduler (no torch)
     ("kv_cache",),                           # block pool, prefix cache (no torch)
     ("structured",),                         # grammar matchers -> token masks

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                             SchedulerConfig, StructuredOutputsConfig)
+                             SchedulerConfig, SpeculativeConfig, StructuredOutputsConfig)
 from flotilla.distributed.control import _ENDPOINTS, Endpoints
 from flotilla.distributed.parallel_state import _TENSOR_HEADERS, TensorHeader
 from flotilla.deploy.serve_wire import (GENERATE_REQUEST, GenerateRequest, decode_output, encode_output,
@@ -254,7 +254,10 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
             tensor_parallel_size=3, pipeline_parallel_size=2, executor_backend="ray", distributed_backend="gloo",
             pipeline_partition=(1, 1), ray_address="10.0.0.1:6379", collective_timeout_s=12.5))),
         device=DeviceConfig(**_with_bools_flipped(DeviceConfig, dict(device="cuda", num_threads=3))),
-        structured_outputs=StructuredOutputsConfig(backend="guidance"))))
+        structured_outputs=StructuredOutputsConfig(backend="guidance"),
+        speculative=SpeculativeConfig(method="draft_model", num_speculative_tokens=3, prompt_lookup_min=2,
+                                      prompt_lookup_max=3, draft_model="draft", draft_source=source,
+                                      draft_source_kind="hf_dir"))))
 
 
 def test_engine_config_with_every_field_set_roundtrips(config_dir):
@@ -301,7 +304,8 @@ def test_engine_args_with_every_field_set_roundtrip():
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7,
-                 structured_outputs_config={"backend": "guidance"}, runner="pooling")
+                 structured_outputs_config={"backend": "guidance"}, runner="pooling",
+                 speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     args = EngineArgs(**_with_bools_flipped(EngineArgs, given))
     assert _at_default_everywhere([args]) == [], "give these fields a non-default value in this test"
     assert ENGINE_ARGS.decode(ENGINE_ARGS.encode(args)) == args

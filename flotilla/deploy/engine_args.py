@@ -95,6 +95,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     par.add_argument("--ray-address", default=None, help="Ray cluster address for --executor ray")
     par.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
+                   help='speculative decoding (vLLM\'s): \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt lookup) or \'{"method": '
+                        '"draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 4}\'')
     so = p.add_argument_group("structured outputs")
     so.add_argument("--structured-outputs-config", type=json_object, default=None, metavar="JSON",
                     help='vLLM\'s structured-outputs config, e.g. \'{"backend": "auto"}\': backend auto (xgrammar, '
@@ -145,7 +149,8 @@ def engine_args_from(ns: argparse.Namespace):
                       pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
                       distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
                       batch_invariant=ns.batch_invariant, runner=ns.runner,
-                      structured_outputs_config=structured_outputs_config(ns))
+                      structured_outputs_config=structured_outputs_config(ns),
+                      speculative_config=getattr(ns, "speculative_config", None))
 
 
 def resolve_model_arg(ns: argparse.Namespace) -> None:

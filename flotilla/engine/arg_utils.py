@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from flotilla.config import (SCHEDULING_POLICIES, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig, DeviceConfig,
-                             EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, StructuredOutputsConfig)
+from flotilla.config import (SCHEDULING_POLICIES, SPECULATIVE_METHODS, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig,
+                             DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                             SpeculativeConfig, StructuredOutputsConfig)
 from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.models.loader import load_hf_config, resolve_model
@@ -39,6 +40,11 @@ class EngineArgs:
     ``scheduling_policy`` (vLLM's ``--scheduling-policy``): "fcfs" (the default: first come first served;
     requests with a positive priority, such as batch work, wait behind priority-0 ones but never preempt) or
     "priority" (requests served by their ``priority``, lower first; a better one preempts worse running ones).
+
+    ``speculative_config`` (vLLM's ``--speculative-config`` JSON): ``{"method": "ngram", "num_speculative_tokens":
+    k, "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model", "model": name,
+    "num_speculative_tokens": k}`` (``SpeculativeConfig``); other keys are refused. It runs on one rank
+    (tensor and pipeline parallel size 1); a draft model must have the target's vocabulary.
     """
 
     model: str | None = None
@@ -69,6 +75,8 @@ class EngineArgs:
     runner: str = "auto"  # auto | generate | pooling (vLLM's --runner)
     # vLLM's StructuredOutputsConfig as a dict: {"backend": "auto" | "xgrammar" | "guidance"} (None: auto)
     structured_outputs_config: dict[str, Any] | None = None
+    # vLLM's --speculative-config as a dict (None: no speculation); see SpeculativeConfig
+    speculative_config: dict[str, Any] | None = None
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
@@ -104,7 +112,57 @@ class EngineArgs:
         _check_pipeline(model, parallel)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads),
-                            structured_outputs=structured)
+                            structured_outputs=structured, speculative=self._speculative(model, parallel))
+
+    def _speculative(self, model: ModelConfig, parallel: ParallelConfig) -> SpeculativeConfig:
+        """``speculative_config`` checked (InvalidRequestError naming ``speculative_config``); prompt lookup
+        bounds default as in vLLM (both 5; one given sets the other)."""
+        if not self.speculative_config:
+            return SpeculativeConfig()
+        given = dict(self.speculative_config)
+
+        def fail(message: str):
+            return InvalidRequestError(f"speculative_config: {message}", "speculative_config")
+        method = given.pop("method", None)
+        if method not in SPECULATIVE_METHODS:
+            raise fail(f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+        allowed = {"num_speculative_tokens"} | ({"prompt_lookup_min", "prompt_lookup_max"} if method == "ngram"
+                                               else {"model"})
+        if set(given) - allowed:
+            raise fail(f"unsupported key(s) for method {method!r}: {', '.join(sorted(set(given) - allowed))} "
+                       f"(supported: method, {', '.join(sorted(allowed))})")
+        k = given.get("num_speculative_tokens")
+        lo, hi = given.get("prompt_lookup_min"), given.get("prompt_lookup_max")
+        for name, value in (("num_speculative_tokens", k), ("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise fail(f"{name} must be an integer, got {value!r}")
+        if k is None:
+            raise fail("num_speculative_tokens is required")
+        lo, hi = (lo or hi or 5), (hi or lo or 5)
+        if parallel.world_size > 1:
+            raise fail("speculative decoding runs on one rank; use tensor_parallel_size=1 and "
+                       "pipeline_parallel_size=1")
+        draft = {}
+        if method == "draft_model":
+            draft = self._draft_model(given.get("model"), model, fail)
+        try:
+            return SpeculativeConfig(method=method, num_speculative_tokens=k, prompt_lookup_min=lo,
+                                     prompt_lookup_max=hi, **draft)
+        except ValueError as e:
+            raise fail(str(e)) from None
+
+    @staticmethod
+    def _draft_model(name, target: ModelConfig, fail) -> dict:
+        """The draft model's resolved source, checked to share the target's vocabulary."""
+        if not isinstance(name, str) or not name:
+            raise fail("method 'draft_model' needs a 'model' (alias, directory or .gguf file)")
+        resolved = resolve_model(name)
+        hf_config = load_hf_config(resolved)
+        vocab = int(getattr(hf_config, "vocab_size", 0))
+        if vocab != target.vocab_size:
+            raise fail(f"the draft model {name!r} has a vocabulary of {vocab} tokens, the target "
+                       f"{target.name!r} {target.vocab_size}: they must share one tokenizer")
+        return {"draft_model": name, "draft_source": resolved.source, "draft_source_kind": resolved.kind}
 
     def _structured_outputs(self) -> StructuredOutputsConfig:
         """``structured_outputs_config`` checked: only ``backend`` (vLLM's other keys are refused, not ignored)."""

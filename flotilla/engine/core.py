@@ -85,7 +85,7 @@ class EngineCore:
                 f"kv_cache_memory / num_kv_blocks or lower max_model_len")
         self.executor.initialize_cache(num_blocks)
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.speculative)
         # Steps in flight (pipeline parallelism): (scheduler output, handle), oldest first.
         self.batch_queue: collections.deque = collections.deque()
         self.max_batches = self.executor.max_concurrent_batches

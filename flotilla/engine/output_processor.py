@@ -149,20 +149,36 @@ class OutputProcessor:
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = self._prompt_logprobs(out.prompt_logprobs)
-        child.token_ids.extend(out.new_token_ids)
+        tokens, logprobs, stop = self._detokenize(child, out)
+        child.token_ids.extend(tokens)
         if child.logprobs is not None:
-            for ids, lps, ranks in out.new_logprobs:
+            for ids, lps, ranks in logprobs:
                 child.cumulative_logprob += lps[0]
                 child.logprobs.append({t: Logprob(lp, r, self.tokenizer.decode_token(t))
                                        for t, lp, r in zip(ids, lps, ranks)})
-        # A stop token id / EOS that ended the request is kept in token_ids but not in the text (as vLLM).
-        stop = child.detokenizer.update(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
         if stop is not None:
             child.finish_reason, child.stop_reason = "stop", stop
             return out.finish_reason is None
         if out.finish_reason is not None:
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
         return False
+
+    @staticmethod
+    def _detokenize(child: ChildState, out: EngineCoreOutput):
+        """Feed a step's tokens to the child's detokenizer: (tokens kept, their logprobs, the stop string that
+        ended the text or None). Several tokens in one step (speculative decoding) with stop strings go one at a
+        time, and the tokens after the one that completes a stop string are dropped, so the output is the one
+        of a step per token. A stop token id / EOS that ended the request is kept in token_ids but not in the
+        text (as vLLM)."""
+        tokens, logprobs = out.new_token_ids, out.new_logprobs
+        stop_terminated = out.finish_reason == "stop"
+        if len(tokens) <= 1 or not child.detokenizer.stop:
+            return tokens, logprobs, child.detokenizer.update(tokens, stop_terminated=stop_terminated)
+        for n in range(1, len(tokens) + 1):
+            stop = child.detokenizer.update(tokens[n - 1:n], stop_terminated=stop_terminated and n == len(tokens))
+            if stop is not None:
+                return tokens[:n], logprobs[:n], stop
+        return tokens, logprobs, None
 
     def _make_output(self, state: RequestState) -> RequestOutput | None:
         kind = state.output_kind

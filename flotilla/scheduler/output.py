@@ -55,6 +55,8 @@ class SchedulerOutput(WireStruct):
 
     ``finished_req_ids``: requests finished/aborted/preempted since the last step whose worker state can be
     dropped (preempted requests come back as new requests, and are also listed in ``preempted_req_ids``).
+    ``scheduled_spec_decode_tokens[req_id]`` (speculative decoding, vLLM's name): the draft tokens computed
+    after the request's known tokens this step; they are the last ``len(...)`` of its scheduled tokens.
     """
 
     scheduled_new_reqs: list[NewRequestData] = msgspec.field(default_factory=list)
@@ -63,6 +65,7 @@ class SchedulerOutput(WireStruct):
     total_num_scheduled_tokens: int = 0
     finished_req_ids: set[str] = msgspec.field(default_factory=set)
     preempted_req_ids: set[str] = msgspec.field(default_factory=set)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
@@ -76,11 +79,18 @@ class ModelRunnerOutput(WireStruct):
     ``logprobs[req_id]`` (when the request asked for them) is the sampled position's ``PositionLogprobs``.
     ``prompt_logprobs[req_id]`` (when the request asked for them) is set in the step its prompt completes:
     one ``PositionLogprobs`` per prompt token after the first (index 0 is that prompt token, then the top-K).
+    Speculative decoding: ``accepted_draft_token_ids[req_id]`` are the scheduled draft tokens the target
+    accepted (a prefix of them; they precede ``sampled_token_ids[req_id]`` in the output; absent: none), with
+    their logprobs in ``accepted_draft_logprobs[req_id]``; ``draft_token_ids[req_id]`` are the drafts proposed
+    for the request's next step (after the accepted and sampled tokens).
     """
 
     sampled_token_ids: dict[str, int] = msgspec.field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = msgspec.field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = msgspec.field(default_factory=dict)
+    accepted_draft_token_ids: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    accepted_draft_logprobs: dict[str, list[PositionLogprobs]] = msgspec.field(default_factory=dict)
+    draft_token_ids: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
 
 class EngineCoreOutput(WireStruct):

@@ -12,7 +12,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from flotilla.config import CacheConfig, SchedulerConfig
+from flotilla.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from flotilla.errors import InvalidRequestError
 from flotilla.kv_cache.kv_cache_manager import KVCacheManager
 from flotilla.request import Request, RequestStatus, check_priority
@@ -30,7 +30,10 @@ class SchedulerStats:
     """A snapshot for metrics. Prefix-cache counters (tokens), preemptions and the step histogram are
     cumulative. ``iteration_tokens``: how many steps scheduled a number of tokens in each bucket of
     ``ITERATION_TOKENS_BUCKETS`` (``<=`` its bound, above the previous one; one more entry for larger steps;
-    empty before the first step); ``iteration_tokens_sum``: the tokens of all those steps."""
+    empty before the first step); ``iteration_tokens_sum``: the tokens of all those steps.
+    Speculative decoding (cumulative, vLLM's ``spec_decode_*`` counters): ``spec_num_drafts`` request-steps
+    that verified drafts, ``spec_num_draft_tokens`` draft tokens verified, ``spec_num_accepted_tokens`` of them
+    accepted, ``spec_accepted_per_pos[j]`` drafts accepted at position j (empty without speculation)."""
 
     num_running: int
     num_waiting: int
@@ -40,6 +43,10 @@ class SchedulerStats:
     num_preemptions: int
     iteration_tokens: tuple[int, ...] = ()
     iteration_tokens_sum: int = 0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 def add_step_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -57,6 +64,7 @@ class _Step:
     max_reqs: int
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec: dict[str, list[int]] = field(default_factory=dict)  # the draft tokens scheduled per request
     preempted: set[str] = field(default_factory=set)
     out_of_blocks: bool = False  # a running request had to preempt others to grow: admit no waiting request
 
@@ -111,9 +119,19 @@ class Scheduler:
       ``finish_requests`` aborts/stops requests at any time. Requests gone in between are skipped.
     - Sequences are capped at ``min(max_model_len, num_blocks * block_size)`` tokens, so a lone request
       always fits in the cache and the scheduler never spins on a request that cannot fit.
+    - Speculative decoding (``speculative``): the draft tokens the workers proposed for a request
+      (``ModelRunnerOutput.draft_token_ids``, kept in ``Request.spec_token_ids``, capped so that neither
+      ``max_tokens`` nor the sequence cap can be passed) are scheduled tokens: a decode is granted 1 + k
+      tokens (fewer drafts when the budget is short; the drafts are listed in ``scheduled_spec_decode_tokens``)
+      and ``num_computed_tokens`` advances over them. ``update_from_output`` rolls ``num_computed_tokens``
+      back over the rejected drafts (their KV slots are overwritten later; blocks are registered in the
+      prefix cache only up to the known tokens) and appends the accepted drafts and the sampled token, one by
+      one, stopping at the first stop condition. With a draft model every allocation also reserves k
+      lookahead slots, where the drafter writes its KV.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 speculative: SpeculativeConfig | None = None):
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
@@ -133,6 +151,9 @@ class Scheduler:
         self._step_tokens = 0
         self._finished_req_ids: set[str] = set()
         self._num_tokens_sent: dict[str, int] = {}  # how many of a request's tokens the workers hold
+        self._lookahead = speculative.k if speculative is not None and speculative.method == "draft_model" else 0
+        self._spec_counts = [0, 0, 0]  # drafts (request-steps), draft tokens, accepted tokens
+        self._spec_per_pos = [0] * (speculative.k if speculative is not None else 0)
 
     # ----------------------------------------------------------------- requests in and out
     def add_request(self, request: Request) -> None:
@@ -190,7 +211,7 @@ class Scheduler:
         else:
             self._schedule_running(step)
             self._schedule_waiting(step)
-        out = SchedulerOutput(preempted_req_ids=step.preempted)
+        out = SchedulerOutput(preempted_req_ids=step.preempted, scheduled_spec_decode_tokens=step.spec)
         for request, num_tokens in step.scheduled:
             req_id = request.request_id
             if req_id not in self._num_tokens_sent:
@@ -223,20 +244,30 @@ class Scheduler:
         """Grant ``running[i]`` its next tokens; the index of the next running request, or None when it had to
         preempt itself (nothing is left to take blocks from)."""
         request = self.running[i]
-        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        num_known = request.num_tokens - request.num_computed_tokens
+        drafts = request.spec_token_ids
+        num_new = min(num_known + len(drafts), step.budget)
         if num_new <= 0:  # nothing to compute until its sampled token arrives
             return i + 1
         block_ids = self._allocate_or_preempt(request, num_new, step)
         if block_ids is None:
             return None
         step.add(request, num_new, block_ids)
+        if num_new > num_known:
+            step.spec[request.request_id] = drafts[:num_new - num_known]
+        request.spec_token_ids = []
         return i + 1
+
+    def _with_lookahead(self, num_computed: int, num_new: int) -> int:
+        """``num_new`` plus the draft model's lookahead slots (within the sequence cap)."""
+        return num_new + max(0, min(self._lookahead, self.max_model_len - num_computed - num_new))
 
     def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
         """Allocate, preempting the last running request (never one scheduled this step: those precede
         ``request`` in the running list) until it fits. None if ``request`` itself had to go."""
         while True:
-            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            block_ids = self.kv_cache_manager.allocate_slots(
+                request, self._with_lookahead(request.num_computed_tokens, num_new))
             if block_ids is not None:
                 return block_ids
             victim = self.running.pop()
@@ -250,6 +281,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._num_tokens_sent.pop(request.request_id, None)
@@ -303,7 +335,7 @@ class Scheduler:
         if not self._chunked and num_new > step.budget:
             return _NO_BUDGET
         num_new = min(num_new, step.budget)
-        block_ids = self.kv_cache_manager.allocate_slots(request, num_new, hits)
+        block_ids = self.kv_cache_manager.allocate_slots(request, self._with_lookahead(num_hit_tokens, num_new), hits)
         if block_ids is None:
             return _NO_ROOM
         self.waiting.pop()
@@ -329,35 +361,72 @@ class Scheduler:
     # ----------------------------------------------------------------- results
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Append sampled tokens, apply stop conditions, free finished requests; one output per request that
-        got a token. Requests finished, aborted or preempted since ``schedule()`` are skipped."""
+        """Append sampled tokens (accepted drafts first), apply stop conditions, free finished requests; one
+        output per request that got a token. Requests finished, aborted or preempted since ``schedule()`` are
+        skipped."""
         outputs: list[EngineCoreOutput] = []
         any_finished = False
+        mro = model_runner_output
         for req_id in scheduler_output.num_scheduled_tokens:
-            token_id = model_runner_output.sampled_token_ids.get(req_id)
+            token_id = mro.sampled_token_ids.get(req_id)
             request = self.requests.get(req_id)
-            if (token_id is None or request is None or request.status != RequestStatus.RUNNING
-                    or request.num_computed_tokens != request.num_tokens):
+            if token_id is None or request is None or request.status != RequestStatus.RUNNING:
                 continue
-            logprobs = model_runner_output.logprobs.get(req_id)
+            drafts = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
+            accepted = mro.accepted_draft_token_ids.get(req_id, []) if drafts else []
+            if drafts:
+                request.num_computed_tokens -= len(drafts) - len(accepted)  # the rejected drafts' KV is void
+                self._count_spec(len(drafts), len(accepted))
+            if request.num_computed_tokens != request.num_tokens + len(accepted):
+                continue
+            logprobs = mro.logprobs.get(req_id)
             if request.sampling_params.max_tokens == 0:  # prompt only: the sampled token is dropped
                 request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-                new_token_ids, logprobs = [], None
+                new_token_ids, new_logprobs = [], []
             else:
-                request.append_output_token(token_id)
-                self._check_stop(request)
-                new_token_ids = [token_id]
+                new_token_ids = self._append_tokens(request, [*accepted, token_id])
+                new_logprobs = [] if logprobs is None else \
+                    [*mro.accepted_draft_logprobs.get(req_id, []), logprobs][:len(new_token_ids)]
             outputs.append(EngineCoreOutput(
-                req_id=req_id, new_token_ids=new_token_ids, new_logprobs=[logprobs] if logprobs is not None else [],
+                req_id=req_id, new_token_ids=new_token_ids, new_logprobs=new_logprobs,
                 finish_reason=request.get_finish_reason(), stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
-                prompt_logprobs=model_runner_output.prompt_logprobs.get(req_id)))
+                prompt_logprobs=mro.prompt_logprobs.get(req_id)))
             if request.is_finished():
                 self._release(request)
                 any_finished = True
+            else:
+                request.spec_token_ids = self._capped_drafts(request, mro.draft_token_ids.get(req_id))
         if any_finished:
             self._drop_finished_from_queues()
         return outputs
+
+    def _append_tokens(self, request: Request, token_ids: list[int]) -> list[int]:
+        """Append tokens one by one up to the first that finishes the request; the tokens appended."""
+        for n, token_id in enumerate(token_ids, 1):
+            request.append_output_token(token_id)
+            self._check_stop(request)
+            if request.is_finished():
+                return token_ids[:n]
+        return token_ids
+
+    def _capped_drafts(self, request: Request, drafts: list[int] | None) -> list[int]:
+        """The drafts a request may verify next step: at most as many as leave room for the sampled token
+        within ``max_tokens`` and the sequence cap (a verify step emits up to len(drafts) + 1 tokens)."""
+        if not drafts:
+            return []
+        room = self.max_model_len - request.num_tokens - 1
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        return list(drafts[:max(room, 0)])
+
+    def _count_spec(self, num_drafts: int, num_accepted: int) -> None:
+        self._spec_counts[0] += 1
+        self._spec_counts[1] += num_drafts
+        self._spec_counts[2] += num_accepted
+        for pos in range(min(num_accepted, len(self._spec_per_pos))):
+            self._spec_per_pos[pos] += 1
 
     def _check_stop(self, request: Request) -> None:
         params = request.sampling_params
@@ -396,4 +465,7 @@ class Scheduler:
         return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
                               kv_cache_usage=self.kv_cache_manager.usage, prefix_cache_queries=stats.queries,
                               prefix_cache_hits=stats.hits, num_preemptions=self.num_preemptions,
-                              iteration_tokens=tuple(self._step_counts), iteration_tokens_sum=self._step_tokens)
+                              iteration_tokens=tuple(self._step_counts), iteration_tokens_sum=self._step_tokens,
+                              spec_num_drafts=self._spec_counts[0], spec_num_draft_tokens=self._spec_counts[1],
+                              spec_num_accepted_tokens=self._spec_counts[2],
+                              spec_accepted_per_pos=tuple(self._spec_per_pos))

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flotilla.config import SpeculativeConfig
 from flotilla.distributed.parallel_state import get_pp_group, get_tp_group
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
 from flotilla.layers.pipeline import IntermediateTensors
 from flotilla.sampler import Sampler, SamplingMetadata
 from flotilla.sampling_params import SamplingParams
 from flotilla.scheduler.output import ModelRunnerOutput, PositionLogprobs, SchedulerOutput
+from flotilla.spec_decode.rejection import expand_rows, verify
 from flotilla.structured.decoding import StructuredDecoding
 from flotilla.worker.prompt_logprobs import PromptLogprobsJob, compute_prompt_logprobs
 
@@ -46,7 +48,8 @@ class StepInputs:
     positions: torch.Tensor  # (T,)
     common: CommonAttentionMetadata
     sample_req_ids: list[str]  # requests that reach their last known token this step
-    sample_rows: torch.Tensor  # (B,) row of each sampling request's last token in the flat batch
+    sample_rows: torch.Tensor  # (R,) rows to sample from: per sampling request its last known token, then drafts
+    sample_drafts: list[list[int]]  # per sampling request, the draft tokens verified this step (R = B + drafts)
     prompt_logprobs: PromptLogprobsJob  # rows whose next token is a prompt token of a request that wants them
 
 
@@ -61,10 +64,17 @@ class ModelRunner:
     Structured output: on the sampling rank (TP rank 0 of the last stage) ``structured`` holds a grammar
     matcher per constrained request; the next-token bitmasks are filled on its thread while the model's
     forward pass runs, applied in the sampler, and the sampled tokens accepted into the matchers.
+    Speculative decoding (``speculative`` enabled): a request's draft tokens
+    (``SchedulerOutput.scheduled_spec_decode_tokens``) are computed after its known tokens in the same forward
+    pass; its last known token and every draft position are sampled rows, verified by
+    ``flotilla.spec_decode.rejection.verify`` (every step goes through it, drafts or not, so a seeded request's
+    stream does not depend on its neighbours); the accepted drafts and the sampled token go back, with the
+    ``proposer``'s drafts for the next step (none for a request with structured output).
     """
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches: list[torch.Tensor],
-                 block_size: int, device: torch.device, structured: StructuredDecoding | None = None):
+                 block_size: int, device: torch.device, structured: StructuredDecoding | None = None,
+                 speculative: SpeculativeConfig | None = None, proposer=None):
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
@@ -73,6 +83,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.structured = structured
+        self.speculative = speculative if speculative is not None and speculative.enabled else None
+        self.proposer = proposer  # spec_decode proposer: propose(runner, req_ids, emitted) -> drafts per request
         # Generators outlive preemption (the request comes back as "new") so seeded output stays reproducible.
         self._generators: dict[str, torch.Generator] = {}
 
@@ -85,6 +97,8 @@ class ModelRunner:
             if self.structured is not None:
                 self.structured.remove(req_id)  # a preempted request's matcher is rebuilt when it resumes
         samples_here = self.is_sampling_rank()
+        if self.proposer is not None:
+            self.proposer.on_step(so)
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.all_token_ids), len(new.prompt_token_ids), new.sampling_params,
@@ -132,9 +146,11 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         query_lens = np.array([counts[r] for r in req_ids], dtype=np.int64)  # (R,)
         context_lens = np.array([s.num_computed_tokens for s in states], dtype=np.int64)  # (R,)
+        spec = so.scheduled_spec_decode_tokens
         tokens: list[int] = []
         for s, start, n in zip(states, context_lens.tolist(), query_lens.tolist()):
-            tokens.extend(s.token_ids[start:start + n])
+            tokens.extend(s.token_ids[start:start + n])  # the known tokens (all n unless drafts follow)
+            tokens.extend(spec.get(s.req_id, ()))
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((len(states), max_blocks), dtype=np.int64)  # (R, max_blocks)
         for i, s in enumerate(states):
@@ -146,6 +162,8 @@ class ModelRunner:
         slots = block_table[req_of_token, positions // self.block_size] * self.block_size \
             + positions % self.block_size  # (T,)
         samples = [i for i, s in enumerate(states) if context_lens[i] + query_lens[i] >= len(s.token_ids)]
+        drafts = [list(spec.get(req_ids[i], ())) for i in samples]
+        rows = [r for i, d in zip(samples, drafts) for r in range(int(ends[i]) - 1 - len(d), int(ends[i]))]
         num_decodes = int(np.count_nonzero(query_lens == 1))
         prompt_job = PromptLogprobsJob()
         for s, first_row, start, n in zip(states, (ends - query_lens).tolist(), context_lens.tolist(),
@@ -163,7 +181,8 @@ class ModelRunner:
             req_ids=req_ids, input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device),
             positions=torch.from_numpy(positions).to(self.device), common=common,
             sample_req_ids=[req_ids[i] for i in samples],
-            sample_rows=torch.from_numpy(ends[samples] - 1).to(self.device), prompt_logprobs=prompt_job)
+            sample_rows=torch.tensor(rows, dtype=torch.long, device=self.device), sample_drafts=drafts,
+            prompt_logprobs=prompt_job)
 
     # ---- step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -192,10 +211,13 @@ class ModelRunner:
                 self.requests[req_id].prompt_logprobs.extend(entries)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (B, vocab); every TP rank joins
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (R, vocab); every TP rank joins
         if not samples_here:
             return ModelRunnerOutput()
-        return self._sample(inputs.sample_req_ids, logits, self.structured.collect(masks) if masks else None)
+        masks = self.structured.collect(masks) if masks else None
+        if self.speculative is not None:
+            return self._verify(inputs.sample_req_ids, inputs.sample_drafts, logits, masks)
+        return self._sample(inputs.sample_req_ids, logits, masks)
 
     def _sample(self, req_ids: list[str], logits: torch.Tensor,
                 masks: tuple[list[int], torch.Tensor] | None = None) -> ModelRunnerOutput:
@@ -219,7 +241,45 @@ class ModelRunner:
                 n = s.sampling_params.logprobs
                 if n is not None:
                     out.logprobs[s.req_id] = (ids[i][:1 + n], lps[i][:1 + n], ranks[i][:1 + n])
+        self._send_prompt_logprobs(states, out)
+        return out
+
+    @staticmethod
+    def _send_prompt_logprobs(states: list[CachedRequestState], out: ModelRunnerOutput) -> None:
         for s in states:
             if s.prompt_logprobs is not None:  # the prompt is complete: send them once
                 out.prompt_logprobs[s.req_id], s.prompt_logprobs = s.prompt_logprobs, None
+
+    def _verify(self, req_ids: list[str], drafts: list[list[int]], logits: torch.Tensor,
+                masks: tuple[list[int], torch.Tensor] | None) -> ModelRunnerOutput:
+        """Speculative decoding's sampling: logits (R, V) of every sampled row (request i: 1 + len(drafts[i])
+        rows) -> accepted drafts, one sampled token each, and the next drafts."""
+        states = [self.requests[r] for r in req_ids]
+        params = [s.sampling_params for s in states]
+        row_params, row_prompts, row_outputs = expand_rows(
+            params, [s.token_ids[:s.num_prompt_tokens] for s in states],
+            [s.token_ids[s.num_prompt_tokens:] for s in states], drafts)
+        md = SamplingMetadata.build(row_params, [None] * len(row_params), row_prompts, row_outputs, self.device)
+        first_row = np.cumsum([0] + [len(d) + 1 for d in drafts]).tolist()
+        if masks is not None:  # constrained requests have no drafts: one row each
+            md.grammar_rows = torch.tensor([first_row[i] for i in masks[0]], dtype=torch.long, device=self.device)
+            md.grammar_bitmask = masks[1]
+        draft_probs = [self.proposer.probs_for(s.req_id, d) if d and self.proposer is not None else None
+                       for s, d in zip(states, drafts)]
+        result = verify(logits.float(), md, params, drafts, draft_probs, [s.generator for s in states])
+        if masks is not None:
+            for i in masks[0]:
+                self.structured.accept(req_ids[i], result.token_ids[i][0])
+        out = ModelRunnerOutput()
+        for s, emitted, lps in zip(states, result.token_ids, result.logprobs):
+            out.sampled_token_ids[s.req_id] = emitted[-1]
+            if len(emitted) > 1:
+                out.accepted_draft_token_ids[s.req_id] = emitted[:-1]
+            if lps is not None:
+                out.logprobs[s.req_id] = lps[-1]
+                if len(lps) > 1:
+                    out.accepted_draft_logprobs[s.req_id] = lps[:-1]
+        self._send_prompt_logprobs(states, out)
+        if self.proposer is not None:
+            out.draft_token_ids = self.proposer.propose(self, states, result.token_ids)
         return out

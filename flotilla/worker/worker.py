@@ -103,7 +103,11 @@ class Worker:
         mc, cc = self.config.model, self.config.cache
         kv_heads = max(1, mc.num_kv_heads // self.config.parallel.tensor_parallel_size)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self._num_local_layers() * cc.block_size * kv_heads * mc.head_dim * elem
+        target = 2 * self._num_local_layers() * cc.block_size * kv_heads * mc.head_dim * elem
+        if self.config.speculative.method != "draft_model":
+            return target
+        from flotilla.spec_decode.draft_model import draft_hf_config, kv_bytes_per_block
+        return target + kv_bytes_per_block(draft_hf_config(self.config.speculative), cc.block_size, self.dtype)
 
     def determine_num_blocks(self) -> int:
         cc = self.config.cache
@@ -125,9 +129,21 @@ class Worker:
         if ModelRunner.is_sampling_rank():
             grammars.prewarm()  # a tokenizer not cached on disk yet is cached now, not at the first request
         self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device,
-                                  StructuredDecoding(grammars, mc.vocab_size))
+                                  StructuredDecoding(grammars, mc.vocab_size), self.config.speculative,
+                                  self._make_proposer(num_blocks))
         logger.info("rank %d KV cache: %d blocks of %d tokens (%.2f GiB)", self.rank, num_blocks,
                     cc.block_size, num_blocks * self.kv_bytes_per_block() / GiB)
+
+    def _make_proposer(self, num_blocks: int):
+        """The speculative decoding proposer of ``config.speculative`` (None when speculation is off)."""
+        spec = self.config.speculative
+        if spec.method == "ngram":
+            from flotilla.spec_decode.ngram import NgramProposer
+            return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if spec.method == "draft_model":
+            from flotilla.spec_decode.draft_model import DraftModelProposer
+            return DraftModelProposer.load(spec, self.config, self.backend, num_blocks, self.device, self.dtype)
+        return None
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)

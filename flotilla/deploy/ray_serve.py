@@ -306,8 +306,14 @@ def model_deployment_options(spec, routing: str = "prefix_aware", seed: int | No
         request_router_kwargs={"policy": routing, "seed": seed, "max_num_seqs": args.max_num_seqs,
                                "policy_kwargs": policy_kwargs},
         request_routing_stats_period_s=_ray_setting(spec, "routing_stats_period_s", DEFAULT_ROUTING_STATS_PERIOD_S))
+    return dict(_common_options(spec, args, max_ongoing), request_router_config=router)
+
+
+def _common_options(spec, args, max_ongoing: int) -> dict:
+    """``Deployment.options`` both kinds of model deployment share: name, actor resources, ``max_ongoing_requests``,
+    health checks, the graceful shutdown timeout, and replicas or autoscaling."""
     options = dict(name=spec.name, ray_actor_options=replica_resources(args, spec),
-                   max_ongoing_requests=max_ongoing, request_router_config=router,
+                   max_ongoing_requests=max_ongoing,
                    health_check_period_s=_ray_setting(spec, "health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S),
                    health_check_timeout_s=_ray_setting(spec, "health_check_timeout_s",
                                                        DEFAULT_HEALTH_CHECK_TIMEOUT_S))
@@ -336,20 +342,7 @@ def embedding_deployment_options(spec) -> dict:
         logger.warning("model %s: ray settings %s apply to generative models only; an embedding model's "
                        "deployment does not use them", spec.name, unused)
     args = spec.engine_args()
-    options = dict(name=spec.name, ray_actor_options=replica_resources(args, spec),
-                   max_ongoing_requests=_ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs)),
-                   health_check_period_s=_ray_setting(spec, "health_check_period_s", DEFAULT_HEALTH_CHECK_PERIOD_S),
-                   health_check_timeout_s=_ray_setting(spec, "health_check_timeout_s",
-                                                       DEFAULT_HEALTH_CHECK_TIMEOUT_S))
-    grace = _ray_setting(spec, "graceful_shutdown_timeout_s")
-    if grace is not None:
-        options["graceful_shutdown_timeout_s"] = grace
-    auto = autoscaling_config(spec)
-    if auto is not None:
-        options["autoscaling_config"] = auto
-    else:
-        options["num_replicas"] = spec.replicas
-    return options
+    return _common_options(spec, args, _ray_setting(spec, "max_ongoing_requests", max(16, 2 * args.max_num_seqs)))
 
 
 def embedding_models(config) -> list[str]:

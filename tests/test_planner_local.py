@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from flotilla.planner import measure
@@ -62,9 +64,11 @@ def test_probe_runs_a_plan_for_real_and_refits(tiny, local):
     assert fitted.fitted_from == 1
 
     def error(calibration):
+        """The fit's objective on this run: squared log errors of throughput and median TPOT."""
         p = predict(report.model, hw, report.workload, report.slo, calibration, best)
-        return abs(p.output_throughput / run.measured.output_throughput - 1)
-    assert error(fitted) <= error(report.calibration) + 1e-9
+        return (math.log(p.output_throughput / run.measured.output_throughput) ** 2
+                + math.log(p.tpot_p50 / run.measured.tpot_p50) ** 2)
+    assert error(fitted) <= error(report.calibration), (run.measured, fitted)  # never worse than the start
 
 
 def test_serve_resolves_parallel_auto_on_this_machine(local, tiny_llama, tmp_path):

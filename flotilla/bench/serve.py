@@ -72,14 +72,21 @@ async def send_one(client: httpx.AsyncClient, cfg: ServeBenchConfig, req: BenchR
     return result
 
 
-async def run_benchmark(cfg: ServeBenchConfig, requests: list[BenchRequest], warmup: bool = True):
-    """Returns (metrics, per-request results). Duration: first dispatch -> last request done."""
+async def run_benchmark(cfg: ServeBenchConfig, requests: list[BenchRequest], warmup: bool = True,
+                        warmup_concurrency: int = 1):
+    """Returns (metrics, per-request results). Duration: first dispatch -> last request done.
+
+    ``warmup``: first send ``warmup_concurrency`` short requests (the first prompt, 4 tokens) at once and wait
+    for them, so the batch shapes of the measured load have run once (a first forward of a new batch size
+    costs several steady-state steps on CPU)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
         if warmup and requests:
-            w = await send_one(client, cfg, BenchRequest(requests[0].prompt, requests[0].prompt_len, 4))
-            if not w.success:
-                raise RuntimeError(f"warm-up request failed: {w.error}")
+            warm = BenchRequest(requests[0].prompt, requests[0].prompt_len, 4)
+            done = await asyncio.gather(*(send_one(client, cfg, warm) for _ in range(max(1, warmup_concurrency))))
+            failed = [w for w in done if not w.success]
+            if failed:
+                raise RuntimeError(f"warm-up request failed: {failed[0].error}")
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
 
         async def limited(req):

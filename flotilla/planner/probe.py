@@ -3,7 +3,8 @@
 Each plan is written as a deployment file (``flotilla.planner.emit``) and served by ``flotilla serve
 --config`` in a child process (its own process group, stopped with SIGTERM and, after a grace period,
 SIGKILL); the workload's requests are replayed through ``flotilla bench serve``'s client (streaming
-completions, ignore_eos, the same concurrency or rate as simulated, one warm-up request first) and scored
+completions, ignore_eos, the same concurrency or rate as simulated, after warm-up requests at the load's
+concurrency) and scored
 with the planner's own metrics. ``refit_from_probes`` then fits the calibration to the measured runs and
 stores it for this machine.
 """
@@ -81,7 +82,9 @@ def run_plan(report: PlanReport, evaluated: Evaluated, log: Callable[[str], None
                                    max_concurrency=conc * plan.replicas if conc is not None else None,
                                    request_rate=rate * plan.replicas if rate is not None else math.inf,
                                    ignore_eos=True, seed=workload.seed)
-            metrics, results = asyncio.run(run_benchmark(cfg, requests))
+            # warm up at the batch size the load reaches, so first-shape costs stay out of the measurement
+            warm = min(n, conc * plan.replicas if conc is not None else plan.max_num_seqs * plan.replicas)
+            metrics, results = asyncio.run(run_benchmark(cfg, requests, warmup_concurrency=warm))
         finally:
             _stop(proc)
     if metrics.failed:

@@ -1,18 +1,23 @@
 // y = x @ W^T with W in flotilla's packed quantized layout (quant.h): llama.cpp's scheme, activations
-// quantized per block of 32 to int8 and multiplied with the weight's integer values exactly.
+// quantized per block of 32 to int8 and multiplied with the weight's integer values exactly, with one more
+// int8 row per activation row for the rounding's residual (two-level activations, below).
 //
 //   quant_matmul(out (M, N), x (M, K), packed, type, N): out and x float32, bfloat16 or float16 (the same),
 //   each with contiguous rows (out may be a column slice of a wider tensor).
 //
-// Activation row m, block j (32 values x): d = max|x| / 127, q = round(x / d) (to nearest even) in int8,
-// sum = sum(q) (and the sum of the first 16), s = d * sum. For each weight row and block, the integer dot
-// product P = sum(u * q) of the weight's unsigned values u is exact (int32), and the block adds
+// Activation row m, block j (32 values x) is rounded twice: d = max|x| / 127, q = round(x / d) (to nearest
+// even) in int8; then the same for the float32 residual x - q * d (d' <= d / 254). Each of the two int8 rows
+// gets sum = sum(q) (and the sum of the first 16), s = d * sum, and is multiplied like one activation row:
+// for each weight row and block, the integer dot product P = sum(u * q) of the weight's unsigned values u is
+// exact (int32), and the block adds
 //   c = (s_w * d) * float(P - o * sum)  [+ mb * s for types with a min; Q6_K: its two 16-value halves]
-// to the row's float32 accumulator, blocks in order: every ISA path below (scalar, AVX2 `vpmaddubsw`,
-// AVX-512 VNNI `vpdpbusd`, chosen at run time by flotilla::isa) performs exactly these float32 operations
-// in this order, so all paths give bit-identical results (tests/test_quant_kernels.py checks it). Against
-// x @ dequantize(W)^T the only error is the activations' rounding: |error| <= sum over blocks of
-// (d / 2) * sum|w| (plus float32 accumulation).
+// to the row's float32 accumulator, blocks in order; out[m] = y(hi row) + y(residual row). Every ISA path
+// below (scalar, AVX2 `vpmaddubsw`, AVX-512 VNNI `vpdpbusd`, chosen at run time by flotilla::isa) performs
+// exactly these float32 operations in this order, so all paths give bit-identical results
+// (tests/test_quant_kernels.py checks it). Against x @ dequantize(W)^T the only error is the residual's
+// rounding: |error| <= sum over blocks of (d' / 2) * sum|w| (plus float32 accumulation). One rounding alone
+// (llama.cpp's q8 activations, error up to (d / 2) * sum|w|) moved SmolLM2's logits by ~0.05 where the
+// float model's first chat token leads by 0.08, and changed its answers.
 //
 // Rows are processed in the packed groups of 16 (one vector of 16 int32 lanes per 4-byte slice), in
 // parallel over groups; activation rows go 4 (AVX-512) or 2 (AVX2) at a time through each weight block, so
@@ -47,22 +52,35 @@ struct MatArgs {
 using GroupFn = void (*)(const MatArgs&, int64_t, int64_t);
 
 // ---- Activations -----------------------------------------------------------------------------------------
+// One block of 32 float32 values -> int8 q = round(x / d), d = max|x| / 127 (to nearest even), and its ActBlock.
+inline ActBlock quantize_block(const float* xb, int8_t* q) {
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::abs(xb[i]));
+  const float d = amax / 127.f;
+  const float id = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t sum = 0, sum_lo = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * id));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+    if (i < 16) sum_lo += v;
+  }
+  return ActBlock{d, d * static_cast<float>(sum), sum, sum_lo};
+}
+
+// Activation row x (K) -> two int8 rows: hi = the block rounding of x, lo = the block rounding of the
+// residual x - q_hi * d_hi (float32). x ~ q_hi * d_hi + q_lo * d_lo with |error| <= d_lo / 2 <= d_hi / 508 per
+// value: ~15 bits per block instead of 8, because one int8 rounding per block flips near-tied greedy tokens
+// (SmolLM2's chat answers; the residual row costs integer work only, the weight is read once for both rows).
 template <typename T>
-void quantize_row(const T* x, int64_t k, int8_t* q, ActBlock* ab) {
+void quantize_row(const T* x, int64_t k, int8_t* q_hi, ActBlock* ab_hi, int8_t* q_lo, ActBlock* ab_lo) {
+  float xb[kBlock], rb[kBlock];
   for (int64_t j = 0; j < k / kBlock; ++j) {
-    const T* xb = x + j * kBlock;
-    float amax = 0.f;
-    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::abs(to_f(xb[i])));
-    const float d = amax / 127.f;
-    const float id = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0, sum_lo = 0;
-    for (int i = 0; i < kBlock; ++i) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(to_f(xb[i]) * id));
-      q[j * kBlock + i] = static_cast<int8_t>(v);
-      sum += v;
-      if (i < 16) sum_lo += v;
-    }
-    ab[j] = ActBlock{d, d * static_cast<float>(sum), sum, sum_lo};
+    for (int i = 0; i < kBlock; ++i) xb[i] = to_f(x[j * kBlock + i]);
+    ab_hi[j] = quantize_block(xb, q_hi + j * kBlock);
+    const float d = ab_hi[j].d;
+    for (int i = 0; i < kBlock; ++i) rb[i] = xb[i] - static_cast<float>(q_hi[j * kBlock + i]) * d;
+    ab_lo[j] = quantize_block(rb, q_lo + j * kBlock);
   }
 }
 
@@ -389,31 +407,30 @@ void quant_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed
               "quant_matmul: packed has ", packed.numel(), " bytes, not the ", (n + kRows - 1) / kRows, " groups of ",
               l.group_bytes, " of ", n, " rows");
   if (m == 0 || n == 0) return;
-  std::vector<int8_t> qx(m * k);
-  std::vector<ActBlock> ab(m * (k / kBlock));
-  std::vector<float> scratch;
-  MatArgs a{qx.data(), ab.data(), m, k, n, packed.data_ptr<uint8_t>(), l, nullptr, n};
+  // activation row r becomes rows 2r (hi) and 2r + 1 (lo residual): out[r] = y[2r] + y[2r + 1]
+  const int64_t nb = k / kBlock;
+  std::vector<int8_t> qx(2 * m * k);
+  std::vector<ActBlock> ab(2 * m * nb);
+  std::vector<float> y(2 * m * n);
+  MatArgs a{qx.data(), ab.data(), 2 * m, k, n, packed.data_ptr<uint8_t>(), l, y.data(), n};
   dispatch(x.scalar_type(), "quant_matmul", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t xs = x.stride(0);
     at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) quantize_row(xp + r * xs, k, qx.data() + r * k, ab.data() + r * (k / kBlock));
+      for (int64_t r = r0; r < r1; ++r)
+        quantize_row(xp + r * xs, k, qx.data() + 2 * r * k, ab.data() + 2 * r * nb, qx.data() + (2 * r + 1) * k,
+                     ab.data() + (2 * r + 1) * nb);
     });
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      a.y = out.data_ptr<float>();
-      a.ldy = out.stride(0);
-      run(a, path_for(static_cast<int>(type)));
-    } else {
-      scratch.resize(m * n);
-      a.y = scratch.data();
-      run(a, path_for(static_cast<int>(type)));
-      scalar_t* op = out.data_ptr<scalar_t>();
-      const int64_t os = out.stride(0);
-      at::parallel_for(0, m * n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) op[i / n * os + i % n] = from_f<scalar_t>(scratch[i]);
-      });
-    }
+    run(a, path_for(static_cast<int>(type)));
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t os = out.stride(0);
+    at::parallel_for(0, m * n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = i / n, c = i % n;
+        op[r * os + c] = from_f<scalar_t>(y[2 * r * n + c] + y[(2 * r + 1) * n + c]);
+      }
+    });
   });
 }
 

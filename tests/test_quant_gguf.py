@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized (``--quantization gguf``, opt-in) and
+"""GGUF weights kept quantized (``--quantization gguf``, the default for a GGUF file on the CPU) and
 ``--quantization int4``, at the engine level.
 
 Two oracles, both transformers in float32 on the same weights (the GGUF file dequantized; for int4 the
@@ -7,7 +7,7 @@ dequantized int4 values), teacher-forced over flotilla's whole sequence (tests/o
 - the exact one: the inputs of every linear layer whose weight flotilla keeps quantized rounded as the
   kernels round them (int8 per block of 32, ``rounded_activations``). What is left is float32 summation
   order, and the activations it moves across a rounding boundary (see ``ROUNDED_LOGPROB_TOL``): on the tiny
-  int4 models it is nearly exact (mean gap under a tenth of the float model's); on SmolLM2, whose outlier
+  int4 models it is nearly exact (mean gap about half the float model's, both ~1e-4); on SmolLM2, whose outlier
   channels make the rounding chaotic, it is only a little closer on average than the float model (measured:
   0.032 against 0.034), so there both are checked under the same rule. The portable (scalar) kernels are
   checked too, by capping the kernels' instruction set in the engine's process; the default run takes the
@@ -71,6 +71,22 @@ def test_gguf_is_kept_quantized_on_request(smollm2, smollm2_hf):
     assert len(smollm2_hf[1]) == 30 * 7 + 1  # q, k, v, o, gate, up, down of every layer and the LM head
 
 
+def test_smollm2_chat_answer_follows_the_float_model(smollm2, smollm2_hf):
+    """Issue 18: the float model's first chat token leads by only 0.08 logits ("The" over "L"); one int8
+    rounding of the activations per block moved it by ~0.05 and the answer became "L'Étoile, la
+    Marseillaise...". With the residual rounded too (two-level activations) the kept-quantized greedy answer is
+    the float model's (transformers, float32, the dequantized file) token for token: measured all 8 tokens,
+    "The capital of France is Paris." and <|im_end|>."""
+    hf_model, _ = smollm2_hf
+    msgs = [[{"role": "user", "content": "What is the capital of France?"}]]
+    out = smollm2.chat(msgs, SamplingParams(temperature=0, max_tokens=16))[0]
+    got = list(out.outputs[0].token_ids)
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([out.prompt_token_ids]), max_new_tokens=len(got), do_sample=False)
+    assert got == ref[0, len(out.prompt_token_ids):].tolist()
+
+
 def mean_gap(checks) -> float:
     return sum(c.sum_logprob_gap for c in checks) / sum(c.num_positions for c in checks)
 
@@ -124,7 +140,8 @@ def test_int4_follows_the_dequantized_oracle(family, tiny_llama, tiny_qwen2):
     outs = llm.generate(PROMPTS, GREEDY)
     oracle = int4_oracle(hf_model)
     names = [name for name, m in oracle.named_modules() if isinstance(m, torch.nn.Linear)]  # all int4
-    check_both_oracles(oracle, names, outs, INT4_LOGPROB_TOL, family, closer=0.1)  # measured 0.01 and 2e-5
+    # with two-level activations both gaps are tiny (measured 8.5e-5 vs 1.8e-4 llama, 8.1e-5 vs 1.6e-4 qwen2)
+    check_both_oracles(oracle, names, outs, INT4_LOGPROB_TOL, family, closer=0.75)
 
 
 def test_int4_rounds_to_the_nearest_of_sixteen_levels():
@@ -140,7 +157,7 @@ def test_int4_rounds_to_the_nearest_of_sixteen_levels():
 
 
 def test_quantization_choices(tiny_llama):
-    assert EngineArgs(model=None).create_engine_config().model.quantization is None  # float weights by default
+    assert EngineArgs(model=None).create_engine_config().model.quantization == "gguf"  # the CPU default for GGUF
     assert EngineArgs(quantization="gguf").create_engine_config().model.quantization == "gguf"
     assert EngineArgs(quantization="none").create_engine_config().model.quantization is None
     assert EngineArgs(batch_invariant=True).create_engine_config().model.quantization is None

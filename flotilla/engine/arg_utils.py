@@ -221,14 +221,13 @@ class EngineArgs:
         return self.max_model_len
 
     def _quantization(self, dtype: str, source_kind: str) -> str | None:
-        """The weight quantization the model runs with (ModelConfig.quantization). By default every checkpoint
-        runs float weights (a GGUF file dequantized to ``dtype``): the kept-quantized path ("gguf", opt-in) rounds
-        activations to int8 per block of 32, and on SmolLM2's chat prompts (outlier channels after the chat
-        template's special tokens) that changes answers, so it is not the default until that is fixed (issue
-        18). "none" is the default's explicit name."""
+        """The weight quantization the model runs with (ModelConfig.quantization), like vLLM's: by default a GGUF
+        file keeps its quantized blocks ("gguf") on the CPU (not with --batch-invariant), other checkpoints run
+        float weights. "none" (a flotilla value; vLLM cannot run a GGUF file dequantized) forces float weights."""
         q = self.quantization
         if q is None:
-            return None
+            keep = source_kind == "gguf" and self.device == "cpu" and not self.batch_invariant
+            return "gguf" if keep else None
         if q not in QUANTIZATION_CHOICES:
             raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {q!r}",
                                       "quantization")

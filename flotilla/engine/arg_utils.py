@@ -136,10 +136,8 @@ class EngineArgs:
             raise InvalidRequestError(f"cpu_offload_gb must be >= 0, got {gb}", "cpu_offload_gb")
         if resident is not None and resident <= 0:
             raise InvalidRequestError(f"max_resident_weights must be > 0 GiB, got {resident}", "max_resident_weights")
-        config = OffloadConfig(float(gb), None if resident is None else float(resident)) \
-            if gb > 0 or resident is not None else OffloadConfig()
-        if not config.enabled:
-            return config
+        if gb == 0 and resident is None:
+            return OffloadConfig()
         name = "cpu_offload_gb" if gb > 0 else "max_resident_weights"
         flag = "--" + name.replace("_", "-")
         if gb > 0 and resident is not None:
@@ -156,7 +154,7 @@ class EngineArgs:
         for bad, what in refused:
             if bad:
                 raise InvalidRequestError(f"{flag} cannot be combined with {what}", name)
-        return config
+        return OffloadConfig(float(gb), None if resident is None else float(resident))
 
     def _speculative(self, model: ModelConfig, parallel: ParallelConfig) -> SpeculativeConfig:
         """``speculative_config`` checked (InvalidRequestError naming ``speculative_config``); prompt lookup

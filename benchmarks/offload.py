@@ -97,17 +97,21 @@ def child(args) -> dict:
         start = time.perf_counter()
         out = llm.generate([PROMPT], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
         return time.perf_counter() - start, list(out[0].outputs[0].token_ids)
-    t1, _ = timed(1)
-    tn, tokens = timed(args.max_tokens)
-    peak = mem.stop()
     model = llm.engine.executor.worker.model
     stream = getattr(model, "offload_stream", None)
+    t1, _ = timed(1)
+    fill0, wait0 = (stream.fill_seconds, stream.wait_seconds) if stream else (0.0, 0.0)
+    tn, tokens = timed(args.max_tokens)
+    peak = mem.stop()
+    fill_s, wait_s = (stream.fill_seconds - fill0, stream.wait_seconds - wait0) if stream else (0.0, 0.0)
     streamed = sum(hasattr(model.model.layers[i], "layer") for i in range(n))
     return {"resident_layers": args.child, "budget_gib": budget, "streamed_layers": streamed,
             "slots": len(stream.slots) if stream else 0, "layer_mib": layer / (1 << 20), "other_mib": other / (1 << 20),
             "all_weights_mib": (other + n * layer) / (1 << 20), "dtype": dtype, "decode_tok_s": (args.max_tokens - 1) / (tn - t1),
             "peak_rss_anon_mib": peak["RssAnon"] / 1024, "peak_vm_rss_mib": peak["VmRSS"] / 1024,
-            "peak_rss_file_mib": peak["RssFile"] / 1024, "tokens": tokens}
+            "peak_rss_file_mib": peak["RssFile"] / 1024,
+            "fill_ms_per_layer": 1e3 * fill_s / max(1, streamed * args.max_tokens),
+            "stall_share": wait_s / tn, "tokens": tokens}
 
 
 def cpu_model() -> str:
@@ -146,13 +150,14 @@ def main() -> None:
     print(f"{args.model}, {base['dtype']}, {cpu_model()}, load average {os.getloadavg()[0]:.1f}, "
           f"all weights {base['all_weights_mib']:.0f} MiB (one layer {base['layer_mib']:.1f} MiB, "
           f"embeddings/head/norm {base['other_mib']:.0f} MiB)")
-    print("| resident layers | streamed | decode tok/s | slowdown | peak RssAnon MiB | peak VmRSS MiB | tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| resident layers | streamed | decode tok/s | slowdown | peak RssAnon MiB | peak VmRSS MiB | fill ms/layer "
+          "| compute stalled on fills | tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         same = "identical" if r["tokens"] == base["tokens"] else "DIFFER"
         print(f"| {r['resident_layers']} | {r['streamed_layers']} ({r['slots']} slots) | {r['decode_tok_s']:.1f} | "
               f"{base['decode_tok_s'] / r['decode_tok_s']:.2f}x | {r['peak_rss_anon_mib']:.0f} | "
-              f"{r['peak_vm_rss_mib']:.0f} | {same} |")
+              f"{r['peak_vm_rss_mib']:.0f} | {r['fill_ms_per_layer']:.1f} | {100 * r['stall_share']:.0f}% | {same} |")
     result = {"model": args.model, "cpu": cpu_model(), "max_tokens": args.max_tokens, "rows": rows}
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "offload.json"), "w") as f:

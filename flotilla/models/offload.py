@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,6 +165,9 @@ class LayerStream:
         self.audit = False  # when True, acquire() counts the streamed layers that hold weights (tests)
         self.peak_layers_materialised = 0
         self.fills = 0
+        # Profile (CPU fills): seconds spent filling, and seconds acquire() waited for a fill (compute stalled).
+        self.fill_seconds = 0.0
+        self.wait_seconds = 0.0
         for i in order:
             self._unbind(i)
         self._schedule()
@@ -199,8 +203,10 @@ class LayerStream:
         return ready
 
     def _run_fill(self, layer: int, slot: int) -> None:
+        start = time.perf_counter()
         self._bind(layer, slot)
         self._fill(layer, self.slots[slot])
+        self.fill_seconds += time.perf_counter() - start
 
     def _wait(self, handle) -> None:
         if isinstance(handle, Future):
@@ -237,6 +243,7 @@ class LayerStream:
             self._retire_oldest()
             self._schedule()
         slot, handle = self._inflight[layer]
+        start = time.perf_counter()
         try:
             self._wait(handle)
         except BaseException:
@@ -244,6 +251,7 @@ class LayerStream:
             self._unbind(layer)
             self._free.append(slot)
             raise
+        self.wait_seconds += time.perf_counter() - start
         if self.audit:
             self.peak_layers_materialised = max(self.peak_layers_materialised, self.materialised_layers())
 

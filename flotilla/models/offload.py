@@ -122,15 +122,15 @@ class StreamedLayer(nn.Module):
     def __init__(self, stream: LayerStream, index: int, layer: nn.Module):
         super().__init__()
         self.index = index
-        object.__setattr__(self, "_stream", stream)
+        self.stream = stream  # set by WeightOffloader.attach
         object.__setattr__(self, "layer", layer)  # unregistered: not in model.parameters()
 
     def forward(self, positions, hidden, residual, ctx):
-        self._stream.acquire(self.index)
+        self.stream.acquire(self.index)
         try:
             return self.layer(positions, hidden, residual, ctx)
         finally:
-            self._stream.release(self.index)
+            self.stream.release(self.index)
 
 
 class LayerStream:
@@ -338,7 +338,7 @@ class WeightOffloader:
         self.stream = LayerStream(self._layers, list(self.plan.streamed), self._shapes, self.plan.num_slots, fill,
                                   self.device)
         for i in self.plan.streamed:
-            object.__setattr__(self.model.model.layers[i], "_stream", self.stream)
+            self.model.model.layers[i].stream = self.stream
         self.model.offload_stream = self.stream
         return self.stream
 

@@ -193,3 +193,10 @@ def test_flags_and_deployment_file_key():
     with pytest.raises(DeploymentConfigError, match="max_resident_weights"):
         parse_deployment_config({"models": [{"name": "m", "model": "smollm2-135m-instruct",
                                              "engine": {"max_resident_weights": 0}}]})
+
+
+def test_embedding_models_refuse_offload():
+    from flotilla.engine.arg_utils import EngineArgs
+    with pytest.raises(InvalidRequestError, match="not supported for embedding models") as e:
+        EngineArgs(model="all-minilm-l6-v2", max_resident_weights=0.5).create_engine_config()
+    assert e.value.param == "max_resident_weights"

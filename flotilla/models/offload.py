@@ -78,6 +78,8 @@ def plan_offload(model: nn.Module, config: OffloadConfig) -> OffloadPlan | None:
     always-resident weights plus one layer (the message names the minimum)."""
     if not config.enabled:
         return None
+    if not hasattr(model, "local_layer_indices") or not hasattr(model, "stacked_params"):
+        raise ModelLoadError(f"weight offload supports the Llama-family decoders, not {type(model).__name__}")
     local = list(model.local_layer_indices)
     layers = [model.model.layers[i] for i in local]
     shapes = [[(n, p.shape, p.dtype) for n, p in layer.named_parameters()] for layer in layers]

@@ -128,6 +128,7 @@ def test_layer_stream_prefetches_next_layer_ahead_of_use():
     # While layer i computes, layer i+1 (cyclically: after the last, the first of the next pass) is being filled.
     assert [(i, inflight) for i, inflight, _ in log[:4]] == [(0, [0, 1]), (1, [1, 2]), (2, [2, 3]), (3, [3, 0])]
     assert [w for *_, w in log] == [0.0, 4.0, 8.0, 12.0] * 2
+    stream.wait_for_fills()  # the prefetch runs on the background thread
     assert stream.materialised_layers() == 2 and stream.in_flight() == [0, 1]  # prefetched for the next pass
     assert threads and threading.get_ident() not in threads  # filled on the background thread
     stream.close()

@@ -187,6 +187,14 @@ class LayerStream:
         """The layers filled or being filled, oldest first (the one running, then those prefetched)."""
         return list(self._inflight)
 
+    def wait_for_fills(self) -> None:
+        """Wait until every fill in flight is done (their layers then hold weights)."""
+        for _, handle in list(self._inflight.values()):
+            if isinstance(handle, Future):
+                handle.exception()
+            else:
+                handle.synchronize()
+
     def materialised_layers(self) -> int:
         """How many streamed layers hold weights right now (parameters with storage), counted from the tensors."""
         return sum(any(p.numel() for p in params.values()) for params in self._params.values())

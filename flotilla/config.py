@@ -213,6 +213,34 @@ class DeviceConfig:
     num_threads: int | None = None
 
 
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Weight offload (``flotilla.models.offload``); at most one of the two is set.
+
+    ``cpu_offload_gb`` (vLLM's ``--cpu-offload-gb``, GiB): that much of the weights (whole decoder layers, the
+    first ones) lives in (pinned) CPU memory and is copied to the device layer by layer ahead of use.
+    ``max_resident_weights`` (GiB, CPU): at most this many bytes of weights are materialised at once; the decoder
+    layers that do not fit stay memory-mapped in the model file and are read (dequantized) ahead of use.
+    """
+
+    cpu_offload_gb: float = 0.0
+    max_resident_weights: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        if self.cpu_offload_gb < 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
+        if self.max_resident_weights is not None and self.max_resident_weights <= 0:
+            raise ValueError(f"max_resident_weights must be > 0, got {self.max_resident_weights}")
+        if self.cpu_offload_gb > 0 and self.max_resident_weights is not None:
+            raise ValueError("cpu_offload_gb and max_resident_weights cannot be combined: use cpu_offload_gb "
+                             "with an accelerator, max_resident_weights on the CPU")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cpu_offload_gb > 0 or self.max_resident_weights is not None
+
+
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance")
 
 
@@ -291,6 +319,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.max_model_len != self.model.max_model_len:

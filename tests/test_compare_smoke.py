@@ -95,6 +95,14 @@ def test_render_and_update_results_md(compare, tmp_path):
     md.write_text(twice + "\n## Later section\n")
     compare.update_results_md(md, section)
     assert "## Later section" in md.read_text() and md.read_text().count(compare.MD_END) == 1
+    # another model's run gets its own section and leaves the default model's alone
+    other = dict(res, model="qwen2.5-coder-1.5b-instruct", commit="0ther00")
+    compare.update_results_md(md, compare.render_section(other), other["model"])
+    text = md.read_text()
+    begin, end = compare.markers(other["model"])
+    assert text.count(begin) == 1 and text.count(end) == 1 and text.count(compare.MD_BEGIN) == 1
+    assert "0ther00" in text.split(begin, 1)[1] and "0ther00" not in text.split(compare.MD_BEGIN, 1)[1].split(compare.MD_END)[0]
+    assert "Engine comparison, qwen2.5-coder-1.5b-instruct (issue 18)" in text
 
 
 def test_workload_and_spread(compare):

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
+from flotilla import envs
 from flotilla.planner import measure
 from flotilla.planner.metrics import parse_slo
 from flotilla.planner.model import load_model_desc
@@ -22,8 +24,14 @@ def tiny(tiny_llama):
 @pytest.fixture(scope="module")
 def local(tiny, tmp_path_factory):
     """(hardware, log lines of the first and of a second call), measured into a fresh cache."""
+    cache = tmp_path_factory.mktemp("planner_cache")
+    # The fresh cache is for the planner's files; the CPU kernel library (built by setup.sh) is shared, or
+    # the measurement and the probe's server would each compile it first.
+    kernels = os.path.join(envs.cache_dir(), "cpu_kernels")
+    if os.path.isdir(kernels):
+        os.symlink(kernels, cache / "cpu_kernels")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLOTILLA_CACHE_DIR", str(tmp_path_factory.mktemp("planner_cache")))
+        mp.setenv("FLOTILLA_CACHE_DIR", str(cache))
         mp.setattr(measure, "ROWS", (1, 16, 64))
         mp.setattr(measure, "MAX_COPIES", 4)
         mp.setattr(measure, "SYNC_ITERATIONS", 20)

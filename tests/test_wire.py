@@ -21,7 +21,7 @@ import typing
 import msgspec
 import pytest
 
-from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+from flotilla.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, OffloadConfig, ParallelConfig,
                              SchedulerConfig, SpeculativeConfig, StructuredOutputsConfig)
 from flotilla.distributed.control import _ENDPOINTS, Endpoints
 from flotilla.distributed.parallel_state import _TENSOR_HEADERS, TensorHeader
@@ -257,7 +257,9 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
         structured_outputs=StructuredOutputsConfig(backend="guidance"),
         speculative=SpeculativeConfig(method="draft_model", num_speculative_tokens=3, prompt_lookup_min=2,
                                       prompt_lookup_max=3, draft_model="draft", draft_source=source,
-                                      draft_source_kind="hf_dir"))))
+                                      draft_source_kind="hf_dir"),
+        # the two offload settings exclude each other: one config sets each
+        offload=OffloadConfig(cpu_offload_gb=1.5) if quantization is None else OffloadConfig(max_resident_weights=0.75))))
 
 
 def test_engine_config_with_every_field_set_roundtrips(config_dir):
@@ -305,7 +307,8 @@ def test_engine_args_with_every_field_set_roundtrip():
                  distributed_backend="gloo", pipeline_partition=[14, 16], ray_address="head:6379", device="cuda",
                  num_threads=2, served_model_name="served", seed=7,
                  structured_outputs_config={"backend": "guidance"}, runner="pooling",
-                 speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+                 speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+                 cpu_offload_gb=1.5, max_resident_weights=0.75)
     args = EngineArgs(**_with_bools_flipped(EngineArgs, given))
     assert _at_default_everywhere([args]) == [], "give these fields a non-default value in this test"
     assert ENGINE_ARGS.decode(ENGINE_ARGS.encode(args)) == args

@@ -82,6 +82,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="each request's tokens and logprobs independent of the batch it runs in "
                         "(not with --quantization)")
+    off = p.add_argument_group("weight offload")
+    off.add_argument("--cpu-offload-gb", type=finite_float, default=0.0, metavar="GIB",
+                     help="GiB of the weights (whole decoder layers) kept in pinned CPU memory and streamed to the "
+                          "device layer by layer ahead of use (vLLM's)")
+    off.add_argument("--max-resident-weights", type=finite_float, default=None, metavar="GIB",
+                     help="CPU: at most this many GiB of weights materialised at once; the decoder layers that do "
+                          "not fit stay memory-mapped in the model file and are read ahead of use")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -150,7 +157,8 @@ def engine_args_from(ns: argparse.Namespace):
                       distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
                       batch_invariant=ns.batch_invariant, runner=ns.runner,
                       structured_outputs_config=structured_outputs_config(ns),
-                      speculative_config=getattr(ns, "speculative_config", None))
+                      speculative_config=getattr(ns, "speculative_config", None),
+                      cpu_offload_gb=ns.cpu_offload_gb, max_resident_weights=ns.max_resident_weights)
 
 
 def resolve_model_arg(ns: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ import threading
 
 import numpy as np
 
+from flotilla.deploy.aio_util import gather_or_cancel
 from flotilla.deploy.tensor_wire import (EMBED_MESSAGE, EMBED_RESULT, INFER_MESSAGE, INFER_RESULT, MODEL_INFO,
                                          EmbedFailure, EmbedReply, IndexRow, InferFailure, InferMessage,
                                          InferReply, ModelInfo, TensorInfo, VersionInfo, tensor_from_wire,
@@ -239,10 +240,4 @@ async def _embed_all(engine, token_ids: list[list[int]], params) -> list:
     many = getattr(engine, "embed_many", None)
     if many is not None:
         return list(await many(token_ids, params))
-    tasks = [asyncio.ensure_future(engine.embed(ids, params)) for ids in token_ids]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return await gather_or_cancel(engine.embed(ids, params) for ids in token_ids)

@@ -138,3 +138,16 @@ def repository_deployments(plan: RepositoryPlan) -> dict:
 def repository_cpus(plan: RepositoryPlan) -> float:
     """Logical CPUs the repository's replicas reserve."""
     return len(plan.deployed) * REPOSITORY_REPLICAS * REPOSITORY_NUM_CPUS
+
+
+def check_repository_names(model_names, plan, ingress_name: str) -> None:
+    """ValueError when a repository model of ``plan`` has the name of a deployment-file model, or its Ray Serve
+    deployment name is taken by one (or by the ingress deployment ``ingress_name``)."""
+    both = sorted(set(model_names) & set(plan.names))
+    if both:
+        raise ValueError(f"model name(s) {both} are both models of the deployment file and repository models")
+    taken = {*model_names, ingress_name}
+    clash = sorted(deployment_name(m) for m in plan.deployed if deployment_name(m) in taken)
+    if clash:
+        raise ValueError(f"Ray Serve deployment name(s) {clash} of repository models are taken by models of the "
+                         f"deployment file; rename those models")

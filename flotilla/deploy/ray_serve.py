@@ -42,7 +42,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from flotilla.deploy.ray_replicas import EmbeddingServer, replica_id
-from flotilla.deploy.ray_repository import (deployment_name, plan_repository, repository_cpus,
+from flotilla.deploy.ray_repository import (check_repository_names, plan_repository, repository_cpus,
                                             repository_deployments)
 from flotilla.deploy.ray_router import ROUTER_CLASS_PATH
 from flotilla.deploy.schema import RAY_SETTINGS  # the file's ray: keys
@@ -384,7 +384,7 @@ def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None 
     plan = repository_models = None
     if config.model_repository is not None:
         plan = plan_repository(config.model_repository, config.model_names)
-        _check_repository_names(config, plan)
+        check_repository_names(config.model_names, plan, INGRESS_NAME)
         repository_models = repository_deployments(plan)
     options = dict(name=INGRESS_NAME, num_replicas=config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
                    ray_actor_options={"num_cpus": 0})
@@ -394,17 +394,6 @@ def build_ray_app(config, ingress, *, graceful_shutdown_timeout_s: float | None 
     return deployment.bind(models=handles, engine_args=engine_args, routes=dict(config.routes or {}),
                            seed=config.seed, embedding_models=sorted(embedding), repository=plan,
                            repository_models=repository_models, **ingress_kwargs)
-
-
-def _check_repository_names(config, plan) -> None:
-    both = sorted(set(config.model_names) & set(plan.names))
-    if both:
-        raise ValueError(f"model name(s) {both} are both models of the deployment file and repository models")
-    taken = {*config.model_names, INGRESS_NAME}
-    clash = sorted(deployment_name(m) for m in plan.deployed if deployment_name(m) in taken)
-    if clash:
-        raise ValueError(f"Ray Serve deployment name(s) {clash} of repository models are taken by models of the "
-                         f"deployment file; rename those models")
 
 
 # ---- the cluster ---------------------------------------------------------------------------------------

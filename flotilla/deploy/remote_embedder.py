@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from flotilla.deploy.remote_engine import GONE_AFTER_S, NOT_READY_PERIOD_S, STATS_PERIOD_S, STATS_TIMEOUT_S
+from flotilla.deploy.aio_util import PeriodicStats, gather_or_cancel
+from flotilla.deploy.remote_engine import GONE_AFTER_S, STATS_PERIOD_S, STATS_TIMEOUT_S
 from flotilla.deploy.tensor_wire import EMBED_MESSAGE, EMBED_RESULT, EmbedFailure, EmbedMessage
 from flotilla.engine.arg_utils import EngineArgs
 from flotilla.engine.embedding import EmbeddingInputProcessor, Embedder, lower_case_tokenizer
@@ -55,7 +56,7 @@ class _Message:
         self.rows.add_done_callback(_retrieve)
 
 
-class RemoteEmbedder:
+class RemoteEmbedder(PeriodicStats):
     """An embedding model's deployment seen as one ``AsyncEmbedder`` (see the module contract)."""
 
     runner = "pooling"
@@ -113,13 +114,7 @@ class RemoteEmbedder:
         """One request's inputs, in order (``AsyncEmbedder.embed_many``): their ``embed`` calls start in the same
         event-loop iteration, so they travel in one message to the replica. If one fails (or this is cancelled)
         the others are cancelled."""
-        tasks = [asyncio.ensure_future(self.embed(ids, params)) for ids in token_ids]
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return await gather_or_cancel(self.embed(ids, params) for ids in token_ids)
 
     async def embed(self, token_ids: list[int], params: PoolingParams) -> np.ndarray:
         if self.dead_error is not None:
@@ -181,22 +176,6 @@ class RemoteEmbedder:
         return rows.reshape(len(message.token_ids), result.dim)      # (inputs, dim)
 
     # ---- stats -------------------------------------------------------------------------------------------
-    def ensure_stats_task(self) -> None:
-        """Start the periodic stats refresh on the running event loop (once; no-op without a loop)."""
-        if self._stats_task is not None and not self._stats_task.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._stats_task = loop.create_task(self._stats_loop())
-
-    async def _stats_loop(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_stats()
-            await asyncio.sleep(self._stats_period_s if self._ready else min(self._stats_period_s,
-                                                                             NOT_READY_PERIOD_S))
 
     async def refresh_stats(self) -> list[dict]:
         """Ask every replica for ``stats()`` now; update ``latest_stats`` and readiness; return them."""

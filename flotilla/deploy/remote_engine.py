@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from flotilla.deploy.aio_util import PeriodicStats
 from flotilla.deploy.replica_failures import FAILED_REPLICAS, FailedReplicas
 from flotilla.deploy.serve_wire import (ENGINE_DEAD, GENERATE_REQUEST, Accepted, GenerateFailure,
                                         GenerateRequest, decode_frame)
@@ -40,14 +41,13 @@ STATS_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 3  # replicas a request that has produced no output is sent to, each failed one excluded
 RETRY_ROUTING_TIMEOUT_S = 60.0  # how long a re-sent request may wait for a replica other than the failed ones
 ATTEMPT_LOG_SIZE = 4096
-NOT_READY_PERIOD_S = 0.5
 # A deployment without any replica for this long counts as gone (its engine "dead": new requests get 503).
 # Shorter gaps (a replica being replaced) are not: requests wait in Serve's queue for the replacement.
 GONE_AFTER_S = 60.0
 _ZERO_STATS = SchedulerStats(0, 0, 0.0, 0, 0, 0)
 
 
-class RemoteEngine:
+class RemoteEngine(PeriodicStats):
     """A model deployment seen as one engine: ``generate`` / ``abort`` / stats, as ``AsyncLLM`` offers them.
 
     Contract:
@@ -235,23 +235,6 @@ class RemoteEngine:
                 _cancel(stream)
 
     # ---- stats ------------------------------------------------------------------------------------------
-    def ensure_stats_task(self) -> None:
-        """Start the periodic stats refresh on the running event loop (once; no-op without a loop)."""
-        if self._stats_task is not None and not self._stats_task.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._stats_task = loop.create_task(self._stats_loop())
-
-    async def _stats_loop(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await self.refresh_stats()
-            # Not ready: look again soon, so /health turns 200 shortly after a replica is up.
-            await asyncio.sleep(self._stats_period_s if self._ready else min(self._stats_period_s, NOT_READY_PERIOD_S))
-
     async def refresh_stats(self) -> list[dict]:
         """Ask every replica for ``stats()`` now; update ``latest_stats`` and ``num_blocks``; return them."""
         try:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import flotilla
+from flotilla.deploy.aio_util import NOT_READY_PERIOD_S
 from flotilla.deploy.ray_repository import RepositoryPlan, deployment_name
 from flotilla.deploy.tensor_wire import (INFER_MESSAGE, INFER_RESULT, MODEL_INFO, InferFailure, InferMessage,
                                          ModelInfo, VersionInfo, tensor_from_wire, tensor_to_wire)
@@ -49,7 +50,6 @@ from flotilla.repository.service import InferOutcome, ModelMetadata, RepositoryE
 logger = logging.getLogger(__name__)
 
 REFRESH_PERIOD_S = 2.0
-NOT_READY_PERIOD_S = 0.5
 INFO_TIMEOUT_S = 10.0
 EXTENSIONS = ("model_repository", "model_configuration", "schedule_policy", "statistics")
 FIXED_DEPLOYMENTS = ("on Ray Serve each repository model is a deployment fixed when the application was deployed; "

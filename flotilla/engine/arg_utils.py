@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flotilla.config import (SCHEDULING_POLICIES, SPECULATIVE_METHODS, STRUCTURED_OUTPUTS_BACKENDS, CacheConfig,
-                             DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                             DeviceConfig, EngineConfig, ModelConfig, OffloadConfig, ParallelConfig, SchedulerConfig,
                              SpeculativeConfig, StructuredOutputsConfig)
 from flotilla.distributed.utils import pp_partition
 from flotilla.errors import InvalidRequestError, ModelLoadError
@@ -45,6 +45,12 @@ class EngineArgs:
     k, "prompt_lookup_min": a, "prompt_lookup_max": b}`` or ``{"method": "draft_model", "model": name,
     "num_speculative_tokens": k}`` (``SpeculativeConfig``); other keys are refused. It runs on one rank
     (tensor and pipeline parallel size 1); a draft model must have the target's vocabulary.
+
+    Weight offload (``OffloadConfig``, flotilla/models/offload.py): ``cpu_offload_gb`` (vLLM's
+    ``--cpu-offload-gb``, GiB of whole decoder layers kept in pinned CPU memory and streamed to the device ahead of
+    use) or ``max_resident_weights`` (GiB, CPU only: the layers that do not fit stay memory-mapped in the model
+    file and are materialised ahead of use). One rank only, float weights only (no ``quantization``), not with
+    ``batch_invariant`` or a draft model: those combinations are refused (``InvalidRequestError``).
     """
 
     model: str | None = None
@@ -77,6 +83,8 @@ class EngineArgs:
     structured_outputs_config: dict[str, Any] | None = None
     # vLLM's --speculative-config as a dict (None: no speculation); see SpeculativeConfig
     speculative_config: dict[str, Any] | None = None
+    cpu_offload_gb: float = 0.0  # vLLM's --cpu-offload-gb (GiB)
+    max_resident_weights: float | None = None  # GiB of weights materialised at once (CPU), None: all
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
@@ -110,9 +118,43 @@ class EngineArgs:
             pipeline_partition=tuple(self.pipeline_partition) if self.pipeline_partition else None,
             ray_address=self.ray_address)
         _check_pipeline(model, parallel)
+        speculative = self._speculative(model, parallel)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=DeviceConfig(self.device, self.num_threads),
-                            structured_outputs=structured, speculative=self._speculative(model, parallel))
+                            structured_outputs=structured, speculative=speculative,
+                            offload=self._offload(quantization, parallel, speculative))
+
+    def _offload(self, quantization: str | None, parallel: ParallelConfig,
+                 speculative: SpeculativeConfig) -> OffloadConfig:
+        """``cpu_offload_gb`` / ``max_resident_weights`` checked; unsupported combinations are refused
+        (InvalidRequestError naming the offload field), never ignored."""
+        gb, resident = self.cpu_offload_gb, self.max_resident_weights
+        for name, value in (("cpu_offload_gb", gb), ("max_resident_weights", resident)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidRequestError(f"{name} must be a number of GiB, got {value!r}", name)
+        if gb < 0:
+            raise InvalidRequestError(f"cpu_offload_gb must be >= 0, got {gb}", "cpu_offload_gb")
+        if resident is not None and resident <= 0:
+            raise InvalidRequestError(f"max_resident_weights must be > 0 GiB, got {resident}", "max_resident_weights")
+        if gb == 0 and resident is None:
+            return OffloadConfig()
+        name = "cpu_offload_gb" if gb > 0 else "max_resident_weights"
+        flag = "--" + name.replace("_", "-")
+        if gb > 0 and resident is not None:
+            raise InvalidRequestError("--cpu-offload-gb and --max-resident-weights cannot be combined: "
+                                      "--cpu-offload-gb streams weights to an accelerator, --max-resident-weights "
+                                      "streams them from the model file on the CPU", name)
+        if resident is not None and self.device != "cpu":
+            raise InvalidRequestError(f"--max-resident-weights streams weights from the model file on the CPU, not "
+                                      f"with --device {self.device} (use --cpu-offload-gb)", name)
+        refused = [(parallel.world_size > 1, "tensor or pipeline parallelism (it runs on one rank)"),
+                   (quantization is not None, f"--quantization {quantization} (offload streams float weights)"),
+                   (self.batch_invariant, "--batch-invariant"),
+                   (speculative.method == "draft_model", "a draft model (its weights are not offloaded)")]
+        for bad, what in refused:
+            if bad:
+                raise InvalidRequestError(f"{flag} cannot be combined with {what}", name)
+        return OffloadConfig(float(gb), None if resident is None else float(resident))
 
     def _speculative(self, model: ModelConfig, parallel: ParallelConfig) -> SpeculativeConfig:
         """``speculative_config`` checked (InvalidRequestError naming ``speculative_config``); prompt lookup

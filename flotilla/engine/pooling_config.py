@@ -59,6 +59,9 @@ def _check_unsupported(args) -> None:
         raise InvalidRequestError("quantization is not supported for embedding models", "quantization")
     if args.batch_invariant:
         raise InvalidRequestError("--batch-invariant is not supported for embedding models", "batch_invariant")
+    for name in ("cpu_offload_gb", "max_resident_weights"):
+        if getattr(args, name) not in (None, 0, 0.0):
+            raise InvalidRequestError(f"{name}: weight offload is not supported for embedding models", name)
     if args.scheduling_policy != "fcfs":
         raise InvalidRequestError(f"scheduling_policy {args.scheduling_policy!r}: embedding models batch their "
                                   f"inputs first come first served (request priorities are for generation)",

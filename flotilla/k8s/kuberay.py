@@ -152,7 +152,7 @@ def repository_deployments(config: DeploymentConfig, repository: RepositoryPods)
     """The repository models the Serve application deploys (one ``repo-<model>`` deployment each), planned
     as ``flotilla.deploy.ray_repository.plan_repository`` plans them, on the repository's directories here.
     ``K8sError`` for what ``flotilla serve --ray`` refuses, and for a repository this machine cannot read."""
-    from flotilla.deploy.ray_repository import check_repository_on_ray, deployment_name, plan_repository
+    from flotilla.deploy.ray_repository import check_repository_names, check_repository_on_ray, plan_repository
     spec = repository.spec
     try:
         check_repository_on_ray(spec)
@@ -167,14 +167,10 @@ def repository_deployments(config: DeploymentConfig, repository: RepositoryPods)
         plan = plan_repository(dataclasses.replace(spec, paths=repository.local_paths), config.model_names)
     except ValueError as e:
         raise K8sError(f"the model repository: {e}") from None
-    both = sorted(set(config.model_names) & set(plan.names))
-    if both:
-        raise K8sError(f"model name(s) {both} are both models of the deployment file and repository models")
-    taken = {*config.model_names, INGRESS_NAME}
-    clash = sorted(deployment_name(m) for m in plan.deployed if deployment_name(m) in taken)
-    if clash:
-        raise K8sError(f"Ray Serve deployment name(s) {clash} of repository models are taken by models of the "
-                       f"deployment file; rename those models")
+    try:
+        check_repository_names(config.model_names, plan, INGRESS_NAME)
+    except ValueError as e:
+        raise K8sError(str(e)) from None
     return plan.deployed
 
 

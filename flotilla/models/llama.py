@@ -214,10 +214,12 @@ class LlamaForCausalLM(nn.Module):
 
     def enable_fused_decode(self) -> int:
         """Give each local decoder layer whose linear weights are all packed quantized weights its one-op decode
-        path (layers/fused_decode.py); returns how many layers got one."""
+        path (layers/fused_decode.py); returns how many layers got one. Streamed (offloaded) layers get none."""
         count = 0
         for i in self.local_layer_indices:
             layer = self.model.layers[i]
+            if not isinstance(layer, LlamaDecoderLayer):
+                continue  # a streamed (offloaded) layer (models/offload.py): its weights come and go, no fused path
             layer.fused_decode = FusedDecodeLayer.build(layer.input_layernorm, layer.self_attn,
                                                         layer.post_attention_layernorm, layer.mlp)
             count += layer.fused_decode is not None

@@ -279,11 +279,19 @@ def measure_op_seconds(repeats: int = 200) -> float:
 
 def measure_collectives(timeout_s: float = 120.0) -> dict[str, list[float]]:
     """{"all_reduce": [alpha, beta], "send_recv": [alpha, beta]} over gloo between two local processes."""
+    port = _free_port()
+    result = _run_ranks(_collective_rank, [(rank, port) for rank in (0, 1)], timeout_s, "collectives")
+    return {name: list(fit_alpha_beta(points)) for name, points in result.items()}
+
+
+def _run_ranks(target, rank_args: list[tuple], timeout_s: float, what: str):
+    """Start one spawned process per ``rank_args`` entry running ``target(*args, queue)``; return the first
+    object put on the queue (a str is an error: RuntimeError naming ``what``); the processes are joined, or
+    killed after 10 s."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_collective_rank, args=(rank, port, queue), daemon=True) for rank in (0, 1)]
+    procs = [ctx.Process(target=target, args=(*args, queue), daemon=True) for args in rank_args]
     for p in procs:
         p.start()
     try:
@@ -294,8 +302,8 @@ def measure_collectives(timeout_s: float = 120.0) -> dict[str, list[float]]:
             if p.is_alive():
                 p.kill()
     if isinstance(result, str):
-        raise RuntimeError(f"measuring collectives failed: {result}")
-    return {name: list(fit_alpha_beta(points)) for name, points in result.items()}
+        raise RuntimeError(f"measuring {what} failed: {result}")
+    return result
 
 
 def _free_port() -> int:
@@ -350,23 +358,9 @@ def measure_oversubscribed_sync(timeout_s: float = 120.0) -> float:
 def _sync_iteration(ranks: int, timeout_s: float) -> float:
     """Seconds per compute-chunk + all-reduce iteration with ``ranks`` one-thread ranks (one rank: no
     collective)."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_sync_rank, args=(rank, ranks, port, queue), daemon=True) for rank in range(ranks)]
-    for p in procs:
-        p.start()
-    try:
-        result = queue.get(timeout=timeout_s)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if isinstance(result, str):
-        raise RuntimeError(f"measuring oversubscribed collectives failed: {result}")
-    return result
+    return _run_ranks(_sync_rank, [(rank, ranks, port) for rank in range(ranks)], timeout_s,
+                      "oversubscribed collectives")
 
 
 def _sync_rank(rank: int, ranks: int, port: int, queue) -> None:

@@ -16,6 +16,7 @@ from flotilla.layers.quant_weight import finalize_quantized_
 from flotilla.layers.quantization import prepack_model_, quantize_model_
 from flotilla.ops import cpu_kernels, kernels_enabled, unavailable_reason
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
+from flotilla.models.offload import WeightOffloader, build_device
 from flotilla.models.registry import get_model_class
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.structured.decoding import StructuredDecoding
@@ -60,15 +61,20 @@ class Worker:
         cls = get_model_class(getattr(mc.hf_config, "architectures", None))
         start = time.perf_counter()
         partition = self.config.parallel.pipeline_partition
-        with torch.device(self.device):
+        with torch.device(build_device(self.config.offload, self.device)):
             model = cls(mc.hf_config, dtype=self.dtype, max_model_len=mc.max_model_len,
                         pp_partition=list(partition) if partition else None)
         resolved = ResolvedModel(source=mc.source, kind=mc.source_kind, alias=None)
-        # Each rank reads only the tensors of its own pipeline stage.
+        offloader = WeightOffloader.create(model, self.config.offload, resolved, mc.hf_config, self.dtype,
+                                           self.device)
+        # Each rank reads only the tensors of its own pipeline stage (and not those of layers streamed from the file).
+        wanted = offloader.wants_weight if offloader is not None else model.wants_weight
         lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
         keep = mc.quantization == "gguf" and self._can_keep_quantized()
-        model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, model.wants_weight,
+        model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, wanted,
                                                     lazy=lazy, keep_quantized=keep))
+        if offloader is not None:
+            offloader.attach()  # before prepacking: streamed layers run F.linear (bit-identical to the prepacked path)
         if keep:
             logger.info("GGUF weights kept quantized: %d weights packed", finalize_quantized_(model))
         elif mc.quantization in ("int8", "int4"):

@@ -18,7 +18,11 @@ deltas (one per generated token per sample); a non-streaming run on an engine th
 elsewhere until its first output (``engine.reruns_unstarted_requests``: ``RemoteEngine``) asks for
 ``OutputKind.FINAL_ONLY`` (one output per prompt, when it is finished: all samples, full text, tokens and
 logprobs), so losing a replica mid-generation costs it only time (its inter-token latency is then not
-observed); ``close()`` (or cancelling the task iterating it, then ``close()``) aborts
+observed). A non-streaming run whose ASGI scope sets ``FINAL_ONLY_SCOPE_KEY`` (``"flotilla.final_only"``:
+the in-process batch callers, which want only the answer) asks for ``FINAL_ONLY`` on any engine too: one
+output per prompt instead of one per token spares the serving process the per-token delivery, wake-up and
+accounting that, on a small machine, compete with the engine for CPU (their inter-token latency is not
+observed; the answer is the same). ``close()`` (or cancelling the task iterating it, then ``close()``) aborts
 every unfinished engine request (the engine frees its blocks; a request still queued is never prefilled);
 metrics and the waiting count are settled exactly once per engine request, whether it finished, was
 aborted or failed.
@@ -55,6 +59,12 @@ from flotilla.sampling_params import SamplingParams
 
 LARGE_REQUEST_CHARS = 32_768
 PRIORITY_SCOPE_KEY = "flotilla.priority"  # ASGI scope key: in-process callers' base priority (module docstring)
+FINAL_ONLY_SCOPE_KEY = "flotilla.final_only"  # ASGI scope key: non-streaming runs want one final output per prompt
+
+
+def wants_final_only(scope: Mapping) -> bool:
+    """Whether an in-process caller asked (``FINAL_ONLY_SCOPE_KEY``) for final outputs only (module docstring)."""
+    return bool(scope.get(FINAL_ONLY_SCOPE_KEY))
 
 
 def request_priority(requested: int | None, scope: Mapping, policy: str | None) -> int:
@@ -152,11 +162,12 @@ class ServingContext:
         return request_priority(requested, scope, self.engine.config.scheduler.policy if requested else None)
 
     def start(self, base_id: str, prepared: list[ProcessedPrompt], params: SamplingParams,
-              stream: bool = True, priority: int = 0) -> "EngineRun":
+              stream: bool = True, priority: int = 0, final_only: bool = False) -> "EngineRun":
         """Admit (APIError 429/503 otherwise) and set up the engine requests of one HTTP request (``stream``:
-        the client streams; see the module contract for the output kind) at engine priority ``priority``."""
+        the client streams; ``final_only``: a non-streaming caller wants one output per prompt; see the module
+        contract for the output kind) at engine priority ``priority``."""
         self.admit(len(prepared))
-        final_only = not stream and getattr(self.engine, "reruns_unstarted_requests", False)
+        final_only = not stream and (final_only or getattr(self.engine, "reruns_unstarted_requests", False))
         return EngineRun(self, base_id, prepared, params, OutputKind.FINAL_ONLY if final_only else OutputKind.DELTA,
                          priority)
 

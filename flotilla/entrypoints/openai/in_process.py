@@ -5,7 +5,9 @@ JSON object) to ``url`` on ``app`` (what ``build_app`` returns: the whole middle
 is validated, admitted, counted and answered exactly as the same request over HTTP) and returns
 ``(status_code, decoded JSON body)`` (a body that is not JSON, e.g. a 499's empty one, decodes to None). No
 socket is involved. The ASGI scope carries ``"flotilla.priority"`` (the engine priority the serving code gives
-the request; batch work runs below online traffic). After the body, ``receive`` waits until the call is
+the request; batch work runs below online traffic) and ``"flotilla.final_only"`` (a non-streaming request's
+engine requests deliver one final output instead of one per token: the same answer for less of this process's
+CPU, which the engine needs on a small machine). After the body, ``receive`` waits until the call is
 cancelled, so the app never sees a disconnect while the batch wants the answer; cancelling ``send`` cancels
 the app's handler, which aborts its engine requests.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from flotilla.entrypoints.openai.generation import PRIORITY_SCOPE_KEY
+from flotilla.entrypoints.openai.generation import FINAL_ONLY_SCOPE_KEY, PRIORITY_SCOPE_KEY
 from flotilla.request import BATCH_PRIORITY
 
 
@@ -33,7 +35,7 @@ class InProcessClient:
                  "method": "POST", "scheme": "http", "path": url, "raw_path": url.encode(), "root_path": "",
                  "query_string": b"", "client": ("127.0.0.1", 0), "server": ("flotilla-batch", 0),
                  "headers": self.headers + [(b"content-length", str(len(raw)).encode())],
-                 PRIORITY_SCOPE_KEY: self.priority}
+                 PRIORITY_SCOPE_KEY: self.priority, FINAL_ONLY_SCOPE_KEY: True}
         sent = False
         never = asyncio.Event()
 

@@ -29,7 +29,7 @@ from fastapi.responses import Response
 
 from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
-from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.generation import EngineRun, ServingContext, wants_final_only
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import ChatCompletionRequest, template_messages
 from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, best_of, chat_logprobs, prompt_logprobs_json,
@@ -97,7 +97,8 @@ async def create_chat_completion(served: ServedModels, request: Request) -> Resp
     tools = req.tool_plan(ctx.config.enable_auto_tool_choice, ctx.config.tool_call_parser)
     params = with_tool_constraint(req.to_sampling_params(), tools)
     prepared = await prepare_chat(ctx, req, params, tools.template_tools)
-    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority)
+    run = ctx.start(f"chatcmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority,
+                    final_only=wants_final_only(request.scope))
     job = _ChatJob(ctx, req, prepared, run, tools)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

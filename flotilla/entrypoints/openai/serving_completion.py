@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from flotilla.entrypoints.openai.body import parse_body
 from flotilla.entrypoints.openai.cancellation import Disconnected, run_unless_disconnected
 from flotilla.entrypoints.openai.errors import error_body, to_api_error
-from flotilla.entrypoints.openai.generation import EngineRun, ServingContext
+from flotilla.entrypoints.openai.generation import EngineRun, ServingContext, wants_final_only
 from flotilla.entrypoints.openai.models import ServedModels
 from flotilla.entrypoints.openai.protocol import CompletionRequest
 from flotilla.entrypoints.openai.responses import (ChoiceAccumulator, best_of, completion_logprobs,
@@ -103,7 +103,8 @@ async def create_completion(served: ServedModels, request: Request) -> Response:
     prompts = req.prompts()
     params = req.to_sampling_params()
     prepared = await ctx.prepare(prompts, params, req.cache_salt)
-    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority)
+    run = ctx.start(f"cmpl-{uuid.uuid4().hex}", prepared, params, stream=bool(req.stream), priority=priority,
+                    final_only=wants_final_only(request.scope))
     job = _Job(ctx, req, prepared, run)
     return await respond(request, run, req.stream, lambda: _stream(job), lambda: _collect(job))
 

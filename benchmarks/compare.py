@@ -16,8 +16,8 @@ Offline throughput (``--num-prompts`` random-token prompts, lengths uniform in
 Serving (``--serve-num-prompts`` random prompts of ``--serve-input-len`` in / ``--serve-output-len`` out,
 ``--concurrency N``, ignore_eos), each server measured by ``flotilla bench serve``:
 
-* ``flotilla-serve``: ``flotilla serve`` on the GGUF with the defaults (on the CPU its Q4_1/Q8_0 weights stay
-  quantized, ``--quantization gguf``; activations in ``--dtype``);
+* ``flotilla-serve``: ``flotilla serve`` on the GGUF with the defaults (float weights: the GGUF dequantized to
+  ``--dtype``; ``--quantization gguf`` keeps its Q4_1/Q8_0 blocks, opt-in);
 * ``llama-server``: llama.cpp's server with ``--parallel N`` (continuous batching) on the same GGUF (its
   Q4_1 weights stay 4-bit), found or built by ``benchmarks/llama_server.py``.
 
@@ -602,7 +602,7 @@ def llama_server(args, gguf: str, n: int, client_args: list[str] | None = None) 
     cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(n),
            "--ctx-size", str(ctx), "--threads", threads, "--threads-batch", threads, "--cont-batching",
            *args.llama_server_args.split()]
-    r = bench_server("llama-server", cmd, port, args, f"--parallel {n} --ctx-size {ctx} -t {threads}, Q4_1 weights",
+    r = bench_server("llama-server", cmd, port, args, f"--parallel {n} --ctx-size {ctx} -t {threads}, the file's quantized weights",
                      client_args=client_args)
     if is_ok(r):
         r["binary"] = binary

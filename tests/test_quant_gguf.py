@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized (``--quantization gguf``, the default for a GGUF file on the CPU) and
+"""GGUF weights kept quantized (``--quantization gguf``, opt-in) and
 ``--quantization int4``, at the engine level.
 
 Two oracles, both transformers in float32 on the same weights (the GGUF file dequantized; for int4 the
@@ -157,7 +157,7 @@ def test_int4_rounds_to_the_nearest_of_sixteen_levels():
 
 
 def test_quantization_choices(tiny_llama):
-    assert EngineArgs(model=None).create_engine_config().model.quantization == "gguf"  # the CPU default for GGUF
+    assert EngineArgs(model=None).create_engine_config().model.quantization is None  # float weights by default
     assert EngineArgs(quantization="gguf").create_engine_config().model.quantization == "gguf"
     assert EngineArgs(quantization="none").create_engine_config().model.quantization is None
     assert EngineArgs(batch_invariant=True).create_engine_config().model.quantization is None

@@ -64,9 +64,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="generate (decoders) or pooling (embedding models); auto detects it from the architecture")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", "-q", choices=["gguf", "int8", "int4", "none"], default=None,
-                   help="weight-only quantization: gguf keeps a GGUF file's quantized weights (the default for "
-                        "GGUF models on the CPU), int8 (per-row) or int4 (group-wise, 32) quantize at load, none "
-                        "runs float weights (a GGUF file dequantized to --dtype)")
+                   help="weight-only quantization: gguf keeps a GGUF file's quantized weights (CPU; opt-in), "
+                        "int8 (per-row) or int4 (group-wise, 32) quantize at load, none "
+                        "(the default) runs float weights (a GGUF file dequantized to --dtype)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=finite_float, default=1.0, help="KV cache budget in GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")

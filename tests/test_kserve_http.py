@@ -36,6 +36,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = repository_server(write_repository(tmp_path_factory.mktemp("kserve-http")), KEY)
+    # Every model loaded at start: if one did not, fail here with the server's reasons (a CI run once had the
+    # ONNX encoder UNAVAILABLE and five tests failing without them).
+    index = httpx.post(f"{srv.url}/v2/repository/index", headers=auth(), json={}).json()
+    failed = [row for row in index if row.get("state") != "READY"]
+    assert not failed, (failed, srv.output()[-4000:])
     yield srv
     assert srv.stop() == 0, srv.output()
 

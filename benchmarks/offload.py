@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
+
+from batch_invariant_cost import cpu_model
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 GiB = 1 << 30
@@ -112,17 +113,6 @@ def child(args) -> dict:
             "peak_rss_file_mib": peak["RssFile"] / 1024,
             "fill_ms_per_layer": 1e3 * fill_s / max(1, streamed * args.max_tokens),
             "stall_share": wait_s / tn, "tokens": tokens}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:

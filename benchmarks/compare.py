@@ -16,8 +16,8 @@ Offline throughput (``--num-prompts`` random-token prompts, lengths uniform in
 Serving (``--serve-num-prompts`` random prompts of ``--serve-input-len`` in / ``--serve-output-len`` out,
 ``--concurrency N``, ignore_eos), each server measured by ``flotilla bench serve``:
 
-* ``flotilla-serve``: ``flotilla serve`` on the GGUF with the defaults (float weights: the GGUF dequantized to
-  ``--dtype``; ``--quantization gguf`` keeps its Q4_1/Q8_0 blocks, opt-in);
+* ``flotilla-serve``: ``flotilla serve`` on the GGUF with the defaults (``--quantization gguf``: its Q4_1/Q8_0
+  blocks kept quantized for steps of a few tokens, bfloat16 copies for larger ones);
 * ``llama-server``: llama.cpp's server with ``--parallel N`` (continuous batching) on the same GGUF (its
   Q4_1 weights stay 4-bit), found or built by ``benchmarks/llama_server.py``.
 

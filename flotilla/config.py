@@ -28,7 +28,8 @@ class ModelConfig:
     file. ``hf_config`` is a transformers ``PretrainedConfig`` (for GGUF, built from its metadata).
     ``dtype`` is the resolved torch dtype name; ``max_model_len`` the context limit (prompt + output);
     ``quantization`` (weight-only; activations stay ``dtype``): "gguf" keeps a GGUF file's quantized weights
-    in their blocks (layers/quant_weight.py), "int8" stores linear weights as int8 with per-row scales, "int4"
+    in their blocks (layers/quant_weight.py; with ``dense_min_rows`` > 0 also a float copy that steps of at
+    least that many tokens multiply instead), "int8" stores linear weights as int8 with per-row scales, "int4"
     quantizes them group-wise to 4 bits (layers/quantization.py), None runs float weights.
     ``batch_invariant`` computes every token's activations, logits and logprobs with reductions whose order
     does not depend on the rest of the batch (layers/batch_invariant.py); it excludes ``quantization``.
@@ -45,6 +46,7 @@ class ModelConfig:
     max_model_len: int = 2048
     served_model_name: str | None = None
     quantization: str | None = None  # None, "gguf", "int8" or "int4" (weight-only)
+    dense_min_rows: int = 0  # "gguf": steps of at least this many tokens use float copies of the weights; 0: none
     batch_invariant: bool = False
     runner: str = "generate"
     pooler: Any = None
@@ -58,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"quantization must be None, 'gguf', 'int8' or 'int4', got {self.quantization!r}")
         if self.quantization == "gguf" and self.source_kind != "gguf":
             raise ValueError("quantization 'gguf' needs a GGUF model file")
+        if self.dense_min_rows < 0:  # read only with quantization "gguf" (EngineArgs sets it only then)
+            raise ValueError(f"dense_min_rows must be >= 0, got {self.dense_min_rows}")
         if self.batch_invariant and self.quantization is not None:
             raise ValueError(f"batch_invariant cannot be combined with quantization {self.quantization!r}")
         if self.source_kind not in ("hf_dir", "gguf"):

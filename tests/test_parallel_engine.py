@@ -156,11 +156,12 @@ def test_embedded_smollm2_tp3_and_pp2():
     prompts = ["The capital of France is", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     # float32: bfloat16 partial sums all-reduced across ranks round differently from one process's matmul
-    single = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", quantization="gguf")
+    kept = {"dtype": "float32", "quantization": "gguf", "gguf_dense_min_tokens": 0}  # the kernels at every step
+    single = LLM(max_model_len=256, num_kv_blocks=64, **kept)
     assert single.engine.config.model.quantization == "gguf"
     ref = single.generate(prompts, params)
     for kw in ({"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
-        llm = LLM(max_model_len=256, num_kv_blocks=64, dtype="float32", quantization="gguf", **kw)
+        llm = LLM(max_model_len=256, num_kv_blocks=64, **kept, **kw)
         try:
             assert llm.engine.config.model.quantization == "gguf"
             got = llm.generate(prompts, params)

@@ -1,4 +1,6 @@
-"""GGUF weights kept quantized (``--quantization gguf``, opt-in) and
+"""GGUF weights kept quantized (``--quantization gguf``, the CPU default for GGUF files; here without the float
+copies for large steps, ``gguf_dense_min_tokens=0``, so every step runs the kernels: tests/test_quant_dispatch.py
+covers the copies) and
 ``--quantization int4``, at the engine level.
 
 Two oracles, both transformers in float32 on the same weights (the GGUF file dequantized; for int4 the
@@ -46,7 +48,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logp
 
 @pytest.fixture(scope="module")
 def smollm2():
-    llm = LLM(dtype="float32", quantization="gguf", max_model_len=256, num_kv_blocks=16)
+    llm = LLM(dtype="float32", quantization="gguf", gguf_dense_min_tokens=0, max_model_len=256, num_kv_blocks=16)
     yield llm
     llm.engine.shutdown()
 
@@ -157,7 +159,7 @@ def test_int4_rounds_to_the_nearest_of_sixteen_levels():
 
 
 def test_quantization_choices(tiny_llama):
-    assert EngineArgs(model=None).create_engine_config().model.quantization is None  # float weights by default
+    assert EngineArgs(model=None).create_engine_config().model.quantization == "gguf"  # the CPU default for GGUF
     assert EngineArgs(quantization="gguf").create_engine_config().model.quantization == "gguf"
     assert EngineArgs(quantization="none").create_engine_config().model.quantization is None
     assert EngineArgs(batch_invariant=True).create_engine_config().model.quantization is None

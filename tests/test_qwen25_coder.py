@@ -160,7 +160,8 @@ def test_stops_at_im_end_in_chat(llm):
 def test_kept_quantized_follows_the_rounded_activation_oracle(resolved, reader, hf_model):
     """``--quantization gguf`` (Q4_K/Q5_0/Q6_K/Q8_0 blocks kept quantized) against the rounded-activation oracle
     (tests/oracle_helpers.py), under DESIGN.md's top-5 rule."""
-    llm = LLM(model=ALIAS, dtype="float32", quantization="gguf", max_model_len=512, num_kv_blocks=32)
+    llm = LLM(model=ALIAS, dtype="float32", quantization="gguf", gguf_dense_min_tokens=0, max_model_len=512,
+              num_kv_blocks=32)
     try:
         assert llm.engine.config.model.quantization == "gguf"
         names = packed_linear_names(reader, hf_model)

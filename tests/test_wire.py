@@ -243,7 +243,7 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
     hf = load_hf_config(ResolvedModel(source=source, kind="hf_dir"))
     model = ModelConfig(**_with_bools_flipped(ModelConfig, dict(
         model="my-llama", source=source, source_kind="hf_dir", hf_config=hf, dtype="bfloat16", max_model_len=4096,
-        served_model_name="served-name", quantization=quantization), flip=quantization is None))
+        served_model_name="served-name", quantization=quantization, dense_min_rows=5), flip=quantization is None))
     return EngineConfig(**_with_bools_flipped(EngineConfig, dict(
         model=model,
         cache=CacheConfig(**_with_bools_flipped(CacheConfig, dict(block_size=32, kv_cache_memory=2.5,
@@ -300,7 +300,7 @@ def test_engine_config_decoding_is_strict(config_dir):
 
 
 def test_engine_args_with_every_field_set_roundtrip():
-    given = dict(model="m", dtype="bfloat16", quantization="int8", max_model_len=4096, kv_cache_memory=2.5,
+    given = dict(model="m", dtype="bfloat16", quantization="int8", gguf_dense_min_tokens=6, max_model_len=4096, kv_cache_memory=2.5,
                  num_kv_blocks=99, block_size=32, max_num_seqs=3, max_num_batched_tokens=512,
                  scheduling_policy="priority",
                  tensor_parallel_size=3, pipeline_parallel_size=2, distributed_executor_backend="ray",

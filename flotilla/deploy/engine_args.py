@@ -64,9 +64,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="generate (decoders) or pooling (embedding models); auto detects it from the architecture")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", "-q", choices=["gguf", "int8", "int4", "none"], default=None,
-                   help="weight-only quantization: gguf keeps a GGUF file's quantized weights (CPU; opt-in), "
-                        "int8 (per-row) or int4 (group-wise, 32) quantize at load, none "
-                        "(the default) runs float weights (a GGUF file dequantized to --dtype)")
+                   help="weight-only quantization: gguf keeps a GGUF file's quantized weights (the default for "
+                        "GGUF models on the CPU; large steps use float copies, see --gguf-dense-min-tokens), int8 "
+                        "(per-row) or int4 (group-wise, 32) quantize at load, none runs float weights (a GGUF "
+                        "file dequantized to --dtype)")
+    p.add_argument("--gguf-dense-min-tokens", type=int, default=None, metavar="N",
+                   help="with gguf: steps of at least N tokens multiply bfloat16 copies of the weights (kept beside "
+                        "the quantized blocks; the int8 kernels win only at a few tokens per step); 0 keeps no copy "
+                        "(least memory); default: this CPU's crossover (4 with AVX512_BF16, else 8)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=finite_float, default=1.0, help="KV cache budget in GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")
@@ -146,7 +151,8 @@ def structured_outputs_config(ns: argparse.Namespace) -> dict | None:
 def engine_args_from(ns: argparse.Namespace):
     from flotilla.engine.arg_utils import EngineArgs
     partition = [int(x) for x in ns.pipeline_partition.split(",")] if ns.pipeline_partition else None
-    return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len,
+    return EngineArgs(model=ns.model, dtype=ns.dtype, quantization=ns.quantization,
+                      gguf_dense_min_tokens=ns.gguf_dense_min_tokens, max_model_len=ns.max_model_len,
                       kv_cache_memory=ns.kv_cache_memory, num_kv_blocks=ns.num_kv_blocks, block_size=ns.block_size,
                       max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                       scheduling_policy=ns.scheduling_policy,

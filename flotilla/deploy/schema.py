@@ -35,7 +35,8 @@ ENGINE_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "quantiza
                   "distributed_backend": ("gloo", "nccl"), "runner": ("auto", "generate", "pooling"),
                   "scheduling_policy": SCHEDULING_POLICIES}
 ENGINE_MINIMUM = {"max_model_len": 1, "num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1,
-                  "max_num_batched_tokens": 1, "num_threads": 1, "cpu_offload_gb": 0}
+                  "max_num_batched_tokens": 1, "num_threads": 1, "cpu_offload_gb": 0,
+                  "gguf_dense_min_tokens": 0}
 ENGINE_POSITIVE = ("kv_cache_memory", "max_resident_weights")
 
 

@@ -85,6 +85,10 @@ class EngineArgs:
     speculative_config: dict[str, Any] | None = None
     cpu_offload_gb: float = 0.0  # vLLM's --cpu-offload-gb (GiB)
     max_resident_weights: float | None = None  # GiB of weights materialised at once (CPU), None: all
+    # "gguf": steps of at least this many tokens multiply float copies of the weights (held beside the quantized
+    # blocks); 0 keeps no copy (quantized kernels at every step size); None: chosen for this CPU
+    # (quant_weight.auto_dense_min_rows)
+    gguf_dense_min_tokens: int | None = None
 
     def create_engine_config(self) -> EngineConfig:
         self._check_finite()  # before anything is read or loaded
@@ -104,7 +108,8 @@ class EngineArgs:
         model = ModelConfig(model=resolved.alias or self.model or resolved.source, source=resolved.source,
                             source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
                             max_model_len=max_len, served_model_name=self.served_model_name,
-                            quantization=quantization, batch_invariant=self.batch_invariant)
+                            quantization=quantization, dense_min_rows=self._dense_min_rows(quantization),
+                            batch_invariant=self.batch_invariant)
         batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
                                                   else 2048)
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -263,13 +268,16 @@ class EngineArgs:
         return self.max_model_len
 
     def _quantization(self, dtype: str, source_kind: str) -> str | None:
-        """The weight quantization the model runs with (ModelConfig.quantization). By default every checkpoint
-        runs float weights (a GGUF file dequantized to ``dtype``): the kept-quantized path ("gguf", opt-in) is
-        faster at small batches (fewer bytes per step) but its int8 kernels lose to bfloat16 matmuls at large
-        batches, which serving throughput needs. "none" is the default's explicit name."""
+        """The weight quantization the model runs with (ModelConfig.quantization), like vLLM's: by default a GGUF
+        file keeps its quantized blocks ("gguf") on the CPU, with float copies for large steps
+        (``gguf_dense_min_tokens``), unless --batch-invariant or weight offload asks for float weights; other
+        checkpoints run float weights. "none" (a flotilla value; vLLM cannot run a GGUF file dequantized)
+        forces float weights."""
         q = self.quantization
         if q is None:
-            return None
+            offload = bool(self.cpu_offload_gb) or self.max_resident_weights is not None
+            keep = source_kind == "gguf" and self.device == "cpu" and not self.batch_invariant and not offload
+            return "gguf" if keep else None
         if q not in QUANTIZATION_CHOICES:
             raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {q!r}",
                                       "quantization")
@@ -286,6 +294,23 @@ class EngineArgs:
                                       "--dtype bfloat16 (torch's int8 kernel is slow with float32 on CPU)",
                                       "quantization")
         return q
+
+    def _dense_min_rows(self, quantization: str | None) -> int:
+        """ModelConfig.dense_min_rows: ``gguf_dense_min_tokens`` checked, or this CPU's crossover (auto)."""
+        n = self.gguf_dense_min_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise InvalidRequestError(f"gguf_dense_min_tokens must be an integer >= 0, got {n!r}",
+                                      "gguf_dense_min_tokens")
+        if quantization != "gguf":
+            if n:
+                raise InvalidRequestError(f"gguf_dense_min_tokens applies to GGUF weights kept quantized "
+                                          f"(--quantization gguf), not to quantization {quantization}",
+                                          "gguf_dense_min_tokens")
+            return 0
+        if n is None:
+            from flotilla.layers.quant_weight import auto_dense_min_rows
+            return auto_dense_min_rows()
+        return n
 
     def _check_batch_invariant(self, quantization: str | None) -> None:
         if not self.batch_invariant:

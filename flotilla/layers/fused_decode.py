@@ -4,8 +4,9 @@ At batch 1 a small model's step is mostly Python: a Llama layer is ~25 Python-le
 one kernel each), ~3 ms of a 135M model's step on a 2-core CPU. For a step of decodes only (every request one
 token; the paged decode kernel's path), ``FusedDecodeLayer`` runs the layer's kernels in the same order on the
 same tensors from C++: the same bits, one call. It applies where every linear weight is a packed
-``QuantizedWeight`` (GGUF kept quantized, int4) at tensor-parallel size 1 with the CPU kernels on; other steps
-and layers take the modules' own path.
+``QuantizedWeight`` (GGUF kept quantized, int4) at tensor-parallel size 1 with the CPU kernels on, to steps of
+fewer rows than the weights' float copies take over at (``QuantizedWeight.dense_min_rows``); other steps and
+layers take the modules' own path.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class FusedDecodeLayer:
     the layer's forward, or None when the step is not one it runs (then the caller runs the modules)."""
 
     def __init__(self, op, attn_module: nn.Module, norms: tuple[nn.Module, nn.Module], linears: list[tuple],
-                 rotary: nn.Module, attention: nn.Module):
+                 rotary: nn.Module, attention: nn.Module, dense_from: int | None = None):
         self._op = op
+        self._dense_from = dense_from  # steps of at least this many rows multiply the float copies instead
         self._layer_idx = attn_module.layer_idx
         self._norm1, self._norm2 = norms
         self._linears = [x for lin in linears for x in lin]  # qkv, o, gate_up, down: 4 args each
@@ -54,8 +56,10 @@ class FusedDecodeLayer:
         op = use_kernels(self_attn.qkv_proj.quant_weight.segments[0].packed)
         if op is None or not hasattr(op, "decode_layer"):
             return None
+        weights = [m.quant_weight for m in (self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        dense_from = min((w.dense_min_rows for w in weights if w.dense is not None), default=None)
         return cls(op.decode_layer, self_attn, (input_layernorm, post_attention_layernorm), linears,
-                   self_attn.rotary, self_attn.attn)
+                   self_attn.rotary, self_attn.attn, dense_from)
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, ctx):
         md = ctx.metadata
@@ -63,6 +67,8 @@ class FusedDecodeLayer:
                 or md.num_decodes != hidden.shape[0] or hidden.dim() != 2 or not hidden.is_contiguous()
                 or hidden.dtype != self._norm1.weight.dtype or (residual is not None and not residual.is_contiguous())):
             return None
+        if self._dense_from is not None and hidden.shape[0] >= self._dense_from:
+            return None  # the modules' path, which multiplies the float copies at this size
         first = residual is None
         res = hidden if first else residual
         a = self._attn

@@ -14,6 +14,14 @@ Flow (``--quantization gguf``, the default for GGUF files on the CPU):
 weight stays 4-8 bits; activations are quantized to int8 per block of 32, as llama.cpp does). The packed
 layout (flotilla/csrc/quant.h) dequantizes to exactly the GGUF values; ``dequantize_packed`` is its eager
 PyTorch reading, used when the kernel library is switched off after load and by the tests.
+
+Per-step choice of kernel (``add_dense_copies_``, vLLM's GGUF path does the same on CUDA): the int8 kernels
+read a quarter of bfloat16's bytes, which wins where a step is bound by memory bandwidth (decode with few
+requests), but at many rows per step a bfloat16 matmul computes faster than they do (3.4x at 256 rows on an
+AVX-512-BF16 CPU, benchmarks/RESULTS.md). So a weight may also hold a float copy of its dequantized values
+(oneDNN-prepacked on bfloat16 CPUs), and a matmul of at least ``dense_min_rows`` rows uses it. Both readings
+multiply the same GGUF values; they differ by the int8 activation rounding (see quant_matmul.cpp) and the float
+copy's rounding to ``dtype``.
 """
 
 from __future__ import annotations
@@ -106,6 +114,10 @@ class QuantizedWeight:
 
     def __init__(self, rows: int, cols: int, segments: list[Segment], dtype: torch.dtype):
         self.rows, self.cols, self.segments, self.dtype = rows, cols, segments, dtype
+        # the float copy for large steps (set_dense): (rows, cols) in dtype, oneDNN-prepacked or plain
+        self.dense: torch.Tensor | None = None
+        self.dense_prepacked = False
+        self.dense_min_rows = 0  # matmuls of at least this many rows use ``dense`` (when it is set)
         only = segments[0] if len(segments) == 1 and segments[0].packed is not None else None
         ops = use_kernels(only.packed) if only is not None else None
         # the decode path: one op, the kernel library bound once (packing needed it, so it is loaded)
@@ -113,7 +125,37 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the quantized segments (the float copy, if any, is ``dense_nbytes``)."""
         return sum((s.packed if s.packed is not None else s.dense).nbytes for s in self.segments)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return 0 if self.dense is None else self.rows * self.cols * self.dense.element_size()
+
+    def set_dense(self, min_rows: int) -> None:
+        """Keep a float copy (dtype) of the weight for matmuls of at least ``min_rows`` rows (>= 1)."""
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+        from flotilla.layers import torch_compat
+        from flotilla.layers.quantization import prepack_supported
+        w = self.dequantize(self.dtype)  # (rows, cols)
+        packed = torch_compat.onednn_prepack(w, 64) if prepack_supported(self.dtype, w.device) else None
+        self.dense, self.dense_prepacked = (packed, True) if packed is not None else (w, False)
+        self.dense_min_rows = min_rows
+
+    def uses_dense(self, rows: int) -> bool:
+        """Whether a matmul of ``rows`` rows multiplies the float copy."""
+        return self.dense is not None and rows >= self.dense_min_rows and not switched_off()
+
+    def _dense_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from flotilla.layers import torch_compat
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cols)  # (M, cols)
+        if self.dense_prepacked and x2.dtype == self.dtype:
+            y = torch_compat.onednn_linear(x2, self.dense, bias)
+        else:
+            y = F.linear(x2, self.dense.to(x2.dtype), bias)
+        return y.view(*lead, self.rows)
 
     def describe(self) -> str:
         return "+".join(TYPE_NAMES[s.qtype] if s.qtype is not None else str(s.dense.dtype).removeprefix("torch.")
@@ -121,6 +163,8 @@ class QuantizedWeight:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T (+ bias)``: x (..., cols) -> (..., rows) in x's dtype."""
+        if self.dense is not None and self.uses_dense(x.numel() // self.cols):
+            return self._dense_mm(x, bias)
         if self._one is not None and not switched_off():
             op, packed, qtype = self._one
             return op(x, packed, qtype, self.rows, bias)
@@ -245,6 +289,40 @@ def finalize_quantized_(model: nn.Module) -> int:
         if built[id(param)] is not None:
             module.quant_weight = built[id(param)]
     return sum(1 for w in built.values() if w is not None)
+
+
+# Steps of at least this many tokens multiply the float copies by default (``auto_dense_min_rows``): where the
+# int8 kernels (two activation rows per token) stop beating oneDNN's bfloat16 matmul. Measured on an AMD EPYC
+# with AVX-512 VNNI + BF16 (benchmarks/RESULTS.md, "Per-step choice of kernel"): Q4_1 layers of SmolLM2 and
+# Qwen2.5-1.5B, quantized/bfloat16 time 0.33-0.52 at 1 row, 0.75-1.74 at 4, 1.3-3.1 at 8 and more. CPUs without
+# AVX512_BF16 convert bfloat16 in software, which moves the crossover up (not measured: an estimate).
+DENSE_MIN_ROWS_BF16 = 4
+DENSE_MIN_ROWS_OTHER = 8
+_ISA_AVX512_BF16 = 3  # flotilla::isa::kAvx512Bf16 (csrc/isa.h)
+
+
+def auto_dense_min_rows() -> int:
+    """The default step size (tokens) from which kept-quantized weights multiply their float copies on this CPU."""
+    ops = use_kernels(torch.empty(0))
+    level = int(ops.isa_detected()) if ops is not None else 0
+    return DENSE_MIN_ROWS_BF16 if level >= _ISA_AVX512_BF16 else DENSE_MIN_ROWS_OTHER
+
+
+def add_dense_copies_(model: nn.Module, min_rows: int) -> int:
+    """Give every kept-quantized weight that a linear layer or the LM head multiplies a float copy for matmuls
+    of at least ``min_rows`` rows (``QuantizedWeight.set_dense``); returns how many got one. An embedding-only
+    weight gets none (lookups read the quantized rows)."""
+    from flotilla.layers.embedding import ParallelLMHead
+    from flotilla.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    done: set[int] = set()
+    for module in model.modules():
+        qw = getattr(module, "quant_weight", None)
+        if qw is None or id(qw) in done or not isinstance(
+                module, (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            continue
+        qw.set_dense(min_rows)
+        done.add(id(qw))
+    return len(done)
 
 
 # ---- the eager reading of the packed layout (flotilla/csrc/quant.h) ---------------------------------------

@@ -25,6 +25,8 @@ from flotilla.config import EngineConfig, SpeculativeConfig
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered, load_hf_config
 from flotilla.models.registry import get_model_class
+from flotilla.ops import cpu_kernels
+from flotilla.worker.weight_prep import prepare_weights_
 
 
 def draft_hf_config(spec: SpeculativeConfig):
@@ -58,15 +60,18 @@ class DraftModelProposer:
             model = get_model_class(getattr(hf_config, "architectures", None))(
                 hf_config, dtype=dtype, max_model_len=config.model.max_model_len, pp_partition=None)
         resolved = ResolvedModel(source=spec.draft_source, kind=spec.draft_source_kind)
-        model.load_weights(iterate_weights_filtered(resolved, hf_config, dtype, model.wants_weight))
-        if config.model.quantization:
-            from flotilla.layers.quantization import quantize_model_
-            quantize_model_(model, config.model.quantization)
-        else:
-            from flotilla.layers.quantization import prepack_model_
-            from flotilla.ops import kernels_enabled
-            if kernels_enabled() and not config.model.batch_invariant:
-                prepack_model_(model)
+        # Quantization follows the target's: a GGUF draft keeps its blocks when the target does ("gguf"; a
+        # non-GGUF draft then runs float weights), int8/int4 quantize the draft at load too.
+        mc = config.model
+        keep = mc.quantization == "gguf" and spec.draft_source_kind == "gguf" and device.type == "cpu" \
+            and cpu_kernels() is not None
+        model.load_weights(iterate_weights_filtered(resolved, hf_config, dtype, model.wants_weight,
+                                                    keep_quantized=keep))
+        prepare_weights_(model, keep_quantized=keep,
+                         quantization=mc.quantization if mc.quantization in ("int8", "int4") else None,
+                         dense_min_rows=mc.dense_min_rows if keep else 0, batch_invariant=False,
+                         prepack=not mc.batch_invariant,
+                         what="draft model")
         kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
         head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
         shape = backend.kv_cache_shape(num_blocks, config.cache.block_size, kv_heads, head_dim)

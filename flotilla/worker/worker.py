@@ -11,10 +11,7 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
-from flotilla.layers.batch_invariant import make_batch_invariant_
-from flotilla.layers.quant_weight import finalize_quantized_
-from flotilla.layers.quantization import prepack_model_, quantize_model_
-from flotilla.ops import cpu_kernels, kernels_enabled, unavailable_reason
+from flotilla.ops import cpu_kernels, unavailable_reason
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.offload import WeightOffloader, build_device
 from flotilla.models.registry import get_model_class
@@ -23,6 +20,7 @@ from flotilla.structured.decoding import StructuredDecoding
 from flotilla.structured.grammar import GrammarCache
 from flotilla.structured.tokenizer_cache import TokenizerAssets
 from flotilla.worker.model_runner import ModelRunner
+from flotilla.worker.weight_prep import prepare_weights_
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +73,8 @@ class Worker:
                                                     lazy=lazy, keep_quantized=keep))
         if offloader is not None:
             offloader.attach()  # before prepacking: streamed layers run F.linear (bit-identical to the prepacked path)
-        if keep:
-            logger.info("GGUF weights kept quantized: %d weights packed", finalize_quantized_(model))
-        elif mc.quantization in ("int8", "int4"):
-            quantize_model_(model, mc.quantization)
-        if (keep or mc.quantization == "int4") and hasattr(model, "enable_fused_decode"):
-            logger.info("one-op decode layers: %d", model.enable_fused_decode())
-        if mc.batch_invariant:
-            packed = make_batch_invariant_(model)  # instead of oneDNN's prepacking (its order depends on M)
-            logger.info("batch-invariant execution: %s", f"{packed} weights packed for the kernel" if packed
-                        else "eager row-by-row fallback (no kernel library)")
-        elif kernels_enabled():
-            prepack_model_(model)  # CPU bfloat16 only; a no-op elsewhere
+        prepare_weights_(model, keep_quantized=keep, quantization=mc.quantization,
+                         dense_min_rows=mc.dense_min_rows if keep else 0, batch_invariant=mc.batch_invariant)
         self.model = model.eval()
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,

@@ -3,6 +3,7 @@ n-gram prompt lookup, with a draft model, and without speculation, in one run.
 
     .venv/bin/python benchmarks/spec_decode.py [--model smollm2-135m-instruct] [--configs none,ngram]
         [--draft qwen2.5-coder-0.5b-instruct] [--k 4] [--max-tokens 160] [--repeats 1]
+        [--engine-args '{"quantization": "none"}']
 
 A code-editing prompt asks for a small change to a function and the whole function back, so most of the output
 repeats the input (the case prompt lookup and drafting are for). Each configuration is a fresh ``LLM`` in this
@@ -82,7 +83,7 @@ def engine_kwargs(config: str, args) -> dict:
 def run_config(config: str, args) -> dict:
     from flotilla import LLM, SamplingParams
     llm = LLM(model=args.model, max_model_len=2048, kv_cache_memory=0.5, dtype=args.dtype,
-              **engine_kwargs(config, args))
+              **json.loads(args.engine_args), **engine_kwargs(config, args))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     llm.chat(messages(*EDITS[0]), SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)  # warm-up
     tokens, outputs = 0, []
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--engine-args", default="{}",
+                    help='more LLM(...) keywords for every configuration, as JSON: \'{"quantization": "none"}\'')
     ap.add_argument("--output-json", default=str(ROOT / "benchmarks" / "results" / "spec_decode.json"))
     args = ap.parse_args()
     configs = args.configs.split(",")
@@ -122,7 +125,7 @@ def main() -> None:
         ensure_alias(args.draft)
     results = [run_config(c, args) for c in configs]
     base = results[0]
-    print(f"model {args.model}, k={args.k}, CPU {cpu_model()}, commit {commit()}")
+    print(f"model {args.model}, k={args.k}, engine args {args.engine_args}, CPU {cpu_model()}, commit {commit()}")
     print("| config | output tokens | wall s | tok/s | vs " + base["config"] + " | acceptance | same tokens |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -131,7 +134,8 @@ def main() -> None:
               f"{r['tok_per_s'] / base['tok_per_s']:.2f}x | {rate:.0%} | {r['outputs'] == base['outputs']} |")
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output_json, "w") as f:
-        json.dump({"model": args.model, "k": args.k, "cpu": cpu_model(), "commit": commit(),
+        json.dump({"model": args.model, "k": args.k, "engine_args": json.loads(args.engine_args), "cpu": cpu_model(),
+                   "commit": commit(),
                    "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]}, f, indent=1)
 
 

@@ -62,6 +62,18 @@ def test_emitted_file_is_a_valid_deployment(report_70b, tmp_path):
     assert args.tensor_parallel_size == best.tp and args.num_kv_blocks == report_70b.best.kv_blocks
 
 
+def test_gguf_models_are_planned_and_served_with_float_weights(report_70b):
+    """The cost model prices float matmuls: a GGUF model's planned engine asks for them (``quantization:
+    none``) instead of the CPU default's kept-quantized blocks; a planned int8 stays int8."""
+    import dataclasses
+    from flotilla.planner.emit import engine_settings
+    plan_ = report_70b.best.plan
+    assert engine_settings(plan_, "cpu", 8, "gguf")["quantization"] == "none"
+    assert "quantization" not in engine_settings(plan_, "cpu", 8, "hf_dir")
+    assert "quantization" not in engine_settings(plan_, "gpu", 8, "gguf")
+    assert engine_settings(dataclasses.replace(plan_, quantization="int8"), "cpu", 8, "gguf")["quantization"] == "int8"
+
+
 def test_parallel_auto_is_resolved_by_the_planner():
     doc = {"models": [{"name": "chat", "model": "llama-3.1-8b", "parallel": "auto",
                        "engine": {"max_num_seqs": 32}}]}

@@ -243,6 +243,12 @@ def test_sum_stats_and_metric_rebasing():
     assert (s.num_running, s.num_waiting, s.prefix_cache_hits, s.prefix_cache_queries) == (3, 2, 3, 7)
     assert s.kv_cache_usage == pytest.approx(0.3)
     assert sum_stats([]).num_running == 0
+    spec = sum_stats([{"spec_num_drafts": 2, "spec_num_draft_tokens": 8, "spec_num_accepted_tokens": 5,
+                       "spec_accepted_per_pos": [2, 2, 1, 0]},
+                      {"spec_num_drafts": 1, "spec_num_draft_tokens": 2, "spec_num_accepted_tokens": 1,
+                       "spec_accepted_per_pos": [1, 0]}, {"num_running": 1}])  # another k; no speculation
+    assert (spec.spec_num_drafts, spec.spec_num_draft_tokens, spec.spec_num_accepted_tokens) == (3, 10, 6)
+    assert spec.spec_accepted_per_pos == (3, 2, 1, 0)
     out = RequestOutput("r", None, [1], [], False, metrics={"arrival_time": 1000.0, "first_scheduled_time": 1000.5,
                                                             "first_token_time": 1001.0})
     _Rebase(5.0).apply(out)

@@ -281,7 +281,20 @@ def sum_stats(stats: list[dict]) -> SchedulerStats:
                           prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"),
                           iteration_tokens=functools.reduce(add_step_counts, (tuple(s.get("iteration_tokens", ()))
                                                                               for s in stats), ()),
-                          iteration_tokens_sum=total("iteration_tokens_sum"))
+                          iteration_tokens_sum=total("iteration_tokens_sum"),
+                          spec_num_drafts=total("spec_num_drafts"), spec_num_draft_tokens=total("spec_num_draft_tokens"),
+                          spec_num_accepted_tokens=total("spec_num_accepted_tokens"),
+                          spec_accepted_per_pos=_sum_padded(tuple(s.get("spec_accepted_per_pos", ())) for s in stats))
+
+
+def _sum_padded(rows) -> tuple[int, ...]:
+    """Per-position counts of several replicas summed; a shorter row (another k, or none) counts 0 beyond its end."""
+    out: list[int] = []
+    for row in rows:
+        out.extend([0] * (len(row) - len(out)))
+        for i, v in enumerate(row):
+            out[i] += v
+    return tuple(out)
 
 
 @dataclass

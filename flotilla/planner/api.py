@@ -83,7 +83,7 @@ def resolve_deployment(deployment, hardware: str | Hardware = "local", workload:
             raise DeploymentConfigError(deployment.source, f"models[{i}].parallel",
                                         f"auto: no plan fits {spec.model} on {report.hardware.name} ({reasons})")
         from flotilla.planner.emit import engine_settings
-        planned = engine_settings(best.plan, report.hardware.device_kind, best.kv_blocks)
+        planned = engine_settings(best.plan, report.hardware.device_kind, best.kv_blocks, desc.source_kind)
         if "kv_cache_memory" in engine:
             planned.pop("num_kv_blocks")
         log(f"{spec.name}: parallel: auto -> {best.label} (predicted {best.metrics.output_throughput:.0f} tok/s, "

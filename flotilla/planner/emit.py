@@ -11,13 +11,17 @@ from flotilla.planner.search import Evaluated, PlanReport
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
-def engine_settings(plan: Plan, device_kind: str, kv_blocks: int) -> dict:
-    """The ``engine:`` overrides (EngineArgs fields) of ``plan``."""
+def engine_settings(plan: Plan, device_kind: str, kv_blocks: int, source_kind: str | None = None) -> dict:
+    """The ``engine:`` overrides (EngineArgs fields) of ``plan``. A GGUF model planned with float weights gets
+    ``quantization: none``: the cost model prices float matmuls, and the CPU default for a GGUF file would
+    keep its blocks quantized (a different kernel mix than the plan predicts)."""
     engine = {"dtype": plan.dtype, "max_model_len": plan.max_model_len, "max_num_seqs": plan.max_num_seqs,
               "max_num_batched_tokens": plan.max_num_batched_tokens, "block_size": plan.block_size,
               "num_kv_blocks": kv_blocks}
     if plan.quantization:
         engine["quantization"] = plan.quantization
+    elif source_kind == "gguf" and device_kind != "gpu":
+        engine["quantization"] = "none"
     if plan.num_threads:
         engine["num_threads"] = plan.num_threads
     if device_kind == "gpu":
@@ -34,7 +38,8 @@ def deployment_document(report: PlanReport, chosen: Evaluated | None = None, nam
     name = name or (model.name if NAME_RE.match(model.name) else "model")
     return {"models": [{"name": name, "model": model.model,
                         "parallel": {"tensor": plan.tp, "pipeline": plan.pp}, "replicas": plan.replicas,
-                        "engine": engine_settings(plan, report.hardware.device_kind, chosen.kv_blocks)}]}
+                        "engine": engine_settings(plan, report.hardware.device_kind, chosen.kv_blocks,
+                                                  model.source_kind)}]}
 
 
 def deployment_yaml(report: PlanReport, chosen: Evaluated | None = None, name: str | None = None) -> str:

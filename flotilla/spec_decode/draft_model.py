@@ -25,8 +25,8 @@ from flotilla.config import EngineConfig, SpeculativeConfig
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered, load_hf_config
 from flotilla.models.registry import get_model_class
+from flotilla.models.weight_prep import prepare_weights_
 from flotilla.ops import cpu_kernels
-from flotilla.worker.weight_prep import prepare_weights_
 
 
 def draft_hf_config(spec: SpeculativeConfig):

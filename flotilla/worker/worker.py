@@ -15,12 +15,12 @@ from flotilla.ops import cpu_kernels, unavailable_reason
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.offload import WeightOffloader, build_device
 from flotilla.models.registry import get_model_class
+from flotilla.models.weight_prep import prepare_weights_
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.structured.decoding import StructuredDecoding
 from flotilla.structured.grammar import GrammarCache
 from flotilla.structured.tokenizer_cache import TokenizerAssets
 from flotilla.worker.model_runner import ModelRunner
-from flotilla.worker.weight_prep import prepare_weights_
 
 logger = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ import importlib
 import os
 
 from flotilla.errors import ModelLoadError
-from flotilla.repository.backends.base import (DEFAULT_MAX_BATCH_SIZE, Backend, BackendRequest, BackendResponse,
-                                               InstanceSpec, ModelExecutionError, TensorSpec, instance_specs,
-                                               model_name_of)
+from flotilla.repository.backends.base import (DEFAULT_MAX_BATCH_SIZE, IMPORT_LOCK, Backend, BackendRequest,
+                                               BackendResponse, InstanceSpec, ModelExecutionError, TensorSpec,
+                                               instance_specs, model_name_of)
 
 _BACKENDS = {
     "onnxruntime": ("flotilla.repository.backends.ort_backend", "OnnxRuntimeBackend"),
@@ -101,7 +101,8 @@ def _backend_from_files(config, version_dir: str, name: str) -> str:
 
 def backend_class(config, version_dir: str) -> type[Backend]:
     module, cls = _BACKENDS[backend_name(config, version_dir)]
-    return getattr(importlib.import_module(module), cls)
+    with IMPORT_LOCK:  # loads run on worker threads (base.IMPORT_LOCK)
+        return getattr(importlib.import_module(module), cls)
 
 
 def auto_complete_config(config, version_dir: str):

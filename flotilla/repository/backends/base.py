@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +21,12 @@ from flotilla.errors import FlotillaError, InvalidRequestError, ModelLoadError
 from flotilla.repository.errors import ModelConfigError
 from flotilla.repository.tensors import (BATCHER_PARAMETER_PREFIXES, BATCHER_PARAMETERS, ModelIO, TensorSpec,
                                          from_model_view, to_model_view)
+
+# Held around the imports a version load triggers (a backend's module, onnxruntime, a Python model's model.py):
+# versions load on worker threads at once, and when two threads import overlapping packages CPython may hand one
+# of them a partially initialized module (an ImportError). One import at a time; the loads themselves still run
+# in parallel. Re-entrant: an import under it may start another.
+IMPORT_LOCK = threading.RLock()
 
 # Triton's --backend-config=default-max-batch-size: the max_batch_size auto-complete gives a model that can batch.
 DEFAULT_MAX_BATCH_SIZE = 4

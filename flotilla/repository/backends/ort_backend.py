@@ -29,7 +29,7 @@ import numpy as np
 
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.repository import dtypes
-from flotilla.repository.backends.base import (DEFAULT_MAX_BATCH_SIZE, Backend, ModelExecutionError,
+from flotilla.repository.backends.base import (DEFAULT_MAX_BATCH_SIZE, IMPORT_LOCK, Backend, ModelExecutionError,
                                                TensorSpec, check_parameters, config_parameters,
                                                from_model_shape, instance_specs, model_name_of,
                                                resolve_device, to_model_shape)
@@ -81,11 +81,14 @@ def model_path(config, version_dir: str) -> str:
 
 
 def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise ModelLoadError("the onnxruntime backend needs the onnxruntime package "
-                             "(pip install 'flotilla[onnx]')") from e
+    """``onnxruntime``, imported under ``base.IMPORT_LOCK``; ModelLoadError naming the import's own error when
+    it fails (a missing package, or a broken install)."""
+    with IMPORT_LOCK:
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ModelLoadError(f"the onnxruntime backend needs the onnxruntime package (pip install "
+                                 f"'flotilla[onnx]'); importing it failed: {type(e).__name__}: {e}") from e
     return onnxruntime
 
 

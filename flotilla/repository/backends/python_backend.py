@@ -40,8 +40,8 @@ from google.protobuf import json_format
 from flotilla.errors import InvalidRequestError, ModelLoadError
 from flotilla.repository import dtypes
 from flotilla.repository.backends import pb_utils
-from flotilla.repository.backends.base import (Backend, BackendRequest, BackendResponse, ModelExecutionError,
-                                               config_parameters, model_name_of, resolve_device)
+from flotilla.repository.backends.base import (IMPORT_LOCK, Backend, BackendRequest, BackendResponse,
+                                               ModelExecutionError, config_parameters, model_name_of, resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_model_class(path: str, model_name: str) -> tuple[type, str]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        with _model_dirs_on_path(os.path.dirname(os.path.abspath(path))):
+        with IMPORT_LOCK, _model_dirs_on_path(os.path.dirname(os.path.abspath(path))):
             spec.loader.exec_module(module)
     except Exception as e:  # whatever the file raises is its load error
         sys.modules.pop(module_name, None)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flotilla.layers import torch_compat
 from flotilla.ops import switched_off, use_kernels
 
 logger = logging.getLogger(__name__)
@@ -136,34 +137,17 @@ class QuantizedWeight:
         """Keep a float copy (dtype) of the weight for matmuls of at least ``min_rows`` rows (>= 1)."""
         if min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
-        from flotilla.layers import torch_compat
         from flotilla.layers.quantization import prepack_supported
-        w = self._dequantize_with_kernels(self.dtype)  # (rows, cols)
+        w = self.dequantize(self.dtype)  # (rows, cols)
         packed = torch_compat.onednn_prepack(w, 64) if prepack_supported(self.dtype, w.device) else None
         self.dense, self.dense_prepacked = (packed, True) if packed is not None else (w, False)
         self.dense_min_rows = min_rows
-
-    def _dequantize_with_kernels(self, dtype: torch.dtype) -> torch.Tensor:
-        """``dequantize(dtype)`` by the kernel library's ``quant_dequantize`` (the same values, a third of the
-        time of the eager reading: this runs for every weight at load)."""
-        ops = use_kernels(torch.empty(0))
-        if ops is None:
-            return self.dequantize(dtype)
-        out = torch.empty(self.rows, self.cols, dtype=dtype)
-        for seg in self.segments:
-            part = out[seg.start:seg.stop]
-            if seg.dense is not None:
-                part.copy_(seg.dense)
-            else:
-                ops.quant_dequantize(part, seg.packed, seg.qtype, self.cols, None)  # rows 0 .. n - 1
-        return out
 
     def uses_dense(self, rows: int) -> bool:
         """Whether a matmul of ``rows`` rows multiplies the float copy."""
         return self.dense is not None and rows >= self.dense_min_rows and not switched_off()
 
     def _dense_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from flotilla.layers import torch_compat
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.cols)  # (M, cols)
         if self.dense_prepacked and x2.dtype == self.dtype:
@@ -232,11 +216,20 @@ class QuantizedWeight:
         return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole weight (rows, cols) in ``dtype``."""
-        parts = [s.dense.to(dtype) if s.dense is not None
-                 else dequantize_packed(s.packed, s.qtype, s.stop - s.start, self.cols).to(dtype)
-                 for s in self.segments]
-        return torch.cat(parts)
+        """The whole weight (rows, cols) in ``dtype``: by the kernel library's ``quant_dequantize`` when it is
+        on (a third of the eager reading's time; it runs for every weight that gets a float copy at load), else
+        by ``dequantize_packed``; the same values either way."""
+        ops = use_kernels(torch.empty(0))
+        out = torch.empty(self.rows, self.cols, dtype=dtype)
+        for seg in self.segments:
+            part = out[seg.start:seg.stop]
+            if seg.dense is not None:
+                part.copy_(seg.dense)
+            elif ops is not None:
+                ops.quant_dequantize(part, seg.packed, seg.qtype, self.cols, None)  # rows 0 .. n - 1
+            else:
+                part.copy_(dequantize_packed(seg.packed, seg.qtype, seg.stop - seg.start, self.cols))
+        return out
 
 
 # ---- packing ---------------------------------------------------------------------------------------------

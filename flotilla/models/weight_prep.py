@@ -16,9 +16,19 @@ from torch import nn
 from flotilla.layers.batch_invariant import make_batch_invariant_
 from flotilla.layers.quant_weight import add_dense_copies_, finalize_quantized_
 from flotilla.layers.quantization import prepack_model_, quantize_model_
-from flotilla.ops import kernels_enabled
+from flotilla.ops import cpu_kernels, kernels_enabled, unavailable_reason
 
 logger = logging.getLogger(__name__)
+
+
+def can_keep_quantized(device, dtype: str) -> bool:
+    """Whether GGUF blocks can stay quantized on ``device`` (the CPU kernels are on and built); otherwise
+    they are dequantized to ``dtype`` at load, with a warning."""
+    if device.type == "cpu" and cpu_kernels() is not None:
+        return True
+    logger.warning("GGUF weights are dequantized to %s: %s", dtype,
+                   unavailable_reason() if device.type == "cpu" else f"no kernels for {device}")
+    return False
 
 
 def prepare_weights_(model: nn.Module, *, keep_quantized: bool, quantization: str | None, dense_min_rows: int,

@@ -25,8 +25,7 @@ from flotilla.config import EngineConfig, SpeculativeConfig
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered, load_hf_config
 from flotilla.models.registry import get_model_class
-from flotilla.models.weight_prep import prepare_weights_
-from flotilla.ops import cpu_kernels
+from flotilla.models.weight_prep import can_keep_quantized, prepare_weights_
 
 
 def draft_hf_config(spec: SpeculativeConfig):
@@ -63,8 +62,7 @@ class DraftModelProposer:
         # Quantization follows the target's: a GGUF draft keeps its blocks when the target does ("gguf"; a
         # non-GGUF draft then runs float weights), int8/int4 quantize the draft at load too.
         mc = config.model
-        keep = mc.quantization == "gguf" and spec.draft_source_kind == "gguf" and device.type == "cpu" \
-            and cpu_kernels() is not None
+        keep = mc.quantization == "gguf" and spec.draft_source_kind == "gguf" and can_keep_quantized(device, mc.dtype)
         model.load_weights(iterate_weights_filtered(resolved, hf_config, dtype, model.wants_weight,
                                                     keep_quantized=keep))
         prepare_weights_(model, keep_quantized=keep,

@@ -11,11 +11,10 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
 from flotilla.layers.attention import TorchPagedAttentionBackend
-from flotilla.ops import cpu_kernels, unavailable_reason
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.offload import WeightOffloader, build_device
 from flotilla.models.registry import get_model_class
-from flotilla.models.weight_prep import prepare_weights_
+from flotilla.models.weight_prep import can_keep_quantized, prepare_weights_
 from flotilla.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from flotilla.structured.decoding import StructuredDecoding
 from flotilla.structured.grammar import GrammarCache
@@ -68,7 +67,7 @@ class Worker:
         # Each rank reads only the tensors of its own pipeline stage (and not those of layers streamed from the file).
         wanted = offloader.wants_weight if offloader is not None else model.wants_weight
         lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
-        keep = mc.quantization == "gguf" and self._can_keep_quantized()
+        keep = mc.quantization == "gguf" and can_keep_quantized(self.device, mc.dtype)
         model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, wanted,
                                                     lazy=lazy, keep_quantized=keep))
         if offloader is not None:
@@ -79,15 +78,6 @@ class Worker:
         nparams = sum(p.numel() for p in model.parameters())
         logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", mc.model, nparams / 1e6, mc.dtype,
                     time.perf_counter() - start)
-
-    def _can_keep_quantized(self) -> bool:
-        """Quantized GGUF weights run on the CPU kernels; without them (off, or no compiler) they are
-        dequantized to the model's dtype at load (a warning)."""
-        if self.device.type == "cpu" and cpu_kernels() is not None:
-            return True
-        logger.warning("GGUF weights are dequantized to %s: %s", self.config.model.dtype,
-                       unavailable_reason() if self.device.type == "cpu" else f"no kernels for {self.device}")
-        return False
 
     def _num_local_layers(self) -> int:
         return len(self.model.local_layer_indices) if self.model is not None else self.config.model.num_layers

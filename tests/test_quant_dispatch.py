@@ -82,7 +82,7 @@ def test_default_keeps_float_copies_for_the_linear_layers_only(hybrid):
     for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert lin.quant_weight.dense is not None and lin.quant_weight.dense_min_rows == 2
     assert model.lm_head.quant_weight.dense is not None  # tied: the table's copy serves the LM head
-    assert layer.fused_decode is not None and layer.fused_decode._dense_from == 2
+    assert layer.fused_decode is not None and layer.fused_decode.dense_from == 2
 
 
 def test_mixed_run_follows_the_float_model(hybrid):

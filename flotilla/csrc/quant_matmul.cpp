@@ -22,6 +22,8 @@
 // Rows are processed in the packed groups of 16 (one vector of 16 int32 lanes per 4-byte slice), in
 // parallel over groups; activation rows go 4 (AVX-512) or 2 (AVX2) at a time through each weight block, so
 // a prefill reads each weight byte once per 4 rows, with groups taken in chunks that stay in the L2 cache.
+// The vector paths prefetch the next group while multiplying one (struct Prefetch): at M=1 that doubled the
+// rate at which weights stream from memory on an AMD EPYC (13.6 -> 27 GB/s on one core).
 
 #include <torch/library.h>
 
@@ -155,6 +157,27 @@ void group_scalar(const MatArgs& a, int64_t g, int64_t m0) {
 }
 
 #ifdef FLOTILLA_QUANT_X86
+// The next group's bytes, fetched into the L2 cache a slice per block while this group is multiplied, so a
+// thread's single pass over the weight never waits on memory: a group's values and its scale arrays are three
+// separate streams, too short for the hardware prefetcher to lock on to each group anew (M=1 ran at half the
+// bandwidth a plain read of the same bytes gets).
+struct Prefetch {
+  const char* next;   // the next group; nullptr for the last, and on later passes over the activation rows
+  const char* end;    // the next group's end
+  int64_t per_block;  // bytes of it to fetch per block of this group (whole cache lines)
+  Prefetch(const MatArgs& a, int64_t g, int64_t m0) {
+    const int64_t groups = (a.n + kRows - 1) / kRows, nb = a.k / kBlock;
+    next = m0 == 0 && g + 1 < groups ? reinterpret_cast<const char*>(a.packed + (g + 1) * a.l.group_bytes) : nullptr;
+    end = next == nullptr ? nullptr : next + a.l.group_bytes;
+    per_block = (a.l.group_bytes / nb + 63) / 64 * 64;
+  }
+  inline void block(int64_t j) const {
+    if (next == nullptr) return;
+    const char* p = next + j * per_block;
+    for (const char* line = p; line < p + per_block && line < end; line += 64) _mm_prefetch(line, _MM_HINT_T1);
+  }
+};
+
 // ---- AVX-512 VNNI ----------------------------------------------------------------------------------------
 template <int TYPE, int MB>
 FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
@@ -167,7 +190,9 @@ FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   __m512 dv = _mm512_setzero_ps(), dminv = _mm512_setzero_ps();
+  const Prefetch pf(a, g, m0);
   for (int64_t j = 0; j < nb; ++j) {
+    pf.block(j);
     __m512 s, s_hi = _mm512_setzero_ps(), mb = _mm512_setzero_ps();
     if constexpr (t.scheme == kSimple) {
       s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + l.d_off + j * 32)));
@@ -257,7 +282,9 @@ FLOTILLA_TARGET_AVX2 void half_avx2(const MatArgs& a, int64_t g, int64_t m0, int
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
   __m256 dv = _mm256_setzero_ps(), dminv = _mm256_setzero_ps();
+  const Prefetch pf(a, g, m0);
   for (int64_t j = 0; j < nb; ++j) {
+    if (h == 0) pf.block(j);
     __m256 s, s_hi = _mm256_setzero_ps(), mb = _mm256_setzero_ps();
     if constexpr (t.scheme == kSimple) {
       s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(grp + l.d_off + j * 32 + 16 * h)));

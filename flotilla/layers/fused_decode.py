@@ -34,7 +34,7 @@ class FusedDecodeLayer:
     def __init__(self, op, attn_module: nn.Module, norms: tuple[nn.Module, nn.Module], linears: list[tuple],
                  rotary: nn.Module, attention: nn.Module, dense_from: int | None = None):
         self._op = op
-        self._dense_from = dense_from  # steps of at least this many rows multiply the float copies instead
+        self.dense_from = dense_from  # steps of at least this many rows multiply the float copies instead
         self._layer_idx = attn_module.layer_idx
         self._norm1, self._norm2 = norms
         self._linears = [x for lin in linears for x in lin]  # qkv, o, gate_up, down: 4 args each
@@ -61,17 +61,25 @@ class FusedDecodeLayer:
         return cls(op.decode_layer, self_attn, (input_layernorm, post_attention_layernorm), linears,
                    self_attn.rotary, self_attn.attn, dense_from)
 
-    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, ctx):
+    def applies(self, hidden: torch.Tensor, residual: torch.Tensor | None, ctx) -> bool:
+        """Whether ``run`` takes this step: decodes only, on the paged decode kernel's path, below the float
+        copies' threshold. A model checks it once per step: every layer's output passes it again."""
         md = ctx.metadata
         if (switched_off() or not isinstance(md, TorchPagedMetadata) or md.decode_seq_lens is None
                 or md.num_decodes != hidden.shape[0] or hidden.dim() != 2 or not hidden.is_contiguous()
                 or hidden.dtype != self._norm1.weight.dtype or (residual is not None and not residual.is_contiguous())):
-            return None
-        if self._dense_from is not None and hidden.shape[0] >= self._dense_from:
-            return None  # the modules' path, which multiplies the float copies at this size
+            return False
+        # at or above the threshold the modules' path multiplies the float copies
+        return self.dense_from is None or hidden.shape[0] < self.dense_from
+
+    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, ctx):
+        return self.run(positions, hidden, residual, ctx) if self.applies(hidden, residual, ctx) else None
+
+    def run(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, ctx):
+        """The layer as one op, for a step ``applies`` accepted: ``(hidden, residual)`` like the layer's forward."""
         first = residual is None
         res = hidden if first else residual
-        a = self._attn
+        a, md = self._attn, ctx.metadata
         out = self._op(hidden, res, first, positions, self._norm1.weight, self._norm2.weight, self._norm1.eps,
                        *self._linears, self._rotary.cos_cache, self._rotary.sin_cache, ctx.kv_caches[self._layer_idx],
                        md.decode_block_tables, md.decode_seq_lens, md.slot_mapping, a.num_heads, a.num_kv_heads,

@@ -117,6 +117,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) \
             if self.is_last_stage else PPMissingLayer("model.norm")
 
+    def _stage_layers(self) -> list[nn.Module]:
+        """This stage's decoder layers (``self.layers[start:end]`` builds a new ModuleList per call)."""
+        return list(self.layers)[self.start_layer:self.end_layer]
+
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, ctx: AttentionContext,
                 intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         """First stage: embeds ``input_ids`` (T,); later stages continue from ``intermediate``.
@@ -128,8 +132,15 @@ class LlamaModel(nn.Module):
             raise ValueError("a non-first pipeline stage needs the previous stage's IntermediateTensors")
         else:
             hidden, residual = intermediate.hidden, intermediate.residual  # (T, hidden) each
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual, ctx)
+        layers = self._stage_layers()
+        fused = [getattr(layer, "fused_decode", None) for layer in layers]  # None: a streamed (offloaded) layer
+        if layers and None not in fused and len({f.dense_from for f in fused}) == 1 \
+                and fused[0].applies(hidden, residual, ctx):
+            for layer in fused:  # decodes only: one op per layer, no module calls
+                hidden, residual = layer.run(positions, hidden, residual, ctx)
+        else:
+            for layer in layers:
+                hidden, residual = layer(positions, hidden, residual, ctx)
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)

@@ -45,7 +45,7 @@ def server(tmp_path_factory, tiny_llama):
 models:
   - name: tiny
     model: {tiny_llama[0]}
-    engine: {{max_model_len: 256, num_kv_blocks: 64}}
+    engine: {{max_model_len: 512, num_kv_blocks: 64}}
   - name: minilm
     model: all-minilm-l6-v2
 model_repository:
@@ -433,9 +433,11 @@ def test_an_http_client_that_leaves_aborts_the_llm_generation(server):
     import httpx
     before = aborted_requests(server)
     body = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}],
-            "parameters": {"temperature": 0, "max_tokens": 240, "ignore_eos": True}}
+            "parameters": {"temperature": 0, "max_tokens": 480, "ignore_eos": True}}
+    # 480 tokens (the model's whole context) against a 0.15 s wait, so the client leaves mid-generation: 240
+    # tokens against 0.3 s once finished first, on a fast machine
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v2/models/tiny/infer", json=body, headers=server.headers, timeout=0.3)
+        httpx.post(server.url + "/v2/models/tiny/infer", json=body, headers=server.headers, timeout=0.15)
     deadline = time.monotonic() + 60
     while aborted_requests(server) <= before:
         assert time.monotonic() < deadline, "the generation was not aborted"

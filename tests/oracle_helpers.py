@@ -91,21 +91,19 @@ ACT_BLOCK = 32
 ROUNDED_LOGPROB_TOL = 0.3
 
 
-def _round_blocks(xb: torch.Tensor) -> torch.Tensor:
-    """(..., 32) float32 -> q * d per block: d = max|x| / 127, q = round(x * 127 / max|x|) (half to even)."""
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return torch.round(xb * inv) * (amax / 127.0)
-
-
 def round_activations(x: torch.Tensor) -> torch.Tensor:
     """x (..., K) -> the activations the quantized-weight kernels multiply (flotilla/csrc/quant_matmul.cpp):
-    per block of 32 values, llama.cpp's int8 rounding (``_round_blocks``) plus the same rounding of its float32
-    residual (two-level activations), in float32. K must be a multiple of 32."""
+    per block of 32 values, llama.cpp's int8 rounding h (step d = max|x| / 127), then the float32 residual
+    rounded in steps of d / 255 (l, clamped to [-127, 127]): (d / 255) * (255 h + l), in float32. K must be a
+    multiple of 32."""
     shape = x.shape
     xb = x.float().reshape(-1, shape[-1] // ACT_BLOCK, ACT_BLOCK)  # (rows, blocks, 32)
-    hi = _round_blocks(xb)
-    return (hi + _round_blocks(xb - hi)).reshape(shape).to(x.dtype)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    d = amax / 127.0
+    h = torch.round(xb * inv)
+    low = torch.clamp(torch.round((xb - h * d) * (inv * 255.0)), -127, 127)
+    return ((255.0 * h + low) * (d / 255.0)).reshape(shape).to(x.dtype)
 
 
 @contextmanager

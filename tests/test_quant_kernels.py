@@ -4,9 +4,10 @@
   exactly the float32 values of ``gguf_dequant.dequantize`` (itself bit-identical to the gguf package).
 - ``quant_matmul``: every instruction-set path this CPU has (scalar, AVX2, AVX-512 VNNI; the ``isa`` cap)
   gives bit-identical results, and each lies within the activation-rounding bound of the float64 product
-  with the dequantized weight: activations are rounded to int8 per block of 32 (step d = max|x| / 127) and so
-  is their residual (step d' <= d / 254), so |y - x @ W^T| <= sum over blocks of (d' / 2) * sum|w| (plus
-  float32 accumulation, 1e-5 relative here).
+  with the dequantized weight: activations are rounded to int8 per block of 32 (step d = max|x| / 127) and
+  their residual in steps of d' = d / 255, so |y - x @ W^T| <= sum over blocks of (d' / 2) * sum|w| (plus
+  float32 accumulation, 1e-5 relative here). A row's result does not depend on the other rows (M = 1, 2, 5
+  give the same bits): speculative verification relies on it.
 Weights are random GGUF blocks (random bytes with finite fp16 scales: every bit pattern of the quants, Q8_0's
 -128 included), 40 rows (two groups of 16 and a partial one).
 """
@@ -60,10 +61,10 @@ def activations(m: int, k: int, seed: int) -> torch.Tensor:
 
 
 def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(M, N) float64: sum over blocks of (d' / 2) * sum|w|, d' = d / 254 the residual's step (its values are
+    """(M, N) float64: sum over blocks of (d' / 2) * sum|w|, d' = d / 255 the residual's step (its values are
     at most d / 2), plus 1e-5 of sum |x| |w| (float32 accumulation)."""
     m, k = x.shape
-    d = x.double().view(m, k // 32, 32).abs().amax(-1) / 127 / 254      # (M, blocks)
+    d = x.double().view(m, k // 32, 32).abs().amax(-1) / 127 / 255      # (M, blocks)
     wabs = w.double().abs().view(w.shape[0], k // 32, 32).sum(-1)       # (N, blocks)
     return (d / 2) @ wabs.T * (1 + 1e-6) + 1e-5 * (x.double().abs() @ w.double().abs().T)
 

@@ -120,8 +120,8 @@ inline float half_to_float(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// Per activation block (32 values of one row, quantized to int8 q = round(x / d)): d, s = d * sum(q), the
-// sum of all 32 q and of the first 16 (the halves Q6_K's scales need).
+// Per activation block (32 values of one row, x ~ d * q with the integer q = 255 h + l of its two int8 levels,
+// quant_matmul.cpp): d, s = d * sum(q), the sum of all 32 q and of the first 16 (the halves Q6_K's scales need).
 struct ActBlock {
   float d;
   float s;

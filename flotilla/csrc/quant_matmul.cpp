@@ -1,27 +1,32 @@
 // y = x @ W^T with W in flotilla's packed quantized layout (quant.h): llama.cpp's scheme, activations
-// quantized per block of 32 to int8 and multiplied with the weight's integer values exactly, with one more
-// int8 row per activation row for the rounding's residual (two-level activations, below).
+// quantized per block of 32 to integers and multiplied with the weight's integer values exactly, with two int8
+// levels per activation value (below) so the rounding stays ~15 bits fine.
 //
 //   quant_matmul(out (M, N), x (M, K), packed, type, N): out and x float32, bfloat16 or float16 (the same),
 //   each with contiguous rows (out may be a column slice of a wider tensor).
 //
-// Activation row m, block j (32 values x) is rounded twice: d = max|x| / 127, q = round(x / d) (to nearest
-// even) in int8; then the same for the float32 residual x - q * d (d' <= d / 254). Each of the two int8 rows
-// gets sum = sum(q) (and the sum of the first 16), s = d * sum, and is multiplied like one activation row:
-// for each weight row and block, the integer dot product P = sum(u * q) of the weight's unsigned values u is
-// exact (int32), and the block adds
-//   c = (s_w * d) * float(P - o * sum)  [+ mb * s for types with a min; Q6_K: its two 16-value halves]
-// to the row's float32 accumulator, blocks in order; out[m] = y(hi row) + y(residual row). Every ISA path
-// below (scalar, AVX2 `vpmaddubsw`, AVX-512 VNNI `vpdpbusd`, chosen at run time by flotilla::isa) performs
-// exactly these float32 operations in this order, so all paths give bit-identical results
-// (tests/test_quant_kernels.py checks it). Against x @ dequantize(W)^T the only error is the residual's
-// rounding: |error| <= sum over blocks of (d' / 2) * sum|w| (plus float32 accumulation). One rounding alone
+// Activation row m, block j (32 values x): d = max|x| / 127, h = round(x / d) (to nearest even) in int8; the
+// float32 residual r = x - h * d (|r| <= d / 2) is rounded in steps of d / 255: l = round(r * 255 / d), clamped
+// to [-127, 127]. So x ~ (d / 255) * q with the integer q = 255 h + l, |error| <= d / 510 per value. Each block
+// keeps dx = d / 255, sum = sum(q) (and sum_lo, the sum over its first 16 values: Q6_K's halves) and
+// s = dx * sum. For each weight row and block the integer dot product P = sum(u * q) of the weight's unsigned
+// values u is exact in int32, computed as 255 * sum(u * h) + sum(u * l) (two int8 rows through the same
+// weight bytes), and the block adds, in float32 with every operation rounded once:
+//   acc = fma(s_w * dx, float(P - o * sum), acc)   then, for types with a min,   acc = fma(mb, s, acc)
+// (Q6_K: its two 16-value halves, each with its own scale, first half first). Every ISA path below (scalar,
+// AVX2 `vpmaddubsw`, AVX-512 VNNI `vpdpbusd`, chosen at run time by flotilla::isa) performs exactly these
+// operations in this order, so all paths give bit-identical results, and a row's result does not depend on
+// the other rows of x (speculative verification of 5 tokens gives the bits of 5 single-token steps)
+// (tests/test_quant_kernels.py checks both). Against x @ dequantize(W)^T the only error is the residual's
+// rounding: |error| <= sum over blocks of (d / 510) * sum|w| (plus float32 accumulation). One rounding alone
 // (llama.cpp's q8 activations, error up to (d / 2) * sum|w|) moved SmolLM2's logits by ~0.05 where the
 // float model's first chat token leads by 0.08, and changed its answers.
 //
 // Rows are processed in the packed groups of 16 (one vector of 16 int32 lanes per 4-byte slice), in
-// parallel over groups; activation rows go 4 (AVX-512) or 2 (AVX2) at a time through each weight block, so
-// a prefill reads each weight byte once per 4 rows, with groups taken in chunks that stay in the L2 cache.
+// parallel over groups; activation rows go up to 4 (AVX-512) or 2 (AVX2) at a time through each weight block,
+// so a multi-token step reads each weight byte once per 4 rows, with groups taken in chunks that stay in the
+// L2 cache. Combining the two levels in integers (one float step per row and block, not two) and loading the
+// activations' broadcasts straight from memory made a step of 5 tokens cost ~3x one token instead of ~4x.
 // The vector paths prefetch the next group while multiplying one (struct Prefetch): at M=1 that doubled the
 // rate at which weights stream from memory on an AMD EPYC (13.6 -> 27 GB/s on one core).
 
@@ -34,63 +39,72 @@
 #include <immintrin.h>
 #define FLOTILLA_QUANT_X86 1
 #define FLOTILLA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define FLOTILLA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define FLOTILLA_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #endif
 
 namespace {
 using namespace flotilla::kernels;
 using namespace flotilla::quant;
 
+constexpr int kLoSteps = 255;  // the residual level's step is d / 255: q = 255 h + l
+
 struct MatArgs {
-  const int8_t* qx;     // (M, K) quantized activations
+  const int8_t* qx;     // (2M, K): row m's h at row 2m, its residual l at row 2m + 1
   const ActBlock* ab;   // (M, K / 32)
   int64_t m, k, n;
   const uint8_t* packed;
   Layout l;
-  float* y;             // (M, ldy) results
-  int64_t ldy;
+  void* out;            // (M, ldo) of out_type
+  int64_t ldo;
+  at::ScalarType out_type;
 };
 
 using GroupFn = void (*)(const MatArgs&, int64_t, int64_t);
 
 // ---- Activations -----------------------------------------------------------------------------------------
-// One block of 32 float32 values -> int8 q = round(x / d), d = max|x| / 127 (to nearest even), and its ActBlock.
-inline ActBlock quantize_block(const float* xb, int8_t* q) {
+// One block of 32 float32 values -> h (row 2m), l (row 2m + 1) and its ActBlock (see the top of the file).
+inline ActBlock quantize_block(const float* xb, int8_t* h, int8_t* l) {
   float amax = 0.f;
   for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::abs(xb[i]));
   const float d = amax / 127.f;
   const float id = amax > 0.f ? 127.f / amax : 0.f;
+  const float il = id * static_cast<float>(kLoSteps);
   int32_t sum = 0, sum_lo = 0;
   for (int i = 0; i < kBlock; ++i) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * id));
-    q[i] = static_cast<int8_t>(v);
-    sum += v;
-    if (i < 16) sum_lo += v;
+    const int32_t hv = static_cast<int32_t>(std::nearbyint(xb[i] * id));
+    const float r = xb[i] - static_cast<float>(hv) * d;
+    const int32_t lv = std::clamp(static_cast<int32_t>(std::nearbyint(r * il)), -127, 127);
+    h[i] = static_cast<int8_t>(hv);
+    l[i] = static_cast<int8_t>(lv);
+    const int32_t q = kLoSteps * hv + lv;
+    sum += q;
+    if (i < 16) sum_lo += q;
   }
-  return ActBlock{d, d * static_cast<float>(sum), sum, sum_lo};
+  const float dx = d / static_cast<float>(kLoSteps);
+  return ActBlock{dx, dx * static_cast<float>(sum), sum, sum_lo};
 }
 
-// Activation row x (K) -> two int8 rows: hi = the block rounding of x, lo = the block rounding of the
-// residual x - q_hi * d_hi (float32). x ~ q_hi * d_hi + q_lo * d_lo with |error| <= d_lo / 2 <= d_hi / 508 per
-// value: ~15 bits per block instead of 8, because one int8 rounding per block flips near-tied greedy tokens
-// (SmolLM2's chat answers; the residual row costs integer work only, the weight is read once for both rows).
 template <typename T>
-void quantize_row(const T* x, int64_t k, int8_t* q_hi, ActBlock* ab_hi, int8_t* q_lo, ActBlock* ab_lo) {
-  float xb[kBlock], rb[kBlock];
+void quantize_row(const T* x, int64_t k, int8_t* h, int8_t* l, ActBlock* ab) {
+  float xb[kBlock];
   for (int64_t j = 0; j < k / kBlock; ++j) {
     for (int i = 0; i < kBlock; ++i) xb[i] = to_f(x[j * kBlock + i]);
-    ab_hi[j] = quantize_block(xb, q_hi + j * kBlock);
-    const float d = ab_hi[j].d;
-    for (int i = 0; i < kBlock; ++i) rb[i] = xb[i] - static_cast<float>(q_hi[j * kBlock + i]) * d;
-    ab_lo[j] = quantize_block(rb, q_lo + j * kBlock);
+    ab[j] = quantize_block(xb, h + j * kBlock, l + j * kBlock);
   }
 }
 
+// The 16 results of group g for activation row m, rounded to out's dtype (rows past N dropped).
 inline void store_rows(const MatArgs& a, int64_t g, int64_t m, const float* acc) {
   const int64_t n0 = g * kRows, rows = std::min<int64_t>(kRows, a.n - n0);
-  float* dst = a.y + m * a.ldy + n0;
-  for (int64_t r = 0; r < rows; ++r) dst[r] = acc[r];
+  dispatch(a.out_type, "quant_matmul", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    scalar_t* dst = static_cast<scalar_t*>(a.out) + m * a.ldo + n0;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = from_f<scalar_t>(acc[r]);
+  });
 }
+
+// 255 h + l of the two levels' integer dot products.
+inline int32_t combine(int32_t ph, int32_t pl) { return ph * kLoSteps + pl; }
 
 // ---- Portable path ---------------------------------------------------------------------------------------
 // The block's 16 row scales: s (and s_hi, Q6_K's second half) and mb.
@@ -124,33 +138,36 @@ void group_scalar(const MatArgs& a, int64_t g, int64_t m0) {
   for (int64_t j = 0; j < nb; ++j) {
     block_scales_scalar<TYPE>(grp, a.l, j, s, s_hi, mb);
     const uint8_t* v = grp + j * a.l.value_bytes;
-    const int8_t* q = a.qx + m0 * a.k + j * kBlock;
     const ActBlock& ab = a.ab[m0 * nb + j];
-    int32_t p[kRows] = {}, p_hi[kRows] = {};
-    for (int i = 0; i < (t.bits == 4 ? 4 : 8); ++i) {
-      for (int r = 0; r < kRows; ++r) {
-        for (int b = 0; b < 4; ++b) {
-          const uint8_t byte = v[64 * i + 4 * r + b];
-          if constexpr (t.bits == 4) {
-            p[r] += (byte & 0xF) * q[4 * i + b] + (byte >> 4) * q[16 + 4 * i + b];
-          } else if (t.scheme == kK6 && i >= 4) {
-            p_hi[r] += byte * q[4 * i + b];
-          } else {
-            p[r] += byte * q[4 * i + b];
+    int32_t p[2][kRows] = {}, p_hi[2][kRows] = {};  // [level][row]: h, l; p_hi: Q6_K's second half
+    for (int lv = 0; lv < 2; ++lv) {
+      const int8_t* q = a.qx + (2 * m0 + lv) * a.k + j * kBlock;
+      for (int i = 0; i < (t.bits == 4 ? 4 : 8); ++i) {
+        for (int r = 0; r < kRows; ++r) {
+          for (int b = 0; b < 4; ++b) {
+            const uint8_t byte = v[64 * i + 4 * r + b];
+            if constexpr (t.bits == 4) {
+              p[lv][r] += (byte & 0xF) * q[4 * i + b] + (byte >> 4) * q[16 + 4 * i + b];
+            } else if (t.scheme == kK6 && i >= 4) {
+              p_hi[lv][r] += byte * q[4 * i + b];
+            } else {
+              p[lv][r] += byte * q[4 * i + b];
+            }
           }
         }
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      float c;
       if constexpr (t.scheme == kK6) {
-        c = (s[r] * ab.d) * static_cast<float>(p[r] - t.offset * ab.sum_lo) +
-            (s_hi[r] * ab.d) * static_cast<float>(p_hi[r] - t.offset * (ab.sum - ab.sum_lo));
+        const int32_t lo = combine(p[0][r], p[1][r]) - t.offset * ab.sum_lo;
+        const int32_t hi = combine(p_hi[0][r], p_hi[1][r]) - t.offset * (ab.sum - ab.sum_lo);
+        acc[r] = std::fma(s[r] * ab.d, static_cast<float>(lo), acc[r]);
+        acc[r] = std::fma(s_hi[r] * ab.d, static_cast<float>(hi), acc[r]);
       } else {
-        c = (s[r] * ab.d) * static_cast<float>(p[r] - t.offset * ab.sum);
-        if constexpr (t.has_min) c = c + mb[r] * ab.s;
+        const int32_t pq = combine(p[0][r], p[1][r]) - t.offset * ab.sum;
+        acc[r] = std::fma(s[r] * ab.d, static_cast<float>(pq), acc[r]);
+        if constexpr (t.has_min) acc[r] = std::fma(mb[r], ab.s, acc[r]);
       }
-      acc[r] = acc[r] + c;
     }
   }
   store_rows(a, g, m0, acc);
@@ -179,6 +196,19 @@ struct Prefetch {
 };
 
 // ---- AVX-512 VNNI ----------------------------------------------------------------------------------------
+// The 4 int8 activations at p in every 32-bit lane, straight from memory (a broadcast load: no vector ALU op,
+// where a broadcast from a general register costs one per use).
+FLOTILLA_TARGET_VNNI inline __m512i bcast4_512(const int8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return _mm512_castps_si512(_mm512_set1_ps(f));
+}
+
+// 255 h + l per lane.
+FLOTILLA_TARGET_VNNI inline __m512i combine_512(__m512i h, __m512i l) {
+  return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(h, 8), h), l);
+}
+
 template <int TYPE, int MB>
 FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
   constexpr Traits t = traits(TYPE);
@@ -216,7 +246,7 @@ FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
         s_hi = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)));
       }
     }
-    // w[gi] holds, per row, the four values of columns 4 gi .. 4 gi + 3 of the block
+    // w[i] holds, per row, the four values of columns 4 i .. 4 i + 3 of the block
     const uint8_t* v = grp + j * l.value_bytes;
     __m512i w[8];
     if constexpr (t.bits == 4) {
@@ -229,35 +259,41 @@ FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
       for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(v + 64 * i);
     }
     for (int mi = 0; mi < MB; ++mi) {
-      const int8_t* q = a.qx + (m0 + mi) * a.k + j * kBlock;
+      const int8_t* qh = a.qx + 2 * (m0 + mi) * a.k + j * kBlock;
+      const int8_t* ql = qh + a.k;
       const ActBlock& ab = a.ab[(m0 + mi) * nb + j];
-      __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-      __m512i p2 = _mm512_setzero_si512(), p3 = _mm512_setzero_si512();
-      int32_t q4[8];
-      std::memcpy(q4, q, 32);
-      p0 = _mm512_dpbusd_epi32(p0, w[0], _mm512_set1_epi32(q4[0]));
-      p1 = _mm512_dpbusd_epi32(p1, w[1], _mm512_set1_epi32(q4[1]));
-      p0 = _mm512_dpbusd_epi32(p0, w[2], _mm512_set1_epi32(q4[2]));
-      p1 = _mm512_dpbusd_epi32(p1, w[3], _mm512_set1_epi32(q4[3]));
-      p2 = _mm512_dpbusd_epi32(p2, w[4], _mm512_set1_epi32(q4[4]));
-      p3 = _mm512_dpbusd_epi32(p3, w[5], _mm512_set1_epi32(q4[5]));
-      p2 = _mm512_dpbusd_epi32(p2, w[6], _mm512_set1_epi32(q4[6]));
-      p3 = _mm512_dpbusd_epi32(p3, w[7], _mm512_set1_epi32(q4[7]));
       const __m512 dx = _mm512_set1_ps(ab.d);
-      __m512 c;
-      if constexpr (t.scheme == kK6) {
-        const __m512i lo = _mm512_sub_epi32(_mm512_add_epi32(p0, p1), _mm512_set1_epi32(t.offset * ab.sum_lo));
-        const __m512i hi = _mm512_sub_epi32(_mm512_add_epi32(p2, p3),
-                                            _mm512_set1_epi32(t.offset * (ab.sum - ab.sum_lo)));
-        c = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(lo)),
-                          _mm512_mul_ps(_mm512_mul_ps(s_hi, dx), _mm512_cvtepi32_ps(hi)));
-      } else {
-        __m512i p = _mm512_add_epi32(_mm512_add_epi32(p0, p1), _mm512_add_epi32(p2, p3));
-        if constexpr (t.offset != 0) p = _mm512_sub_epi32(p, _mm512_set1_epi32(t.offset * ab.sum));
-        c = _mm512_mul_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(p));
-        if constexpr (t.has_min) c = _mm512_add_ps(c, _mm512_mul_ps(mb, _mm512_set1_ps(ab.s)));
+      // dot products of the two levels; Q6_K keeps its halves (columns 0-15: w[0..3], 16-31: w[4..7]) apart,
+      // the others split them into chains only where few rows leave too little independent work
+      constexpr bool split = t.scheme == kK6 || MB <= 2;
+      __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+      __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        h0 = _mm512_dpbusd_epi32(h0, w[i], bcast4_512(qh + 4 * i));
+        l0 = _mm512_dpbusd_epi32(l0, w[i], bcast4_512(ql + 4 * i));
+        if constexpr (split) {
+          h1 = _mm512_dpbusd_epi32(h1, w[4 + i], bcast4_512(qh + 16 + 4 * i));
+          l1 = _mm512_dpbusd_epi32(l1, w[4 + i], bcast4_512(ql + 16 + 4 * i));
+        } else {
+          h0 = _mm512_dpbusd_epi32(h0, w[4 + i], bcast4_512(qh + 16 + 4 * i));
+          l0 = _mm512_dpbusd_epi32(l0, w[4 + i], bcast4_512(ql + 16 + 4 * i));
+        }
       }
-      acc[mi] = _mm512_add_ps(acc[mi], c);
+      if constexpr (t.scheme == kK6) {
+        const __m512i lo = _mm512_sub_epi32(combine_512(h0, l0), _mm512_set1_epi32(t.offset * ab.sum_lo));
+        const __m512i hi = _mm512_sub_epi32(combine_512(h1, l1), _mm512_set1_epi32(t.offset * (ab.sum - ab.sum_lo)));
+        acc[mi] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(lo), acc[mi]);
+        acc[mi] = _mm512_fmadd_ps(_mm512_mul_ps(s_hi, dx), _mm512_cvtepi32_ps(hi), acc[mi]);
+      } else {
+        if constexpr (split) {
+          h0 = _mm512_add_epi32(h0, h1);
+          l0 = _mm512_add_epi32(l0, l1);
+        }
+        __m512i p = combine_512(h0, l0);
+        if constexpr (t.offset != 0) p = _mm512_sub_epi32(p, _mm512_set1_epi32(t.offset * ab.sum));
+        acc[mi] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(p), acc[mi]);
+        if constexpr (t.has_min) acc[mi] = _mm512_fmadd_ps(mb, _mm512_set1_ps(ab.s), acc[mi]);
+      }
     }
   }
   for (int mi = 0; mi < MB; ++mi) {
@@ -268,9 +304,19 @@ FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
 }
 
 // ---- AVX2 ------------------------------------------------------------------------------------------------
+FLOTILLA_TARGET_AVX2 inline __m256i bcast4_256(const int8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return _mm256_castps_si256(_mm256_set1_ps(f));
+}
+
+FLOTILLA_TARGET_AVX2 inline __m256i combine_256(__m256i h, __m256i l) {
+  return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(h, 8), h), l);
+}
+
 // One 8-row half h of a group: bytes 32 h .. 32 h + 31 of each 64-byte vector. vpmaddubsw multiplies u8 by
 // s8 into saturating int16 pairs: exact for u <= 63 (2 * 63 * 127 < 2^15); Q8_0 (u = q + 128) goes through
-// the sign trick (|q| * sign(x, q)) and adds back 128 * sum.
+// the sign trick (|q| * sign(x, q)): its sum(q * x) is sum(u * x) - 128 sum(x), just what the offset subtracts.
 template <int TYPE, int MB>
 FLOTILLA_TARGET_AVX2 void half_avx2(const MatArgs& a, int64_t g, int64_t m0, int h, float (*out)[kRows]) {
   constexpr Traits t = traits(TYPE);
@@ -322,39 +368,38 @@ FLOTILLA_TARGET_AVX2 void half_avx2(const MatArgs& a, int64_t g, int64_t m0, int
       for (int i = 0; i < 8; ++i) w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 64 * i));
     }
     for (int mi = 0; mi < MB; ++mi) {
-      const int8_t* q = a.qx + (m0 + mi) * a.k + j * kBlock;
+      const int8_t* qh = a.qx + 2 * (m0 + mi) * a.k + j * kBlock;
       const ActBlock& ab = a.ab[(m0 + mi) * nb + j];
-      int32_t q4[8];
-      std::memcpy(q4, q, 32);
-      __m256i part[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      for (int gi = 0; gi < 8; ++gi) {
-        const __m256i xb = _mm256_set1_epi32(q4[gi]);
-        __m256i prod;
-        if constexpr (t.max_u > 127) {
-          const __m256i ws = _mm256_xor_si256(w[gi], flip);  // q as int8
-          prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xb, ws));
-        } else {
-          prod = _mm256_maddubs_epi16(w[gi], xb);
+      __m256i part[2][2];  // [level][columns 0-15, 16-31]
+      for (int lv = 0; lv < 2; ++lv) {
+        const int8_t* q = qh + lv * a.k;
+        part[lv][0] = part[lv][1] = _mm256_setzero_si256();
+        for (int gi = 0; gi < 8; ++gi) {
+          const __m256i xb = bcast4_256(q + 4 * gi);
+          __m256i prod;
+          if constexpr (t.max_u > 127) {
+            const __m256i ws = _mm256_xor_si256(w[gi], flip);  // q as int8
+            prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xb, ws));
+          } else {
+            prod = _mm256_maddubs_epi16(w[gi], xb);
+          }
+          part[lv][gi / 4] = _mm256_add_epi32(part[lv][gi / 4], _mm256_madd_epi16(prod, ones));
         }
-        part[gi / 4] = _mm256_add_epi32(part[gi / 4], _mm256_madd_epi16(prod, ones));
-      }
-      if constexpr (t.max_u > 127) {  // back to sum(u * q) = sum(q_w * q) + 128 * sum(q)
-        part[0] = _mm256_add_epi32(part[0], _mm256_set1_epi32(128 * ab.sum));
       }
       const __m256 dx = _mm256_set1_ps(ab.d);
-      __m256 c;
       if constexpr (t.scheme == kK6) {
-        const __m256i lo = _mm256_sub_epi32(part[0], _mm256_set1_epi32(t.offset * ab.sum_lo));
-        const __m256i hi = _mm256_sub_epi32(part[1], _mm256_set1_epi32(t.offset * (ab.sum - ab.sum_lo)));
-        c = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(lo)),
-                          _mm256_mul_ps(_mm256_mul_ps(s_hi, dx), _mm256_cvtepi32_ps(hi)));
+        const __m256i lo = _mm256_sub_epi32(combine_256(part[0][0], part[1][0]), _mm256_set1_epi32(t.offset * ab.sum_lo));
+        const __m256i hi = _mm256_sub_epi32(combine_256(part[0][1], part[1][1]),
+                                            _mm256_set1_epi32(t.offset * (ab.sum - ab.sum_lo)));
+        acc[mi] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(lo), acc[mi]);
+        acc[mi] = _mm256_fmadd_ps(_mm256_mul_ps(s_hi, dx), _mm256_cvtepi32_ps(hi), acc[mi]);
       } else {
-        __m256i p = _mm256_add_epi32(part[0], part[1]);
-        if constexpr (t.offset != 0) p = _mm256_sub_epi32(p, _mm256_set1_epi32(t.offset * ab.sum));
-        c = _mm256_mul_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(p));
-        if constexpr (t.has_min) c = _mm256_add_ps(c, _mm256_mul_ps(mb, _mm256_set1_ps(ab.s)));
+        __m256i p = combine_256(_mm256_add_epi32(part[0][0], part[0][1]), _mm256_add_epi32(part[1][0], part[1][1]));
+        // Q8_0's sign trick already subtracted 128 sum(q), its offset term
+        if constexpr (t.offset != 0 && t.max_u <= 127) p = _mm256_sub_epi32(p, _mm256_set1_epi32(t.offset * ab.sum));
+        acc[mi] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(p), acc[mi]);
+        if constexpr (t.has_min) acc[mi] = _mm256_fmadd_ps(mb, _mm256_set1_ps(ab.s), acc[mi]);
       }
-      acc[mi] = _mm256_add_ps(acc[mi], c);
     }
   }
   for (int mi = 0; mi < MB; ++mi) _mm256_storeu_ps(out[mi] + 8 * h, acc[mi]);
@@ -370,7 +415,10 @@ FLOTILLA_TARGET_AVX2 void group_avx2(const MatArgs& a, int64_t g, int64_t m0) {
 #endif  // FLOTILLA_QUANT_X86
 
 // ---- Dispatch --------------------------------------------------------------------------------------------
-constexpr int kMaxMB = 4;
+constexpr int kMaxMB = 8;
+#ifndef VNNI_MB
+#define VNNI_MB 8
+#endif
 
 struct Path {
   GroupFn fn[kMaxMB + 1];  // by the number of activation rows it takes (1 .. max_mb)
@@ -381,11 +429,12 @@ template <int TYPE>
 Path path_for_type() {
 #ifdef FLOTILLA_QUANT_X86
   if (flotilla::isa::avx512_vnni())
-    return {{nullptr, group_vnni<TYPE, 1>, group_vnni<TYPE, 2>, group_vnni<TYPE, 3>, group_vnni<TYPE, 4>}, 4};
+    return {{nullptr, group_vnni<TYPE, 1>, group_vnni<TYPE, 2>, group_vnni<TYPE, 3>, group_vnni<TYPE, 4>,
+             group_vnni<TYPE, 5>, group_vnni<TYPE, 6>, group_vnni<TYPE, 7>, group_vnni<TYPE, 8>}, VNNI_MB};
   if (flotilla::isa::level() >= flotilla::isa::kAvx2)
-    return {{nullptr, group_avx2<TYPE, 1>, group_avx2<TYPE, 2>, nullptr, nullptr}, 2};
+    return {{nullptr, group_avx2<TYPE, 1>, group_avx2<TYPE, 2>}, 2};
 #endif
-  return {{nullptr, group_scalar<TYPE>, nullptr, nullptr, nullptr}, 1};
+  return {{nullptr, group_scalar<TYPE>}, 1};
 }
 
 Path path_for(int type) {
@@ -434,31 +483,22 @@ void quant_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed
               "quant_matmul: packed has ", packed.numel(), " bytes, not the ", (n + kRows - 1) / kRows, " groups of ",
               l.group_bytes, " of ", n, " rows");
   if (m == 0 || n == 0) return;
-  // activation row r becomes rows 2r (hi) and 2r + 1 (lo residual): out[r] = y[2r] + y[2r + 1]
+  // activation row r becomes int8 rows 2r (h) and 2r + 1 (l), with one ActBlock per block
   const int64_t nb = k / kBlock;
   std::vector<int8_t> qx(2 * m * k);
-  std::vector<ActBlock> ab(2 * m * nb);
-  std::vector<float> y(2 * m * n);
-  MatArgs a{qx.data(), ab.data(), 2 * m, k, n, packed.data_ptr<uint8_t>(), l, y.data(), n};
+  std::vector<ActBlock> ab(m * nb);
+  MatArgs a{qx.data(), ab.data(), m, k, n, packed.data_ptr<uint8_t>(), l, out.data_ptr(), out.stride(0),
+            out.scalar_type()};
   dispatch(x.scalar_type(), "quant_matmul", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t xs = x.stride(0);
     at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        quantize_row(xp + r * xs, k, qx.data() + 2 * r * k, ab.data() + 2 * r * nb, qx.data() + (2 * r + 1) * k,
-                     ab.data() + (2 * r + 1) * nb);
-    });
-    run(a, path_for(static_cast<int>(type)));
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t os = out.stride(0);
-    at::parallel_for(0, m * n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t r = i / n, c = i % n;
-        op[r * os + c] = from_f<scalar_t>(y[2 * r * n + c] + y[(2 * r + 1) * n + c]);
-      }
+        quantize_row(xp + r * xs, k, qx.data() + 2 * r * k, qx.data() + (2 * r + 1) * k, ab.data() + r * nb);
     });
   });
+  run(a, path_for(static_cast<int>(type)));
 }
 
 // y (..., N) = x (..., K) @ W^T, plus bias (N,) (x's dtype) added to the rounded product as in eager code:

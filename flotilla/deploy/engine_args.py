@@ -71,7 +71,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-dense-min-tokens", type=int, default=None, metavar="N",
                    help="with gguf: steps of at least N tokens multiply bfloat16 copies of the weights (kept beside "
                         "the quantized blocks; the int8 kernels win only at a few tokens per step); 0 keeps no copy "
-                        "(least memory); default: this CPU's crossover (4 with AVX512_BF16, else 8)")
+                        "(least memory); default: this CPU's crossover (8)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=finite_float, default=1.0, help="KV cache budget in GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (overrides GiB)")

@@ -300,11 +300,11 @@ def finalize_quantized_(model: nn.Module) -> int:
 
 
 # Steps of at least this many tokens multiply the float copies by default (``auto_dense_min_rows``): where the
-# int8 kernels (two activation rows per token) stop beating oneDNN's bfloat16 matmul. Measured on an AMD EPYC
-# with AVX-512 VNNI + BF16 (benchmarks/RESULTS.md, "Per-step choice of kernel"): Q4_1 layers of SmolLM2 and
-# Qwen2.5-1.5B, quantized/bfloat16 time 0.33-0.52 at 1 row, 0.75-1.74 at 4, 1.3-3.1 at 8 and more. CPUs without
-# AVX512_BF16 convert bfloat16 in software, which moves the crossover up (not measured: an estimate).
-DENSE_MIN_ROWS_BF16 = 4
+# int8 kernels (two activation levels per token) stop beating oneDNN's bfloat16 matmul. Measured on an AMD EPYC
+# with AVX-512 VNNI + BF16 (benchmarks/RESULTS.md, "Verification steps"): Q4_1 layers of SmolLM2 and
+# Qwen2.5-1.5B, quantized/bfloat16 time 0.26-0.40 at 1 row, 0.82-0.86 at 5, 0.93-1.00 at 8, 0.90-1.14 at 12,
+# 1.3-1.8 at 16 and more. CPUs without AVX512_BF16 convert bfloat16 in software, which moves the crossover up.
+DENSE_MIN_ROWS_BF16 = 8
 DENSE_MIN_ROWS_OTHER = 8
 _ISA_AVX512_BF16 = 3  # flotilla::isa::kAvx512Bf16 (csrc/isa.h)
 

@@ -1,7 +1,7 @@
 """Speculative decoding speed-up at batch 1 on code-editing prompts (issue 18 item 2): output tokens/s with
 n-gram prompt lookup, with a draft model, and without speculation, in one run.
 
-    .venv/bin/python benchmarks/spec_decode.py [--model smollm2-135m-instruct] [--configs none,ngram]
+    .venv/bin/python benchmarks/spec_decode.py [--model smollm2-135m-instruct] [--configs none,ngram,draft,draft-int4]
         [--draft qwen2.5-coder-0.5b-instruct] [--k 4] [--max-tokens 160] [--repeats 1]
         [--engine-args '{"quantization": "none"}']
 
@@ -74,10 +74,12 @@ def engine_kwargs(config: str, args) -> dict:
     if config == "ngram":
         return {"speculative_config": {"method": "ngram", "num_speculative_tokens": args.k,
                                        "prompt_lookup_min": args.lookup_min, "prompt_lookup_max": args.lookup_max}}
-    if config == "draft":
-        return {"speculative_config": {"method": "draft_model", "model": args.draft,
-                                       "num_speculative_tokens": args.k}}
-    raise SystemExit(f"unknown config {config!r} (none, ngram, draft)")
+    if config in ("draft", "draft-int4"):
+        spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.k}
+        if config == "draft-int4":
+            spec["quantization"] = "int4"  # the draft's weights requantized to int4 at load
+        return {"speculative_config": spec}
+    raise SystemExit(f"unknown config {config!r} (none, ngram, draft, draft-int4)")
 
 
 def run_config(config: str, args) -> dict:
@@ -108,7 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--configs", default="none,ngram", help="comma separated: none, ngram, draft")
+    ap.add_argument("--configs", default="none,ngram",
+                    help="comma separated: none, ngram, draft, draft-int4 (the draft requantized to int4)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--lookup-min", type=int, default=2)
     ap.add_argument("--lookup-max", type=int, default=4)
@@ -121,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = args.configs.split(",")
     ensure_alias(args.model)
-    if "draft" in configs:
+    if any(c.startswith("draft") for c in configs):
         ensure_alias(args.draft)
     results = [run_config(c, args) for c in configs]
     base = results[0]

@@ -277,6 +277,8 @@ class SpeculativeConfig:
     - "draft_model": a smaller model with the same vocabulary (``draft_source``/``draft_source_kind``, the
       resolved ``model`` of the JSON; ``draft_model`` the name the user gave) proposes k tokens
       autoregressively, run by the same worker in its own KV cache over the target's block tables.
+      ``draft_quantization`` (the JSON's "quantization", as vLLM's key for the draft's weights): "gguf", "int8",
+      "int4" or "none" as ``--quantization`` chooses for a target; None follows the target's choice.
     Acceptance keeps the target's distribution exactly (``flotilla.spec_decode.rejection``).
     """
 
@@ -287,6 +289,7 @@ class SpeculativeConfig:
     draft_model: str | None = None
     draft_source: str | None = None
     draft_source_kind: str | None = None
+    draft_quantization: str | None = None  # the JSON's "quantization": None follows the target's weights
 
     def __post_init__(self) -> None:
         if self.method is None:

@@ -134,7 +134,11 @@ def test_bad_speculative_configs_are_refused_naming_the_field(tiny_llama):
                           ({"method": "ngram"}, "num_speculative_tokens is required"),
                           ({**NGRAM, "draft_tensor_parallel_size": 1}, "unsupported key"),
                           ({**NGRAM, "num_speculative_tokens": 0}, "1 to 16"),
-                          ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'")):
+                          ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
+                          ({"method": "draft_model", "model": tiny_llama[0], "num_speculative_tokens": 2,
+                            "quantization": "int3"}, "quantization must be one of"),
+                          ({"method": "draft_model", "model": tiny_llama[0], "num_speculative_tokens": 2,
+                            "quantization": "gguf"}, "not a GGUF file")):
         with pytest.raises(InvalidRequestError, match=words) as e:
             EngineArgs(model=tiny_llama[0], speculative_config=config).create_engine_config()
         assert e.value.param == "speculative_config"
@@ -274,19 +278,26 @@ def test_seeded_sampling_with_speculation_is_reproducible(tiny_llama):
 
 
 def test_smollm2_code_edit_greedy_output_is_the_output_without_speculation():
-    """The embedded model on a code-editing prompt (its answer repeats much of the prompt): prompt lookup
-    accepts drafts, and the tokens are those of decoding without speculation."""
+    """The embedded model on a code-editing prompt (its answer repeats much of the prompt): prompt lookup, and
+    the model drafting for itself with its weights requantized to int4 (the draft's "quantization"), accept
+    drafts, and the tokens are those of decoding without speculation."""
     conversation = [{"role": "user", "content": "Rename `total` to `acc` and return the whole function.\n\n"
                      "def sum_positive(values):\n    total = 0\n    for value in values:\n        if value > 0:\n"
                      "            total += value\n    return total\n"}]
     params = SamplingParams(temperature=0, max_tokens=48)
-    outputs, accepted = [], 0
-    for spec in (None, {**NGRAM, "num_speculative_tokens": 4}):
+    outputs, accepted = [], []
+    int4_draft = {"method": "draft_model", "model": "smollm2-135m-instruct", "num_speculative_tokens": 3,
+                  "quantization": "int4"}
+    for spec in (None, {**NGRAM, "num_speculative_tokens": 4}, int4_draft):
         llm = LLM(dtype="float32", max_model_len=512, num_kv_blocks=64, speculative_config=spec)
         try:
+            if spec is int4_draft:
+                draft = llm.engine.executor.worker.runner.proposer.model
+                head = draft.lm_head.quant_weight
+                assert head.describe() == "Q4_1" and head.dense is not None  # int4, float copy for long steps
             outputs.append(llm.chat(conversation, params)[0].outputs[0].token_ids)
-            accepted = _spec_stats(llm).spec_num_accepted_tokens
+            accepted.append(_spec_stats(llm).spec_num_accepted_tokens)
         finally:
             llm.engine.shutdown()
-    assert outputs[0] == outputs[1] and len(outputs[0]) > 10
-    assert accepted > 0
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 10
+    assert accepted[1] > 0 and accepted[2] > 0

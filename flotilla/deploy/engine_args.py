@@ -110,7 +110,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
                    help='speculative decoding (vLLM\'s): \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt lookup) or \'{"method": '
-                        '"draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 4}\'')
+                        '"draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 4}\' '
+                        '(a draft\'s "quantization": gguf, int8, int4 or none; default: as the target)')
     so = p.add_argument_group("structured outputs")
     so.add_argument("--structured-outputs-config", type=json_object, default=None, metavar="JSON",
                     help='vLLM\'s structured-outputs config, e.g. \'{"backend": "auto"}\': backend auto (xgrammar, '

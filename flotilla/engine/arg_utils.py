@@ -174,7 +174,7 @@ class EngineArgs:
         if method not in SPECULATIVE_METHODS:
             raise fail(f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
         allowed = {"num_speculative_tokens"} | ({"prompt_lookup_min", "prompt_lookup_max"} if method == "ngram"
-                                               else {"model"})
+                                               else {"model", "quantization"})
         if set(given) - allowed:
             raise fail(f"unsupported key(s) for method {method!r}: {', '.join(sorted(set(given) - allowed))} "
                        f"(supported: method, {', '.join(sorted(allowed))})")
@@ -192,6 +192,7 @@ class EngineArgs:
         draft = {}
         if method == "draft_model":
             draft = self._draft_model(given.get("model"), model, fail)
+            draft["draft_quantization"] = self._draft_quantization(given.get("quantization"), draft, model, fail)
         try:
             return SpeculativeConfig(method=method, num_speculative_tokens=k, prompt_lookup_min=lo,
                                      prompt_lookup_max=hi, **draft)
@@ -210,6 +211,23 @@ class EngineArgs:
             raise fail(f"the draft model {name!r} has a vocabulary of {vocab} tokens, the target "
                        f"{target.name!r} {target.vocab_size}: they must share one tokenizer")
         return {"draft_model": name, "draft_source": resolved.source, "draft_source_kind": resolved.kind}
+
+    def _draft_quantization(self, q, draft: dict, target: ModelConfig, fail) -> str | None:
+        """The draft's "quantization" checked as ``--quantization`` is for a target (None: follow the target)."""
+        if q is None:
+            return None
+        if q not in QUANTIZATION_CHOICES:
+            raise fail(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {q!r}")
+        if q == "gguf" and draft["draft_source_kind"] != "gguf":
+            raise fail(f"quantization gguf keeps a GGUF file's quantized weights: the draft model "
+                       f"{draft['draft_model']!r} is not a GGUF file (use int8 or int4 to quantize it)")
+        if q in ("gguf", "int4") and self.device != "cpu":
+            raise fail(f"quantization {q} runs on the CPU only, not with --device {self.device}")
+        if q == "int8" and target.dtype == "float32":
+            raise fail("quantization int8 multiplies bfloat16 or float16 activations: use --dtype bfloat16")
+        if q != "none" and target.batch_invariant:
+            raise fail(f"quantization {q} for the draft cannot be combined with --batch-invariant")
+        return q
 
     def _structured_outputs(self) -> StructuredOutputsConfig:
         """``structured_outputs_config`` checked: only ``backend`` (vLLM's other keys are refused, not ignored)."""

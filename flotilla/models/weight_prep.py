@@ -35,7 +35,8 @@ def prepare_weights_(model: nn.Module, *, keep_quantized: bool, quantization: st
                      batch_invariant: bool, prepack: bool = True, what: str = "model") -> None:
     """Prepare ``model``'s loaded weights in place (see the module docstring). ``keep_quantized``: the loader
     staged GGUF blocks (``quantization`` "gguf" with the CPU kernels available); ``quantization`` "int8" /
-    "int4" quantizes float weights; ``dense_min_rows`` 0 keeps no float copy; ``prepack`` False leaves float
+    "int4" quantizes float weights; ``dense_min_rows`` 0 keeps no float copy (else kept GGUF and int4 weights
+    keep one for steps of at least that many tokens); ``prepack`` False leaves float
     weights for ``F.linear``."""
     if keep_quantized:
         logger.info("%s: GGUF weights kept quantized: %d weights packed", what, finalize_quantized_(model))
@@ -45,6 +46,9 @@ def prepare_weights_(model: nn.Module, *, keep_quantized: bool, quantization: st
                         dense_min_rows)
     elif quantization in ("int8", "int4"):
         quantize_model_(model, quantization)
+        if quantization == "int4" and dense_min_rows > 0:
+            count = add_dense_copies_(model, dense_min_rows)
+            logger.info("%s: float copies of %d int4 weights for steps of >= %d tokens", what, count, dense_min_rows)
     if (keep_quantized or quantization == "int4") and hasattr(model, "enable_fused_decode"):
         logger.info("%s: one-op decode layers: %d", what, model.enable_fused_decode())
     if batch_invariant:

@@ -25,6 +25,7 @@ from flotilla.config import EngineConfig, SpeculativeConfig
 from flotilla.layers.attention import AttentionBackend, AttentionContext, CommonAttentionMetadata
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered, load_hf_config
 from flotilla.models.registry import get_model_class
+from flotilla.layers.quant_weight import auto_dense_min_rows
 from flotilla.models.weight_prep import can_keep_quantized, prepare_weights_
 
 
@@ -38,6 +39,27 @@ def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
     head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * int(hf_config.num_hidden_layers) * block_size * kv_heads * head_dim * elem
+
+
+def draft_weights(spec: SpeculativeConfig, config: EngineConfig, device: torch.device) -> tuple[bool, str | None, int]:
+    """How the draft's weights are prepared: (keep a GGUF draft's blocks, "int8"/"int4" to quantize at load or
+    None, float copies for steps of at least this many tokens, 0 for none).
+
+    Without ``draft_quantization`` the draft follows the target: a GGUF draft keeps its blocks when the target
+    does ("gguf"; a non-GGUF draft then runs float weights), int8/int4 quantize the draft at load too. With it,
+    the draft's own choice; an int4 draft (drafts need not be exact: verification keeps the target's tokens)
+    reads ~0.6 bytes per weight where a GGUF draft's Q5_0/Q8_0 blocks take a byte, and like a kept GGUF draft
+    it keeps float copies for long steps (its catch-up over a prompt) where the CPU's crossover says so."""
+    mc = config.model
+    q = spec.draft_quantization
+    if q is None:
+        q = mc.quantization or "none"
+    keep = q == "gguf" and spec.draft_source_kind == "gguf" and can_keep_quantized(device, mc.dtype)
+    quantization = q if q in ("int8", "int4") else None
+    dense_min_rows = 0
+    if keep or (quantization == "int4" and spec.draft_quantization is not None):
+        dense_min_rows = mc.dense_min_rows if mc.quantization == "gguf" else auto_dense_min_rows()
+    return keep, quantization, dense_min_rows
 
 
 class DraftModelProposer:
@@ -59,17 +81,11 @@ class DraftModelProposer:
             model = get_model_class(getattr(hf_config, "architectures", None))(
                 hf_config, dtype=dtype, max_model_len=config.model.max_model_len, pp_partition=None)
         resolved = ResolvedModel(source=spec.draft_source, kind=spec.draft_source_kind)
-        # Quantization follows the target's: a GGUF draft keeps its blocks when the target does ("gguf"; a
-        # non-GGUF draft then runs float weights), int8/int4 quantize the draft at load too.
-        mc = config.model
-        keep = mc.quantization == "gguf" and spec.draft_source_kind == "gguf" and can_keep_quantized(device, mc.dtype)
+        keep, quantization, dense_min_rows = draft_weights(spec, config, device)
         model.load_weights(iterate_weights_filtered(resolved, hf_config, dtype, model.wants_weight,
                                                     keep_quantized=keep))
-        prepare_weights_(model, keep_quantized=keep,
-                         quantization=mc.quantization if mc.quantization in ("int8", "int4") else None,
-                         dense_min_rows=mc.dense_min_rows if keep else 0, batch_invariant=False,
-                         prepack=not mc.batch_invariant,
-                         what="draft model")
+        prepare_weights_(model, keep_quantized=keep, quantization=quantization, dense_min_rows=dense_min_rows,
+                         batch_invariant=False, prepack=not config.model.batch_invariant, what="draft model")
         kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
         head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
         shape = backend.kv_cache_shape(num_blocks, config.cache.block_size, kv_heads, head_dim)

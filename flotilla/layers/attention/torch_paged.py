@@ -1,7 +1,8 @@
 """Paged attention in plain PyTorch (CPU, or any device): gather each request's blocks, then attend.
 
 Decodes (one query token) run in the fused CPU kernel that reads the cache blocks in place (flotilla/ops.py),
-or, without it, as two batched matmuls over (kv_heads, num_decodes) with a float32 softmax in between. A prefill
+as do steps of short chunks on cached context (speculative verification), token by token; without the kernel
+decodes run as two batched matmuls over (kv_heads, num_decodes) with a float32 softmax in between. A prefill
 with no cached context attends causally over its own K/V (one SDPA call per request: it skips the masked half);
 prefill chunks on cached context run as one batched SDPA over queries padded to the longest chunk, with a causal
 mask offset by each request's cached context. No Python loop over tokens on the hot path.
@@ -23,6 +24,7 @@ from flotilla.ops import use_kernels
 
 
 DECODE_GROUP_MIN = 16  # decodes per length group (fewer groups when the batch is small)
+SHORT_CHUNK_MAX = 16  # steps of chunks up to this long on cached context run as decodes (fused kernel only)
 DECODE_GROUPS_MAX = 4
 
 
@@ -71,6 +73,11 @@ class TorchPagedAttentionBackend(AttentionBackend):
         d = common.num_decodes
         bs = common.block_size
         device = common.block_tables.device
+        if d < common.query_lens.numel() and use_kernels(common.block_tables) is not None:
+            rows = self._short_chunks_as_decodes(common)
+            if rows is not None:
+                return TorchPagedMetadata(common.slot_mapping, int(rows[1].numel()), [], *rows, [], None, None, None,
+                                          None, None, 0)
         seq_lens = common.seq_lens.to(device)
         fused = d and use_kernels(common.block_tables) is not None
         groups = self._build_decode_groups(common.seq_lens[:d], common.block_tables[:d], bs, device) \
@@ -78,6 +85,23 @@ class TorchPagedAttentionBackend(AttentionBackend):
         tables, lens = (common.block_tables[:d], seq_lens[:d].contiguous()) if fused else (None, None)
         pre = self._build_prefill(common)
         return TorchPagedMetadata(common.slot_mapping, d, groups, tables, lens, *pre)
+
+    @staticmethod
+    def _short_chunks_as_decodes(common: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A step whose every request computes at most SHORT_CHUNK_MAX tokens on cached context (speculative
+        verification: 1 + k tokens; a draft model's catch-up) attends each token as a decode of its own prefix
+        in the fused kernel, which reads the blocks in place: (block tables (T, max_blocks), sequence lengths
+        (T,) int64), row t of request i seeing context_lens[i] + j + 1 positions for its j-th token (the step's
+        keys and values are written first). None for other steps. Decode layers then run as one op too
+        (layers/fused_decode.py), and a verified token's attention is computed as its decode would be."""
+        d, qlens = common.num_decodes, common.query_lens
+        if int(qlens.max()) > SHORT_CHUNK_MAX or not bool((common.context_lens[d:] > 0).all()):
+            return None
+        req = torch.repeat_interleave(torch.arange(qlens.numel()), qlens)  # (T,) request of each token
+        first = torch.cumsum(qlens, 0) - qlens  # (B,) each request's first token
+        lens = common.context_lens[req] + (torch.arange(req.numel()) - first[req]) + 1  # (T,)
+        device = common.block_tables.device
+        return common.block_tables[req.to(device)], lens.to(device=device, dtype=torch.int64).contiguous()
 
     @staticmethod
     def _build_decode_groups(seq_lens: torch.Tensor, block_tables: torch.Tensor, bs: int, device) -> list:

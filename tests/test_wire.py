@@ -257,7 +257,7 @@ def every_field_config(source: str, quantization: str | None) -> EngineConfig:
         structured_outputs=StructuredOutputsConfig(backend="guidance"),
         speculative=SpeculativeConfig(method="draft_model", num_speculative_tokens=3, prompt_lookup_min=2,
                                       prompt_lookup_max=3, draft_model="draft", draft_source=source,
-                                      draft_source_kind="hf_dir"),
+                                      draft_source_kind="hf_dir", draft_quantization="int4"),
         # the two offload settings exclude each other: one config sets each
         offload=OffloadConfig(cpu_offload_gb=1.5) if quantization is None else OffloadConfig(max_resident_weights=0.75))))
 

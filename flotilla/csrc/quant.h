@@ -9,8 +9,13 @@
 // multiple of 64 bytes. Values are unsigned, u in [0, 2^bits):
 //   4-bit types (Q4_0, Q4_1, Q4_K): a block is four 64-byte vectors; vector i, row r, byte b (b < 4), at
 //     64 i + 4 r + b, holds u[r][4i + b] in its low nibble and u[r][16 + 4i + b] in its high nibble.
-//   8-bit types (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K): a block is eight 64-byte vectors; byte 64 i + 4 r + b holds
-//     u[r][4i + b]. (5- and 6-bit values take a byte each: simple to unpack, at 2.5-3 bits more per value.)
+//   5- and 6-bit types (Q5_0, Q5_1, Q5_K; Q6_K): the low 4 bits of every value as a 4-bit block, then a plane
+//     of the high bits: column c = 4 i + b (i < 8) of row r has them at byte 4 r + b of the plane's vector
+//     i / 4 (6-bit: two vectors, bits 2 (i % 4) and 2 (i % 4) + 1) or of its one vector (5-bit: bit i).
+//     A block is 320 (5-bit) or 384 (6-bit) bytes: the file's bits, where a byte per value took 512.
+//   8-bit types (Q8_0): a block is eight 64-byte vectors; byte 64 i + 4 r + b holds u[r][4i + b].
+// In every layout the kernels unpack, per block, eight 64-byte vectors w[i] of one byte per value: w[i], byte
+// 4 r + b, is u[r][4 i + b].
 // Scales (fp16 little-endian bits; u8 / i8), each array indexed [..][16 rows]:
 //   Q4_0, Q5_0, Q8_0:   d fp16[K/32][16]
 //   Q4_1, Q5_1:         d fp16[K/32][16], m fp16[K/32][16]
@@ -49,7 +54,7 @@ enum Scheme : int {
 };
 
 struct Traits {
-  int bits;        // 4 or 8: how values are stored
+  int bits;        // 4, 5, 6 or 8: how values are stored
   int offset;      // o
   int scheme;
   bool has_min;    // mb term
@@ -69,19 +74,31 @@ inline constexpr Traits traits(int type) {
   switch (type) {
     case kQ4_0: return {4, 8, kSimple, false, 15, 32, 18};
     case kQ4_1: return {4, 0, kSimple, true, 15, 32, 20};
-    case kQ5_0: return {8, 16, kSimple, false, 31, 32, 22};
-    case kQ5_1: return {8, 0, kSimple, true, 31, 32, 24};
+    case kQ5_0: return {5, 16, kSimple, false, 31, 32, 22};
+    case kQ5_1: return {5, 0, kSimple, true, 31, 32, 24};
     case kQ8_0: return {8, 128, kSimple, false, 255, 32, 34};
     case kQ4_K: return {4, 0, kKMin, true, 15, 256, 144};
-    case kQ5_K: return {8, 0, kKMin, true, 31, 256, 176};
-    case kQ6_K: return {8, 32, kK6, false, 63, 256, 210};
+    case kQ5_K: return {5, 0, kKMin, true, 31, 256, 176};
+    case kQ6_K: return {6, 32, kK6, false, 63, 256, 210};
     default: return {0, 0, 0, false, 0, 0, 0};
   }
 }
 
+inline constexpr int64_t value_bytes(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
+
+// u[r][4 i + b] of block `blk` (its value bytes), for the unpacked vector i < 8, row r, byte b < 4.
+inline int unpacked_value(const uint8_t* blk, int bits, int i, int r, int b) {
+  if (bits == 8) return blk[64 * i + 4 * r + b];
+  const uint8_t low = blk[64 * (i % 4) + 4 * r + b];
+  int u = i < 4 ? low & 0xF : low >> 4;
+  if (bits == 6) u |= ((blk[256 + 64 * (i / 4) + 4 * r + b] >> (2 * (i % 4))) & 3) << 4;
+  if (bits == 5) u |= ((blk[256 + 4 * r + b] >> i) & 1) << 4;
+  return u;
+}
+
 // Byte offsets of one group's parts for K columns (K a multiple of the GGUF block).
 struct Layout {
-  int64_t value_bytes;  // per 32-value block: 256 (4-bit) or 512 (8-bit)
+  int64_t value_bytes;  // per 32-value block: 256 (4-bit), 320 (5-bit), 384 (6-bit) or 512 (8-bit)
   int64_t d_off, m_off, sc_off, mn_off;  // -1 where the type has no such array
   int64_t group_bytes;
 };
@@ -89,7 +106,7 @@ struct Layout {
 inline Layout layout(int type, int64_t k) {
   const Traits t = traits(type);
   Layout l{};
-  l.value_bytes = t.bits == 4 ? 256 : 512;
+  l.value_bytes = value_bytes(t.bits);
   const int64_t nb = k / kBlock, nsb = k / kSuper;
   int64_t pos = nb * l.value_bytes;
   l.d_off = pos;

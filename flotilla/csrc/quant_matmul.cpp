@@ -142,17 +142,11 @@ void group_scalar(const MatArgs& a, int64_t g, int64_t m0) {
     int32_t p[2][kRows] = {}, p_hi[2][kRows] = {};  // [level][row]: h, l; p_hi: Q6_K's second half
     for (int lv = 0; lv < 2; ++lv) {
       const int8_t* q = a.qx + (2 * m0 + lv) * a.k + j * kBlock;
-      for (int i = 0; i < (t.bits == 4 ? 4 : 8); ++i) {
+      for (int i = 0; i < 8; ++i) {  // columns 4 i .. 4 i + 3
         for (int r = 0; r < kRows; ++r) {
           for (int b = 0; b < 4; ++b) {
-            const uint8_t byte = v[64 * i + 4 * r + b];
-            if constexpr (t.bits == 4) {
-              p[lv][r] += (byte & 0xF) * q[4 * i + b] + (byte >> 4) * q[16 + 4 * i + b];
-            } else if (t.scheme == kK6 && i >= 4) {
-              p_hi[lv][r] += byte * q[4 * i + b];
-            } else {
-              p[lv][r] += byte * q[4 * i + b];
-            }
+            const int32_t pu = unpacked_value(v, t.bits, i, r, b) * q[4 * i + b];
+            if (t.scheme == kK6 && i >= 4) p_hi[lv][r] += pu; else p[lv][r] += pu;
           }
         }
       }
@@ -249,14 +243,34 @@ FLOTILLA_TARGET_VNNI void group_vnni(const MatArgs& a, int64_t g, int64_t m0) {
     // w[i] holds, per row, the four values of columns 4 i .. 4 i + 3 of the block
     const uint8_t* v = grp + j * l.value_bytes;
     __m512i w[8];
-    if constexpr (t.bits == 4) {
+    if constexpr (t.bits == 8) {
+      for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(v + 64 * i);
+    } else {
       for (int i = 0; i < 4; ++i) {
         const __m512i x = _mm512_loadu_si512(v + 64 * i);
         w[i] = _mm512_and_si512(x, nib);
         w[4 + i] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
       }
-    } else {
-      for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(v + 64 * i);
+      if constexpr (t.bits == 6) {  // bits 2 (i % 4) .. + 1 of plane vector i / 4 -> bits 4, 5
+        const __m512i m = _mm512_set1_epi8(0x30);
+        for (int h = 0; h < 2; ++h) {
+          const __m512i x = _mm512_loadu_si512(v + 256 + 64 * h);
+          w[4 * h] = _mm512_or_si512(w[4 * h], _mm512_and_si512(_mm512_slli_epi16(x, 4), m));
+          w[4 * h + 1] = _mm512_or_si512(w[4 * h + 1], _mm512_and_si512(_mm512_slli_epi16(x, 2), m));
+          w[4 * h + 2] = _mm512_or_si512(w[4 * h + 2], _mm512_and_si512(x, m));
+          w[4 * h + 3] = _mm512_or_si512(w[4 * h + 3], _mm512_and_si512(_mm512_srli_epi16(x, 2), m));
+        }
+      } else if constexpr (t.bits == 5) {  // bit i of the plane -> bit 4
+        const __m512i x = _mm512_loadu_si512(v + 256), m = _mm512_set1_epi8(0x10);
+        w[0] = _mm512_or_si512(w[0], _mm512_and_si512(_mm512_slli_epi16(x, 4), m));
+        w[1] = _mm512_or_si512(w[1], _mm512_and_si512(_mm512_slli_epi16(x, 3), m));
+        w[2] = _mm512_or_si512(w[2], _mm512_and_si512(_mm512_slli_epi16(x, 2), m));
+        w[3] = _mm512_or_si512(w[3], _mm512_and_si512(_mm512_slli_epi16(x, 1), m));
+        w[4] = _mm512_or_si512(w[4], _mm512_and_si512(x, m));
+        w[5] = _mm512_or_si512(w[5], _mm512_and_si512(_mm512_srli_epi16(x, 1), m));
+        w[6] = _mm512_or_si512(w[6], _mm512_and_si512(_mm512_srli_epi16(x, 2), m));
+        w[7] = _mm512_or_si512(w[7], _mm512_and_si512(_mm512_srli_epi16(x, 3), m));
+      }
     }
     for (int mi = 0; mi < MB; ++mi) {
       const int8_t* qh = a.qx + 2 * (m0 + mi) * a.k + j * kBlock;
@@ -358,14 +372,34 @@ FLOTILLA_TARGET_AVX2 void half_avx2(const MatArgs& a, int64_t g, int64_t m0, int
     }
     const uint8_t* v = grp + j * l.value_bytes + 32 * h;
     __m256i w[8];
-    if constexpr (t.bits == 4) {
+    if constexpr (t.bits == 8) {
+      for (int i = 0; i < 8; ++i) w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 64 * i));
+    } else {
       for (int i = 0; i < 4; ++i) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 64 * i));
         w[i] = _mm256_and_si256(x, nib);
         w[4 + i] = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
       }
-    } else {
-      for (int i = 0; i < 8; ++i) w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 64 * i));
+      if constexpr (t.bits == 6) {
+        const __m256i m = _mm256_set1_epi8(0x30);
+        for (int p = 0; p < 2; ++p) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 256 + 64 * p));
+          w[4 * p] = _mm256_or_si256(w[4 * p], _mm256_and_si256(_mm256_slli_epi16(x, 4), m));
+          w[4 * p + 1] = _mm256_or_si256(w[4 * p + 1], _mm256_and_si256(_mm256_slli_epi16(x, 2), m));
+          w[4 * p + 2] = _mm256_or_si256(w[4 * p + 2], _mm256_and_si256(x, m));
+          w[4 * p + 3] = _mm256_or_si256(w[4 * p + 3], _mm256_and_si256(_mm256_srli_epi16(x, 2), m));
+        }
+      } else if constexpr (t.bits == 5) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 256)), m = _mm256_set1_epi8(0x10);
+        w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(x, 4), m));
+        w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(x, 3), m));
+        w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(x, 2), m));
+        w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(x, 1), m));
+        w[4] = _mm256_or_si256(w[4], _mm256_and_si256(x, m));
+        w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(x, 1), m));
+        w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(x, 2), m));
+        w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(x, 3), m));
+      }
     }
     for (int mi = 0; mi < MB; ++mi) {
       const int8_t* qh = a.qx + 2 * (m0 + mi) * a.k + j * kBlock;

@@ -94,15 +94,18 @@ void decode_block(int type, const uint8_t* b, Decoded& o) {
   }
 }
 
-// Byte of the value at (row rr of the group, column k) and whether it is the high nibble.
-inline int64_t value_pos(int bits, int64_t vb, int64_t k, int rr, bool& high) {
+// Store u at (row rr of the group, column k) in the block layout of quant.h (the group starts zeroed).
+inline void put_value(uint8_t* group, int bits, int64_t vb, int64_t k, int rr, int u) {
   const int64_t j = k / kBlock, kk = k % kBlock;
-  if (bits == 4) {
-    high = kk >= 16;
-    return j * vb + 64 * ((kk % 16) / 4) + 4 * rr + kk % 4;
+  const int i = static_cast<int>(kk / 4), b = static_cast<int>(kk % 4);
+  uint8_t* blk = group + j * vb;
+  if (bits == 8) {
+    blk[64 * i + 4 * rr + b] = static_cast<uint8_t>(u);
+    return;
   }
-  high = false;
-  return j * vb + 64 * (kk / 4) + 4 * rr + kk % 4;
+  blk[64 * (i % 4) + 4 * rr + b] |= static_cast<uint8_t>((u & 0xF) << (i < 4 ? 0 : 4));
+  if (bits == 6) blk[256 + 64 * (i / 4) + 4 * rr + b] |= static_cast<uint8_t>(((u >> 4) & 3) << (2 * (i % 4)));
+  if (bits == 5) blk[256 + 4 * rr + b] |= static_cast<uint8_t>(((u >> 4) & 1) << i);
 }
 
 void pack_row(int type, const uint8_t* raw_row, int64_t k, uint8_t* group, int rr, const Layout& l) {
@@ -111,11 +114,7 @@ void pack_row(int type, const uint8_t* raw_row, int64_t k, uint8_t* group, int r
   for (int64_t sb = 0; sb < k / t.gguf_block; ++sb) {
     decode_block(type, raw_row + sb * t.gguf_bytes, o);
     const int64_t k0 = sb * t.gguf_block;
-    for (int v = 0; v < t.gguf_block; ++v) {
-      bool high;
-      uint8_t* p = group + value_pos(t.bits, l.value_bytes, k0 + v, rr, high);
-      *p = high ? static_cast<uint8_t>(*p | (o.u[v] << 4)) : static_cast<uint8_t>(*p | o.u[v]);
-    }
+    for (int v = 0; v < t.gguf_block; ++v) put_value(group, t.bits, l.value_bytes, k0 + v, rr, o.u[v]);
     if (t.scheme == kSimple) {
       std::memcpy(group + l.d_off + (sb * kRows + rr) * 2, o.d, 2);
       if (t.has_min) std::memcpy(group + l.m_off + (sb * kRows + rr) * 2, o.m, 2);
@@ -181,9 +180,7 @@ void dequantize_row(int type, const uint8_t* group, int rr, int64_t k, const Lay
       s_hi = d * static_cast<float>(static_cast<int8_t>(group[l.sc_off + (2 * j + 1) * kRows + rr]));
     }
     for (int kk = 0; kk < kBlock; ++kk) {
-      bool high;
-      const uint8_t byte = group[value_pos(t.bits, l.value_bytes, j * kBlock + kk, rr, high)];
-      const int u = t.bits == 4 ? (high ? byte >> 4 : byte & 0xF) : byte;
+      const int u = unpacked_value(group + j * l.value_bytes, t.bits, kk / 4, rr, kk % 4);
       const float scale = t.scheme == kK6 && kk >= 16 ? s_hi : s;
       float w = scale * static_cast<float>(u - t.offset);
       if (t.has_min) w = w + mb;

@@ -337,15 +337,15 @@ def add_dense_copies_(model: nn.Module, min_rows: int) -> int:
 
 # GGML type id -> (bits, o, scheme, has_min); scheme 0: d (and m) per block, 1: K-quant d/dmin + u8 sc/mn,
 # 2: Q6_K d + int8 sc per 16 values.
-_TRAITS = {2: (4, 8, 0, False), 3: (4, 0, 0, True), 6: (8, 16, 0, False), 7: (8, 0, 0, True),
-           8: (8, 128, 0, False), 12: (4, 0, 1, True), 13: (8, 0, 1, True), 14: (8, 32, 2, False)}
+_TRAITS = {2: (4, 8, 0, False), 3: (4, 0, 0, True), 6: (5, 16, 0, False), 7: (5, 0, 0, True),
+           8: (8, 128, 0, False), 12: (4, 0, 1, True), 13: (5, 0, 1, True), 14: (6, 32, 2, False)}
 
 
 def _layout(qtype: int, cols: int) -> dict[str, int]:
     """Byte offsets of one group's parts, as quant.h's ``layout``."""
     bits, _, scheme, has_min = _TRAITS[qtype]
     nb, nsb = cols // 32, cols // 256
-    vb = 256 if bits == 4 else 512
+    vb = 512 if bits == 8 else 256 + 64 * (bits - 4)
     out = {"vb": vb, "d": nb * vb}
     pos = out["d"]
     if scheme == 0:
@@ -381,13 +381,20 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, rows: int, cols: int) ->
     lay = _layout(qtype, cols)
     g = packed.view(-1, lay["group"])                                    # (groups, group_bytes)
     groups, nb = g.shape[0], cols // 32
-    vals = g[:, :nb * lay["vb"]]
-    if bits == 4:
-        v = vals.reshape(groups, nb, 4, ROWS, 4)                         # (g, block, vector i, row, byte b)
-        u = torch.stack([v & 0xF, v >> 4], dim=2)                        # (g, block, half, i, row, b)
-        u = u.permute(0, 4, 1, 2, 3, 5)                                  # column 16 half + 4 i + b
+    vals = g[:, :nb * lay["vb"]].reshape(groups, nb, lay["vb"])
+    if bits == 8:
+        u = vals.reshape(groups, nb, 8, ROWS, 4)                          # (g, block, i, row, b): column 4 i + b
     else:
-        u = vals.reshape(groups, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4)  # (g, row, block, i, b): column 4 i + b
+        low = vals[:, :, :256].reshape(groups, nb, 4, ROWS, 4)            # (g, block, vector, row, byte b)
+        u = torch.cat([low & 0xF, low >> 4], dim=2).to(torch.int32)      # (g, block, i, row, b)
+        if bits == 6:   # plane vector i // 4, bits 2 (i % 4) and up
+            plane = vals[:, :, 256:384].reshape(groups, nb, 2, 1, ROWS, 4).to(torch.int32)
+            hi = (plane >> torch.arange(0, 8, 2, dtype=torch.int32).view(1, 1, 1, 4, 1, 1)) & 3
+            u = u | (hi.reshape(groups, nb, 8, ROWS, 4) << 4)
+        elif bits == 5:  # bit i of the plane
+            plane = vals[:, :, 256:320].reshape(groups, nb, 1, ROWS, 4).to(torch.int32)
+            u = u | (((plane >> torch.arange(8, dtype=torch.int32).view(1, 1, 8, 1, 1)) & 1) << 4)
+    u = u.permute(0, 3, 1, 2, 4)                                          # (g, row, block, i, b)
     q = (u.reshape(groups * ROWS, cols).to(torch.int32) - offset).float()  # (rows_padded, cols)
     if scheme == 2:
         d = _per_row(_field(g, lay["d"], cols // 256, torch.float16)).repeat_interleave(16, dim=1)

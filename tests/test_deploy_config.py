@@ -210,3 +210,18 @@ def test_serve_config_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     bad = write(tmp_path, "models: [{name: a, model: m, replicas: 0}]", "bad.yaml")
     assert main(["serve", "--config", bad, "--port", "0"]) == 2
     assert f"{bad}: models[0].replicas: must be >= 1" in capsys.readouterr().err
+
+
+def test_enforce_eager_flag_reaches_the_model_config(tmp_path):
+    """vLLM's --enforce-eager (no CUDA graphs) is an engine flag like any other: CLI and file agree, and it
+    reaches ModelConfig, which every worker reads."""
+    from_cli = deployment_from_cli(serve_ns("/models/tiny", "--served-model-name", "tiny", "--enforce-eager"))
+    assert from_cli.models[0].engine_args().enforce_eager is True
+    assert deployment_from_cli(serve_ns("/models/tiny")).models[0].engine_args().enforce_eager is False
+    from_file = load_deployment_config(write(tmp_path, """\
+        models:
+          - name: tiny
+            model: /models/tiny
+            engine: {enforce_eager: true}
+        """))
+    assert from_cli == from_file

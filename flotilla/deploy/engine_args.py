@@ -87,6 +87,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="each request's tokens and logprobs independent of the batch it runs in "
                         "(not with --quantization)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs (vLLM's)")
     off = p.add_argument_group("weight offload")
     off.add_argument("--cpu-offload-gb", type=finite_float, default=0.0, metavar="GIB",
                      help="GiB of the weights (whole decoder layers) kept in pinned CPU memory and streamed to the "
@@ -162,7 +164,7 @@ def engine_args_from(ns: argparse.Namespace):
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
                       pipeline_partition=partition, distributed_executor_backend=ns.distributed_executor_backend,
                       distributed_backend=ns.distributed_backend, ray_address=ns.ray_address, device=ns.device,
-                      batch_invariant=ns.batch_invariant, runner=ns.runner,
+                      batch_invariant=ns.batch_invariant, enforce_eager=ns.enforce_eager, runner=ns.runner,
                       structured_outputs_config=structured_outputs_config(ns),
                       speculative_config=getattr(ns, "speculative_config", None),
                       cpu_offload_gb=ns.cpu_offload_gb, max_resident_weights=ns.max_resident_weights)

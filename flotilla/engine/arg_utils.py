@@ -78,6 +78,7 @@ class EngineArgs:
     served_model_name: str | None = None
     seed: int = 0
     batch_invariant: bool = False  # per-token results independent of the batch (README: what a seed guarantees)
+    enforce_eager: bool = False  # vLLM's --enforce-eager: no CUDA graphs
     runner: str = "auto"  # auto | generate | pooling (vLLM's --runner)
     # vLLM's StructuredOutputsConfig as a dict: {"backend": "auto" | "xgrammar" | "guidance"} (None: auto)
     structured_outputs_config: dict[str, Any] | None = None
@@ -109,7 +110,7 @@ class EngineArgs:
                             source_kind=resolved.kind, hf_config=hf_config, dtype=dtype,
                             max_model_len=max_len, served_model_name=self.served_model_name,
                             quantization=quantization, dense_min_rows=self._dense_min_rows(quantization),
-                            batch_invariant=self.batch_invariant)
+                            batch_invariant=self.batch_invariant, enforce_eager=self.enforce_eager)
         batched = self.max_num_batched_tokens or (max(2048, max_len) if not self.enable_chunked_prefill
                                                   else 2048)
         cache = CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,

@@ -70,6 +70,8 @@ class ModelRunner:
     ``flotilla.spec_decode.rejection.verify`` (every step goes through it, drafts or not, so a seeded request's
     stream does not depend on its neighbours); the accepted drafts and the sampled token go back, with the
     ``proposer``'s drafts for the next step (none for a request with structured output).
+    With ``graphs`` set (``flotilla.worker.cuda_graphs``), a decode-only step it accepts runs from a captured
+    CUDA graph; every other step runs the model eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, kv_caches: list[torch.Tensor],
@@ -85,6 +87,7 @@ class ModelRunner:
         self.structured = structured
         self.speculative = speculative if speculative is not None and speculative.enabled else None
         self.proposer = proposer  # spec_decode proposer: propose(runner, req_ids, emitted) -> drafts per request
+        self.graphs = None  # worker/cuda_graphs.DecodeGraphs: decode steps replayed from CUDA graphs (set on CUDA)
         # Generators outlive preemption (the request comes back as "new") so seeded output stays reproducible.
         self._generators: dict[str, torch.Generator] = {}
 
@@ -193,11 +196,13 @@ class ModelRunner:
         inputs = self._prepare_inputs(so)
         # The grammar bitmasks of this step's samples, filled while the model runs.
         masks = self.structured.start_fill(inputs.sample_req_ids) if self.structured is not None else None
-        metadata = self.backend.build_metadata(inputs.common)
-        ctx = AttentionContext(self.backend, metadata, self.kv_caches)
         pp = get_pp_group()
         intermediate = None if pp.is_first_rank else IntermediateTensors.from_dict(pp.recv_tensors())
-        hidden = self.model(inputs.input_ids, inputs.positions, ctx, intermediate)  # (T, hidden)
+        if self.graphs is not None and intermediate is None and self.graphs.can_run(inputs):
+            hidden = self.graphs.run(inputs)  # (T, hidden), replayed from a CUDA graph
+        else:
+            ctx = AttentionContext(self.backend, self.backend.build_metadata(inputs.common), self.kv_caches)
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx, intermediate)  # (T, hidden)
         for req_id in inputs.req_ids:
             self.requests[req_id].num_computed_tokens += so.num_scheduled_tokens[req_id]
         if not pp.is_last_rank:

@@ -10,7 +10,7 @@ import torch
 
 from flotilla.config import EngineConfig
 from flotilla.errors import ModelLoadError
-from flotilla.layers.attention import TorchPagedAttentionBackend
+from flotilla.layers.attention.selector import attention_backend
 from flotilla.models.loader import ResolvedModel, iterate_weights_filtered
 from flotilla.models.offload import WeightOffloader, build_device
 from flotilla.models.registry import get_model_class
@@ -49,8 +49,9 @@ class Worker:
             threads = max(1, (os.cpu_count() or 1) // config.parallel.world_size)
         if threads:
             torch.set_num_threads(threads)
-        self.backend = TorchPagedAttentionBackend(batch_invariant=config.model.batch_invariant)
+        self.backend = attention_backend(self.device.type, config.model.batch_invariant, config.cache.block_size)
         self.model: torch.nn.Module | None = None
+        self.offloaded = False
         self.runner: ModelRunner | None = None
 
     def load_model(self) -> None:
@@ -68,6 +69,7 @@ class Worker:
         wanted = offloader.wants_weight if offloader is not None else model.wants_weight
         lazy = self.config.parallel.tensor_parallel_size > 1  # each TP rank reads only its shards
         keep = mc.quantization == "gguf" and can_keep_quantized(self.device, mc.dtype)
+        self.offloaded = offloader is not None
         model.load_weights(iterate_weights_filtered(resolved, mc.hf_config, self.dtype, wanted,
                                                     lazy=lazy, keep_quantized=keep))
         if offloader is not None:
@@ -115,8 +117,26 @@ class Worker:
         self.runner = ModelRunner(self.model, self.backend, caches, cc.block_size, self.device,
                                   StructuredDecoding(grammars, mc.vocab_size), self.config.speculative,
                                   self._make_proposer(num_blocks))
+        self.runner.graphs = self._decode_graphs(caches)
         logger.info("rank %d KV cache: %d blocks of %d tokens (%.2f GiB)", self.rank, num_blocks,
                     cc.block_size, num_blocks * self.kv_bytes_per_block() / GiB)
+
+    def _decode_graphs(self, caches):
+        """Captured CUDA graphs for decode steps (worker/cuda_graphs.py), or None: not on CUDA, ``enforce_eager``,
+        a backend that reads the step on the host, or a configuration the graphs do not cover (several ranks,
+        weight offload, whose layers stream through host hooks)."""
+        mc = self.config.model
+        if self.device.type != "cuda" or mc.enforce_eager or not getattr(self.backend, "supports_cuda_graphs", False):
+            return None
+        if self.config.parallel.world_size > 1 or self.offloaded:
+            logger.info("decode steps run eagerly: CUDA graphs cover one rank without weight offload")
+            return None
+        from flotilla.worker.cuda_graphs import DecodeGraphs, capture_sizes
+        block_size = self.config.cache.block_size
+        graphs = DecodeGraphs(self.model, self.backend, caches, self.device,
+                              capture_sizes(self.config.scheduler.max_num_seqs), -(-mc.max_model_len // block_size))
+        graphs.capture_all()
+        return graphs
 
     def _make_proposer(self, num_blocks: int):
         """The speculative decoding proposer of ``config.speculative`` (None when speculation is off)."""

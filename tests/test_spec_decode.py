@@ -228,6 +228,24 @@ def test_self_drafting_accepts_every_greedy_draft_under_preemption_and_chunked_p
         llm.engine.shutdown()
 
 
+def test_draft_catch_up_skips_the_accepted_guesses(tiny_llama, tiny_llama_engine):
+    """Self-drafting accepts every guess, and the draft's KV of its k - 1 fed guesses is kept: after the prompt,
+    each catch-up forward computes 2 tokens (the last guess and the sampled token), not k + 1."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    llm = LLM(model=tiny_llama[0], max_model_len=128, num_kv_blocks=32,
+              speculative_config={"method": "draft_model", "model": tiny_llama[0], "num_speculative_tokens": 4})
+    try:
+        proposer = llm.engine.executor.worker.runner.proposer
+        lengths, forward = [], proposer._forward
+        proposer._forward = lambda chunks: (lengths.append([len(t) for _, _, t in chunks]), forward(chunks))[1]
+        got = llm.generate([PROMPTS[0]], params)[0].outputs[0].token_ids
+        assert got == tiny_llama_engine.generate([PROMPTS[0]], params)[0].outputs[0].token_ids
+        catch_ups = [n[0] for n in lengths if n[0] != 1]  # the guesses' single-token forwards left out
+        assert catch_ups[0] > 2 and catch_ups[1:] and all(n == 2 for n in catch_ups[1:]), lengths
+    finally:
+        llm.engine.shutdown()
+
+
 def test_sampled_tokens_verified_against_a_draft_model_follow_the_target(tiny_llama, tiny_qwen2):
     """End to end, temperature 1: the tiny Qwen2 drafts for the tiny Llama (different distributions, so drafts
     are both accepted and rejected); the token that verification emits after the first one must follow the

@@ -6,8 +6,10 @@ block ids and block size, so the scheduler's allocation (with its k lookahead sl
 draft's writes too, and freeing a request frees both. Per request the proposer tracks ``computed``: the
 positions whose draft KV holds the request's real tokens. Each time the request samples, the draft catches up
 in one forward over the tokens from ``computed`` to the newest one (the prompt on its first sample, then the
-accepted drafts and the sampled token), then runs k - 1 single-token forwards over its own guesses (whose KV,
-beyond the real tokens, is overwritten by the next catch-up). A prefix-cache hit's blocks carry the draft KV
+accepted drafts and the sampled token), then runs k - 1 single-token forwards over its own guesses. The KV
+those forwards wrote is kept where the guesses were accepted (they were computed on the same tokens), so the
+next catch-up starts after them: with every draft accepted it is 2 tokens (the last draft and the sampled
+one), not k + 1; beyond the accepted guesses the KV is overwritten. A prefix-cache hit's blocks carry the draft KV
 the first request wrote there (its draft catches up when it samples; a block reused before then holds stale
 draft KV, which only lowers acceptance: verification never trusts a draft).
 
@@ -71,6 +73,7 @@ class DraftModelProposer:
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.block_size, self.device, self.k = block_size, device, k
         self.computed: dict[str, int] = {}
+        self._fed: dict[str, tuple[int, list[int]]] = {}  # req -> (position, guesses whose draft KV is written there)
         self._probs: dict[str, tuple[list[int], torch.Tensor]] = {}  # req -> (drafts, q (k, V)) of random requests
 
     @classmethod
@@ -97,9 +100,25 @@ class DraftModelProposer:
         for req_id in so.finished_req_ids | so.preempted_req_ids:
             self.computed.pop(req_id, None)
             self._probs.pop(req_id, None)
+            self._fed.pop(req_id, None)
         for new in so.scheduled_new_reqs:
             self.computed[new.req_id] = new.num_computed_tokens
             self._probs.pop(new.req_id, None)
+            self._fed.pop(new.req_id, None)
+
+    def _skip_accepted_guesses(self, req_id: str, seq: list[int]) -> None:
+        """Move ``computed`` past the guesses of the last proposal that ``seq`` accepted (their draft KV is
+        written), leaving at least the newest token to compute."""
+        start = self.computed[req_id]
+        fed = self._fed.pop(req_id, None)
+        if fed is None or fed[0] != start:
+            return
+        n = 0
+        for token, guess in zip(seq[start:len(seq) - 1], fed[1]):
+            if token != guess:
+                break
+            n += 1
+        self.computed[req_id] = start + n
 
     def probs_for(self, req_id: str, drafts: list[int]) -> torch.Tensor | None:
         """q (len(drafts), V) of the drafts proposed for a random request (the scheduler may have kept a
@@ -124,6 +143,8 @@ class DraftModelProposer:
         if not jobs:
             return {}
         # Catch up: one forward over each request's tokens from ``computed`` (decodes first).
+        for s, seq, _ in jobs:
+            self._skip_accepted_guesses(s.req_id, seq)
         jobs.sort(key=lambda j: len(j[1]) - self.computed[j[0].req_id] != 1)
         chunks = [(s.block_ids, self.computed[s.req_id], seq[self.computed[s.req_id]:]) for s, seq, _ in jobs]
         logits = self._forward(chunks)  # (B, V)
@@ -144,8 +165,9 @@ class DraftModelProposer:
             logits = self._forward([(jobs[i][0].block_ids, len(jobs[i][1]) + step, [drafts[i][-1]])
                                     for i in active])  # (A, V)
         out = {}
-        for (s, _, _), d, q in zip(jobs, drafts, probs):
+        for (s, seq, _), d, q in zip(jobs, drafts, probs):
             out[s.req_id] = d
+            self._fed[s.req_id] = (len(seq), d[:-1])  # every guess but the last went through a forward
             if q:
                 self._probs[s.req_id] = (d, torch.stack(q))
         return out

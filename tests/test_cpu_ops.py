@@ -136,10 +136,12 @@ def _decode_case(dtype, heads, kvh, d):
     return q, cache, tables, lens, _reference_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
 
 
-@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 4, 128), (16, 2, 64), (4, 4, 32)])
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 4, 128), (16, 2, 64), (4, 4, 32), (12, 2, 128), (14, 2, 64),
+                                         (20, 2, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_decode_attention_matches_reference(kernels, isa, dtype, heads, kvh, d):
-    """Every head_dim / group size the AVX-512 kernel specializes, and ones it leaves to the portable kernel."""
+    """Every head_dim / group size the AVX-512 kernel specializes, groups it attends in parts (6 = 3 + 3 at 128,
+    10 = 5 + 5 at 64: Qwen2.5-1.5B's and -0.5B's are 6 and 7), and a head_dim it leaves to the portable kernel."""
     q, cache, tables, lens, want = _decode_case(dtype, heads, kvh, d)
     out = torch.empty(5, heads * d, dtype=dtype)
     kernels.paged_decode_attention(out, q, cache[0], cache[1], tables, lens, d ** -0.5)

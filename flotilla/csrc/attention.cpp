@@ -172,7 +172,7 @@ FLOTILLA_TARGET_AVX512 void decode_one_avx512(const at::BFloat16* q, const at::B
 using DecodeFn = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, const int64_t*, int64_t,
                           int64_t, float, at::BFloat16*, std::vector<float>&);
 
-// The AVX-512 kernel for this head_dim and group size, or nullptr (then the portable one runs).
+// The AVX-512 kernel for this head_dim and group size, or nullptr.
 inline DecodeFn avx512_decode_fn(int64_t d, int64_t g) {
   if (d == 64) {
     switch (g) {
@@ -182,6 +182,8 @@ inline DecodeFn avx512_decode_fn(int64_t d, int64_t g) {
       case 4: return decode_one_avx512<4, 4>;
       case 5: return decode_one_avx512<4, 5>;
       case 6: return decode_one_avx512<4, 6>;
+      case 7: return decode_one_avx512<4, 7>;
+      case 8: return decode_one_avx512<4, 8>;
     }
   } else if (d == 128) {
     switch (g) {
@@ -190,6 +192,16 @@ inline DecodeFn avx512_decode_fn(int64_t d, int64_t g) {
       case 3: return decode_one_avx512<8, 3>;
     }
   }
+  return nullptr;
+}
+
+// The AVX-512 kernel for the largest part of the group (a divisor of g) it specializes, and that part's size;
+// the group is attended part by part (each part reads the keys and values again, from cache). nullptr: the
+// portable kernel runs (no specialization for this head_dim).
+inline DecodeFn avx512_decode_part(int64_t d, int64_t g, int64_t& part) {
+  for (part = g; part > 0; --part)
+    if (g % part == 0)
+      if (DecodeFn fn = avx512_decode_fn(d, part)) return fn;
   return nullptr;
 }
 #endif
@@ -239,9 +251,11 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
         int64_t i = w / kvh, h = w % kvh;
 #ifdef FLOTILLA_X86_AVX512
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (DecodeFn fn = use_avx512 ? avx512_decode_fn(d, g) : nullptr) {
-            fn(qp + i * q.stride(0) + h * g * d, kp + h * head_elems, vp + h * head_elems, tp + i * max_blocks,
-               lp[i], block_size, static_cast<float>(scale), op + i * hq * d + h * g * d, buf);
+          int64_t part = 0;
+          if (DecodeFn fn = use_avx512 ? avx512_decode_part(d, g, part) : nullptr) {
+            for (int64_t j = h * g; j < (h + 1) * g; j += part)  // query heads j .. j + part - 1
+              fn(qp + i * q.stride(0) + j * d, kp + h * head_elems, vp + h * head_elems, tp + i * max_blocks,
+                 lp[i], block_size, static_cast<float>(scale), op + i * hq * d + j * d, buf);
             continue;
           }
         }

@@ -21,7 +21,7 @@ from flotilla.layers.attention.torch_paged import TorchPagedAttentionBackend
 
 pytest.importorskip("triton", reason="triton is installed by scripts/setup.sh")
 
-BS, NUM_BLOCKS = 16, 24
+BS, NUM_BLOCKS = 16, 64
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +33,20 @@ def tp():
     return module
 
 
-def make_step(qlens: list[int], ctx: list[int], seed: int = 0):
+def make_step(qlens: list[int], ctx: list[int], seed: int = 0, bs: int = BS):
     """CommonAttentionMetadata of one step: request i computes qlens[i] tokens on ctx[i] cached ones, its blocks
     a random distinct set (block 0 never used: the padding of block tables)."""
     g = torch.Generator().manual_seed(seed)
     r = len(qlens)
-    width = max(-(-(q + c) // BS) for q, c in zip(qlens, ctx))
+    width = max(-(-(q + c) // bs) for q, c in zip(qlens, ctx))
     tables = (torch.randperm(NUM_BLOCKS - 1, generator=g)[:r * width] + 1).view(r, width)  # (R, width)
     q_t, c_t = torch.tensor(qlens), torch.tensor(ctx)
     pos = torch.cat([torch.arange(c, c + q) for q, c in zip(qlens, ctx)])  # (T,)
     req = torch.repeat_interleave(torch.arange(r), q_t)
-    slots = tables[req, pos // BS] * BS + pos % BS
+    slots = tables[req, pos // bs] * bs + pos % bs
     decodes = sum(1 for q in qlens if q == 1)
     assert qlens[:decodes] == [1] * decodes, "decodes first"
-    return CommonAttentionMetadata(q_t, c_t, tables, slots, decodes, BS, max(qlens), int((q_t + c_t).max()))
+    return CommonAttentionMetadata(q_t, c_t, tables, slots, decodes, bs, max(qlens), int((q_t + c_t).max()))
 
 
 def run_both(tp, common, heads, kv_heads, head_dim, dtype, seed=1):
@@ -55,7 +55,7 @@ def run_both(tp, common, heads, kv_heads, head_dim, dtype, seed=1):
     q = torch.randn(t, heads, head_dim, generator=g).to(dtype)
     k = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
-    cache = torch.randn(2, kv_heads, NUM_BLOCKS, BS, head_dim, generator=g).to(dtype)
+    cache = torch.randn(2, kv_heads, NUM_BLOCKS, common.block_size, head_dim, generator=g).to(dtype)
     results = []
     for backend in (TorchPagedAttentionBackend(), tp.TritonPagedAttentionBackend()):
         c = cache.clone()
@@ -79,6 +79,36 @@ def test_triton_attention_equals_the_torch_backend(tp, step, heads, kv_heads, he
                                                   torch.float32)
     assert torch.equal(cache, cache_ref)  # the step's K/V written to the same slots, nothing else touched
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [5, 32])
+def test_triton_attention_any_block_size(tp, bs):
+    (out_ref, cache_ref), (out, cache) = run_both(tp, make_step(*STEPS["chunked"], bs=bs), 6, 2, 40, torch.float32)
+    assert torch.equal(cache, cache_ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 16])
+def test_split_keys_combine_to_the_same_attention(tp, splits):
+    """Decodes with their keys in 1, 2 or 16 shares (16: most shares empty at these lengths) equal the PyTorch
+    backend."""
+    common = make_step([1, 1, 1, 1], [0, 31, 100, 200])
+    (out_ref, _), _ = run_both(tp, common, 6, 2, 40, torch.float32)
+    g = torch.Generator().manual_seed(1)  # run_both's inputs again
+    q = torch.randn(4, 6, 40, generator=g)
+    k, v = torch.randn(4, 2, 40, generator=g), torch.randn(4, 2, 40, generator=g)
+    cache = torch.randn(2, 2, NUM_BLOCKS, BS, 40, generator=g)
+    backend = tp.TritonPagedAttentionBackend()
+    md = backend.build_metadata(common)
+    tp.write_kv(k, v, cache[0], cache[1], md.slot_mapping)
+    out = torch.empty(4, 6, 40)
+    tp.paged_attention(out, q, cache[0], cache[1], md, 40 ** -0.5, splits=splits)
+    torch.testing.assert_close(out.view(4, -1), out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_count_fills_the_gpu(tp):
+    cpu = torch.device("cpu")  # as a GPU of 8 multiprocessors
+    assert [tp.num_splits(n, cpu) for n in (1, 2, 3, 16, 17, 1000)] == [16, 8, 8, 1, 1, 1]
 
 
 def test_triton_attention_bfloat16(tp):
@@ -110,12 +140,6 @@ def test_padding_tiles_and_negative_slots_do_nothing(tp):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_block_size_is_checked(tp):
-    with pytest.raises(ValueError, match="power of two of at least 16"):
-        tp.TritonPagedAttentionBackend.check_block_size(8)
-    tp.TritonPagedAttentionBackend.check_block_size(32)
-
-
 def test_selector(tp, monkeypatch):
     from flotilla.layers.attention import selector
     monkeypatch.delenv(selector.ENV, raising=False)
@@ -123,16 +147,14 @@ def test_selector(tp, monkeypatch):
     assert selector.backend_name("cuda", False) == "triton"
     assert selector.backend_name("cuda", True) == "torch"  # batch-invariant: token by token in torch
     monkeypatch.setenv(selector.ENV, "triton")
-    assert isinstance(selector.attention_backend("cpu", False, 16), tp.TritonPagedAttentionBackend)
+    assert isinstance(selector.attention_backend("cpu", False), tp.TritonPagedAttentionBackend)
     with pytest.raises(ValueError, match="batch-invariant"):
         selector.backend_name("cpu", True)
-    with pytest.raises(ValueError, match="power of two"):
-        selector.attention_backend("cpu", False, 8)
     monkeypatch.setenv(selector.ENV, "flash")
     with pytest.raises(ValueError, match="must be one of auto, torch, triton"):
         selector.backend_name("cuda", False)
-    monkeypatch.setenv(selector.ENV, "auto")
-    assert isinstance(selector.attention_backend("cuda", False, 8), TorchPagedAttentionBackend)  # falls back
+    monkeypatch.setenv(selector.ENV, "torch")
+    assert isinstance(selector.attention_backend("cuda", False), TorchPagedAttentionBackend)
     monkeypatch.setenv(selector.ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA"):

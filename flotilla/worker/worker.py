@@ -49,7 +49,7 @@ class Worker:
             threads = max(1, (os.cpu_count() or 1) // config.parallel.world_size)
         if threads:
             torch.set_num_threads(threads)
-        self.backend = attention_backend(self.device.type, config.model.batch_invariant, config.cache.block_size)
+        self.backend = attention_backend(self.device.type, config.model.batch_invariant)
         self.model: torch.nn.Module | None = None
         self.offloaded = False
         self.runner: ModelRunner | None = None

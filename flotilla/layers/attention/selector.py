@@ -9,13 +9,10 @@ Batch-invariant mode always runs the PyTorch backend's token-by-token attention.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 from flotilla.layers.attention.backend import AttentionBackend
 from flotilla.layers.attention.torch_paged import TorchPagedAttentionBackend
-
-logger = logging.getLogger(__name__)
 
 ENV = "FLOTILLA_ATTENTION_BACKEND"
 CHOICES = ("auto", "torch", "triton")
@@ -42,18 +39,9 @@ def backend_name(device_type: str, batch_invariant: bool) -> str:
     return name
 
 
-def attention_backend(device_type: str, batch_invariant: bool, block_size: int) -> AttentionBackend:
-    """The backend ``backend_name`` chooses. The Triton backend needs a block size that is a power of two of at
-    least 16: ``auto`` falls back to the PyTorch backend (with a warning), a forced ``triton`` raises ValueError."""
+def attention_backend(device_type: str, batch_invariant: bool) -> AttentionBackend:
+    """The backend ``backend_name`` chooses."""
     if backend_name(device_type, batch_invariant) == "torch":
         return TorchPagedAttentionBackend(batch_invariant=batch_invariant)
     from flotilla.layers.attention.triton_paged import TritonPagedAttentionBackend
-    try:
-        TritonPagedAttentionBackend.check_block_size(block_size)
-    except ValueError:
-        if os.environ.get(ENV, "auto").strip().lower() == "triton":
-            raise
-        logger.warning("block size %d: attention runs in the PyTorch backend (the Triton backend needs a power of "
-                       "two of at least 16)", block_size)
-        return TorchPagedAttentionBackend(batch_invariant=batch_invariant)
     return TritonPagedAttentionBackend()

@@ -4,16 +4,19 @@ One kernel serves every step: decodes, speculative verification, chunked prefill
 tokens are cut into *tiles* of at most ``tile_tokens`` consecutive tokens of one request (1 when every request
 decodes); a program attends one tile for one KV head, so its query rows are the tile's tokens times the query
 heads that share that KV head (grouped-query attention), padded to a power of two of at least 16 (``tl.dot``'s
-smallest). It walks the request's block table up to the tile's last position, one cache block per iteration,
-with a float32 online softmax and a causal mask by absolute position (a token at position p sees keys 0..p).
+smallest). It walks the request's keys up to the tile's last position, ``KEY_TILE`` keys per iteration (each
+key's block looked up in the block table, so the tile does not depend on the block size), with a float32 online
+softmax and a causal mask by absolute position (a token at position p sees keys 0..p). A decode-only step with
+too few (request, KV head) programs to fill the GPU splits each request's keys into shares (flash-decoding:
+``num_splits``), attended by programs of their own and combined by a second kernel.
 
 Cache layout per layer: (2, kv_heads, num_blocks, block_size, head_dim), the PyTorch backend's, so a block of
 one KV head is one contiguous (block_size, head_dim) tile. New K/V are written first by a second kernel that
 skips slots < 0 (the padding rows of a CUDA graph's batch), so a request can read what its own step wrote.
 
 Contract (``forward``): q (T, heads, head_dim), k and v (T, kv_heads, head_dim) with unit stride in head_dim
--> (T, heads * head_dim) in q's dtype. ``block_size`` must be a power of two of at least 16; head_dim any
-size (padded to a power of two inside the kernel).
+-> (T, heads * head_dim) in q's dtype. Any block size and head_dim (padded to a power of two inside the
+kernel).
 
 Tested on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``) against ``TorchPagedAttentionBackend``;
 the compiled kernels run on CUDA.
@@ -32,6 +35,7 @@ from flotilla.layers.attention.backend import AttentionBackend, CommonAttentionM
 
 PREFILL_TILE_TOKENS = 16  # tokens per tile when a step has more than one token for some request
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
+KEY_TILE = {True: 32, False: 64}  # keys per iteration, for decode-only steps and for the others
 
 
 def interpreted() -> bool:
@@ -83,16 +87,22 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 
 @triton.jit
-def _paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                            tile_req_ptr, tile_start_ptr, tile_len_ptr, tile_pos_ptr, scale,
+def _paged_attention_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                            block_tables_ptr, tile_req_ptr, tile_start_ptr, tile_len_ptr, tile_pos_ptr, scale,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_ch, stride_cb, stride_cs, stride_bt,
                             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, F32_DOT: tl.constexpr):
-    """Grid (num_tiles, kv_heads). Row m of the program is token m // GROUP of the tile, query head
-    kv_head * GROUP + m % GROUP. q/out rows (BLOCK_M, HEAD_DIM_PAD); one cache block (BLOCK_SIZE, HEAD_DIM_PAD)
-    per iteration. ``F32_DOT`` multiplies in float32 (the interpreter's half-precision ``tl.dot`` is wrong)."""
+                            KEY_TILE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                            NUM_SPLITS: tl.constexpr, F32_DOT: tl.constexpr):
+    """Grid (num_tiles, kv_heads, NUM_SPLITS). Row m of the program is token m // GROUP of the tile, query head
+    kv_head * GROUP + m % GROUP. q/out rows (BLOCK_M, HEAD_DIM_PAD); keys and values (KEY_TILE, HEAD_DIM_PAD)
+    per iteration, gathered in place from their blocks. With NUM_SPLITS > 1 (flash-decoding) program z takes the
+    z-th share of the key tiles and writes its unnormalized accumulator, running max and sum to the part buffers
+    (num_tiles, kv_heads, NUM_SPLITS, BLOCK_M[, HEAD_DIM_PAD]) for ``_combine_splits_kernel``; an empty share
+    writes (0, -inf, 0). ``F32_DOT`` multiplies in float32 (the interpreter's half-precision ``tl.dot`` is
+    wrong)."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     n_tok = tl.load(tile_len_ptr + tile)
     if n_tok > 0:
         req = tl.load(tile_req_ptr + tile).to(tl.int64)
@@ -112,31 +122,70 @@ def _paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tabl
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
-        offs_s = tl.arange(0, BLOCK_SIZE)
+        offs_n = tl.arange(0, KEY_TILE)
         kv_len = pos0 + n_tok  # keys 0 .. kv_len - 1
-        num_blocks = (kv_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-        for j in range(0, num_blocks):
-            blk = tl.load(block_tables_ptr + req * stride_bt + j)
-            base = kvh * stride_ch + blk * stride_cb
-            kv_offs = base + offs_s[:, None] * stride_cs + offs_d[None, :]  # (BLOCK_SIZE, HEAD_DIM_PAD)
-            k = tl.load(k_cache_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_cache_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
+        n_kv_tiles = (kv_len + KEY_TILE - 1) // KEY_TILE
+        share = (n_kv_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+        for j in range(split * share, tl.minimum(split * share + share, n_kv_tiles)):
+            k_pos = j * KEY_TILE + offs_n  # (KEY_TILE,)
+            k_ok = k_pos < kv_len
+            blk = tl.load(block_tables_ptr + req * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+            rows = kvh * stride_ch + blk.to(tl.int64) * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs  # (KEY_TILE,)
+            kv_offs = rows[:, None] + offs_d[None, :]  # (KEY_TILE, HEAD_DIM_PAD)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
             if F32_DOT:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_SIZE) float32
-            k_pos = j * BLOCK_SIZE + offs_s
-            s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 of block 0 is visible to every row
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, KEY_TILE) float32
+            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every row
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / l_i[:, None]
+        if NUM_SPLITS == 1:
+            out = acc / l_i[:, None]
+            o_rows = (start + tok) * stride_ot + head * stride_oh
+            tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            part = ((tile * tl.num_programs(1) + kvh) * NUM_SPLITS + split) * BLOCK_M + offs_m  # (BLOCK_M,)
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc)
+            tl.store(part_m_ptr + part, m_i)
+            tl.store(part_l_ptr + part, l_i)
+
+
+@triton.jit
+def _combine_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tile_start_ptr, tile_len_ptr,
+                           stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Grid (num_tiles, kv_heads): the softmax-weighted sum of a tile's NUM_SPLITS partial results
+    (``_paged_attention_kernel``'s part buffers) into out."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    n_tok = tl.load(tile_len_ptr + tile)
+    if n_tok > 0:
+        start = tl.load(tile_start_ptr + tile).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = offs_m // GROUP
+        head = kvh * GROUP + offs_m % GROUP
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        first = (tile * tl.num_programs(1) + kvh) * NUM_SPLITS * BLOCK_M
+        parts = first + tl.arange(0, NUM_SPLITS)[:, None] * BLOCK_M + offs_m[None, :]  # (NUM_SPLITS, BLOCK_M)
+        m_max = tl.max(tl.load(part_m_ptr + parts), 0)  # (BLOCK_M,) finite: share 0 holds key 0
+        l_sum = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
+        for z in tl.static_range(NUM_SPLITS):
+            rows = first + z * BLOCK_M + offs_m  # (BLOCK_M,)
+            w = tl.exp(tl.load(part_m_ptr + rows) - m_max)  # 0 for an empty share
+            l_sum += w * tl.load(part_l_ptr + rows)
+            acc += w[:, None] * tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :])
         o_rows = (start + tok) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=(tok < n_tok)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -152,23 +201,45 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
 
 
+def num_splits(num_programs: int, device: torch.device) -> int:
+    """Key shares per (tile, KV head) program for a decode-only step: enough programs to fill the GPU twice
+    over (a power of two, at most 16); 1 when the step has that many programs already. Off CUDA (the
+    interpreter) as for a GPU of 8 multiprocessors."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(16, triton.next_power_of_2(-(-2 * sms // max(1, num_programs)))))
+
+
 def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    md: TritonPagedMetadata, scale: float) -> None:
+                    md: TritonPagedMetadata, scale: float, splits: int | None = None) -> None:
     """out (T, heads, head_dim) = attention of q (T, heads, head_dim) over the cached keys of each token's
-    request up to its own position (see the module docstring)."""
+    request up to its own position (see the module docstring). ``splits``: key shares per program (a power of
+    two; None: ``num_splits`` for decode-only steps, else 1). The choice depends only on shapes, so a captured
+    CUDA graph replays it."""
     _, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     num_tiles = md.tiles.shape[1]
     if num_tiles == 0:
         return
+    decode = md.tile_tokens == 1
+    if splits is None:
+        splits = num_splits(num_tiles * kv_heads, q.device) if decode else 1
     block_m = max(MIN_ROWS, triton.next_power_of_2(md.tile_tokens * group))
-    _paged_attention_kernel[(num_tiles, kv_heads)](
-        out, q, k_cache, v_cache, md.block_tables, md.tiles[0], md.tiles[1], md.tiles[2], md.tiles[3], scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), md.block_tables.stride(0),
-        GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), F32_DOT=interpreted())
+    dim_pad = triton.next_power_of_2(head_dim)
+    parts = (num_tiles, kv_heads, splits, block_m)
+    part_acc = torch.empty(*parts, dim_pad, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_m = torch.empty(parts, dtype=torch.float32, device=q.device) if splits > 1 else out
+    part_l = torch.empty(parts, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _paged_attention_kernel[(num_tiles, kv_heads, splits)](
+        out, part_acc, part_m, part_l, q, k_cache, v_cache, md.block_tables, md.tiles[0], md.tiles[1], md.tiles[2],
+        md.tiles[3], scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), md.block_tables.stride(0),
+        GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[2], KEY_TILE=KEY_TILE[decode],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=splits, F32_DOT=interpreted())
+    if splits > 1:
+        _combine_splits_kernel[(num_tiles, kv_heads)](
+            out, part_acc, part_m, part_l, md.tiles[1], md.tiles[2], out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=splits)
 
 
 class TritonPagedAttentionBackend(AttentionBackend):
@@ -181,14 +252,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
-    @staticmethod
-    def check_block_size(block_size: int) -> None:
-        if block_size < MIN_ROWS or block_size & (block_size - 1):
-            raise ValueError(f"the Triton attention backend needs a block size that is a power of two of at least "
-                             f"{MIN_ROWS}, got {block_size}")
-
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonPagedMetadata:
-        self.check_block_size(common.block_size)
         tile_tokens = 1 if common.max_query_len == 1 else PREFILL_TILE_TOKENS
         device = common.block_tables.device
         tiles = tiles_of(common.query_lens, common.context_lens, tile_tokens).to(device, non_blocking=True)

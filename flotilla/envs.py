@@ -60,3 +60,15 @@ def kernel_march() -> str:
 def cxx_compiler() -> str:
     """CXX: the C++ compiler that builds the CPU kernels (default ``c++``); may carry arguments."""
     return os.environ.get("CXX", "").strip() or "c++"
+
+
+def attention_backend() -> str:
+    """FLOTILLA_ATTENTION_BACKEND: auto (default: Triton on CUDA when installed, else PyTorch), torch or triton
+    (vLLM's VLLM_ATTENTION_BACKEND; flotilla.layers.attention.selector). Lower-cased; empty means auto."""
+    return os.environ.get("FLOTILLA_ATTENTION_BACKEND", "auto").strip().lower() or "auto"
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET (Triton's own): set and not 0, Triton kernels run in its interpreter on the CPU (the
+    tests without a GPU); default unset."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")

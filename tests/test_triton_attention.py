@@ -33,13 +33,13 @@ def tp():
     return module
 
 
-def make_step(qlens: list[int], ctx: list[int], seed: int = 0, bs: int = BS):
+def make_step(qlens: list[int], ctx: list[int], seed: int = 0, bs: int = BS, num_blocks: int = NUM_BLOCKS):
     """CommonAttentionMetadata of one step: request i computes qlens[i] tokens on ctx[i] cached ones, its blocks
     a random distinct set (block 0 never used: the padding of block tables)."""
     g = torch.Generator().manual_seed(seed)
     r = len(qlens)
     width = max(-(-(q + c) // bs) for q, c in zip(qlens, ctx))
-    tables = (torch.randperm(NUM_BLOCKS - 1, generator=g)[:r * width] + 1).view(r, width)  # (R, width)
+    tables = (torch.randperm(num_blocks - 1, generator=g)[:r * width] + 1).view(r, width)  # (R, width)
     q_t, c_t = torch.tensor(qlens), torch.tensor(ctx)
     pos = torch.cat([torch.arange(c, c + q) for q, c in zip(qlens, ctx)])  # (T,)
     req = torch.repeat_interleave(torch.arange(r), q_t)
@@ -201,7 +201,7 @@ def test_decode_graph_buffers_equal_the_eager_step(triton_engine):
     from flotilla.worker.model_runner import StepInputs
     worker = triton_engine.engine.executor.worker
     model, backend, caches = worker.model, worker.backend, worker.runner.kv_caches
-    common = make_step([1, 1, 1], [3, 17, 40], seed=3)
+    common = make_step([1, 1, 1], [3, 17, 40], seed=3, num_blocks=caches[0].shape[2])  # the engine's blocks
     ids = torch.tensor([5, 900, 41])
     positions = common.context_lens.clone()
     inputs = StepInputs(["a", "b", "c"], ids, positions, common, [], torch.tensor([]), [], None)
@@ -220,7 +220,7 @@ def test_decode_graph_buffers_equal_the_eager_step(triton_engine):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for c, s in zip(caches, saved):
         c.copy_(s)
-    prefill = make_step([1, 2], [3, 4])
+    prefill = make_step([1, 2], [3, 4], num_blocks=caches[0].shape[2])
     assert not graphs.can_run(StepInputs(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([3, 4, 5]), prefill, [],
                                          torch.tensor([]), [], None))
 

@@ -9,8 +9,8 @@ Batch-invariant mode always runs the PyTorch backend's token-by-token attention.
 from __future__ import annotations
 
 import importlib.util
-import os
 
+from flotilla import envs
 from flotilla.layers.attention.backend import AttentionBackend
 from flotilla.layers.attention.torch_paged import TorchPagedAttentionBackend
 
@@ -21,7 +21,7 @@ CHOICES = ("auto", "torch", "triton")
 def backend_name(device_type: str, batch_invariant: bool) -> str:
     """"torch" or "triton" for a worker on ``device_type``; ValueError for an unknown name or a forced Triton
     backend that cannot run (no Triton, batch-invariant mode, or neither CUDA nor the interpreter)."""
-    name = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    name = envs.attention_backend()
     if name not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {name!r}")
     have_triton = importlib.util.find_spec("triton") is not None
@@ -32,8 +32,7 @@ def backend_name(device_type: str, batch_invariant: bool) -> str:
             raise ValueError(f"{ENV}=triton cannot run batch-invariant mode (it attends token by token in torch)")
         if not have_triton:
             raise ValueError(f"{ENV}=triton needs the triton package")
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        if device_type != "cuda" and not interpreted:
+        if device_type != "cuda" and not envs.triton_interpreted():
             raise ValueError(f"{ENV}=triton runs on CUDA (or in Triton's interpreter, TRITON_INTERPRET=1), "
                              f"not on {device_type}")
     return name

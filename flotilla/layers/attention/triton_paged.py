@@ -24,13 +24,13 @@ the compiled kernels run on CUDA.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from flotilla import envs
 from flotilla.layers.attention.backend import AttentionBackend, CommonAttentionMetadata
 
 PREFILL_TILE_TOKENS = 16  # tokens per tile when a step has more than one token for some request
@@ -40,7 +40,7 @@ KEY_TILE = {True: 32, False: 64}  # keys per iteration, for decode-only steps an
 
 def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return envs.triton_interpreted()
 
 
 @dataclass

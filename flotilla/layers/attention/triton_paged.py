@@ -24,6 +24,7 @@ the compiled kernels run on CUDA.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -201,12 +202,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors, asked once (not on every layer of every step); 8 off CUDA."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def num_splits(num_programs: int, device: torch.device) -> int:
     """Key shares per (tile, KV head) program for a decode-only step: enough programs to fill the GPU twice
     over (a power of two, at most 16); 1 when the step has that many programs already. Off CUDA (the
     interpreter) as for a GPU of 8 multiprocessors."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(16, triton.next_power_of_2(-(-2 * sms // max(1, num_programs)))))
+    return max(1, min(16, triton.next_power_of_2(-(-2 * _multiprocessors(device) // max(1, num_programs)))))
 
 
 def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

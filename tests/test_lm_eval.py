@@ -25,7 +25,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import smollm2_gguf_path
+from conftest import smollm2_gguf_path, smollm2_hf_float32
 from test_server_helpers import ServerProcess
 
 MODEL = "smollm2-135m-instruct"
@@ -82,11 +82,11 @@ def server():
 @pytest.fixture(scope="module")
 def oracle():
     """(tokenizer, model): transformers on the same GGUF file, float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     path = smollm2_gguf_path()
     folder, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model = smollm2_hf_float32()
     return tok, model
 
 

@@ -31,6 +31,8 @@ from flotilla.models.loader import (
 from flotilla.models.loader import gguf_loader, resolve, safetensors_loader
 from flotilla.models.loader.gguf_loader import unpermute_rows
 
+from conftest import smollm2_hf_float32
+
 transformers = pytest.importorskip("transformers")
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -459,9 +461,7 @@ def test_gguf_unsupported_architecture(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     path = resolve_model(None).source
-    directory, name = os.path.dirname(path), os.path.basename(path)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                                                  dtype=torch.float32)
+    reference = smollm2_hf_float32()  # transformers' loader of the same file
     state = {k: v.detach() for k, v in reference.state_dict().items()}
     return path, reference.config, state
 

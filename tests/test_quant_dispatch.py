@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from flotilla.errors import InvalidRequestError
 from flotilla.layers.quant_weight import (DENSE_MIN_ROWS_BF16, DENSE_MIN_ROWS_OTHER, QuantizedWeight, Segment,
                                           auto_dense_min_rows, pack)
 
-from conftest import smollm2_gguf_path
+from conftest import smollm2_hf_float32
 from oracle_helpers import check_outputs_against_oracle
 from test_quant_kernels import activations, kernels, quant_tensor  # noqa: F401  (kernels: a fixture)
 
@@ -86,10 +85,7 @@ def test_default_keeps_float_copies_for_the_linear_layers_only(hybrid):
 
 
 def test_mixed_run_follows_the_float_model(hybrid):
-    from transformers import AutoModelForCausalLM
-    path = smollm2_gguf_path()
-    hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                    dtype=torch.float32).eval()
+    hf_model = smollm2_hf_float32()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     outs = [hybrid.generate([p], params, use_tqdm=False)[0]
             for p in ["The capital of France is", "def add(a, b):\n    return"]]

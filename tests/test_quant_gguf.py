@@ -21,7 +21,6 @@ dequantized int4 values), teacher-forced over flotilla's whole sequence (tests/o
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ from flotilla.layers.quantization import quantize_int4
 from flotilla.models.loader.gguf_dequant import dequantize
 from flotilla.models.loader.gguf_file import open_gguf
 
-from conftest import smollm2_gguf_path
+from conftest import smollm2_gguf_path, smollm2_hf_float32
 from oracle_helpers import (ROUNDED_LOGPROB_TOL, check_outputs_against_oracle, packed_linear_names,
                             rounded_activations)
 
@@ -56,10 +55,8 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_hf():
     """(transformers model of the file in float32, names of its linear modules flotilla keeps quantized)."""
-    from transformers import AutoModelForCausalLM
     path = smollm2_gguf_path()
-    hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                    dtype=torch.float32).eval()
+    hf_model = smollm2_hf_float32()
     return hf_model, packed_linear_names(open_gguf(path), hf_model)
 
 

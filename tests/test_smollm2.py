@@ -15,7 +15,7 @@ import torch
 
 from flotilla import LLM, SamplingParams
 
-from conftest import smollm2_gguf_path
+from conftest import smollm2_gguf_path, smollm2_hf_float32
 
 MAX_NEW = 24
 PLAIN = ["The capital of France is", "Once upon a time, there was a little", "def add(a, b):\n    return",
@@ -32,10 +32,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import AutoModelForCausalLM
-    path = smollm2_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    return smollm2_hf_float32()
 
 
 def hf_greedy(hf_model, prompt_ids: list[int]):

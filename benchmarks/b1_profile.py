@@ -45,6 +45,14 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def emit(result: dict, output_json: str | None) -> None:
+    """Print a profile's report as JSON, and write it to ``output_json`` when given."""
+    print(json.dumps(result, indent=2))
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def group_of(name: str) -> str:
     for group, keys in GROUPS:
         if any(k in name for k in keys):
@@ -99,10 +107,7 @@ def main() -> None:
               "tpot_ms": tpot * 1e3, "runs_tpot_ms": [t * 1e3 for t in tpots],
               "parts_ms": {k: round(v, 3) for k, v in sorted(per_group.items(), key=lambda kv: -kv[1])},
               "python_and_engine_ms": tpot * 1e3 - ops_ms}
-    print(json.dumps(result, indent=2))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.output_json)
     llm.engine.shutdown()
 
 

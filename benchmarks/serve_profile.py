@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from flotilla.layers.embedding import ParallelLMHead
 from flotilla.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_profile import cpu_model  # noqa: E402
+from b1_profile import cpu_model, emit  # noqa: E402
 
 ROW_POINTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -187,10 +186,7 @@ def main() -> None:
     llm = LLM(model=args.model, max_num_seqs=args.concurrency,
               max_model_len=args.input_len + args.output_len + 16, enable_prefix_caching=False)
     report = profile(llm, args.num_prompts, args.input_len, args.output_len)
-    print(json.dumps(report, indent=2))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.output_json)
     llm.engine.shutdown()
 
 
